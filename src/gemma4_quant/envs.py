@@ -1,0 +1,30 @@
+"""Every switch the plugin reads, in one place (as vLLM's own ``envs.py``).
+
+Names do not start with ``VLLM_``: vLLM warns about ``VLLM_*`` variables it does not know.
+"""
+
+import os
+
+__all__ = ["disabled", "disabled_patches", "fallback_mode"]
+
+
+def disabled() -> bool:
+    """``GEMMA4_QUANT_DISABLE=1``: the plugin registers and changes nothing."""
+    return os.environ.get("GEMMA4_QUANT_DISABLE", "0").strip().lower() in (
+        "1",
+        "true",
+        "yes",
+    )
+
+
+def disabled_patches() -> set[str]:
+    """``GEMMA4_QUANT_DISABLE_PATCHES=a,b``: patches to leave out, by name."""
+    raw = os.environ.get("GEMMA4_QUANT_DISABLE_PATCHES", "")
+    return {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def fallback_mode() -> str:
+    """``GEMMA4_QUANT_FALLBACK``: ``auto`` (default: dequantize where vLLM has no
+    kernel), ``off`` (vLLM's own error stands) or ``force`` (always dequantize)."""
+    mode = os.environ.get("GEMMA4_QUANT_FALLBACK", "auto").strip().lower()
+    return mode if mode in ("auto", "off", "force") else "auto"

@@ -1,0 +1,147 @@
+"""The patch registry.
+
+Each patch is one module in this package that defines:
+
+- ``NAME``: the name used in logs and in ``GEMMA4_QUANT_DISABLE_PATCHES``;
+- ``SUMMARY``: one line for ``gemma4-quant patches``;
+- ``detect() -> Detection``: reads the installed vLLM code (feature detection, never
+  version strings; cheap: it reads source text with :func:`vllm_source` and imports
+  nothing heavy) and says whether the patch is needed there;
+- ``apply() -> None``: makes the change, usually through :func:`when_imported` so that
+  the patched vLLM module is only changed once some process imports it. Only called
+  when ``detect()`` said NEEDED; must be idempotent across repeated registration.
+
+A patch whose ``detect`` finds code it does not recognize returns UNRECOGNIZED and
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import importlib.abc
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+
+# Order matters only for readability of the log line.
+PATCH_MODULES: tuple[str, ...] = (
+    "expert_names",
+    "router",
+    "load_guard",
+    "kv_spec_merge",
+    "dequant_fallback",
+)
+
+
+class Status(str, enum.Enum):
+    NEEDED = "needed"
+    NOT_NEEDED = "not needed"
+    UNRECOGNIZED = "unrecognized"
+
+
+@dataclass(frozen=True)
+class Detection:
+    status: Status
+    reason: str
+
+    @classmethod
+    def needed(cls, reason: str) -> Detection:
+        return cls(Status.NEEDED, reason)
+
+    @classmethod
+    def not_needed(cls, reason: str) -> Detection:
+        return cls(Status.NOT_NEEDED, reason)
+
+    @classmethod
+    def unrecognized(cls, reason: str) -> Detection:
+        return cls(Status.UNRECOGNIZED, reason)
+
+
+def load_patch_modules() -> list[ModuleType]:
+    """Import every patch module that exists (modules land one by one)."""
+    modules = []
+    for name in PATCH_MODULES:
+        try:
+            modules.append(importlib.import_module(f"{__name__}.{name}"))
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+    return modules
+
+
+def vllm_source(relpath: str) -> str | None:
+    """Text of a module file of the installed vLLM, read without importing it.
+
+    Detection reads code instead of importing it: importing Gemma 4's model module
+    costs seconds, and the API server process never needs it.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        path = Path(root, relpath)
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    return None
+
+
+def when_imported(module_name: str, callback: Callable[[ModuleType], None]) -> None:
+    """Run ``callback(module)`` once ``module_name`` is imported (now, if it is)."""
+    module = sys.modules.get(module_name)
+    if module is not None and getattr(module, "__spec__", None) is not None:
+        _run_callback(module_name, callback, module)
+        return
+    _FINDER.callbacks.setdefault(module_name, []).append(callback)
+    if _FINDER not in sys.meta_path:
+        sys.meta_path.insert(0, _FINDER)
+
+
+def _run_callback(
+    module_name: str, callback: Callable[[ModuleType], None], module: ModuleType
+) -> None:
+    try:
+        callback(module)
+    except Exception:  # a patch must never break vLLM's import
+        logging.getLogger("vllm.gemma4_quant").exception(
+            "gemma4_quant: patching %s failed; it stays as vLLM ships it", module_name
+        )
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """Wraps the loader of watched modules so callbacks run right after they load."""
+
+    def __init__(self) -> None:
+        self.callbacks: dict[str, list[Callable[[ModuleType], None]]] = {}
+
+    def find_spec(self, fullname, path, target=None):  # noqa: ANN001
+        if fullname not in self.callbacks:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_and_patch(module: ModuleType) -> None:
+            exec_module(module)
+            for callback in self.callbacks.pop(fullname, []):
+                _run_callback(fullname, callback, module)
+
+        loader.exec_module = exec_and_patch
+        return spec
+
+
+_FINDER = _PostImportFinder()

@@ -1,0 +1,96 @@
+"""Load a checkpoint into a vLLM model with vLLM's own loader, on CPU, and dump parameters.
+
+Runs as a subprocess of the tests (vLLM's distributed state is per process):
+
+    python tests/load_model.py CKPT OUT.safetensors [--process] [--hf-overrides JSON]
+
+It follows ``BaseModelLoader.load_model`` (construct under the model's dtype, load the
+weights) and stops before ``process_weights_after_loading`` unless ``--process`` is given,
+so the dumped parameters are exactly what vLLM's weight loaders wrote. vLLM's general
+plugins load the way every vLLM process loads them (``VLLM_PLUGINS`` selects them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoint")
+    parser.add_argument("out")
+    parser.add_argument("--process", action="store_true")
+    parser.add_argument("--hf-overrides", default=None)
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+
+    import torch
+    from safetensors.torch import save_file
+    from vllm.config import set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.model_loader import get_model_loader
+    from vllm.model_executor.model_loader.utils import (
+        initialize_model,
+        process_weights_after_loading,
+    )
+    from vllm.plugins import load_general_plugins
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    load_general_plugins()
+    engine_args = EngineArgs(
+        model=args.checkpoint,
+        dtype=args.dtype,
+        enforce_eager=True,
+        max_model_len=256,
+        hf_overrides=json.loads(args.hf_overrides) if args.hf_overrides else None,
+    )
+    vllm_config = engine_args.create_engine_config()
+    model_config = vllm_config.model_config
+    with set_current_vllm_config(vllm_config):
+        init_distributed_environment(
+            world_size=1,
+            rank=0,
+            local_rank=0,
+            distributed_init_method=f"tcp://127.0.0.1:{free_port()}",
+            backend="gloo",
+        )
+        initialize_model_parallel(1, 1)
+        loader = get_model_loader(vllm_config.load_config)
+        with set_default_torch_dtype(model_config.dtype), torch.device("cpu"):
+            model = initialize_model(vllm_config=vllm_config, model_config=model_config)
+        loader.load_weights(model, model_config)
+        if args.process:
+            process_weights_after_loading(model, model_config, torch.device("cpu"))
+    tensors = {
+        name: tensor.detach().contiguous().clone()
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+        if not name.endswith("root_size")
+    }
+    save_file(tensors, args.out)
+    quant_methods = {
+        name: type(module.quant_method).__name__
+        for name, module in model.named_modules()
+        if getattr(module, "quant_method", None) is not None
+    }
+    with open(args.out + ".json", "w") as f:
+        json.dump(
+            {"quant_methods": quant_methods, "model_class": type(model).__name__}, f, indent=1
+        )
+    print("LOADED", type(model).__name__, len(tensors), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    sys.exit(main())
