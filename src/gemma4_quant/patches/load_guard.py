@@ -1,0 +1,123 @@
+"""Loading a Gemma 4 checkpoint never ends with a parameter that no tensor filled.
+
+Why:
+    On vLLM 0.24 - 0.30 ``Gemma4Model.load_weights`` skips every checkpoint tensor whose
+    name matches no parameter (``if name not in params_dict: continue``), and vLLM's own
+    "weights not initialized" check is off for quantized models (unless
+    ``--model-loader-extra-config '{"enable_weights_track": true}'``). A quantized router
+    (``router.proj.qweight``) is then dropped without a word, the router keeps
+    uninitialized memory, and the model serves garbage (defect D4's silent case).
+
+How:
+    ``Gemma4ForCausalLM.load_weights`` is wrapped: the checkpoint names are recorded as
+    they stream past (names only, no tensors), and once vLLM's loader returns the set of
+    parameters it filled, every parameter left unfilled raises a ValueError that names
+    the parameters and the checkpoint tensors of the same modules that matched nothing.
+    Parameters that quantization methods create as optional (``g_idx``, sort indices,
+    input scales) are not required. The cost is one set difference after loading.
+
+Upstream PR:
+    None yet: vLLM 0.31 rewrote the loader (#55911) and raises on unmatched names.
+
+Releases:
+    0.24.0 - 0.30.0: detected by the silent ``continue`` in ``Gemma4Model.load_weights``.
+
+Removal:
+    When 0.30 is no longer supported.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterable, Iterator
+from types import ModuleType
+
+import torch
+
+from . import Detection, vllm_source, when_imported
+
+NAME = "load_guard"
+SUMMARY = "fail loudly where vLLM 0.24 - 0.30 silently skips unmatched Gemma 4 tensors"
+
+GEMMA4 = "vllm.model_executor.models.gemma4"
+_MARK = "__gemma4_quant_load_guard__"
+_SILENT_SKIP = re.compile(r"\n(\s*)if name not in params_dict:\s*\n\1    continue")
+# Parameters that quantization methods create whether or not a checkpoint has them.
+_OPTIONAL = re.compile(
+    r"(g_idx|g_idx_sort_indices|input_scale|input_global_scale|k_scale|v_scale|q_scale"
+    r"|prob_scale|_bias)$"
+)
+
+
+def detect() -> Detection:
+    text = vllm_source("model_executor/models/gemma4.py")
+    if text is None or "class Gemma4Model" not in text:
+        return Detection.unrecognized("no Gemma4Model in vllm/model_executor/models/gemma4.py")
+    model = text.split("class Gemma4Model", 1)[1].split("\nclass ", 1)[0]
+    if "def load_weights" not in model:
+        return Detection.not_needed("Gemma4Model has no load_weights of its own")
+    if _SILENT_SKIP.search(model.split("def load_weights", 1)[1]):
+        return Detection.needed("Gemma4Model.load_weights skips unmatched names silently")
+    return Detection.not_needed("unmatched names are not skipped silently")
+
+
+def apply() -> None:
+    when_imported(GEMMA4, _patch)
+
+
+def _patch(module: ModuleType) -> None:
+    causal = module.Gemma4ForCausalLM
+    if getattr(causal.load_weights, _MARK, False):
+        return
+    original = causal.load_weights
+
+    @functools.wraps(original)
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
+        seen: list[str] = []
+        loaded = original(self, _record(weights, seen))
+        if loaded is not None:
+            check_all_loaded(self, set(loaded), seen)
+        return loaded
+
+    setattr(load_weights, _MARK, True)
+    causal.load_weights = load_weights
+
+
+def _record(
+    weights: Iterable[tuple[str, torch.Tensor]], seen: list[str]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, tensor in weights:
+        seen.append(name)
+        yield name, tensor
+
+
+def check_all_loaded(model: torch.nn.Module, loaded: set[str], seen: list[str]) -> None:
+    missing = sorted(
+        name
+        for name, _ in model.named_parameters()
+        if name not in loaded and not _OPTIONAL.search(name)
+    )
+    if not missing:
+        return
+    modules = {name.rsplit(".", 1)[0] for name in missing}
+    unmatched = sorted(
+        name for name in seen if any(_same_module(name, module) for module in modules)
+    )
+    raise ValueError(
+        f"Gemma 4 checkpoint left {len(missing)} parameter(s) unloaded: "
+        f"{_head(missing)}. Checkpoint tensors of those modules that matched no "
+        f"parameter: {_head(unmatched) or 'none'}. vLLM would have run with "
+        "uninitialized weights; the checkpoint's layout is not one this vLLM loads."
+    )
+
+
+def _same_module(checkpoint_name: str, module: str) -> bool:
+    # model.layers.0.router.proj vs model.language_model.layers.0.router.proj.qweight
+    tail = module.split("layers.", 1)[-1]
+    return f"layers.{tail}." in checkpoint_name
+
+
+def _head(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
