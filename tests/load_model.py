@@ -48,12 +48,9 @@ def main() -> int:
     from vllm.utils.torch_utils import set_default_torch_dtype
 
     load_general_plugins()
+    extra = {"hf_overrides": json.loads(args.hf_overrides)} if args.hf_overrides else {}
     engine_args = EngineArgs(
-        model=args.checkpoint,
-        dtype=args.dtype,
-        enforce_eager=True,
-        max_model_len=256,
-        hf_overrides=json.loads(args.hf_overrides) if args.hf_overrides else None,
+        model=args.checkpoint, dtype=args.dtype, enforce_eager=True, max_model_len=256, **extra
     )
     vllm_config = engine_args.create_engine_config()
     model_config = vllm_config.model_config

@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny checkpoints built once per session, vLLM loads in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+LOAD_MODEL = HERE / "load_model.py"
+
+
+@dataclass
+class Load:
+    """The outcome of one vLLM load in a subprocess."""
+
+    returncode: int
+    log: str
+    tensors: dict = field(default_factory=dict)
+    quant_methods: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def run_vllm_load(
+    checkpoint: Path,
+    out_dir: Path,
+    *,
+    plugin: bool = True,
+    process: bool = False,
+    env: dict[str, str] | None = None,
+    timeout: int = 600,
+) -> Load:
+    """Load ``checkpoint`` with vLLM's own loader in a fresh process; dump its parameters.
+
+    ``plugin=False`` is stock vLLM: ``VLLM_PLUGINS`` names no installed plugin, so vLLM
+    loads none (the way a user without this package runs).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "params.safetensors"
+    run_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
+    if not plugin:
+        run_env["VLLM_PLUGINS"] = "none"
+    else:
+        run_env.pop("VLLM_PLUGINS", None)
+    cmd = [sys.executable, str(LOAD_MODEL), str(checkpoint), str(out)]
+    if process:
+        cmd.append("--process")
+    proc = subprocess.run(
+        cmd, env=run_env, capture_output=True, text=True, timeout=timeout, cwd=out_dir
+    )
+    load = Load(proc.returncode, proc.stdout + proc.stderr)
+    if load.ok:
+        from safetensors.torch import load_file
+
+        load.tensors = load_file(str(out))
+        load.quant_methods = json.loads(Path(f"{out}.json").read_text())["quant_methods"]
+    return load
+
+
+class CheckpointFactory:
+    """Builds each layout once per session, with the project's builder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._built: dict[str, Path] = {}
+
+    def __call__(self, layout: str, **overrides) -> Path:
+        from gemma4_quant.checkpoints import build_checkpoint
+
+        key = layout + "".join(f"-{k}={v}" for k, v in sorted(overrides.items()))
+        if key not in self._built:
+            self._built[key] = build_checkpoint(self.root / key, layout, **overrides)
+        return self._built[key]
+
+    def twin(self, layout: str) -> Path:
+        from gemma4_quant.checkpoints import write_twin
+
+        key = f"{layout}-twin"
+        if key not in self._built:
+            self._built[key] = write_twin(self(layout), self.root / key)
+        return self._built[key]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFactory:
+    return CheckpointFactory(tmp_path_factory.mktemp("checkpoints"))
