@@ -25,6 +25,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def probe_routers(model, processed: bool) -> dict:
+    """Router logits for a fixed input: what the router would route with, per layer.
+
+    Without ``--process`` only the router projections are put into kernel format (as
+    vLLM's ``process_weights_after_loading`` does module by module), so routers can be
+    probed where the rest of the model has no CPU kernel.
+    """
+    import torch
+
+    out = {}
+    for name, module in model.named_modules():
+        if type(module).__name__ != "Gemma4Router":
+            continue
+        proj_method = getattr(module.proj, "quant_method", None)
+        if not processed and hasattr(proj_method, "process_weights_after_loading"):
+            proj_method.process_weights_after_loading(module.proj)
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(4, module.hidden_size, generator=generator).to(torch.bfloat16)
+        with torch.no_grad():
+            logits = module(x)
+        out[f"probe.{name}"] = logits.detach().float().contiguous()
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint")
@@ -32,6 +56,11 @@ def main() -> int:
     parser.add_argument("--process", action="store_true")
     parser.add_argument("--hf-overrides", default=None)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument(
+        "--probe-router",
+        action="store_true",
+        help="also dump every Gemma 4 router's logits on a fixed input (probe.<module>)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -69,20 +98,29 @@ def main() -> int:
         loader.load_weights(model, model_config)
         if args.process:
             process_weights_after_loading(model, model_config, torch.device("cpu"))
-    tensors = {
-        name: tensor.detach().contiguous().clone()
-        for name, tensor in [*model.named_parameters(), *model.named_buffers()]
-        if not name.endswith("root_size")
-    }
+        tensors = {
+            name: tensor.detach().contiguous().clone()
+            for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+            if not name.endswith("root_size")
+        }
+        if args.probe_router:
+            tensors.update(probe_routers(model, args.process))
     save_file(tensors, args.out)
     quant_methods = {
         name: type(module.quant_method).__name__
         for name, module in model.named_modules()
         if getattr(module, "quant_method", None) is not None
     }
+    classes = {name: type(module).__name__ for name, module in model.named_modules()}
     with open(args.out + ".json", "w") as f:
         json.dump(
-            {"quant_methods": quant_methods, "model_class": type(model).__name__}, f, indent=1
+            {
+                "quant_methods": quant_methods,
+                "model_class": type(model).__name__,
+                "module_classes": classes,
+            },
+            f,
+            indent=1,
         )
     print("LOADED", type(model).__name__, len(tensors), file=sys.stderr)
     return 0

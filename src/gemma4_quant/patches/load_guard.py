@@ -14,7 +14,8 @@ How:
     parameters it filled, every parameter left unfilled raises a ValueError that names
     the parameters and the checkpoint tensors of the same modules that matched nothing.
     Parameters that quantization methods create as optional (``g_idx``, sort indices,
-    input scales) are not required. The cost is one set difference after loading.
+    input and KV-cache scales, ``weight_shape`` metadata) are not required. The cost is
+    one set difference after loading.
 
 Upstream PR:
     None yet: vLLM 0.31 rewrote the loader (#55911) and raises on unmatched names.
@@ -43,10 +44,12 @@ SUMMARY = "fail loudly where vLLM 0.24 - 0.30 silently skips unmatched Gemma 4 t
 GEMMA4 = "vllm.model_executor.models.gemma4"
 _MARK = "__gemma4_quant_load_guard__"
 _SILENT_SKIP = re.compile(r"\n(\s*)if name not in params_dict:\s*\n\1    continue")
-# Parameters that quantization methods create whether or not a checkpoint has them.
+# Parameters that quantization methods create whether or not a checkpoint has them:
+# activation-order indices, activation and KV-cache scales/zero points, and the
+# compressed-tensors `weight_shape` metadata (fused checkpoints carry none; no kernel reads it).
 _OPTIONAL = re.compile(
-    r"(g_idx|g_idx_sort_indices|input_scale|input_global_scale|k_scale|v_scale|q_scale"
-    r"|prob_scale|_bias)$"
+    r"(g_idx|g_idx_sort_indices|input_scale|input_global_scale|[kqv]_scale|[kqv]_zero_point"
+    r"|prob_scale|weight_shape|_bias)$"
 )
 
 
