@@ -23,6 +23,7 @@ class Load:
     log: str
     tensors: dict = field(default_factory=dict)
     quant_methods: dict = field(default_factory=dict)
+    module_classes: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -36,6 +37,7 @@ def run_vllm_load(
     plugin: bool = True,
     process: bool = False,
     env: dict[str, str] | None = None,
+    probe_router: bool = False,
     timeout: int = 600,
 ) -> Load:
     """Load ``checkpoint`` with vLLM's own loader in a fresh process; dump its parameters.
@@ -53,6 +55,8 @@ def run_vllm_load(
     cmd = [sys.executable, str(LOAD_MODEL), str(checkpoint), str(out)]
     if process:
         cmd.append("--process")
+    if probe_router:
+        cmd.append("--probe-router")
     proc = subprocess.run(
         cmd, env=run_env, capture_output=True, text=True, timeout=timeout, cwd=out_dir
     )
@@ -61,7 +65,9 @@ def run_vllm_load(
         from safetensors.torch import load_file
 
         load.tensors = load_file(str(out))
-        load.quant_methods = json.loads(Path(f"{out}.json").read_text())["quant_methods"]
+        info = json.loads(Path(f"{out}.json").read_text())
+        load.quant_methods = info["quant_methods"]
+        load.module_classes = info["module_classes"]
     return load
 
 
@@ -80,12 +86,14 @@ class CheckpointFactory:
             self._built[key] = build_checkpoint(self.root / key, layout, **overrides)
         return self._built[key]
 
-    def twin(self, layout: str) -> Path:
+    def twin(self, layout: str, **overrides) -> Path:
+        """The dequantized bf16 twin of ``layout`` (same seed, same overrides)."""
         from gemma4_quant.checkpoints import write_twin
 
-        key = f"{layout}-twin"
+        source = self(layout, **overrides)
+        key = f"{source.name}-twin"
         if key not in self._built:
-            self._built[key] = write_twin(self(layout), self.root / key)
+            self._built[key] = write_twin(source, self.root / key)
         return self._built[key]
 
 
