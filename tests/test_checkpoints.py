@@ -1,0 +1,594 @@
+"""The tiny-checkpoint builder against the public layouts and compressed-tensors itself.
+
+Expected names and shapes are written out from the layout spec for the default tiny
+dimensions, not derived from the builder's code. No vLLM engine is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gemma4_quant import checkpoints as ck
+
+P = "model.language_model."
+E, H, I_MOE, I_DENSE, V, HEADS, LAYERS = 8, 256, 256, 256, 512, 4, 4
+BF16, I32, I64, F16 = torch.bfloat16, torch.int32, torch.int64, torch.float16
+CT_INT4 = [
+    "ct-fused-w4a16",
+    "ct-fused-w4a16-asym",
+    "ct-fused-w4a16-shape",
+    "ct-per-expert-w4a16",
+    "ct-fused-w4a16-router",
+]
+QUANTIZED = [name for name in ck.LAYOUTS if name != "bf16"]
+
+Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+# --------------------------------------------------------------------------- the spec
+
+
+def _attention(layer: int) -> dict[str, tuple[int, int]]:
+    """Layers 0-2 sliding (2 KV heads x 64), layer 3 full (1 KV head x 128, K = V)."""
+    hd, kv = (128, 1) if layer == 3 else (64, 2)
+    mods = {"q_proj": (HEADS * hd, H), "k_proj": (kv * hd, H), "o_proj": (H, HEADS * hd)}
+    if layer != 3:
+        mods["v_proj"] = (kv * hd, H)
+    return mods
+
+
+def bf16_spec() -> Spec:
+    spec: Spec = {P + "embed_tokens.weight": ((V, H), BF16), P + "norm.weight": ((H,), BF16)}
+    for i in range(LAYERS):
+        p = f"{P}layers.{i}."
+        hd = 128 if i == 3 else 64
+        for m, shape in _attention(i).items():
+            spec[f"{p}self_attn.{m}.weight"] = (shape, BF16)
+        spec[p + "self_attn.q_norm.weight"] = ((hd,), BF16)
+        spec[p + "self_attn.k_norm.weight"] = ((hd,), BF16)
+        spec[p + "mlp.gate_proj.weight"] = ((I_DENSE, H), BF16)
+        spec[p + "mlp.up_proj.weight"] = ((I_DENSE, H), BF16)
+        spec[p + "mlp.down_proj.weight"] = ((H, I_DENSE), BF16)
+        spec[p + "router.proj.weight"] = ((E, H), BF16)
+        spec[p + "router.scale"] = ((H,), BF16)
+        spec[p + "router.per_expert_scale"] = ((E,), BF16)
+        spec[p + "experts.gate_up_proj"] = ((E, 2 * I_MOE, H), BF16)
+        spec[p + "experts.down_proj"] = ((E, H, I_MOE), BF16)
+        for n in (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+            "pre_feedforward_layernorm_2",
+            "post_feedforward_layernorm_1",
+            "post_feedforward_layernorm_2",
+        ):
+            spec[f"{p}{n}.weight"] = ((H,), BF16)
+        spec[p + "layer_scalar"] = ((1,), BF16)
+    return spec
+
+
+def _ct_module(out: int, inp: int, asym: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    spec = {
+        "weight_packed": ((out, inp // 8), I32),
+        "weight_scale": ((out, inp // 32), BF16),
+        "weight_shape": ((2,), I64),
+    }
+    if asym:
+        spec["weight_zero_point"] = ((out // 8, inp // 32), I32)
+    return spec
+
+
+def _gptq_module(out: int, inp: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {
+        "qweight": ((inp // 8, out), I32),
+        "qzeros": ((inp // 128, out // 8), I32),
+        "scales": ((inp // 128, out), F16),
+    }
+
+
+def _fp8_module(out: int, inp: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {"weight": ((out, inp), torch.float8_e4m3fn), "weight_scale": ((out, 1), BF16)}
+
+
+def _expert_modules(layer: str) -> dict[str, tuple[int, int]]:
+    mods = {}
+    for e in range(E):
+        mods[f"{layer}experts.{e}.gate_proj"] = (I_MOE, H)
+        mods[f"{layer}experts.{e}.up_proj"] = (I_MOE, H)
+        mods[f"{layer}experts.{e}.down_proj"] = (H, I_MOE)
+    return mods
+
+
+def layout_spec(layout: str) -> Spec:
+    """Every tensor (name -> shape, dtype) of ``layout`` at the tiny default dims."""
+    spec = bf16_spec()
+    if layout == "bf16":
+        return spec
+    modules: dict[str, tuple[int, int]] = {}  # 2D modules quantized in this layout
+    fused = layout in CT_INT4 and layout != "ct-per-expert-w4a16"
+    for i in range(LAYERS):
+        p = f"{P}layers.{i}."
+        modules.update({f"{p}self_attn.{m}": s for m, s in _attention(i).items()})
+        if layout in ("ct-fused-w4a16-router", "autoround-int4", "fp8-router"):
+            modules[p + "router.proj"] = (E, H)
+        if layout in ("autoround-int4", "fp8-router"):
+            modules[p + "mlp.gate_proj"] = (I_DENSE, H)
+            modules[p + "mlp.up_proj"] = (I_DENSE, H)
+            modules[p + "mlp.down_proj"] = (H, I_DENSE)
+        gate_up, down = spec.pop(p + "experts.gate_up_proj"), spec.pop(p + "experts.down_proj")
+        if not fused:
+            modules.update(_expert_modules(p))
+            continue
+        asym = layout == "ct-fused-w4a16-asym"
+        for name, ((e, out, inp), _) in (("gate_up_proj", gate_up), ("down_proj", down)):
+            spec[f"{p}experts.{name}_packed"] = ((e, out, inp // 8), I32)
+            spec[f"{p}experts.{name}_scale"] = ((e, out, inp // 32), BF16)
+            if asym:
+                spec[f"{p}experts.{name}_zero_point"] = ((e, out // 8, inp // 32), I32)
+            if layout == "ct-fused-w4a16-shape":
+                spec[f"{p}experts.{name}_shape"] = ((3,), I64)
+    for module, (out, inp) in modules.items():
+        spec.pop(module + ".weight", None)  # per-expert modules replace the fused 3D ones
+        if layout == "autoround-int4":
+            parts = _gptq_module(out, inp)
+        elif layout == "fp8-router":
+            parts = _fp8_module(out, inp)
+        else:
+            parts = _ct_module(out, inp, asym=layout == "ct-fused-w4a16-asym")
+        spec.update({f"{module}.{k}": v for k, v in parts.items()})
+    return spec
+
+
+def _tensors(path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def _config(path) -> dict:
+    return json.loads((path / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def base() -> dict[str, torch.Tensor]:
+    """The bf16 weights every layout of seed 0 is made from."""
+    return ck.base_state_dict(ck.make_text_config(), seed=0)
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def test_layout_names_are_fixed():
+    assert list(ck.LAYOUTS) == ["bf16", *CT_INT4, "autoround-int4", "fp8-router"]
+
+
+@pytest.mark.parametrize("layout", list(ck.LAYOUTS))
+def test_tensor_names_shapes_dtypes(checkpoints, layout):
+    tensors = _tensors(checkpoints(layout))
+    got = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+    assert got == layout_spec(layout)
+
+
+def test_bf16_layout_is_the_base(checkpoints, base):
+    tensors = _tensors(checkpoints("bf16"))
+    assert tensors.keys() == base.keys()
+    assert all(torch.equal(tensors[k], base[k]) for k in base)
+    assert "quantization_config" not in _config(checkpoints("bf16"))
+
+
+def test_seed_decides_the_weights(tmp_path, base):
+    again = _tensors(ck.build_checkpoint(tmp_path / "a", "bf16", seed=0))
+    other = _tensors(ck.build_checkpoint(tmp_path / "b", "bf16", seed=1))
+    key = P + "layers.0.experts.down_proj"
+    assert torch.equal(again[key], base[key])
+    assert not torch.equal(other[key], base[key])
+
+
+def test_weights_are_sane(base):
+    for name, t in base.items():
+        assert torch.isfinite(t.float()).all(), name
+    router = base[P + "layers.0.router.proj.weight"].float()
+    assert router.std() > 10 * base[P + "layers.0.self_attn.q_proj.weight"].float().std()
+
+
+def test_config_overrides(tmp_path):
+    out = ck.build_checkpoint(
+        tmp_path / "o",
+        "ct-fused-w4a16",
+        num_experts=4,
+        moe_intermediate_size=128,
+        num_hidden_layers=2,
+    )
+    cfg, tensors = _config(out), _tensors(out)
+    assert cfg["layer_types"] == ["sliding_attention", "full_attention"]
+    assert tensors[P + "layers.1.experts.gate_up_proj_packed"].shape == (4, 256, 32)
+    assert tensors[P + "layers.1.experts.down_proj_scale"].shape == (4, 256, 4)
+    assert not any(".layers.2." in k for k in tensors)
+
+
+def test_bad_dims_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="group size"):
+        ck.build_checkpoint(tmp_path / "bad", "ct-fused-w4a16", moe_intermediate_size=48)
+    with pytest.raises(ValueError, match="unknown layout"):
+        ck.build_checkpoint(tmp_path / "bad", "awq")
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("layout", list(ck.LAYOUTS))
+def test_quantization_config(checkpoints, layout):
+    import compressed_tensors
+
+    q = _config(checkpoints(layout)).get("quantization_config")
+    if layout == "bf16":
+        assert q is None
+        return
+    if layout == "autoround-int4":
+        assert q["quant_method"] == "auto-round"
+        assert (q["bits"], q["group_size"], q["sym"]) == (4, 128, True)
+        assert q["packing_format"] == "auto_round:auto_gptq"
+        assert q["block_name_to_quantize"] == P + "layers"
+        saved = json.loads((checkpoints(layout) / "quantization_config.json").read_text())
+        assert saved == q
+        return
+    assert q["quant_method"] == "compressed-tensors"
+    assert q["version"] == compressed_tensors.__version__
+    assert q["quantization_status"] == "compressed"
+    group = q["config_groups"]["group_0"]
+    assert group["targets"] == ["Linear"]
+    if layout == "fp8-router":
+        assert q["format"] == "float-quantized"
+        assert q["ignore"] == ["lm_head"]
+        w, a = group["weights"], group["input_activations"]
+        assert (w["num_bits"], w["type"], w["strategy"], w["dynamic"]) == (
+            8,
+            "float",
+            "channel",
+            False,
+        )
+        assert (a["num_bits"], a["type"], a["strategy"], a["dynamic"]) == (
+            8,
+            "float",
+            "token",
+            True,
+        )
+        return
+    assert q["format"] == "pack-quantized"
+    assert group["input_activations"] is None
+    w = group["weights"]
+    assert (w["num_bits"], w["type"], w["strategy"], w["group_size"]) == (4, "int", "group", 32)
+    assert w["dynamic"] is False
+    assert w["symmetric"] is (layout != "ct-fused-w4a16-asym")
+    expected_ignore = []
+    for i in range(LAYERS):
+        expected_ignore += [f"{P}layers.{i}.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")]
+        if layout != "ct-fused-w4a16-router":
+            expected_ignore.append(f"{P}layers.{i}.router.proj")
+    assert q["ignore"] == expected_ignore + ["lm_head"]
+
+
+@pytest.mark.parametrize("layout", ["bf16", "ct-fused-w4a16", "autoround-int4", "fp8-router"])
+def test_transformers_reads_config_and_tokenizer(checkpoints, layout):
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = checkpoints(layout)
+    cfg = AutoConfig.from_pretrained(path)
+    assert cfg.model_type == "gemma4_text"
+    assert cfg.architectures == ["Gemma4ForCausalLM"]
+    assert (cfg.hidden_size, cfg.num_experts, cfg.top_k_experts) == (H, E, 2)
+    assert cfg.layer_types == ["sliding_attention"] * 3 + ["full_attention"]
+    assert cfg.attention_k_eq_v is True
+    tok = AutoTokenizer.from_pretrained(path)
+    assert len(tok) == cfg.vocab_size == V
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (
+        cfg.bos_token_id,
+        cfg.eos_token_id[0],
+        cfg.pad_token_id,
+    )
+    text = "hello world, the quick brown fox!"
+    ids = tok(text).input_ids
+    assert ids[0] == cfg.bos_token_id and tok.decode(ids[1:]) == text
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert chat == "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+    gen = json.loads((path / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == cfg.eos_token_id
+    assert tok.convert_ids_to_tokens(cfg.eos_token_id) == ["<eos>", "<end_of_turn>"]
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def _pack_by_hand(nibbles: torch.Tensor) -> torch.Tensor:
+    """The spec, literally: nibble k of word w is column 8w+k, in bits [4k, 4k+4)."""
+    rows, cols = nibbles.shape
+    words = torch.zeros(rows, cols // 8, dtype=torch.int64)
+    for col in range(cols):
+        words[:, col // 8] += nibbles[:, col].to(torch.int64) << (4 * (col % 8))
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def test_unpack_int4_follows_the_spec():
+    from compressed_tensors.compressors.pack_quantized import pack_to_int32
+
+    gen = torch.Generator().manual_seed(1)
+    nib = torch.randint(0, 16, (3, 16, 64), generator=gen)
+    scale = torch.rand(3, 16, 2, generator=gen).to(BF16)
+    packed = torch.stack([_pack_by_hand(n) for n in nib])
+    # the library packs signed q = nibble - 8 the same way
+    assert torch.equal(pack_to_int32((nib[0] - 8).to(torch.int8), 4), packed[0])
+    assert torch.equal(ck.unpack_int4_raw(packed), nib.to(torch.int32))
+    expected = torch.empty(3, 16, 64)
+    for c in range(64):
+        expected[..., c] = (nib[..., c] - 8).float() * scale[..., c // 32].float()
+    assert torch.equal(ck.unpack_int4(packed, scale, 32), expected)  # 3D
+    assert torch.equal(ck.unpack_int4(packed[1], scale[1], 32), expected[1])  # 2D
+
+
+def test_unpack_int4_asymmetric():
+    gen = torch.Generator().manual_seed(2)
+    nib = torch.randint(0, 16, (16, 64), generator=gen)
+    zp = torch.randint(0, 16, (16, 2), generator=gen)
+    scale = torch.rand(16, 2, generator=gen).to(BF16)
+    zp_packed = _pack_by_hand(zp.t().contiguous()).t()  # zero points packed along rows
+    assert zp_packed.shape == (2, 2)
+    got = ck.unpack_int4(_pack_by_hand(nib), scale, 32, zp_packed)
+    for r in range(16):
+        for c in range(0, 64, 7):
+            assert got[r, c] == (nib[r, c] - zp[r, c // 32]).float() * scale[r, c // 32].float()
+
+
+def _ct_modules(
+    tensors: dict[str, torch.Tensor], layers: tuple[int, ...] = (0, 3)
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Per 2D module of ``layers`` (a sliding and the full one by default): its
+    compressed-tensors tensors; fused experts split per expert."""
+    mods: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        layer = re.search(r"\.layers\.(\d+)\.", name)
+        if layer is None or int(layer[1]) not in layers:
+            continue
+        m = re.match(r"(.*)\.(weight_(?:packed|scale|zero_point|shape))$", name)
+        if m:
+            mods.setdefault(m[1], {})[m[2]] = t
+            continue
+        m = re.match(r"(.*\.experts\.(?:gate_up|down)_proj)_(packed|scale|zero_point)$", name)
+        if m:
+            for e in range(t.shape[0]):
+                mods.setdefault(f"{m[1]}[{e}]", {})["weight_" + m[2]] = t[e]
+    return mods
+
+
+def _original_weight(base: dict[str, torch.Tensor], module: str) -> torch.Tensor:
+    m = re.match(r"(.*)\[(\d+)\]$", module)
+    if m:  # fused expert slice
+        return base[m[1]][int(m[2])]
+    m = re.match(r"(.*\.experts)\.(\d+)\.(gate|up|down)_proj$", module)
+    if m:
+        e, proj = int(m[2]), m[3]
+        if proj == "down":
+            return base[m[1] + ".down_proj"][e]
+        gate_up = base[m[1] + ".gate_up_proj"][e]
+        return gate_up[:I_MOE] if proj == "gate" else gate_up[I_MOE:]
+    return base[module + ".weight"]
+
+
+@pytest.mark.parametrize("layout", CT_INT4)
+def test_packed_bytes_equal_compressed_tensors(checkpoints, base, layout):
+    """Each module's tensors are what compressed-tensors' own compressor writes for the
+    original bf16 weight, with the min/max scale its calculate_qparams gives."""
+    from compressed_tensors.compressors.pack_quantized import (
+        PackedQuantizationCompressor,
+        unpack_from_int32,
+    )
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    asym = layout == "ct-fused-w4a16-asym"
+    args = QuantizationArgs(
+        num_bits=4, type="int", symmetric=not asym, strategy="group", group_size=32
+    )
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    mods = _ct_modules(_tensors(checkpoints(layout)))
+    per_layer = 3 * E if layout == "ct-per-expert-w4a16" else 2 * E  # modules or slices
+    assert sum("experts" in m for m in mods) == 2 * per_layer
+    for module, saved in mods.items():
+        w = _original_weight(base, module)
+        groups = w.reshape(w.shape[0], -1, 32)
+        scale, zp = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+        assert torch.equal(saved["weight_scale"], scale), module
+        state = {"weight": w, "weight_scale": saved["weight_scale"]}
+        if asym:
+            state["weight_zero_point"] = unpack_from_int32(
+                saved["weight_zero_point"], 4, torch.Size(scale.shape), packed_dim=0
+            )
+            assert torch.equal(state["weight_zero_point"], zp), module
+        ref = PackedQuantizationCompressor.compress(state, scheme)
+        assert torch.equal(saved["weight_packed"], ref["weight_packed"]), module
+        if asym:
+            assert torch.equal(saved["weight_zero_point"], ref["weight_zero_point"]), module
+        if "weight_shape" in saved:
+            assert saved["weight_shape"].tolist() == list(w.shape)
+
+
+@pytest.mark.parametrize("layout", ["ct-fused-w4a16", "ct-fused-w4a16-asym"])
+def test_unpack_int4_agrees_with_decompressor(checkpoints, layout):
+    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    asym = layout.endswith("asym")
+    args = QuantizationArgs(
+        num_bits=4, type="int", symmetric=not asym, strategy="group", group_size=32
+    )
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    tensors = _tensors(checkpoints(layout))
+    for module, saved in _ct_modules(tensors).items():
+        saved.setdefault(
+            "weight_shape",
+            torch.tensor([saved["weight_packed"].shape[0], saved["weight_packed"].shape[1] * 8]),
+        )
+        ref = PackedQuantizationCompressor.decompress(dict(saved), scheme)["weight"]
+        mine = ck.unpack_int4(
+            saved["weight_packed"], saved["weight_scale"], 32, saved.get("weight_zero_point")
+        )
+        assert mine.dtype == torch.float32
+        assert torch.equal(mine.to(BF16), ref), module
+    # 3D in one call equals the per-expert results
+    p = P + "layers.3.experts.down_proj"
+    whole = ck.unpack_int4(
+        tensors[p + "_packed"], tensors[p + "_scale"], 32, tensors.get(p + "_zero_point")
+    )
+    mods = _ct_modules(tensors)
+    one = mods[p + "[5]"]
+    assert torch.equal(
+        whole[5],
+        ck.unpack_int4(one["weight_packed"], one["weight_scale"], 32, one.get("weight_zero_point")),
+    )
+
+
+def test_autoround_is_gptq_format(checkpoints, base):
+    tensors = _tensors(checkpoints("autoround-int4"))
+    m = P + "layers.0.router.proj"
+    qweight, qzeros, scales = (tensors[f"{m}.{k}"] for k in ("qweight", "qzeros", "scales"))
+    # symmetric: every zero point is 8, stored as 8 - 1 in each nibble
+    assert (qzeros == 0x77777777).all()
+    value = torch.empty(E, H)
+    for i in range(H):  # qweight [in/8, out]: nibble i % 8 of row i // 8
+        nib = (qweight[i // 8] >> (4 * (i % 8))) & 0xF
+        value[:, i] = (nib - 8).float() * scales[i // 128].float()
+    assert torch.equal(ck.unpack_gptq_int4(qweight, qzeros, scales), value)
+    # round to nearest with scale = absmax / 7.5 (rounded to fp16, hence the margin):
+    # within half a step of the original
+    w = base[m + ".weight"].float()
+    step = scales.float().repeat_interleave(128, 0).t()
+    assert ((value - w).abs() <= 0.51 * step).all()
+
+
+def test_fp8_matches_compressor(checkpoints, base):
+    from compressed_tensors.compressors.naive_quantized import FloatQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    w_args = QuantizationArgs(num_bits=8, type="float", strategy="channel", symmetric=True)
+    scheme = QuantizationScheme(targets=["Linear"], weights=w_args)
+    tensors = _tensors(checkpoints("fp8-router"))
+    for module in (
+        P + "layers.0.router.proj",
+        P + "layers.3.experts.7.up_proj",
+        P + "layers.2.self_attn.v_proj",
+        P + "layers.1.mlp.down_proj",
+    ):
+        w = _original_weight(base, module)
+        scale = tensors[module + ".weight_scale"]
+        assert torch.equal(scale, (w.float().abs().amax(1, keepdim=True) / 448).to(BF16))
+        ref = FloatQuantizationCompressor.compress({"weight": w, "weight_scale": scale}, scheme)
+        assert torch.equal(
+            tensors[module + ".weight"].view(torch.uint8), ref["weight"].view(torch.uint8)
+        )
+
+
+# --------------------------------------------------------------------------- twin
+
+
+def _expected_twin(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
+    """The dequantized value of base tensor ``name``, read directly from the checkpoint."""
+
+    def deq(stem: str) -> torch.Tensor:
+        if stem + "_packed" in tensors:  # compressed-tensors int4
+            return ck.unpack_int4(
+                tensors[stem + "_packed"],
+                tensors[stem + "_scale"],
+                32,
+                tensors.get(stem + "_zero_point"),
+            )
+        base = stem.removesuffix("weight")
+        if base + "qweight" in tensors:
+            return ck.unpack_gptq_int4(
+                *(tensors[base + k] for k in ("qweight", "qzeros", "scales"))
+            )
+        if stem in tensors and tensors[stem].dtype == torch.float8_e4m3fn:
+            return tensors[stem].float() * tensors[stem + "_scale"].float()
+        return None
+
+    m = re.match(r"(.*\.experts)\.(gate_up|down)_proj$", name)
+    if m and name not in tensors and name + "_packed" not in tensors:  # per-expert layout
+        parts = []
+        for e in range(E):
+            if m[2] == "down":
+                parts.append(deq(f"{m[1]}.{e}.down_proj.weight"))
+            else:
+                parts.append(
+                    torch.cat(
+                        [deq(f"{m[1]}.{e}.gate_proj.weight"), deq(f"{m[1]}.{e}.up_proj.weight")]
+                    )
+                )
+        return torch.stack(parts)
+    return deq(name)
+
+
+@pytest.mark.parametrize("layout", list(ck.LAYOUTS))
+def test_twin(checkpoints, base, layout):
+    src, twin = checkpoints(layout), checkpoints.twin(layout)
+    cfg, twin_cfg = _config(src), _config(twin)
+    assert "quantization_config" not in twin_cfg
+    cfg.pop("quantization_config", None)
+    assert twin_cfg == cfg
+    assert not (twin / "quantization_config.json").exists()
+    assert (twin / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    tensors, twin_tensors = _tensors(src), _tensors(twin)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in twin_tensors.items()} == bf16_spec()
+    n_dequantized = 0
+    for name, t in twin_tensors.items():
+        expected = _expected_twin(tensors, name)
+        if expected is None:  # never quantized: carried over bit for bit
+            assert torch.equal(t, base[name]), name
+            continue
+        n_dequantized += 1
+        assert torch.equal(t, expected.to(BF16)), name
+        # and it is the original up to quantization error (an int4 step is max / 7.5)
+        err = (t.float() - base[name].float()).abs().max()
+        assert err <= 0.1 * base[name].float().abs().max(), name
+    assert n_dequantized > 0 or layout == "bf16"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemma4-quant")
+    ck.add_arguments(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_cli_lists_layouts(capsys):
+    args = _parser().parse_args(["build", "--list-layouts"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ck.LAYOUTS)
+
+
+def test_cli_build_and_twin(tmp_path, checkpoints):
+    parser = _parser()
+    args = parser.parse_args(["build", str(tmp_path / "b"), "--layout", "bf16", "--seed", "0"])
+    assert args.func(args) == 0
+    ref = _tensors(checkpoints("bf16"))
+    got = _tensors(tmp_path / "b")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    args = parser.parse_args(["twin", str(checkpoints("ct-fused-w4a16")), str(tmp_path / "t")])
+    assert args.func(args) == 0
+    assert "quantization_config" not in _config(tmp_path / "t")
+    overrides = ["--set", "num_experts=4", "--set", "num_hidden_layers=2"]
+    args = parser.parse_args(["build", str(tmp_path / "s"), "--layout", "bf16", *overrides])
+    assert args.func(args) == 0
+    assert _config(tmp_path / "s")["num_experts"] == 4
+    args = parser.parse_args(["build"])
+    assert args.func(args) == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["build", str(tmp_path / "x"), "--layout", "nope"])
