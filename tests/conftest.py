@@ -100,3 +100,18 @@ class CheckpointFactory:
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFactory:
     return CheckpointFactory(tmp_path_factory.mktemp("checkpoints"))
+
+
+@pytest.fixture(scope="session")
+def vllm_load(tmp_path_factory: pytest.TempPathFactory):
+    """``run_vllm_load`` with the outcome cached per session: tests that look at the same
+    load (same checkpoint, same switches) share one vLLM start."""
+    cache: dict[tuple[str, str], Load] = {}
+
+    def load(checkpoint: Path, **kwargs) -> Load:
+        key = (str(checkpoint), json.dumps(kwargs, sort_keys=True, default=str))
+        if key not in cache:
+            cache[key] = run_vllm_load(checkpoint, tmp_path_factory.mktemp("load"), **kwargs)
+        return cache[key]
+
+    return load

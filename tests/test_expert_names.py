@@ -93,18 +93,18 @@ def test_stock_d2_keyerror(checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["ct-fused-w4a16", "ct-fused-w4a16-shape"])
-def test_fused_experts_bit_exact(checkpoints, tmp_path, layout):
+def test_fused_experts_bit_exact(checkpoints, vllm_load, layout):
     path = checkpoints(layout)
-    load = run_vllm_load(path, tmp_path, env=FALLBACK)
+    load = vllm_load(path, env=FALLBACK)
     assert load.ok, load.log[-3000:]
     assert "expert_names applied" in load.log
     assert_experts_equal(load, read_checkpoint(path), config_of(path))
 
 
-def test_fused_shape_tensors_are_per_expert(checkpoints, tmp_path):
+def test_fused_shape_tensors_are_per_expert(checkpoints, vllm_load):
     """3-element `experts.<proj>_shape` ends up as each expert's [rows, cols]."""
     path = checkpoints("ct-fused-w4a16-shape")
-    load = run_vllm_load(path, tmp_path, env=FALLBACK)
+    load = vllm_load(path, env=FALLBACK)
     assert load.ok, load.log[-3000:]
     config = config_of(path)
     hidden, inter = config["hidden_size"], config["moe_intermediate_size"]

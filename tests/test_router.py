@@ -73,9 +73,9 @@ def test_quantized_router_matches_twin(checkpoints, tmp_path, twin_logits):
         assert_logits_match(router_logits(load), twin_logits)
 
 
-def test_unquantized_router_keeps_gate_linear(checkpoints, tmp_path):
+def test_unquantized_router_keeps_gate_linear(checkpoints, vllm_load):
     """Where the config excludes the router, the plugin leaves stock GateLinear in place."""
-    load = run_vllm_load(checkpoints("ct-fused-w4a16"), tmp_path, env=FALLBACK)
+    load = vllm_load(checkpoints("ct-fused-w4a16"), env=FALLBACK)
     assert load.ok, load.log[-3000:]
     assert load.module_classes["model.layers.0.router.proj"] == "GateLinear"
     assert load.quant_methods["model.layers.0.router.proj"] == "UnquantizedLinearMethod"

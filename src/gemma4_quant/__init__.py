@@ -28,9 +28,31 @@ def register() -> None:
         _report = []
         logger.exception("gemma4_quant: patching failed; vLLM runs unpatched")
         return
-    logger.info(
-        "gemma4_quant %s on vLLM %s: %s", __version__, vllm_version(), format_report(_report)
-    )
+    _log_report_when_logging_is_configured()
+
+
+def _log_report_when_logging_is_configured() -> None:
+    """One INFO line per process: which patches were applied, which skipped, and why.
+
+    Some vLLM processes configure logging only after loading plugins (0.31+); a line
+    logged before that is lost. Then the line waits for Gemma 4's model module, which
+    every process that loads the model imports once logging is set up.
+    """
+
+    def log(_module: object = None) -> None:
+        logger.info(
+            "gemma4_quant %s on vLLM %s: %s",
+            __version__,
+            vllm_version(),
+            format_report(_report or []),
+        )
+
+    if logging.getLogger("vllm").handlers:
+        log()
+        return
+    from .patches import when_imported
+
+    when_imported("vllm.model_executor.models.gemma4", log)
 
 
 def vllm_version() -> str:
