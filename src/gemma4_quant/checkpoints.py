@@ -15,10 +15,10 @@ config uses Google's keys (``global_head_dim``, ``num_global_key_value_heads``),
 transformers 5.5 - 5.19 all read.
 
 Quantized tensors are made with compressed-tensors itself (its ``calculate_qparams`` and
-its pack-quantized / float-quantized compressors, one 2D weight at a time; fused 3D
-experts are the per-expert results stacked), and the ``quantization_config`` is written
-by its ``ModelCompressor``. The AutoRound layout has no library here: it is packed by
-hand in the documented GPTQ format.
+its pack-quantized / float-quantized compressors on 2D weights; experts go in stacked
+along the output dim, which gives exactly the per-expert results), and the
+``quantization_config`` is written by its ``ModelCompressor``. The AutoRound layout has
+no library here: it is packed by hand in the documented GPTQ format.
 
 Every layout of one seed shares the same bf16 base weights (``base_state_dict``).
 """
@@ -606,6 +606,9 @@ def _check_dims(cfg: dict[str, Any], layout: str) -> None:
     }
     if layout == "autoround-int4":
         dims["intermediate_size"] = cfg["intermediate_size"]
+        # the router is quantized too; its qzeros pack 8 outputs (experts) to a word
+        if cfg["num_experts"] % 8:
+            raise ValueError(f"num_experts={cfg['num_experts']} is not a multiple of 8")
     for key, value in dims.items():
         if value % group:
             raise ValueError(f"{key}={value} is not a multiple of group size {group}")
@@ -801,14 +804,12 @@ def _fuse_per_expert(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def dequantize_tensors(
-    tensors: dict[str, torch.Tensor], quantization_config: dict[str, Any] | None = None
-) -> dict[str, torch.Tensor]:
+def dequantize_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Any layout this module writes -> the bf16 base layout.
 
-    Dequantization is exact in float32 (int * scale), then cast to bf16 once.
+    Layouts are recognised from tensor names and dtypes. Dequantization is exact in
+    float32 (int * scale), then cast to bf16 once.
     """
-    del quantization_config  # every layout is recognised from its tensor names
     used: set[str] = set()
 
     def take(name: str) -> torch.Tensor | None:
@@ -850,8 +851,8 @@ def write_twin(src_dir: str | Path, out_dir: str | Path) -> Path:
     quantization_config, tensors in the bf16 base layout."""
     src, out = Path(src_dir), Path(out_dir)
     cfg = json.loads((src / "config.json").read_text())
-    qcfg = cfg.pop("quantization_config", None)
-    tensors = dequantize_tensors(load_tensors(src), qcfg)
+    cfg.pop("quantization_config", None)
+    tensors = dequantize_tensors(load_tensors(src))
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", cfg)
     for name in TOKENIZER_FILES:
