@@ -1,0 +1,242 @@
+"""Quantized Gemma 4 MoE that vLLM has no kernel for loads dequantized, with exactly the
+checkpoint's values, and generates as its dequantized bf16 twin does.
+
+vLLM runs in subprocesses: ``tests/load_model.py`` (vLLM's own loader, parameters dumped)
+and this file run as a script (``vllm.LLM``, greedy tokens). Checkpoints come from the
+project's builder; the twin is ``write_twin`` of the same checkpoint, and the reference
+values are ``unpack_int4`` (plain torch bit operations, independent of vLLM and of the
+fallback). Stock vLLM (``GEMMA4_QUANT_DISABLE=1``) fails every vLLM test here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_vllm_load
+
+from gemma4_quant.checkpoints import load_tensors, unpack_int4
+from gemma4_quant.patches import Status, dequant_fallback
+
+DETECTION = dequant_fallback.detect()
+
+pytestmark = pytest.mark.skipif(
+    DETECTION.status is not Status.NEEDED,
+    reason=f"dequant_fallback does not apply to this vLLM: {DETECTION.reason}",
+)
+
+SYM = "ct-fused-w4a16"  # the cyankiwi layout: int4, group 32, symmetric
+ASYM = "ct-fused-w4a16-asym"  # the same with packed zero points
+GROUP = 32
+TEXT = "model.language_model."
+NO_KERNEL = "NotImplementedError: " + dequant_fallback.NO_MOE_KERNEL
+PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Mixture of experts models route each token",
+    "1, 2, 3, 5, 8,",
+)
+MAX_TOKENS = 24
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a 16-bit tensor, so that equality means bit for bit."""
+    return t.contiguous().view(torch.int16)
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality of any two tensors of one dtype (0-d included)."""
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def num_layers(checkpoint: Path) -> int:
+    return json.loads((checkpoint / "config.json").read_text())["num_hidden_layers"]
+
+
+def reference_experts(ckpt: dict[str, torch.Tensor], layer: int, fused: str) -> torch.Tensor:
+    """One layer's fused experts, unpacked independently, rounded once to bf16."""
+    stem = f"{TEXT}layers.{layer}.experts.{fused}"
+    zero_point = ckpt.get(f"{stem}_zero_point")
+    return unpack_int4(ckpt[f"{stem}_packed"], ckpt[f"{stem}_scale"], GROUP, zero_point).to(
+        torch.bfloat16
+    )
+
+
+# --------------------------------------------------------------------- no vLLM
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("group", [32, -1], ids=["group32", "channel"])
+def test_dequantize_int_matches_unpack_int4(symmetric: bool, group: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    rows, cols = 64, 256
+    groups = 1 if group == -1 else cols // group
+    packed = torch.randint(-(2**31), 2**31, (rows, cols // 8), generator=gen, dtype=torch.int64)
+    packed = packed.to(torch.int32)
+    scale = (torch.rand(rows, groups, generator=gen) * 0.02 + 1e-3).to(torch.bfloat16)
+    zero = None
+    if not symmetric:
+        zero = torch.randint(-(2**31), 2**31, (rows // 8, groups), generator=gen)
+        zero = zero.to(torch.int32)
+    got = dequant_fallback.dequantize_int(packed, scale, zero, 4, torch.bfloat16)
+    want = unpack_int4(packed, scale, cols // groups, zero).to(torch.bfloat16)
+    assert torch.equal(bits(got), bits(want))
+
+
+# --------------------------------------------------------------------- vLLM loads
+
+
+@pytest.mark.parametrize("layout", [SYM, ASYM])
+def test_vllm_placed_buffers_dequantize_to_checkpoint_values(
+    checkpoints, tmp_path: Path, layout: str
+) -> None:
+    """vLLM's own weight loaders fill the fallback's packed buffers; what the fallback
+    makes of them is the checkpoint's values, bit for bit."""
+    checkpoint = checkpoints(layout)
+    load = run_vllm_load(checkpoint, tmp_path)  # stops before process_weights_after_loading
+    assert load.ok, load.log[-4000:]
+    experts = {k: v for k, v in load.quant_methods.items() if k.endswith("routed_experts")}
+    assert experts and set(experts.values()) == {"DequantizedWNA16MoEMethod"}, experts
+    ckpt = load_tensors(checkpoint)
+    for layer in range(num_layers(checkpoint)):
+        prefix = f"model.layers.{layer}.experts.routed_experts."
+        for fused, param in (("gate_up_proj", "w13"), ("down_proj", "w2")):
+            zero_point = load.tensors.get(f"{prefix}{param}_weight_zero_point")
+            assert (zero_point is None) == (layout == SYM)
+            got = dequant_fallback.dequantize_experts(
+                load.tensors[f"{prefix}{param}_weight_packed"],
+                load.tensors[f"{prefix}{param}_weight_scale"],
+                zero_point,
+                4,
+                torch.bfloat16,
+            )
+            want = reference_experts(ckpt, layer, fused)
+            assert torch.equal(bits(got), bits(want)), (layout, layer, fused)
+
+
+def test_processed_parameters_equal_the_twin(checkpoints, tmp_path: Path) -> None:
+    """After process_weights_after_loading the model holds bf16 experts (and, where vLLM
+    had no linear kernel, bf16 linears) equal to the twin's bit for bit, and the packed
+    tensors are gone.
+
+    vLLM's CPU MoE path prepacks ``w13_weight``/``w2_weight`` into its own tile layout,
+    so they are compared with the twin's after the same prepacking; the twin's tensors
+    themselves are ``unpack_int4`` of the quantized checkpoint, checked first.
+    """
+    quantized, twin = checkpoints(SYM), checkpoints.twin(SYM)
+    ckpt, twin_ckpt = load_tensors(quantized), load_tensors(twin)
+    for layer in range(num_layers(quantized)):
+        for fused in ("gate_up_proj", "down_proj"):
+            name = f"{TEXT}layers.{layer}.experts.{fused}"
+            assert torch.equal(bits(twin_ckpt[name]), bits(reference_experts(ckpt, layer, fused)))
+
+    load = run_vllm_load(quantized, tmp_path / "quantized", process=True)
+    assert load.ok, load.log[-4000:]
+    reference = run_vllm_load(twin, tmp_path / "twin", process=True)
+    assert reference.ok, reference.log[-4000:]
+
+    assert not [n for n in load.tensors if re.search(r"experts\..*(_packed|_scale)", n)]
+    expert_params = [n for n in reference.tensors if ".routed_experts.w" in n]
+    assert len(expert_params) == 2 * num_layers(quantized)
+    # all but the attention's KV-cache scale buffers (``attn._k_scale`` ...), which the
+    # quantization config shapes, not the weights
+    compared = [n for n in reference.tensors if n in load.tensors and ".attn._" not in n]
+    assert set(expert_params) <= set(compared)
+    for name in compared:
+        got, want = load.tensors[name], reference.tensors[name]
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert same_bytes(got, want), name
+    # every parameter the quantized model holds beyond the twin's is a quantized
+    # linear that vLLM has a kernel for on this machine
+    extra = {n for n in set(load.tensors) - set(reference.tensors) if "weight" in n}
+    assert all(".self_attn." in n for n in extra), sorted(extra)
+
+    # one warning for the whole model, with what the fallback costs
+    warnings = [line for line in load.log.splitlines() if "Dequantizing" in line]
+    assert len(warnings) == 1, warnings
+    assert re.search(r"\d+ MoE layers .*GiB of weights instead of [\d.]+ GiB packed", warnings[0])
+
+
+@pytest.mark.parametrize(
+    ("plugin", "env"),
+    [(True, {"GEMMA4_QUANT_FALLBACK": "off"}), (False, {})],
+    ids=["fallback-off", "stock-vllm"],
+)
+def test_without_fallback_vllm_has_no_kernel(
+    checkpoints, tmp_path: Path, plugin: bool, env: dict[str, str]
+) -> None:
+    """The fallback is what makes these loads work: without it (switched off, or stock
+    vLLM with no plugin loaded) vLLM's own error stands."""
+    load = run_vllm_load(checkpoints(SYM), tmp_path, plugin=plugin, env=env)
+    assert not load.ok
+    assert NO_KERNEL in load.log, load.log[-4000:]
+    assert "Dequantizing" not in load.log
+
+
+# --------------------------------------------------------------------- generation
+
+
+def generate(models: list[str]) -> dict[str, list[list[int]]]:
+    """Greedy tokens of each model, loaded one after another in this process."""
+    import gc
+
+    from vllm import LLM, SamplingParams
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    tokens = {}
+    for model in models:
+        llm = LLM(
+            model=model,
+            dtype="bfloat16",
+            enforce_eager=True,
+            max_model_len=256,
+            seed=0,
+            # one process: both models load with the same plugin state, and fast
+            distributed_executor_backend="uni",
+        )
+        outputs = llm.generate(list(PROMPTS), params, use_tqdm=False)
+        tokens[model] = [list(out.outputs[0].token_ids) for out in outputs]
+        del llm, outputs
+        gc.collect()
+        cleanup_dist_env_and_memory()
+    return tokens
+
+
+def test_greedy_tokens_equal_the_twin(checkpoints, tmp_path: Path) -> None:
+    pairs = [(checkpoints(layout), checkpoints.twin(layout)) for layout in (SYM, ASYM)]
+    models = [str(path) for pair in pairs for path in pair]
+    out = tmp_path / "tokens.json"
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    }
+    proc = subprocess.run(
+        [sys.executable, __file__, str(out), *models],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert log.count("Dequantizing") == 2, "one warning per quantized model"
+    tokens = json.loads(out.read_text())
+    for quantized, twin in pairs:
+        assert len(tokens[str(quantized)]) == len(PROMPTS)
+        assert all(len(t) == MAX_TOKENS for t in tokens[str(quantized)])
+        assert tokens[str(quantized)] == tokens[str(twin)], quantized.name
+
+
+if __name__ == "__main__":
+    # python tests/test_fallback.py OUT.json MODEL...: greedy tokens of each model
+    result = generate(sys.argv[2:])
+    Path(sys.argv[1]).write_text(json.dumps(result))
