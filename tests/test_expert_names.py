@@ -21,9 +21,6 @@ from gemma4_quant.checkpoints import unpack_int4
 from gemma4_quant.patches import expert_names
 
 GENERATION, _ = expert_names._generation()
-# vLLM's own limits on CPU, per generation (not the plugin's): where vLLM cannot build a
-# W4A16 MoE on this machine at all, the fallback (tests/test_fallback.py) is what loads.
-FALLBACK = {"GEMMA4_QUANT_FALLBACK": "force"} if GENERATION == "generic" else {}
 
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -41,7 +38,7 @@ def config_of(path: Path) -> dict:
 
 
 def expert_params(tensors: dict[str, torch.Tensor], layer: int, param: str) -> torch.Tensor:
-    pattern = re.compile(rf"layers\.{layer}\.(?:.*\.)?experts\.{param}$")
+    pattern = re.compile(rf"layers\.{layer}\..*experts\.{param}$")
     (name,) = [n for n in tensors if pattern.search(n)]
     return tensors[name]
 
@@ -95,7 +92,7 @@ def test_stock_d2_keyerror(checkpoints, tmp_path):
 @pytest.mark.parametrize("layout", ["ct-fused-w4a16", "ct-fused-w4a16-shape"])
 def test_fused_experts_bit_exact(checkpoints, vllm_load, layout):
     path = checkpoints(layout)
-    load = vllm_load(path, env=FALLBACK)
+    load = vllm_load(path)
     assert load.ok, load.log[-3000:]
     assert "expert_names applied" in load.log
     assert_experts_equal(load, read_checkpoint(path), config_of(path))
@@ -104,7 +101,7 @@ def test_fused_experts_bit_exact(checkpoints, vllm_load, layout):
 def test_fused_shape_tensors_are_per_expert(checkpoints, vllm_load):
     """3-element `experts.<proj>_shape` ends up as each expert's [rows, cols]."""
     path = checkpoints("ct-fused-w4a16-shape")
-    load = vllm_load(path, env=FALLBACK)
+    load = vllm_load(path)
     assert load.ok, load.log[-3000:]
     config = config_of(path)
     hidden, inter = config["hidden_size"], config["moe_intermediate_size"]
@@ -119,7 +116,7 @@ def test_shape_tensors_break_without_patch(checkpoints, tmp_path):
     load = run_vllm_load(
         checkpoints("ct-fused-w4a16-shape"),
         tmp_path,
-        env={**FALLBACK, "GEMMA4_QUANT_DISABLE_PATCHES": "expert_names"},
+        env={"GEMMA4_QUANT_DISABLE_PATCHES": "expert_names"},
     )
     assert not load.ok
     # 0.19.1 - 0.20.2: the D2 KeyError comes first; 0.24 - 0.30 drop `_shape` silently
@@ -131,7 +128,7 @@ def test_shape_tensors_break_without_patch(checkpoints, tmp_path):
 
 def test_asymmetric(checkpoints, tmp_path):
     path = checkpoints("ct-fused-w4a16-asym")
-    load = run_vllm_load(path, tmp_path, env=FALLBACK)
+    load = run_vllm_load(path, tmp_path)
     if GENERATION in ("dotted", "substring", "underscore") and not load.ok:
         # vLLM's compressed-tensors WNA16 MoE method is symmetric-only there
         assert "Only symmetric quantization is supported for MoE" in load.log
@@ -146,7 +143,7 @@ def test_per_expert_checkpoint_untouched(checkpoints, tmp_path):
     names = list(read_checkpoint(path))
     fake = ((name, torch.zeros(1)) for name in names)
     assert [name for name, _ in expert_names.rewrite(fake, GENERATION)] == names
-    with_plugin = run_vllm_load(path, tmp_path / "plugin", env=FALLBACK)
+    with_plugin = run_vllm_load(path, tmp_path / "plugin")
     assert with_plugin.ok, with_plugin.log[-3000:]
 
 
@@ -211,6 +208,6 @@ MALFORMED = {
 def test_malformed_checkpoint_clear_error(checkpoints, tmp_path, case):
     edit_tensors, edit_config, message = MALFORMED[case]
     path = _copy_with(checkpoints("ct-fused-w4a16"), tmp_path / "ckpt", edit_tensors, edit_config)
-    load = run_vllm_load(path, tmp_path / "out", env=FALLBACK)
+    load = run_vllm_load(path, tmp_path / "out")
     assert not load.ok
     assert re.search(message, load.log), load.log[-3000:]

@@ -19,9 +19,6 @@ from gemma4_quant.patches import Status, expert_names, load_guard
 LAYOUT, EXPERTS = "ct-fused-w4a16-router", 32
 GENERATION, _ = expert_names._generation()
 SILENT_SKIP = load_guard.detect().status is Status.NEEDED
-# Where vLLM builds no W4A16 MoE on CPU, the experts need the dequantizing fallback;
-# the router itself always runs on vLLM's own int4 linear kernel.
-FALLBACK = {"GEMMA4_QUANT_FALLBACK": "force"} if GENERATION != "dotted" else {}
 # The 0.20.2 environment's CPU ops lack the int4 GEMM (`_C.cpu_gemm_wna16`), so there
 # the router is checked by its loaded parameters only.
 CAN_RUN_INT4 = GENERATION != "dotted"
@@ -56,7 +53,7 @@ def twin_logits(checkpoints, tmp_path_factory):
 
 def test_quantized_router_matches_twin(checkpoints, tmp_path, twin_logits):
     path = checkpoints(LAYOUT, num_experts=EXPERTS)
-    load = run_vllm_load(path, tmp_path, env=FALLBACK, probe_router=CAN_RUN_INT4)
+    load = run_vllm_load(path, tmp_path, probe_router=CAN_RUN_INT4)
     assert load.ok, load.log[-3000:]
     assert "router applied" in load.log
     method = load.quant_methods["model.layers.0.router.proj"]
@@ -75,7 +72,7 @@ def test_quantized_router_matches_twin(checkpoints, tmp_path, twin_logits):
 
 def test_unquantized_router_keeps_gate_linear(checkpoints, vllm_load):
     """Where the config excludes the router, the plugin leaves stock GateLinear in place."""
-    load = vllm_load(checkpoints("ct-fused-w4a16"), env=FALLBACK)
+    load = vllm_load(checkpoints("ct-fused-w4a16"))
     assert load.ok, load.log[-3000:]
     assert load.module_classes["model.layers.0.router.proj"] == "GateLinear"
     assert load.quant_methods["model.layers.0.router.proj"] == "UnquantizedLinearMethod"
@@ -84,7 +81,7 @@ def test_unquantized_router_keeps_gate_linear(checkpoints, vllm_load):
 def test_stock_router_fails_as_matrix_says(checkpoints, tmp_path, twin_logits):
     """Without the router patch the quantized router never loads; the test bites."""
     path = checkpoints(LAYOUT, num_experts=EXPERTS)
-    env = {**FALLBACK, "GEMMA4_QUANT_DISABLE_PATCHES": "router"}
+    env = {"GEMMA4_QUANT_DISABLE_PATCHES": "router"}
     if SILENT_SKIP:
         # 0.24 - 0.30: stock drops `router.proj.weight_packed` without a word ...
         silent = run_vllm_load(
