@@ -78,11 +78,11 @@ def assert_experts_equal(load, ckpt: dict[str, torch.Tensor], config: dict) -> N
     assert compared == 2 * config["num_hidden_layers"]
 
 
-def test_stock_d2_keyerror(checkpoints, tmp_path):
+def test_stock_d2_keyerror(checkpoints, vllm_load):
     """Stock vLLM fails as the release matrix says: the mapping KeyError on 0.19.1-0.20.2."""
     if GENERATION != "dotted":
         pytest.skip(f"D2 lives on the dotted-mapping releases; this one is {GENERATION}")
-    load = run_vllm_load(checkpoints("ct-fused-w4a16"), tmp_path, plugin=False)
+    load = vllm_load(checkpoints("ct-fused-w4a16"), plugin=False)
     assert not load.ok
     assert re.search(
         r"KeyError: 'layers\.0\.moe\.experts\.0\.(gate|up|down)_proj_packed'", load.log
@@ -131,9 +131,9 @@ def test_shape_tensors_break_without_patch(checkpoints, vllm_load):
     )
 
 
-def test_asymmetric(checkpoints, tmp_path):
+def test_asymmetric(checkpoints, vllm_load):
     path = checkpoints("ct-fused-w4a16-asym")
-    load = run_vllm_load(path, tmp_path)
+    load = vllm_load(path)
     if GENERATION in ("dotted", "substring", "underscore") and not load.ok:
         # vLLM's compressed-tensors WNA16 MoE method is symmetric-only there
         assert "Only symmetric quantization is supported for MoE" in load.log
@@ -142,21 +142,21 @@ def test_asymmetric(checkpoints, tmp_path):
     assert_experts_equal(load, read_checkpoint(path), config_of(path))
 
 
-def test_per_expert_checkpoint_untouched(checkpoints, tmp_path):
+def test_per_expert_checkpoint_untouched(checkpoints, vllm_load):
     """Per-expert names pass through the rewrite unchanged and load as stock loads them."""
     path = checkpoints("ct-per-expert-w4a16")
     names = list(read_checkpoint(path))
     fake = ((name, torch.zeros(1)) for name in names)
     assert [name for name, _ in expert_names.rewrite(fake, GENERATION)] == names
-    with_plugin = run_vllm_load(path, tmp_path / "plugin")
+    with_plugin = vllm_load(path)
     assert with_plugin.ok, with_plugin.log[-3000:]
 
 
-def test_bf16_checkpoint_unchanged(checkpoints, tmp_path):
+def test_bf16_checkpoint_unchanged(checkpoints, vllm_load):
     """Where no patch is needed the loaded model is unchanged, bit for bit."""
     path = checkpoints("bf16")
-    stock = run_vllm_load(path, tmp_path / "stock", plugin=False)
-    patched = run_vllm_load(path, tmp_path / "plugin")
+    stock = vllm_load(path, plugin=False)
+    patched = vllm_load(path)
     assert stock.ok, stock.log[-3000:]
     assert patched.ok, patched.log[-3000:]
     assert stock.tensors.keys() == patched.tensors.keys()
