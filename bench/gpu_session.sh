@@ -1,0 +1,171 @@
+#!/bin/bash
+# The whole GPU programme behind docs/gpu-results.md, on one machine with two GPUs and
+# no network, as one pipeline that starts while the releases are still arriving:
+#
+#   bash bench/gpu_session.sh STAGE_DIR WORK_DIR [PHASES]
+#
+# STAGE_DIR receives the folders of `bench/device_stage.py pack` (manifest.json,
+# piece.NNN), in any order and over time; each phase waits for what it needs.
+# WORK_DIR gets the releases (pip --target WORK_DIR/vllm-<release>), the checkpoints and
+# WORK_DIR/results (JSON + logs + markdown tables). PHASES (default all):
+#   full     synthetic full-size checkpoint (GPU 0, background from the start)
+#   correct  tiny layouts x {0.26.0, 0.20.2} x {plugin, stock, twin}, one GPU each
+#   bench    full size, 0.26.0 stock (a) vs 0.26.0 + plugin (b): a on GPU 0 with b on
+#            GPU 1, then swapped (b on GPU 0 with a on GPU 1)
+#   tp       TP=2 (and TP=2 + expert parallel) on 0.20.2 + plugin vs TP=1
+#   bench020 full size, 0.20.2 + plugin (c), once on each GPU at the same time
+#   ab1      full size on GPU 0 alone, one run at a time: a, b, a, b (shared compile cache)
+# This project must be installed in the python3 that runs it (pip install -e .).
+set -uo pipefail
+PROJ=$(cd "$(dirname "$0")/.." && pwd)
+STAGE=${1:?stage dir}
+WORK=${2:?work dir}
+PHASES=${3:-full,correct,bench,tp,bench020}
+R=$WORK/results
+mkdir -p "$R/correctness" "$R/fullsize"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+T026=$WORK/vllm-0.26.0
+T020=$WORK/vllm-0.20.2
+FULL=$WORK/full-26b-a4b
+CKPTS=$WORK/tiny
+STAGE_PY="python3 $PROJ/bench/device_stage.py"
+log() { echo "[$(date +%T)] $*"; }
+has() { [[ ",$PHASES," == *",$1,"* ]]; }
+
+wait_ready() {  # release [--deps-only]
+  until $STAGE_PY ready "$STAGE" "$@"; do sleep 2; done
+}
+
+install() {  # release target [--deps-only]
+  local rel=$1 tgt=$2; shift 2
+  [ -f "$tgt/.installed-$rel$*" ] && return 0
+  wait_ready "$rel" "$@"
+  log "install $rel $* into $tgt"
+  $STAGE_PY install "$STAGE" "$rel" "$tgt" "$@" > "$R/install-$rel$*.log" 2>&1 || {
+    log "install $rel failed"; tail -20 "$R/install-$rel$*.log"; return 1; }
+  if [ -z "$*" ]; then
+    python3 -m compileall -q -j 0 "$tgt/vllm" > /dev/null 2>&1
+    PYTHONPATH=$tgt python3 -c "import vllm, torch, transformers, compressed_tensors as c; \
+print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', \
+transformers.__version__, 'compressed-tensors', c.__version__)" | tee -a "$R/machine.txt"
+  fi
+  touch "$tgt/.installed-$rel$*"
+}
+
+bench_run() {  # name gpu release-target plugin(on|off) [cache-name [file-suffix]]
+  local name=$1 gpu=$2 tgt=$3 plugin=$4 cache=${5:-$1} file="$1-gpu$2${6:-}" extra=()
+  [ "$plugin" = off ] && extra=(VLLM_PLUGINS=none)
+  log "bench $name on GPU $gpu"
+  env CUDA_VISIBLE_DEVICES="$gpu" PYTHONPATH="$tgt" VLLM_CACHE_ROOT="$WORK/vcache/$cache" \
+    "${extra[@]}" python3 "$PROJ/bench/gpu_throughput.py" run "$FULL" \
+    "$R/fullsize/$file.json" --label "$name" > "$R/fullsize/$file.out" 2>&1
+  log "bench $name on GPU $gpu: rc=$?"
+}
+
+wait_full() {  # the background full-size checkpoint, once
+  if [ -n "${FULL_PID:-}" ]; then wait "$FULL_PID"; FULL_PID=; fi
+}
+
+log "session start: phases $PHASES"
+{
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version,clocks.max.sm,clocks.max.mem \
+    --format=csv
+  python3 -c "import torch; print('torch', torch.__version__, 'GPUs', torch.cuda.device_count())"
+  nproc; free -g | head -2
+} > "$R/machine.txt" 2>&1
+
+if has full && [ ! -f "$FULL/synthetic.json" ]; then
+  log "full-size checkpoint: start (GPU 0)"
+  (CUDA_VISIBLE_DEVICES=0 python3 "$PROJ/bench/full_size_checkpoint.py" "$FULL" --device cuda \
+    > "$R/full_size_checkpoint.log" 2>&1; log "full-size checkpoint: rc=$?") &
+  FULL_PID=$!
+fi
+
+if has correct || has tp; then
+  install 0.26.0 "$T026" --deps-only || exit 1
+  if [ ! -f "$CKPTS/.built" ]; then
+    log "tiny checkpoints: build"
+    PYTHONPATH=$T026 python3 "$PROJ/tests/gpu/correctness.py" build "$CKPTS" --jobs 8 \
+      > "$R/build.log" 2>&1 && touch "$CKPTS/.built" &
+    BUILD_PID=$!
+  fi
+  install 0.20.2 "$T020" --deps-only || exit 1
+  install 0.26.0 "$T026" || exit 1
+  [ -n "${BUILD_PID:-}" ] && wait "$BUILD_PID"
+  [ -f "$CKPTS/.built" ] || { log "tiny checkpoint build failed"; tail -30 "$R/build.log"; exit 1; }
+  log "tiny checkpoints: built"
+fi
+
+CORR="python3 $PROJ/tests/gpu/correctness.py"
+if has correct; then
+  log "correctness 0.26.0: start"
+  $CORR run "$CKPTS" "$R/correctness" --release "0.26.0=$T026" --gpus 0,1 --jobs 10 \
+    > "$R/correctness-0.26.0.log" 2>&1 &
+  C1=$!
+  install 0.20.2 "$T020" || exit 1
+  log "correctness 0.20.2: start"
+  $CORR run "$CKPTS" "$R/correctness" --release "0.20.2=$T020" --gpus 1,0 --jobs 10 \
+    > "$R/correctness-0.20.2.log" 2>&1
+  wait "$C1"
+  $CORR report "$R/correctness" > /dev/null
+  log "correctness: done"
+fi
+
+if has bench; then
+  install 0.26.0 "$T026" || exit 1
+  wait_full
+  [ -f "$FULL/synthetic.json" ] || { log "no full-size checkpoint"; exit 1; }
+  CUDA_VISIBLE_DEVICES=0 python3 "$PROJ/bench/gpu_throughput.py" bound "$FULL" \
+    --measure-bandwidth --out "$R/fullsize/bound.json" > /dev/null 2>&1
+  bench_run a-0.26.0-stock 0 "$T026" off &
+  bench_run b-0.26.0-plugin 1 "$T026" on &
+  wait
+  bench_run b-0.26.0-plugin 0 "$T026" on &
+  bench_run a-0.26.0-stock 1 "$T026" off &
+  wait
+  python3 "$PROJ/bench/gpu_throughput.py" table "$R"/fullsize/[ab]-*gpu?.json \
+    --bound "$R/fullsize/bound.json" > "$R/fullsize/table.md"
+  log "bench 0.26.0: done"
+fi
+
+if has ab1; then
+  # one GPU, one run at a time, stock and plugin alternating (a b a b), one shared
+  # compile cache (the plugin changes no forward code): decode without a neighbour
+  install 0.26.0 "$T026" || exit 1
+  wait_full
+  [ -f "$R/fullsize/bound.json" ] || CUDA_VISIBLE_DEVICES=0 python3 \
+    "$PROJ/bench/gpu_throughput.py" bound "$FULL" --measure-bandwidth \
+    --out "$R/fullsize/bound.json" > /dev/null 2>&1
+  for round in 1 2; do
+    bench_run a-0.26.0-stock 0 "$T026" off ab-shared "-seq$round"
+    bench_run b-0.26.0-plugin 0 "$T026" on ab-shared "-seq$round"
+  done
+  log "bench ab1: done"
+fi
+
+if has tp; then
+  install 0.20.2 "$T020" || exit 1
+  log "tp: start"
+  $CORR run "$CKPTS" "$R/correctness" --release "0.20.2=$T020" --variants tp2 --jobs 8 \
+    > "$R/tp2.log" 2>&1 &
+  $CORR run "$CKPTS" "$R/correctness" --release "0.20.2=$T020" --variants tp2-ep \
+    --layouts ct-fused-w4a16,ct-fused-w4a16-router,autoround-int4 --jobs 3 \
+    > "$R/tp2-ep.log" 2>&1 &
+  wait
+  $CORR report "$R/correctness" > /dev/null
+  log "tp: done"
+fi
+
+if has bench020; then
+  install 0.20.2 "$T020" || exit 1
+  wait_full
+  bench_run c-0.20.2-plugin 0 "$T020" on &
+  bench_run c-0.20.2-plugin 1 "$T020" on &
+  wait
+  python3 "$PROJ/bench/gpu_throughput.py" table "$R"/fullsize/[abc]-*gpu?.json \
+    --bound "$R/fullsize/bound.json" > "$R/fullsize/table.md"
+  log "bench 0.20.2: done"
+fi
+log "session end"
+touch "$R/DONE"

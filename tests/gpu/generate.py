@@ -1,0 +1,139 @@
+"""One vLLM run on a GPU: load a checkpoint, greedy-decode fixed prompts, dump JSON.
+
+    python tests/gpu/generate.py CKPT OUT.json [--tp 2] [--ep] [--max-tokens 16]
+        [--logprobs 5] [--attention-backend TRITON_ATTN] [--gpu-memory-utilization 0.04]
+        [--kv-cache-bytes 268435456]
+
+Runs in its own process (vLLM's distributed state is per process). The plugin is on or
+off the way a user has it: ``VLLM_PLUGINS=none`` (set by the driver) loads no plugin,
+which is stock vLLM. ``enforce_eager=True``: correctness runs compare numbers, and eager
+mode is the same code path on every release.
+
+The prompts are token ids (no tokenizer involved), drawn from a fixed seed over the
+checkpoint's vocabulary, so every release and layout sees the same inputs.
+The JSON holds: ``ok``, ``error`` (the last lines of the traceback), the vLLM version,
+the plugin's report, and per prompt the greedy token ids and, per step, the top
+``--logprobs`` token logprobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+NUM_PROMPTS = 4
+PROMPT_LENGTHS = (7, 12, 19, 26)
+FIRST_TOKEN_ID = 6  # after the builder's special tokens
+
+
+def make_prompts(vocab_size: int, seed: int = 1234) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [
+        [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(PROMPT_LENGTHS[i])]
+        for i in range(NUM_PROMPTS)
+    ]
+
+
+def _step_logprobs(step) -> dict[str, float]:
+    """{token id: logprob} of one decoding step (dict or FlatLogprobs entry)."""
+    items = step.items() if hasattr(step, "items") else step
+    return {str(int(tok)): float(getattr(lp, "logprob", lp)) for tok, lp in items}
+
+
+def _plugin_report() -> dict:
+    mod = sys.modules.get("gemma4_quant")
+    if mod is None:
+        return {"loaded": False}
+    report = getattr(mod, "_report", None) or []
+    return {
+        "loaded": True,
+        "applied": [name for name, outcome, _ in report if outcome == "applied"],
+        "report": [list(r) for r in report],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("out")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--ep", action="store_true", help="enable_expert_parallel")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--logprobs", type=int, default=5)
+    parser.add_argument("--attention-backend", default="TRITON_ATTN")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.04)
+    parser.add_argument("--kv-cache-bytes", type=int, default=256 << 20)
+    parser.add_argument("--max-model-len", type=int, default=512)
+    args = parser.parse_args()
+
+    result: dict = {
+        "model": args.model,
+        "tp": args.tp,
+        "ep": args.ep,
+        "plugins_env": os.environ.get("VLLM_PLUGINS"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "ok": False,
+    }
+    t0 = time.perf_counter()
+    try:
+        import vllm
+        from vllm import LLM, SamplingParams
+
+        result["vllm"] = vllm.__version__
+        config = json.loads((Path(args.model) / "config.json").read_text())
+        vocab = config.get("text_config", config)["vocab_size"]
+        kwargs = dict(
+            model=args.model,
+            tensor_parallel_size=args.tp,
+            enforce_eager=True,
+            max_model_len=args.max_model_len,
+            max_num_seqs=NUM_PROMPTS,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            kv_cache_memory_bytes=args.kv_cache_bytes,
+            seed=0,
+        )
+        if args.ep:
+            kwargs["enable_expert_parallel"] = True
+        if args.attention_backend and args.attention_backend != "auto":
+            kwargs["attention_backend"] = args.attention_backend
+        llm = LLM(**kwargs)
+        result["ready_s"] = round(time.perf_counter() - t0, 2)
+        result["plugin"] = _plugin_report()
+        params = SamplingParams(
+            temperature=0.0, max_tokens=args.max_tokens, logprobs=args.logprobs, ignore_eos=True
+        )
+        prompts = make_prompts(vocab)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        result["prompts"] = prompts
+        result["outputs"] = [
+            {
+                "token_ids": list(out.outputs[0].token_ids),
+                "logprobs": [_step_logprobs(step) for step in out.outputs[0].logprobs],
+            }
+            for out in outputs
+        ]
+        result["ok"] = True
+    except BaseException as exc:  # noqa: BLE001 - a failed load is a result too
+        lines = traceback.format_exception(exc)
+        result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        result["traceback"] = "".join(lines)[-6000:]
+    result["wall_s"] = round(time.perf_counter() - t0, 2)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print("RESULT", "ok" if result["ok"] else "FAILED " + result.get("error", "")[:300])
+    sys.stdout.flush()
+    # A shutdown that hangs must not hold the GPU: leave hard after 60 s.
+    timer = threading.Timer(60, os._exit, args=(0,))
+    timer.daemon = True
+    timer.start()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
