@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -144,7 +145,8 @@ class VllmServer:
             if self.process.poll() is not None:
                 raise RuntimeError(
                     f"vLLM server exited with {self.process.returncode} before it was "
-                    f"ready:\n{self.log_tail()}"
+                    f"ready; errors in its log:\n{self.log_errors()}\n"
+                    f"last lines:\n{self.log_tail()}"
                 )
             try:
                 if self.get("/health", timeout=5).status == 200:
@@ -160,6 +162,19 @@ class VllmServer:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+    def log_errors(self, limit: int = 5) -> str:
+        """The distinct exception lines of the log (the root cause is usually first)."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        found: list[str] = []
+        for line in lines:
+            match = re.search(r"\b\w*(Error|Exception): .*", line)
+            if match and match.group(0) not in found:
+                found.append(match.group(0))
+        return "\n".join(found[:limit])
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

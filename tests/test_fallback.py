@@ -59,6 +59,15 @@ def num_layers(checkpoint: Path) -> int:
     return json.loads((checkpoint / "config.json").read_text())["num_hidden_layers"]
 
 
+def expert_param(tensors: dict[str, torch.Tensor], layer: int, name: str) -> torch.Tensor | None:
+    """A routed-experts parameter of one layer, wherever the release nests the experts
+    (``layers.0.experts.routed_experts.*``, ``layers.0.moe.experts.routed_experts.*``)."""
+    pattern = re.compile(rf"layers\.{layer}\.(?:.*\.)?routed_experts\.{name}$")
+    found = [t for n, t in tensors.items() if pattern.search(n)]
+    assert len(found) <= 1, (layer, name)
+    return found[0] if found else None
+
+
 def reference_experts(ckpt: dict[str, torch.Tensor], layer: int, fused: str) -> torch.Tensor:
     """One layer's fused experts, unpacked independently, rounded once to bf16."""
     stem = f"{TEXT}layers.{layer}.experts.{fused}"
@@ -105,13 +114,12 @@ def test_vllm_placed_buffers_dequantize_to_checkpoint_values(
     assert experts and set(experts.values()) == {"DequantizedWNA16MoEMethod"}, experts
     ckpt = load_tensors(checkpoint)
     for layer in range(num_layers(checkpoint)):
-        prefix = f"model.layers.{layer}.experts.routed_experts."
         for fused, param in (("gate_up_proj", "w13"), ("down_proj", "w2")):
-            zero_point = load.tensors.get(f"{prefix}{param}_weight_zero_point")
+            zero_point = expert_param(load.tensors, layer, f"{param}_weight_zero_point")
             assert (zero_point is None) == (layout == SYM)
             got = dequant_fallback.dequantize_experts(
-                load.tensors[f"{prefix}{param}_weight_packed"],
-                load.tensors[f"{prefix}{param}_weight_scale"],
+                expert_param(load.tensors, layer, f"{param}_weight_packed"),
+                expert_param(load.tensors, layer, f"{param}_weight_scale"),
                 zero_point,
                 4,
                 torch.bfloat16,
