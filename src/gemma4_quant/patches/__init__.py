@@ -18,6 +18,7 @@ changes nothing.
 from __future__ import annotations
 
 import enum
+import functools
 import importlib
 import importlib.abc
 import logging
@@ -145,3 +146,17 @@ class _PostImportFinder(importlib.abc.MetaPathFinder):
 
 
 _FINDER = _PostImportFinder()
+
+
+def wrap_once(
+    owner: type, attr: str, mark: str, make_wrapper: Callable[[Callable], Callable]
+) -> None:
+    """Replace ``owner.attr`` by ``make_wrapper(original)``, unless a wrapper carrying
+    ``mark`` is already in place (plugins are registered once per process, but a second
+    copy of the package or a second registration must not wrap twice)."""
+    original = getattr(owner, attr)
+    if getattr(original, mark, False):
+        return
+    wrapper = functools.wraps(original)(make_wrapper(original))
+    setattr(wrapper, mark, True)
+    setattr(owner, attr, wrapper)

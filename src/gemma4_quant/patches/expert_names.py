@@ -49,7 +49,7 @@ from types import ModuleType
 
 import torch
 
-from . import Detection, vllm_source, when_imported
+from . import Detection, vllm_source, when_imported, wrap_once
 
 NAME = "expert_names"
 SUMMARY = "fused 3D `experts.<proj>_<suffix>` tensors load (D2 KeyError, `_shape`, `_g_idx`)"
@@ -98,18 +98,14 @@ def apply() -> None:
 
 
 def _patch(module: ModuleType, generation: str | None) -> None:
-    causal = module.Gemma4ForCausalLM
-    if getattr(causal.load_weights, _MARK, False):
-        return
-    original = causal.load_weights
+    def make_wrapper(original):
+        def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
+            checker = FusedExpertChecker.from_model(self)
+            return original(self, rewrite(weights, generation, checker))
 
-    @functools.wraps(original)
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
-        checker = FusedExpertChecker.from_model(self)
-        return original(self, rewrite(weights, generation, checker))
+        return load_weights
 
-    setattr(load_weights, _MARK, True)
-    causal.load_weights = load_weights
+    wrap_once(module.Gemma4ForCausalLM, "load_weights", _MARK, make_wrapper)
 
 
 def per_expert_name(prefix: str, expert: int, proj: str, suffix: str, gen: str) -> str:

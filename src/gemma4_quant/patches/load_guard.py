@@ -29,14 +29,13 @@ Removal:
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Iterable, Iterator
 from types import ModuleType
 
 import torch
 
-from . import Detection, vllm_source, when_imported
+from . import Detection, vllm_source, when_imported, wrap_once
 
 NAME = "load_guard"
 SUMMARY = "fail loudly where vLLM 0.24 - 0.30 silently skips unmatched Gemma 4 tensors"
@@ -70,21 +69,17 @@ def apply() -> None:
 
 
 def _patch(module: ModuleType) -> None:
-    causal = module.Gemma4ForCausalLM
-    if getattr(causal.load_weights, _MARK, False):
-        return
-    original = causal.load_weights
+    def make_wrapper(original):
+        def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
+            seen: list[str] = []
+            loaded = original(self, _record(weights, seen))
+            if loaded is not None:
+                check_all_loaded(self, set(loaded), seen)
+            return loaded
 
-    @functools.wraps(original)
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
-        seen: list[str] = []
-        loaded = original(self, _record(weights, seen))
-        if loaded is not None:
-            check_all_loaded(self, set(loaded), seen)
-        return loaded
+        return load_weights
 
-    setattr(load_weights, _MARK, True)
-    causal.load_weights = load_weights
+    wrap_once(module.Gemma4ForCausalLM, "load_weights", _MARK, make_wrapper)
 
 
 def _record(

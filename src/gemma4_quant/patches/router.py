@@ -39,7 +39,7 @@ from types import ModuleType
 
 import torch
 
-from . import Detection, vllm_source, when_imported
+from . import Detection, vllm_source, when_imported, wrap_once
 
 NAME = "router"
 SUMMARY = "quantized Gemma 4 router (`router.proj.*` qweight/packed/fp8) loads and routes (D4)"
@@ -85,21 +85,17 @@ def apply() -> None:
 
 
 def _patch(module: ModuleType, takes: bool) -> None:
-    router_cls = module.Gemma4Router
-    if getattr(router_cls.__init__, _MARK, False):
-        return
-    original = router_cls.__init__
+    def make_wrapper(original):
+        def __init__(self, config, quant_config=None, prefix: str = "", *args, **kwargs):
+            original(self, config, quant_config, prefix, *args, **kwargs)
+            if quant_config is not None:
+                quantized = _quantized_proj(self.proj, quant_config, f"{prefix}.proj", takes)
+                if quantized is not None:
+                    self.proj = quantized
 
-    @functools.wraps(original)
-    def __init__(self, config, quant_config=None, prefix: str = "", *args, **kwargs):
-        original(self, config, quant_config, prefix, *args, **kwargs)
-        if quant_config is not None:
-            quantized = _quantized_proj(self.proj, quant_config, f"{prefix}.proj", takes)
-            if quantized is not None:
-                self.proj = quantized
+        return __init__
 
-    setattr(__init__, _MARK, True)
-    router_cls.__init__ = __init__
+    wrap_once(module.Gemma4Router, "__init__", _MARK, make_wrapper)
 
 
 def _quantized_proj(
