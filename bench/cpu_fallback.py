@@ -17,9 +17,9 @@ worker in that one process, so that its peak RSS is the whole footprint). Measur
   request), best of ``--runs``. On a shared machine the CPU-time figures are the
   steadier ones: other load stretches wall time, much less the CPU time spent.
 
-Each model runs ``--repeat`` times, alternating with the other; the table shows the best
-of them (fastest load, lowest peak, fastest decode), as other load on the machine only
-ever makes a figure worse.
+Each model runs ``--repeat`` times, alternating with the other (and the order); the table
+shows the best of them (fastest load, lowest peak, fastest decode), as other load on the
+machine only ever makes a figure worse.
 
 Prints a table and the quantized/twin ratios, and whether the greedy tokens agree.
 """
@@ -214,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     quantized, twin = build(workdir, args.preset)
     print(f"preset {args.preset}: {quantized}", flush=True)
     results: dict[Path, list[dict]] = {quantized: [], twin: []}
-    for _ in range(args.repeat):  # alternate, so that load drifts hit both alike
-        for model in (quantized, twin):
+    for i in range(args.repeat):  # alternate the order, so that load drifts hit both alike
+        for model in (quantized, twin) if i % 2 == 0 else (twin, quantized):
             results[model].append(run_child(model, args, workdir))
     print(report(quantized, twin, best(results[quantized]), best(results[twin])))
     return 0

@@ -171,15 +171,21 @@ def dequantize_int(
     """
     pack = 32 // num_bits
     mask = (1 << num_bits) - 1
+    rows, groups = packed.shape[0], scale.shape[-1]
     shifts = torch.arange(pack, dtype=torch.int32, device=packed.device) * num_bits
-    q = ((packed.unsqueeze(-1) >> shifts) & mask).flatten(-2)  # [N, K]
-    group = q.shape[-1] // scale.shape[-1]
+    # In place where possible and scales broadcast over their group, never repeated:
+    # this runs over every expert weight of the model at load time.
+    q = packed.unsqueeze(-1) >> shifts  # [N, K / pack, pack]
+    q &= mask
+    q = q.view(rows, groups, -1)  # [N, G, group]
     if zero_point is None:
-        centred = q - (1 << (num_bits - 1))  # the storage offset is the zero point
+        q -= 1 << (num_bits - 1)  # the storage offset is the zero point
     else:
-        zp = ((zero_point.unsqueeze(-2) >> shifts.view(-1, 1)) & mask).flatten(-3, -2)
-        centred = q - zp.repeat_interleave(group, dim=-1)
-    return (centred.float() * scale.float().repeat_interleave(group, dim=-1)).to(dtype)
+        zp = (zero_point.unsqueeze(-2) >> shifts.view(-1, 1)) & mask  # [N / pack, pack, G]
+        q -= zp.flatten(-3, -2).unsqueeze(-1)
+    out = q.to(torch.float32)
+    out *= scale.to(torch.float32).unsqueeze(-1)
+    return out.to(dtype).view(rows, -1)
 
 
 def dequantize_experts(
