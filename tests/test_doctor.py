@@ -418,7 +418,9 @@ def test_hub_unreachable(env: dict[str, str]) -> None:
     assert proc.returncode == dr.ExitCode.HUB_UNREACHABLE, proc.stderr[-2000:]
     assert "cannot be reached" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert time.perf_counter() - start < 60
+    # huggingface_hub's download retries alone would take half a minute; the metadata call
+    # comes first and fails at once (the rest is starting Python and importing torch)
+    assert time.perf_counter() - start < 90
 
 
 def test_hub_client_missing(monkeypatch: pytest.MonkeyPatch) -> None:

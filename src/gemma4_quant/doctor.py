@@ -2030,7 +2030,36 @@ def report_dict(
         "environment": describe_environment(env),
         "prediction": _prediction_dict(prediction),
         "stock": _prediction_dict(stock),
+        "notes": notes(analysis, env, prediction),
     }
+
+
+def notes(analysis: Analysis, env: Environment, prediction: Prediction) -> list[str]:
+    """What else a user of this machine should know (never changes the verdict)."""
+    found = []
+    extra = sum(f.extra_bytes for f in prediction.findings if f.outcome is Outcome.PATCHED)
+    if extra:
+        found.append(
+            f"the dequantizing fallback adds {extra / 2**30:.1f} GiB of weights to the "
+            "packed checkpoint (GEMMA4_QUANT_FALLBACK=off keeps vLLM's error instead)"
+        )
+    if (
+        analysis.multimodal
+        and env.platform == "cpu"
+        and importlib.util.find_spec("torchvision") is None
+    ):
+        found.append(
+            "transformers' Gemma4Processor needs torchvision, which is not installed here: "
+            "serve text only with --hf-overrides "
+            '\'{"architectures": ["Gemma4ForCausalLM"]}\''
+        )
+    quantized_towers = [m.short for m in analysis.of_kind("vision", "audio") if m.scheme]
+    if quantized_towers:
+        found.append(
+            f"the config quantizes {len(quantized_towers)} vision/audio module(s) too "
+            f"(e.g. {quantized_towers[0]}); their kernels are not modelled"
+        )
+    return found
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -2085,6 +2114,8 @@ def format_report(report: dict[str, Any]) -> str:
     if stock is not prediction and stock["summary"] != prediction["summary"]:
         lines += ["", f"without the plugin: {stock['outcome'].upper()}", f"  {stock['summary']}"]
         lines += _format_findings([f for f in stock["findings"] if f["outcome"] != "patched"])
+    if report["notes"]:
+        lines += ["", "notes"] + [f"  - {note}" for note in report["notes"]]
     return "\n".join(lines)
 
 
