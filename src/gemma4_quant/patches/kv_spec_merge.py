@@ -105,10 +105,7 @@ def _probe_spec(cls: type, **values: Any) -> Any:
     for f in dataclasses.fields(cls):
         if not f.init or f.name in values:
             continue
-        if (
-            f.default is dataclasses.MISSING
-            and f.default_factory is dataclasses.MISSING
-        ):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             if f.name == "dtype":
                 kwargs[f.name] = torch.float16
             elif f.name in _PROBE_VALUES:
@@ -201,11 +198,8 @@ def _merge_keeping_fields(cls: type, specs: list[Any]) -> Any:
                 f"same attention spec, but {name} differs: "
                 f"{value!r} != {merged_value!r}."
             )
-    assert (merged.sliding_window is not None) + (
-        merged.attention_chunk_size is not None
-    ) <= 1, (
-        "Model with both sliding window layers and chunked local attention "
-        "layers is not supported."
+    assert (merged.sliding_window is not None) + (merged.attention_chunk_size is not None) <= 1, (
+        "Model with both sliding window layers and chunked local attention layers is not supported."
     )
     return merged
 
