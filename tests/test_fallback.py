@@ -82,20 +82,40 @@ def reference_experts(ckpt: dict[str, torch.Tensor], layer: int, fused: str) -> 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("group", [32, -1], ids=["group32", "channel"])
-def test_dequantize_int_matches_unpack_int4(symmetric: bool, group: int) -> None:
+@pytest.mark.parametrize(
+    ("scale_dtype", "dtype"),
+    [
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.float32),
+    ],
+    ids=["bf16", "fp16", "bf16-scale-fp32"],
+)
+def test_dequantize_matches_unpack_int4(
+    symmetric: bool, group: int, scale_dtype: torch.dtype, dtype: torch.dtype
+) -> None:
+    """The fallback's unpacking is the independent unpacker's, rounded once, bit for bit
+    (a scale spanning several magnitudes exercises the rounding)."""
     gen = torch.Generator().manual_seed(0)
-    rows, cols = 64, 256
+    experts, rows, cols = 3, 64, 256
     groups = 1 if group == -1 else cols // group
-    packed = torch.randint(-(2**31), 2**31, (rows, cols // 8), generator=gen, dtype=torch.int64)
-    packed = packed.to(torch.int32)
-    scale = (torch.rand(rows, groups, generator=gen) * 0.02 + 1e-3).to(torch.bfloat16)
+    words = torch.randint(-(2**31), 2**31, (experts, rows, cols // 8), generator=gen)
+    packed = words.to(torch.int32)
+    scale = torch.rand(experts, rows, groups, generator=gen) * 10.0 ** torch.randint(
+        -6, 1, (experts, rows, groups), generator=gen
+    )
+    scale = scale.to(scale_dtype)
     zero = None
     if not symmetric:
-        zero = torch.randint(-(2**31), 2**31, (rows // 8, groups), generator=gen)
+        zero = torch.randint(-(2**31), 2**31, (experts, rows // 8, groups), generator=gen)
         zero = zero.to(torch.int32)
-    got = dequant_fallback.dequantize_int(packed, scale, zero, 4, torch.bfloat16)
-    want = unpack_int4(packed, scale, cols // groups, zero).to(torch.bfloat16)
-    assert torch.equal(bits(got), bits(want))
+    got = dequant_fallback.dequantize_experts(packed, scale, zero, 4, dtype)
+    want = unpack_int4(packed, scale, cols // groups, zero).to(dtype)
+    assert got.dtype == dtype and same_bytes(got, want)
+    one = dequant_fallback.dequantize_int(
+        packed[1], scale[1], None if zero is None else zero[1], 4, dtype
+    )
+    assert same_bytes(one, want[1])
 
 
 # --------------------------------------------------------------------- vLLM loads

@@ -160,21 +160,26 @@ def dequantize_int(
     zero_point: torch.Tensor | None,
     num_bits: int,
     dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """compressed-tensors pack-quantized weights -> ``dtype``, exactly.
 
     ``packed`` int32 [N, K / pack] (value k of word w is column pack * w + k, stored
     with the offset 2**(bits - 1)), ``scale`` [N, G] (group = K / G), ``zero_point``
     int32 [N / pack, G] packed along N with the same offset, or None (symmetric).
-    ``(q - zp) * scale`` is exact in float32 (a small integer times a 16-bit float), so
-    the single rounding to ``dtype`` gives the checkpoint's value bit for bit.
+    Returns ``(q - zp) * scale`` [N, K], written into ``out`` if given.
+
+    Exact: ``q - zp`` is a small integer, so its product with a 16-bit float scale is
+    exact in float32, and rounding it once to ``dtype`` gives the checkpoint's value bit
+    for bit. Where ``dtype`` is the scale's own 16-bit type the product is computed in
+    it directly: IEEE multiplication rounds the exact product once, the same value.
     """
     pack = 32 // num_bits
     mask = (1 << num_bits) - 1
     rows, groups = packed.shape[0], scale.shape[-1]
     shifts = torch.arange(pack, dtype=torch.int32, device=packed.device) * num_bits
-    # In place where possible and scales broadcast over their group, never repeated:
-    # this runs over every expert weight of the model at load time.
+    # In place where possible, and scales broadcast over their group instead of being
+    # repeated: this runs over every expert weight of the model at load time.
     q = packed.unsqueeze(-1) >> shifts  # [N, K / pack, pack]
     q &= mask
     q = q.view(rows, groups, -1)  # [N, G, group]
@@ -183,9 +188,11 @@ def dequantize_int(
     else:
         zp = (zero_point.unsqueeze(-2) >> shifts.view(-1, 1)) & mask  # [N / pack, pack, G]
         q -= zp.flatten(-3, -2).unsqueeze(-1)
-    out = q.to(torch.float32)
-    out *= scale.to(torch.float32).unsqueeze(-1)
-    return out.to(dtype).view(rows, -1)
+    compute = dtype if scale.dtype == dtype else torch.float32
+    if out is None:
+        out = torch.empty(rows, packed.shape[1] * pack, dtype=dtype, device=packed.device)
+    torch.mul(q.to(compute), scale.to(compute).unsqueeze(-1), out=out.view(rows, groups, -1))
+    return out
 
 
 def dequantize_experts(
@@ -196,14 +203,14 @@ def dequantize_experts(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """[E, N, K / pack] packed experts -> [E, N, K]; one expert at a time, so the
-    float32 temporaries stay the size of one expert's matrix."""
+    temporaries stay the size of one expert's matrix."""
     num_experts, rows, words = packed.shape
     out = torch.empty(
         num_experts, rows, words * (32 // num_bits), dtype=dtype, device=packed.device
     )
     for e in range(num_experts):
         zp = None if zero_point is None else zero_point[e]
-        out[e] = dequantize_int(packed[e], scale[e], zp, num_bits, dtype)
+        dequantize_int(packed[e], scale[e], zp, num_bits, dtype, out=out[e])
     return out
 
 
