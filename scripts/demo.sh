@@ -111,8 +111,10 @@ while time.monotonic() < deadline:
     time.sleep(1)
 sys.exit(f"server not ready after {timeout:.0f} s")
 EOF
-  log "server failed; last lines of its log:"
-  tail -n 40 "$WORK/server.log" >&2
+  log "server failed; the errors in its log (the root cause is usually the first):"
+  grep -oE "[A-Za-z]*(Error|Exception): .*" "$WORK/server.log" | awk '!seen[$0]++' | head -n 8 >&2 || true
+  log "last lines of its log:"
+  tail -n 20 "$WORK/server.log" >&2
   exit 1
 fi
 log "server ready; fallback report from its log:"
