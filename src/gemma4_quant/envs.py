@@ -24,7 +24,8 @@ def disabled_patches() -> set[str]:
 
 
 def fallback_mode() -> str:
-    """``GEMMA4_QUANT_FALLBACK``: ``auto`` (default: dequantize where vLLM has no
-    kernel), ``off`` (vLLM's own error stands) or ``force`` (always dequantize)."""
+    """``GEMMA4_QUANT_FALLBACK``: ``auto`` (default: dequantize int4 MoE experts and WNA16
+    linears where vLLM has no kernel, or picks one whose op is missing), ``off`` (vLLM's own
+    error stands) or ``force`` (dequantize every int4 expert and linear)."""
     mode = os.environ.get("GEMMA4_QUANT_FALLBACK", "auto").strip().lower()
     return mode if mode in ("auto", "off", "force") else "auto"
