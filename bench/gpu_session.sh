@@ -15,6 +15,8 @@
 #   tp       TP=2 (and TP=2 + expert parallel) on 0.20.2 + plugin vs TP=1
 #   bench020 full size, 0.20.2 + plugin (c), once on each GPU at the same time
 #   ab1      full size on GPU 0 alone, one run at a time: a, b, a, b (shared compile cache)
+#   probe    layer probes (tests/gpu/probe.py): 0.26.0 through `pytest tests/gpu` (every
+#            layout, plugin and TP=2), 0.20.2 + plugin and stock 0.26.0 through the driver
 # This project must be installed in the python3 that runs it (pip install -e .).
 set -uo pipefail
 PROJ=$(cd "$(dirname "$0")/.." && pwd)
@@ -82,7 +84,7 @@ if has full && [ ! -f "$FULL/synthetic.json" ]; then
   FULL_PID=$!
 fi
 
-if has correct || has tp; then
+if has correct || has tp || has probe; then
   install 0.26.0 "$T026" --deps-only || exit 1
   if [ ! -f "$CKPTS/.built" ]; then
     log "tiny checkpoints: build"
@@ -110,6 +112,27 @@ if has correct; then
   wait "$C1"
   $CORR report "$R/correctness" > /dev/null
   log "correctness: done"
+fi
+
+PROBE="python3 $PROJ/tests/gpu/probe.py"
+if has probe; then
+  install 0.20.2 "$T020" || exit 1
+  G=$WORK/gpu
+  mkdir -p "$G/results" && ln -sfn "$CKPTS" "$G/ckpts"
+  log "probe: start"
+  (cd "$PROJ" && GEMMA4_QUANT_GPU_RESULTS=$G PYTHONPATH=$T026 python3 -m pytest tests/gpu \
+    -q -p no:cacheprovider > "$R/probe-pytest-0.26.0.log" 2>&1; log "pytest tests/gpu: rc=$?") &
+  P1=$!
+  $PROBE run "$CKPTS" "$G/results" --release "0.20.2=$T020" --variants plugin,tp2 --gpus 1,0 \
+    --layouts ct-fused-w4a16,ct-fused-w4a16-router,autoround-int4,fp8-router,bf16 --jobs 6 \
+    > "$R/probe-0.20.2.log" 2>&1
+  wait "$P1"
+  $PROBE run "$CKPTS" "$G/results" --release "0.26.0=$T026" --variants stock --gpus 0,1 \
+    --layouts ct-fused-w4a16,ct-fused-w4a16-router,autoround-int4,fp8-router --jobs 4 \
+    > "$R/probe-0.26.0-stock.log" 2>&1
+  $PROBE report "$G/results" > /dev/null
+  cp "$G/results/probe-table.md" "$G/results/probe-results.json" "$R/" 2>/dev/null
+  log "probe: done"
 fi
 
 if has bench; then

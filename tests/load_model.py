@@ -43,9 +43,16 @@ def probe_routers(model, processed: bool) -> dict:
             proj_method.process_weights_after_loading(module.proj)
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(4, module.hidden_size, generator=generator).to(torch.bfloat16)
+        seen = []
+        hook = module.proj.register_forward_pre_hook(
+            lambda _m, args, seen=seen: seen.append(args[0])
+        )
         with torch.no_grad():
             logits = module(x)
+        hook.remove()
         out[f"probe.{name}"] = logits.detach().float().contiguous()
+        # what the projection itself was given (after the router's norm and scales)
+        out[f"probe_input.{name}"] = seen[0].detach().contiguous()
     return out
 
 
@@ -59,7 +66,8 @@ def main() -> int:
     parser.add_argument(
         "--probe-router",
         action="store_true",
-        help="also dump every Gemma 4 router's logits on a fixed input (probe.<module>)",
+        help="also dump every Gemma 4 router's logits on a fixed input (probe.<module>) "
+        "and its projection's input (probe_input.<module>)",
     )
     args = parser.parse_args()
 

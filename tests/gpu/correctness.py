@@ -126,10 +126,10 @@ def run_job(job: dict, timeout: int) -> dict:
     """Run generate.py for one job in its own process group; return its JSON."""
     out_json = Path(job["out"])
     log = out_json.with_suffix(".log")
-    cmd = [sys.executable, str(GENERATE), job["model"], str(out_json)]
-    if job["tp"] > 1:
+    cmd = job.get("cmd") or [sys.executable, str(GENERATE), job["model"], str(out_json)]
+    if "cmd" not in job and job["tp"] > 1:
         cmd += ["--tp", str(job["tp"])]
-    if job["ep"]:
+    if "cmd" not in job and job["ep"]:
         cmd.append("--ep")
     t = time.perf_counter()
     with open(log, "w") as logf:
@@ -213,12 +213,13 @@ def make_jobs(args: argparse.Namespace) -> list[dict]:
     return jobs
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    jobs = make_jobs(args)
-    print(f"{len(jobs)} runs, {args.jobs} at a time", flush=True)
+def run_all(jobs: list[dict], jobs_at_once: int, timeout: int, runner=None) -> None:
+    """Run ``jobs`` (``runner(job, timeout)``, default ``run_job``), several at a time,
+    printing one line per finished run."""
+    runner = runner or run_job
     t = time.perf_counter()
-    with cf.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(run_job, job, args.timeout): job for job in jobs}
+    with cf.ThreadPoolExecutor(max_workers=jobs_at_once) as pool:
+        futures = [pool.submit(runner, job, timeout) for job in jobs]
         for fut in cf.as_completed(futures):
             r = fut.result()
             status = "ok" if r["ok"] else "FAILED " + r.get("root_cause", r.get("error", ""))
@@ -227,6 +228,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"{r['variant']}: {status} ({r['job_s']} s)",
                 flush=True,
             )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    jobs = make_jobs(args)
+    print(f"{len(jobs)} runs, {args.jobs} at a time", flush=True)
+    run_all(jobs, args.jobs, args.timeout)
     return 0
 
 

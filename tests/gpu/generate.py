@@ -59,6 +59,18 @@ def _plugin_report() -> dict:
     }
 
 
+def engine_kwargs(args: argparse.Namespace, **sizes) -> dict:
+    """``LLM(...)`` arguments of a correctness run: eager, seeded, ``args.tp``/``ep``."""
+    kwargs = dict(
+        model=args.model, tensor_parallel_size=args.tp, enforce_eager=True, seed=0, **sizes
+    )
+    if args.ep:
+        kwargs["enable_expert_parallel"] = True
+    if args.attention_backend and args.attention_backend != "auto":
+        kwargs["attention_backend"] = args.attention_backend
+    return kwargs
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
@@ -89,21 +101,15 @@ def main() -> int:
         result["vllm"] = vllm.__version__
         config = json.loads((Path(args.model) / "config.json").read_text())
         vocab = config.get("text_config", config)["vocab_size"]
-        kwargs = dict(
-            model=args.model,
-            tensor_parallel_size=args.tp,
-            enforce_eager=True,
-            max_model_len=args.max_model_len,
-            max_num_seqs=NUM_PROMPTS,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            kv_cache_memory_bytes=args.kv_cache_bytes,
-            seed=0,
+        llm = LLM(
+            **engine_kwargs(
+                args,
+                max_model_len=args.max_model_len,
+                max_num_seqs=NUM_PROMPTS,
+                gpu_memory_utilization=args.gpu_memory_utilization,
+                kv_cache_memory_bytes=args.kv_cache_bytes,
+            )
         )
-        if args.ep:
-            kwargs["enable_expert_parallel"] = True
-        if args.attention_backend and args.attention_backend != "auto":
-            kwargs["attention_backend"] = args.attention_backend
-        llm = LLM(**kwargs)
         result["ready_s"] = round(time.perf_counter() - t0, 2)
         result["plugin"] = _plugin_report()
         params = SamplingParams(

@@ -1,12 +1,16 @@
-"""On a CUDA GPU: each tiny layout, with the plugin, matches its dequantized twin.
+"""On a CUDA GPU: every tiny layout, with the plugin, matches its dequantized twin layer by
+layer (``tests/gpu/probe.py``), at TP=1 and, with two GPUs, at TP=2.
 
 Skipped where there is no CUDA GPU (CI is CPU-only). Runs the installed vLLM (with this
-plugin installed) through ``tests/gpu/generate.py``, one process per run, eager mode;
-``tests/gpu/correctness.py`` runs the same comparison as a matrix over releases.
-TP=2 runs need two GPUs.
+plugin installed); every vLLM run is its own process, several at a time. Set
+``GEMMA4_QUANT_GPU_RESULTS=DIR`` to keep the runs (``probe.py report DIR`` tabulates them).
 """
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -15,39 +19,9 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 import correctness  # noqa: E402  (tests/gpu is on sys.path for this file)
+import probe  # noqa: E402
 
-TP_LAYOUTS = ["ct-fused-w4a16", "ct-fused-w4a16-router"]
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpu-ckpts")
-    assert correctness.main(["build", str(root), "--jobs", "4"]) == 0
-    return root
-
-
-def _run(ckpts, tmp_path, layout, variant):
-    args = correctness.argparse.Namespace(
-        ckpts=ckpts,
-        results=tmp_path,
-        release=["installed"],
-        variants=variant,
-        layouts=layout,
-        gpus="0",
-    )
-    (job,) = correctness.make_jobs(args)
-    return correctness.run_job(job, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def twins(ckpts, tmp_path_factory):
-    out = tmp_path_factory.mktemp("twins")
-    return {layout: _run(ckpts, out, layout, "twin") for layout in correctness.CASES}
-
-
-# fp8-router quantizes activations (dynamic FP8 per token), which its bf16 twin does not:
-# the twin is no exact reference there, so only "loads and routes" (not garbage) is checked.
-NOT_EXACT = {"fp8-router"}
+TWO_GPUS = torch.cuda.device_count() >= 2
 # vLLM's own limits, not this plugin's: (error text, why)
 VLLM_LIMITS = {
     "Only symmetric quantization is supported for MoE": "this vLLM has no asymmetric "
@@ -55,32 +29,44 @@ VLLM_LIMITS = {
 }
 
 
-def _skip_vllm_limit(run):
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict[tuple[str, str], dict]:
+    keep = os.environ.get("GEMMA4_QUANT_GPU_RESULTS")
+    root = Path(keep) if keep else tmp_path_factory.mktemp("gpu")
+    ckpts, results = root / "ckpts", root / "results"
+    if not (ckpts / ".built").exists():
+        assert correctness.main(["build", str(ckpts), "--jobs", "4"]) == 0
+        (ckpts / ".built").touch()
+    variants = "plugin,tp2" if TWO_GPUS else "plugin"
+    gpus = ",".join(str(i) for i in range(torch.cuda.device_count()))
+    import vllm
+
+    argv = ["run", str(ckpts), str(results), "--release", vllm.__version__, "--variants", variants]
+    assert probe.main([*argv, "--gpus", gpus, "--jobs", "8"]) == 0
+    assert probe.main(["report", str(results)]) == 0
+    rows = json.loads((results / "probe-results.json").read_text())
+    return {
+        (row["layout"], row["variant"]): row for row in rows if row["release"] == vllm.__version__
+    }
+
+
+def _check(row: dict | None) -> None:
+    assert row is not None, "no run"
     for text, why in VLLM_LIMITS.items():
-        if text in (run.get("root_cause") or ""):
+        if text in (row.get("error") or ""):
             pytest.skip(why)
+    assert "error" not in row, row["error"]
+    assert row["ok"], f"a layer differs from the twin's: {row['max_rel']} (tolerance {row['tol']})"
 
 
 @pytest.mark.parametrize("layout", list(correctness.CASES))
-def test_layout_matches_twin(ckpts, twins, tmp_path, layout):
-    run = _run(ckpts, tmp_path, layout, "plugin")
-    if not run["ok"]:
-        _skip_vllm_limit(run)
-    assert run["ok"], run.get("root_cause") or run.get("error")
-    assert twins[layout]["ok"], twins[layout].get("root_cause")
-    cmp = correctness.compare(run, twins[layout])
-    floor = correctness.FALLBACK_FLOOR["twin"]
-    if layout in NOT_EXACT:
-        floor = correctness.GARBAGE
-    assert correctness.verdict(True, cmp, floor) == "within noise", cmp
+def test_layers_match_twin(report, layout):
+    _check(report.get((layout, "plugin")))
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-@pytest.mark.parametrize("layout", TP_LAYOUTS)
-def test_tp2_matches_tp1(ckpts, tmp_path, layout):
-    tp1 = _run(ckpts, tmp_path / "tp1", layout, "plugin")
-    tp2 = _run(ckpts, tmp_path / "tp2", layout, "tp2")
-    assert tp1["ok"] and tp2["ok"], (tp1.get("root_cause"), tp2.get("root_cause"))
-    cmp = correctness.compare(tp2, tp1)
-    floor = correctness.FALLBACK_FLOOR["tp1"]
-    assert correctness.verdict(True, cmp, floor) == "within noise", cmp
+@pytest.mark.skipif(not TWO_GPUS, reason="needs two GPUs")
+@pytest.mark.parametrize("layout", list(correctness.CASES))
+def test_tp2_layers_match_twin(report, layout):
+    row = report.get((layout, "tp2"))
+    _check(row)
+    assert row.get("max_rel_vs_tp1", 0.0) <= row["tol"], row
