@@ -62,6 +62,7 @@ def child(args: argparse.Namespace) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=False,
         compilation_config={"cudagraph_capture_sizes": CAPTURE_SIZES},
+        enforce_eager=args.enforce_eager,
         seed=0,
     )
     if args.attention_backend and args.attention_backend != "auto":
@@ -225,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
         str(args.max_model_len),
         "--gpu-memory-utilization",
         str(args.gpu_memory_utilization),
+        *(["--enforce-eager"] if args.enforce_eager else []),
     ]
     env = {**os.environ, "BENCH_T0": repr(time.time())}
     peak_total = peak_single = 0
@@ -454,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--repeats", type=int, default=5)
         p.add_argument("--attention-backend", default="TRITON_ATTN")
         p.add_argument("--max-model-len", type=int, default=4096)
+        p.add_argument(
+            "--enforce-eager",
+            action="store_true",
+            help="no torch.compile / CUDA graphs (a quick load-time run; decode is slower)",
+        )
         p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
         p.set_defaults(func=run if name == "run" else child)
     b = sub.add_parser("bound")

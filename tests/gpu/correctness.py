@@ -47,7 +47,11 @@ CASES: dict[str, dict] = {
     "ct-fused-w4a16-shape": {},
     "ct-per-expert-w4a16": {},
     "ct-fused-w4a16-router": {"num_experts": ROUTER_EXPERTS},
-    "autoround-int4": {"num_experts": ROUTER_EXPERTS},
+    # moe_intermediate_size 512: at TP=2 each rank then holds 256 of it, not exactly one
+    # group of 128, where vLLM's Marlin MoE conversion picks the wrong W13 scale layout
+    # (vllm-project/vllm#50196, open; stock vLLM, not this plugin; the real model's 704
+    # never meets it). Measured: docs/gpu-results.md.
+    "autoround-int4": {"num_experts": ROUTER_EXPERTS, "moe_intermediate_size": 512},
     "fp8-router": {"num_experts": ROUTER_EXPERTS},
     "bf16": {},
 }

@@ -67,7 +67,7 @@ PROMPT_LEN = 24
 INT4_TOL = 1e-2
 FP8_TOL = 2.0**-4
 FP8_LAYOUTS = {"fp8-router"}
-VARIANTS = ("plugin", "stock", "tp2", "tp2-ep")
+VARIANTS = ("plugin", "stock", "tp2", "tp2-ep", "stock-tp2")
 
 
 # --------------------------------------------------------------------------- in the worker
@@ -88,8 +88,9 @@ def _column_index(module, rank: int):
     import torch
 
     tp = getattr(module, "tp_size", 1)
-    if tp == 1 or not hasattr(module, "output_partition_sizes"):
-        return None
+    per_rank = getattr(module, "output_size_per_partition", None)
+    if tp == 1 or per_rank is None or per_rank == getattr(module, "output_size", per_rank):
+        return None  # not column-parallel: row-parallel (all-reduced) or replicated
     if hasattr(module, "total_num_heads"):  # QKVParallelLinear
         hs = module.head_size
         vhs = getattr(module, "v_head_size", hs)
@@ -264,7 +265,7 @@ def make_jobs(args: argparse.Namespace) -> list[dict]:
             ref = str(root / layout / "twin")
             runs = [("twin", 0, str(twin), ["--capture"], 1)]
             for variant in variants:
-                tp = 2 if variant.startswith("tp2") else 1
+                tp = 2 if "tp2" in variant else 1
                 flags = ["--replay", ref]
                 if tp > 1:
                     flags += ["--tp", "2"] + (["--ep"] if variant.endswith("-ep") else [])
@@ -274,7 +275,7 @@ def make_jobs(args: argparse.Namespace) -> list[dict]:
                     devices = ",".join(gpus[:2]) if len(gpus) >= 2 else "0,1"
                 else:
                     devices = gpus[len(jobs) % len(gpus)]
-                plugin = variant not in ("stock", "twin")
+                plugin = not variant.startswith(("stock", "twin"))
                 jobs.append(
                     {
                         "stage": stage,
@@ -342,7 +343,7 @@ def compare_run(twin: list[dict], ranks: list[dict]) -> dict[str, dict]:
         if any(g is None for g in got):
             out[name] = {"error": "not probed"}
             continue
-        if f"{name}|cols" in ranks[0]:
+        if f"{name}|cols" in ranks[0] and got[0].shape[-1] != want.shape[-1]:
             pieces = [(g, want[..., r[f"{name}|cols"]]) for g, r in zip(got, ranks, strict=True)]
         elif len(got) > 1 and not torch.equal(got[0], got[1]) and got[0].shape == want.shape:
             # a partial sum per rank (not all-reduced inside the module)
@@ -381,7 +382,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                 continue
             per = compare_run(twin, ranks)
             tp1 = twin_dir.parent / "plugin"
-            if run_dir.name.startswith("tp2") and (tp1 / "rank0.safetensors").exists():
+            if "tp2" in run_dir.name and (tp1 / "rank0.safetensors").exists():
                 vs_tp1 = compare_run(_load(tp1)[1], ranks)
                 row["max_rel_vs_tp1"] = max(c.get("rel", float("inf")) for c in vs_tp1.values())
             tol = FP8_TOL if layout in FP8_LAYOUTS else INT4_TOL
