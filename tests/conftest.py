@@ -13,6 +13,7 @@ import pytest
 
 HERE = Path(__file__).parent
 LOAD_MODEL = HERE / "load_model.py"
+GREEDY = HERE / "greedy.py"
 
 
 @dataclass
@@ -69,6 +70,46 @@ def run_vllm_load(
         load.quant_methods = info["quant_methods"]
         load.module_classes = info["module_classes"]
     return load
+
+
+@dataclass
+class Greedy:
+    """The outcome of one ``tests/greedy.py`` run: greedy tokens per model."""
+
+    returncode: int
+    log: str
+    tokens: dict = field(default_factory=dict)
+
+
+def run_greedy(
+    models: list[Path],
+    out_dir: Path,
+    *,
+    env: dict[str, str] | None = None,
+    timeout: int = 900,
+) -> Greedy:
+    """Greedy tokens of each model with ``vllm.LLM``, all in one fresh process (with the
+    plugin, unless ``env`` says otherwise)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "tokens.json"
+    run_env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        **(env or {}),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(GREEDY), str(out), *map(str, models)],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=out_dir,
+    )
+    result = Greedy(proc.returncode, proc.stdout + proc.stderr)
+    if result.returncode == 0:
+        result.tokens = json.loads(out.read_text())
+    return result
 
 
 class CheckpointFactory:

@@ -2,7 +2,7 @@
 checkpoint's values, and generates as its dequantized bf16 twin does.
 
 vLLM runs in subprocesses: ``tests/load_model.py`` (vLLM's own loader, parameters dumped)
-and this file run as a script (``vllm.LLM``, greedy tokens). Checkpoints come from the
+and ``tests/greedy.py`` (``vllm.LLM``, greedy tokens). Checkpoints come from the
 project's builder; the twin is ``write_twin`` of the same checkpoint, and the reference
 values are ``unpack_int4`` (plain torch bit operations, independent of vLLM and of the
 fallback). Stock vLLM (``GEMMA4_QUANT_DISABLE=1``) fails every vLLM test here.
@@ -11,15 +11,13 @@ fallback). Stock vLLM (``GEMMA4_QUANT_DISABLE=1``) fails every vLLM test here.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_vllm_load
+from conftest import run_greedy, run_vllm_load
+from greedy import MAX_TOKENS, PROMPTS
 
 from gemma4_quant.checkpoints import load_tensors, unpack_int4
 from gemma4_quant.patches import Status, dequant_fallback
@@ -36,13 +34,6 @@ ASYM = "ct-fused-w4a16-asym"  # the same with packed zero points
 GROUP = 32
 TEXT = "model.language_model."
 NO_KERNEL = "NotImplementedError: " + dequant_fallback.NO_MOE_KERNEL
-PROMPTS = (
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Mixture of experts models route each token",
-    "1, 2, 3, 5, 8,",
-)
-MAX_TOKENS = 24
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -61,8 +52,9 @@ def num_layers(checkpoint: Path) -> int:
 
 def expert_param(tensors: dict[str, torch.Tensor], layer: int, name: str) -> torch.Tensor | None:
     """A routed-experts parameter of one layer, wherever the release nests the experts
-    (``layers.0.experts.routed_experts.*``, ``layers.0.moe.experts.routed_experts.*``)."""
-    pattern = re.compile(rf"layers\.{layer}\.(?:.*\.)?routed_experts\.{name}$")
+    (``layers.0.experts.routed_experts.*``, ``layers.0.moe.experts.routed_experts.*``,
+    ``layers.0.moe.experts.*``)."""
+    pattern = re.compile(rf"layers\.{layer}\.(?:.*\.)?(?:routed_)?experts\.{name}$")
     found = [t for n, t in tensors.items() if pattern.search(n)]
     assert len(found) <= 1, (layer, name)
     return found[0] if found else None
@@ -210,66 +202,25 @@ def test_without_fallback_vllm_has_no_kernel(
 # --------------------------------------------------------------------- generation
 
 
-def generate(models: list[str]) -> dict[str, list[list[int]]]:
-    """Greedy tokens of each model, loaded one after another in this process."""
-    import gc
-
-    from vllm import LLM, SamplingParams
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    tokens = {}
-    for model in models:
-        llm = LLM(
-            model=model,
-            dtype="bfloat16",
-            enforce_eager=True,
-            max_model_len=256,
-            seed=0,
-            # one process: both models load with the same plugin state, and fast
-            distributed_executor_backend="uni",
-        )
-        outputs = llm.generate(list(PROMPTS), params, use_tqdm=False)
-        tokens[model] = [list(out.outputs[0].token_ids) for out in outputs]
-        del llm, outputs
-        gc.collect()
-        cleanup_dist_env_and_memory()
-    return tokens
-
-
 def test_greedy_tokens_equal_the_twin(checkpoints, tmp_path: Path) -> None:
     pairs = [(checkpoints(layout), checkpoints.twin(layout)) for layout in (SYM, ASYM)]
-    models = [str(path) for pair in pairs for path in pair]
-    out = tmp_path / "tokens.json"
-    env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        # Every quantized layer dequantized, also where vLLM keeps a kernel of its own
-        # (its CPU int4 linear on AVX-512): the model then computes exactly what the
-        # twin computes, so its greedy tokens must be identical, not merely close.
-        # Auto mode, with a tolerance, is what tests/test_server.py serves.
-        "GEMMA4_QUANT_FALLBACK": "force",
-    }
-    proc = subprocess.run(
-        [sys.executable, __file__, str(out), *models],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=tmp_path,
+    # Every quantized layer dequantized, also where vLLM keeps a kernel of its own (its CPU
+    # int4 linear on AVX-512): the model then computes exactly what the twin computes, so
+    # its greedy tokens must be identical, not merely close. Auto mode, with a tolerance,
+    # is what tests/test_server.py serves.
+    run = run_greedy(
+        [path for pair in pairs for path in pair],
+        tmp_path,
+        env={"GEMMA4_QUANT_FALLBACK": "force"},
     )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    assert log.count("Dequantizing") == 2, "one warning per quantized model"
-    tokens = json.loads(out.read_text())
+    assert run.returncode == 0, run.log[-4000:]
+    assert run.log.count("Dequantizing") == 2, "one warning per quantized model"
+    assert_same_tokens(run.tokens, pairs)
+
+
+def assert_same_tokens(tokens: dict[str, list[list[int]]], pairs: list[tuple[Path, Path]]) -> None:
+    """Each quantized model's greedy tokens are its twin's, for every prompt."""
     for quantized, twin in pairs:
         assert len(tokens[str(quantized)]) == len(PROMPTS)
         assert all(len(t) == MAX_TOKENS for t in tokens[str(quantized)])
         assert tokens[str(quantized)] == tokens[str(twin)], quantized.name
-
-
-if __name__ == "__main__":
-    # python tests/test_fallback.py OUT.json MODEL...: greedy tokens of each model
-    result = generate(sys.argv[2:])
-    Path(sys.argv[1]).write_text(json.dumps(result))

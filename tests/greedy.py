@@ -1,0 +1,55 @@
+"""Greedy tokens of models loaded with ``vllm.LLM``, one after another in one process.
+
+Runs as a subprocess of the tests (``conftest.run_greedy``):
+
+    python tests/greedy.py OUT.json MODEL...
+
+Every model answers the same prompts with temperature 0; ``OUT.json`` maps each model to
+its token ids. vLLM's general plugins load as in every vLLM process.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Mixture of experts models route each token",
+    "1, 2, 3, 5, 8,",
+)
+MAX_TOKENS = 24
+
+
+def generate(models: list[str]) -> dict[str, list[list[int]]]:
+    """Greedy tokens of each model, loaded one after another in this process."""
+    import gc
+
+    from vllm import LLM, SamplingParams
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    tokens = {}
+    for model in models:
+        llm = LLM(
+            model=model,
+            dtype="bfloat16",
+            enforce_eager=True,
+            max_model_len=256,
+            seed=0,
+            # one process: both models load with the same plugin state, and fast
+            distributed_executor_backend="uni",
+        )
+        outputs = llm.generate(list(PROMPTS), params, use_tqdm=False)
+        tokens[model] = [list(out.outputs[0].token_ids) for out in outputs]
+        del llm, outputs
+        gc.collect()
+        cleanup_dist_env_and_memory()
+    return tokens
+
+
+if __name__ == "__main__":
+    result = generate(sys.argv[2:])
+    Path(sys.argv[1]).write_text(json.dumps(result))
