@@ -1304,6 +1304,13 @@ def check_shard_schemes(module: Module, ctx: Ctx) -> Hit | None:
     )
 
 
+def _gptq_packing(ctx: Ctx) -> bool:
+    """An INC (AutoRound) config whose int weights are GPTQ-packed (vLLM's default)."""
+    qcfg = ctx.analysis.quant_config or {}
+    packing = f"{qcfg.get('packing_format') or 'auto_round:auto_gptq'} {qcfg.get('backend', '')}"
+    return "gptq" in packing
+
+
 def _fallback_refusal(scheme: Scheme, ctx: Ctx, linear: bool) -> str | None:
     """Why the plugin's dequantizing fallback will not serve a layer (None: it will)."""
     if not ctx.patched("dequant_fallback"):
@@ -1313,9 +1320,15 @@ def _fallback_refusal(scheme: Scheme, ctx: Ctx, linear: bool) -> str | None:
         return f"dequant_fallback {status[0]} here ({status[1]})"
     if ctx.env.fallback_mode == "off":
         return "GEMMA4_QUANT_FALLBACK=off"
-    if scheme.method != "compressed-tensors":
-        return "the fallback covers compressed-tensors layers only"
     fallback = _fallback_module()
+    if scheme.method == "auto-round" and linear:
+        if not getattr(fallback, "_gptq_linear_recognized", lambda: False)():
+            return "the fallback does not recognize this vLLM's AutoGPTQ linear code"
+        if not _gptq_packing(ctx):
+            return "the fallback covers GPTQ-packed AutoRound linears only"
+        return None if scheme.bits == 4 and scheme.symmetric else "not symmetric int4"
+    if scheme.method != "compressed-tensors":
+        return "the fallback covers compressed-tensors layers and AutoRound linears only"
     if linear:
         recognized = getattr(fallback, "_linear_recognized", lambda: False)()
         if not recognized:

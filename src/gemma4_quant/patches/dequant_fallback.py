@@ -26,9 +26,12 @@ How:
       ``UnquantizedFusedMoEMethod`` (its base class): vLLM's unquantized MoE path of the
       current platform.
     - Linear: ``choose_mp_linear_kernel`` as the compressed-tensors WNA16 scheme calls it
-      is wrapped; where it raises the no-kernel error (or picks a CPU kernel whose op is
-      missing), it returns ``DequantizedLinearKernel``, which keeps the scheme's packed
-      parameters, dequantizes them into ``weight`` and runs ``UnquantizedLinearMethod``.
+      is wrapped, and as ``AutoGPTQLinearMethod`` calls it (the linears of AutoRound / INC
+      GPTQ checkpoints on 0.30+; symmetric only, where its kernels ignore ``qzeros``);
+      where it raises the no-kernel error (or picks a CPU kernel whose op is missing), it
+      returns ``DequantizedLinearKernel``, which keeps the method's packed parameters
+      (N-first ``weight_packed`` or K-first GPTQ ``qweight``, read from their layout
+      attributes), dequantizes them into ``weight`` and runs ``UnquantizedLinearMethod``.
     Values are ``(q - zero_point) * scale`` in float32, rounded once to the model dtype:
     the checkpoint's exact values. One warning per loaded model says why and what it
     costs (bytes of dequantized weights vs packed).
@@ -43,7 +46,9 @@ Releases:
     0.31.0 - 0.33.0 (packed expert buffers always in the checkpoint's N-first layout);
     0.30.0 (layout chosen from the kernel: the fallback pins the N-first layout and
     allocates N-first zero points itself). Earlier releases build compressed-tensors MoE
-    layers differently: UNRECOGNIZED. Detected from the code, never from the version.
+    layers differently: UNRECOGNIZED. AutoGPTQ linears wherever ``AutoGPTQLinearMethod``
+    picks a mixed-precision kernel for K-first ``qweight`` (0.30.0 - 0.32.0). Detected from
+    the code, never from the version.
 
 Removal:
     When every supported release falls back by itself where no WNA16 kernel fits.
@@ -53,6 +58,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from fractions import Fraction
 from types import ModuleType
 from typing import Any
@@ -71,9 +77,11 @@ _CT = "model_executor/layers/quantization/compressed_tensors/"
 _CT_MODULE = "vllm.model_executor.layers.quantization.compressed_tensors."
 FACTORY_MODULE = _CT_MODULE + "compressed_tensors_moe.compressed_tensors_moe"
 LINEAR_SCHEME_MODULE = _CT_MODULE + "schemes.compressed_tensors_wNa16"
+GPTQ_LINEAR_MODULE = "vllm.model_executor.layers.quantization.auto_gptq"
 _FACTORY_FILE = _CT + "compressed_tensors_moe/compressed_tensors_moe.py"
 _WNA16_MOE_FILE = _CT + "compressed_tensors_moe/compressed_tensors_moe_wna16.py"
 _LINEAR_SCHEME_FILE = _CT + "schemes/compressed_tensors_wNa16.py"
+_GPTQ_LINEAR_FILE = "model_executor/layers/quantization/auto_gptq.py"
 _ORACLE_FILE = "model_executor/layers/fused_moe/oracle/int_wna16.py"
 _UNQUANTIZED_MOE_FILE = "model_executor/layers/fused_moe/unquantized_fused_moe_method.py"
 _LINEAR_KERNELS_FILE = "model_executor/kernels/linear/__init__.py"
@@ -136,11 +144,29 @@ def _linear_recognized() -> bool:
     )
 
 
+def _gptq_linear_recognized() -> bool:
+    """``AutoGPTQLinearMethod`` (AutoRound / INC GPTQ linears) picks a mixed-precision
+    kernel for K-first ``qweight`` [K / pack, N] and ``scales`` [G, N]."""
+    text = vllm_source(_GPTQ_LINEAR_FILE) or ""
+    method = text.split("class AutoGPTQLinearMethod", 1)[-1].split("\nclass ", 1)[0]
+    return (
+        _linear_recognized()
+        and "kernel_type = choose_mp_linear_kernel(" in method
+        and re.search(r"input_dim=0,\s*output_dim=1,\s*packed_dim=0,", method) is not None
+    )
+
+
 def detect() -> Detection:
     generation, why = _moe_generation()
     if generation is None:
         return Detection.unrecognized(why)
-    linear = "and WNA16 linears " if _linear_recognized() else ""
+    linear = ""
+    if _linear_recognized():
+        linear = (
+            "and WNA16 linears (compressed-tensors, AutoGPTQ) "
+            if _gptq_linear_recognized()
+            else "and WNA16 linears "
+        )
     return Detection.needed(f"{why}; dequantize experts {linear}where no kernel fits")
 
 
@@ -149,6 +175,12 @@ def apply() -> None:
     when_imported(FACTORY_MODULE, functools.partial(_patch_moe_factory, generation=generation))
     if _linear_recognized():
         when_imported(LINEAR_SCHEME_MODULE, _patch_linear_scheme)
+    if _gptq_linear_recognized():
+        # AutoGPTQLinearMethod builds symmetric configs only (zero_points=False); its
+        # kernels never read qzeros, and neither does the fallback.
+        when_imported(
+            GPTQ_LINEAR_MODULE, functools.partial(_patch_linear_scheme, zero_points=False)
+        )
 
 
 # --------------------------------------------------------------------- dequantization
@@ -509,10 +541,15 @@ def _dequantized_moe_method_class() -> type:
 # --------------------------------------------------------------------- linear
 
 
-def _patch_linear_scheme(module: ModuleType) -> None:
+def _patch_linear_scheme(module: ModuleType, zero_points: bool = True) -> None:
+    """Wrap ``module.choose_mp_linear_kernel`` (the name the scheme's module calls);
+    ``zero_points=False``: configs with zero points keep vLLM's kernel choice."""
     original = module.choose_mp_linear_kernel
     if getattr(original, _MARK, False):
         return
+
+    def supported(config: Any) -> bool:
+        return _linear_supported(config) and (zero_points or not config.zero_points)
 
     @functools.wraps(original)
     def choose_mp_linear_kernel(config: Any, *args: Any, **kwargs: Any) -> type:
@@ -522,10 +559,10 @@ def _patch_linear_scheme(module: ModuleType) -> None:
         try:
             kernel = original(config, *args, **kwargs)
         except ValueError as exc:
-            if NO_LINEAR_KERNEL not in str(exc) or not _linear_supported(config):
+            if NO_LINEAR_KERNEL not in str(exc) or not supported(config):
                 raise
             return _dequantized_linear_kernel(str(exc).split(" Reasons:")[0])
-        if not _linear_supported(config):
+        if not supported(config):
             return kernel
         if mode == "force":
             return _dequantized_linear_kernel("GEMMA4_QUANT_FALLBACK=force")
@@ -599,7 +636,16 @@ def _dequantized_linear_kernel(reason: str) -> type:
             w_q, w_s, w_zp = self._get_weight_params(layer)
             dtype = w_s.dtype  # the model dtype (params_dtype)
             COST_REPORT.flush(dtype)
-            weight = dequantize_int(w_q.data, w_s.data, _data(w_zp), 4, dtype)
+            packed, scale = w_q.data, w_s.data
+            zero_point = _data(w_zp) if self.config.zero_points else None
+            if getattr(w_q, "input_dim", 1) == 0:
+                # GPTQ: qweight [K / pack, N] packed along K, scales [G, N]; transposed,
+                # the N-first layout dequantize_int reads (value k of word w is input
+                # pack * w + k in both)
+                if zero_point is not None:
+                    raise ValueError("K-first packed weights with zero points")
+                packed, scale = packed.t().contiguous(), scale.t().contiguous()
+            weight = dequantize_int(packed, scale, zero_point, 4, dtype)
             _drop_params(
                 layer,
                 (
