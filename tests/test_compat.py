@@ -20,18 +20,21 @@ EXPECTED = {
         "router": "needed",
         "load_guard": "not needed",
         "kv_spec_merge": "not needed",
+        "unquantized_experts": "needed",
     },
     "0.30.0": {
         "expert_names": "needed",
         "router": "needed",
         "load_guard": "needed",
         "kv_spec_merge": "not needed",
+        "unquantized_experts": "needed",
     },
     "0.32.0": {
         "expert_names": "needed",
         "router": "needed",
         "load_guard": "not needed",
         "kv_spec_merge": "not needed",
+        "unquantized_experts": "needed",
     },
 }
 

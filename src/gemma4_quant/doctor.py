@@ -1272,6 +1272,20 @@ def check_config_vs_checkpoint(module: Module, ctx: Ctx) -> Hit | None:
             f"vLLM builds {module.kind} unquantized here (AutoRound MoE on CPU: 'CPU does "
             f"not support quantized MoE yet') but the checkpoint stores {module.stored}"
         )
+        if (
+            module.kind == "experts"
+            and module.stored == "gptq"
+            and module.scheme.bits in (2, 4, 8)
+            and _gptq_packing(ctx)
+            and ctx.patched("unquantized_experts")
+        ):
+            return Hit(
+                Outcome.PATCHED,
+                f"{why}; the plugin dequantizes them as they stream in",
+                "",
+                "unquantized_experts",
+                extra_bytes=_extra_bytes(module, module.scheme, ctx),
+            )
     elif built is None:
         why = (
             f"the config leaves {module.kind} unquantized ({module.scheme_note}) but the "
@@ -2050,11 +2064,18 @@ def report_dict(
 def notes(analysis: Analysis, env: Environment, prediction: Prediction) -> list[str]:
     """What else a user of this machine should know (never changes the verdict)."""
     found = []
-    extra = sum(f.extra_bytes for f in prediction.findings if f.outcome is Outcome.PATCHED)
+    patched = [f for f in prediction.findings if f.outcome is Outcome.PATCHED]
+    extra = sum(f.extra_bytes for f in patched if f.patch != "unquantized_experts")
     if extra:
         found.append(
             f"the dequantizing fallback adds {extra / 2**30:.1f} GiB of weights to the "
             "packed checkpoint (GEMMA4_QUANT_FALLBACK=off keeps vLLM's error instead)"
+        )
+    experts = sum(f.extra_bytes for f in patched if f.patch == "unquantized_experts")
+    if experts:
+        found.append(
+            f"AutoRound experts load dequantized: {experts / 2**30:.1f} GiB more than the "
+            "packed checkpoint (vLLM builds INC MoE experts unquantized on CPU)"
         )
     if (
         analysis.multimodal

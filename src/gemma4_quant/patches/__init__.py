@@ -34,6 +34,7 @@ PATCH_MODULES: tuple[str, ...] = (
     "load_guard",
     "kv_spec_merge",
     "dequant_fallback",
+    "unquantized_experts",
 )
 
 

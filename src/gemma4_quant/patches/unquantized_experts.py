@@ -1,0 +1,494 @@
+"""AutoRound (GPTQ-format) MoE experts load where vLLM builds the experts unquantized.
+
+Why:
+    vLLM's INC quantization config (``quant_method: auto-round``) builds MoE experts
+    *unquantized* on CPU: 0.30 - 0.32 ``INCWna16Scheme.get_moe_method`` returns
+    ``UnquantizedFusedMoEMethod`` ("CPU does not support quantized MoE yet"), and 0.20.2's
+    ``INCConfig.apply_cpu_w4a16_quant_layer`` returns None for every non-linear layer, which
+    ``FusedMoE`` turns into ``UnquantizedFusedMoEMethod``. The experts then hold float
+    ``w13_weight`` / ``w2_weight``, while the checkpoint streams per-expert GPTQ tensors
+    (``experts.{e}.{gate,up,down}_proj.qweight/qzeros/scales``, maybe ``g_idx``) that match
+    no parameter: ``KeyError: 'layers.0.moe.experts.0.down_proj.qweight'`` (0.20.2), skipped
+    without a word (0.24 - 0.30: the experts keep uninitialized memory; the load guard turns
+    that into an error), ``AttributeError: ... has no parameter 'w2_qweight'`` (0.31+).
+    No AutoRound MoE checkpoint (Intel's Gemma 4 int4 exports) loads on CPU.
+
+How:
+    ``Gemma4ForCausalLM.load_weights`` is wrapped. Only where a layer's experts were built
+    with 16/32-bit float ``w13_weight`` / ``w2_weight`` and the model's quantization config
+    is INC with GPTQ packing does a generator sit on the weight stream: it buffers each
+    (layer, expert, projection)'s ``qweight`` / ``qzeros`` / ``scales`` (and ``g_idx``)
+    until the three are there, checks their shapes against the expert parameters,
+    dequantizes them with plain torch and yields ``experts.{e}.<proj>.weight`` [out, in]
+    instead: the per-expert name every release's unquantized expert loader reads. Every
+    other tensor passes through untouched, in order; only projections still missing a
+    tensor are held (in a checkpoint's usual sorted order, one at a time). GPTQ v1:
+    qweight int32 [in / pack, out] packed along in, qzeros int32 [in / group, out / pack]
+    packed along out and stored as zero - 1, scales [in / group, out], g_idx the group of
+    each input row; value = (q - zero) * scale in float32, rounded once to the
+    parameter's dtype (exact: the checkpoint's values). A shape that does not fit,
+    a projection left without one of its tensors, or an expert the checkpoint never
+    streams raises ValueError naming the tensor and the expected shape. One warning per
+    process says what it costs (16-bit experts instead of int4). On a GPU INC builds
+    quantized experts, so the stream is never touched there.
+
+Upstream PR:
+    None. vLLM 0.33.0 builds INC MoE experts quantized on CPU (``INCWNA16MoEScheme``),
+    so there the patch is not needed.
+
+Releases:
+    0.20.2 (``apply_cpu_w4a16_quant_layer`` returns None for MoE layers; the experts load,
+    its CPU linears cannot run GPTQ weights afterwards) and 0.30.0 - 0.32.0 (the
+    ``is_cpu()`` branch of ``get_moe_method``); detected from the code, never the version.
+
+Removal:
+    When every supported release builds INC MoE experts quantized on CPU (0.33.0+).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import torch
+
+from . import Detection, vllm_source, when_imported, wrap_once
+
+NAME = "unquantized_experts"
+SUMMARY = "AutoRound (GPTQ) experts load where vLLM builds them unquantized (INC on CPU)"
+
+GEMMA4 = "vllm.model_executor.models.gemma4"
+_MARK = "__gemma4_quant_unquantized_experts__"
+_INC_SCHEME_FILE = "model_executor/layers/quantization/inc/schemes/inc_wna16_scheme.py"
+_INC_OLD_FILE = "model_executor/layers/quantization/inc.py"
+_FUSED_MOE_FILES = (
+    "model_executor/layers/fused_moe/layer.py",
+    "model_executor/layers/fused_moe/routed_experts.py",
+)
+_GPTQ = re.compile(
+    r"^(?P<pre>.*\blayers\.(?P<layer>\d+)\.(?:.*\.)?experts)\.(?P<expert>\d+)"
+    r"\.(?P<proj>gate_proj|up_proj|down_proj)\.(?P<suffix>qweight|qzeros|scales|g_idx)$"
+)
+_REQUIRED = ("qweight", "qzeros", "scales")
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+logger = logging.getLogger("vllm.gemma4_quant")
+_warned = False
+
+
+# --------------------------------------------------------------------- detection
+
+
+def inc_cpu_experts_unquantized(
+    scheme_text: str | None = None, old_text: str | None = None
+) -> tuple[bool | None, str]:
+    """Whether vLLM's INC config builds MoE experts unquantized on CPU, read from its code.
+
+    True: one of the two known forms; False: the 0.33 form (experts quantized through
+    ``INCWNA16MoEScheme``); None: code the rules do not know.
+    """
+    if scheme_text is None and old_text is None:
+        scheme_text = vllm_source(_INC_SCHEME_FILE)
+        old_text = vllm_source(_INC_OLD_FILE)
+    if scheme_text:
+        if "def get_moe_method" not in scheme_text:
+            return None, "INCWna16Scheme has no get_moe_method"
+        body = scheme_text.split("def get_moe_method", 1)[1].split("\ndef ", 1)[0]
+        branch = re.search(
+            r"if current_platform\.is_cpu\(\):\n((?:[ \t]+[^\n]*\n|[ \t]*\n)*)", body
+        )
+        if branch and re.search(r"return UnquantizedFusedMoEMethod\(", branch.group(1)):
+            return True, "INC get_moe_method builds experts unquantized on CPU"
+        if "is_cpu()" not in body and "INCWNA16MoEScheme(" in body:
+            return False, "INC builds MoE experts quantized on CPU too"
+        return None, "unknown INCWna16Scheme.get_moe_method"
+    if old_text and "def apply_cpu_w4a16_quant_layer" in old_text:
+        body = old_text.split("def apply_cpu_w4a16_quant_layer", 1)[1].split("\n    def ", 1)[0]
+        linear_only = re.search(
+            r"if isinstance\(layer, \(LinearBase, ParallelLMHead\)\):\n\s+return [^\n]+\n"
+            r"\s+return None\s*$",
+            body,
+        )
+        dispatch = re.search(
+            r"if current_platform\.is_cpu\(\) and is_gptq:\s*\n\s+return "
+            r"self\.apply_cpu_w4a16_quant_layer\(",
+            old_text,
+        )
+        moe = any(
+            re.search(
+                r"if quant_method is None:\s*\n\s+quant_method = UnquantizedFusedMoEMethod", t
+            )
+            for t in map(vllm_source, _FUSED_MOE_FILES)
+            if t
+        )
+        if linear_only and dispatch and moe:
+            return True, "INC's CPU path quantizes linear layers only; FusedMoE falls back"
+        return None, "unknown INCConfig.apply_cpu_w4a16_quant_layer"
+    return None, "no INC quantization config found"
+
+
+def detect() -> Detection:
+    text = vllm_source("model_executor/models/gemma4.py")
+    if text is None or "class Gemma4ForCausalLM" not in text:
+        return Detection.unrecognized(
+            "no Gemma4ForCausalLM in vllm/model_executor/models/gemma4.py"
+        )
+    unquantized, why = inc_cpu_experts_unquantized()
+    if unquantized is None:
+        return Detection.unrecognized(why)
+    if not unquantized:
+        return Detection.not_needed(why)
+    return Detection.needed(f"{why}: dequantize streamed GPTQ experts there")
+
+
+def apply() -> None:
+    when_imported(GEMMA4, _patch)
+
+
+def _patch(module: ModuleType) -> None:
+    def make_wrapper(original):
+        def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
+            plan = ExpertPlan.from_model(self)
+            if plan is not None:
+                weights = dequantize_stream(weights, plan)
+            return original(self, weights)
+
+        return load_weights
+
+    wrap_once(module.Gemma4ForCausalLM, "load_weights", _MARK, make_wrapper)
+
+
+# --------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class FloatExperts:
+    """One layer's experts as vLLM built them: float, unquantized."""
+
+    module: str
+    num_experts: int
+    hidden: int
+    intermediate: int  # the whole projection (before tensor parallel sharding)
+    dtype: torch.dtype
+
+    def out_in(self, proj: str) -> tuple[int, int]:
+        if proj == "down_proj":
+            return self.hidden, self.intermediate
+        return self.intermediate, self.hidden
+
+
+@dataclass
+class ExpertPlan:
+    """Which layers' experts take dequantized GPTQ tensors, and how they are packed."""
+
+    layers: dict[int, FloatExperts]
+    bits: int
+    packed_bytes: int = 0
+    dequantized_bytes: int = 0
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> ExpertPlan | None:
+        bits = gptq_bits(getattr(model, "quant_config", None))
+        if bits is None:
+            return None
+        layers: dict[int, FloatExperts] = {}
+        for name, module in model.named_modules():
+            experts = _float_experts(name, module)
+            match = re.search(r"(?:^|\.)layers\.(\d+)\.", name + ".")
+            if experts is not None and match is not None:
+                layers[int(match.group(1))] = experts
+        if not layers:
+            return None
+        plan = cls(layers, bits)
+        for experts in layers.values():
+            numel = 3 * experts.num_experts * experts.hidden * experts.intermediate
+            plan.dequantized_bytes += numel * experts.dtype.itemsize
+            plan.packed_bytes += numel * bits // 8
+        return plan
+
+
+def gptq_bits(quant_config: object) -> int | None:
+    """Bits of an INC (AutoRound) config with GPTQ packing, or None for any other config."""
+    if quant_config is None:
+        return None
+    try:
+        name = quant_config.get_name()  # type: ignore[attr-defined]
+    except Exception:
+        return None
+    if name != "inc":
+        return None
+    formats = (
+        f"{getattr(quant_config, 'packing_format', '')} {getattr(quant_config, 'backend', '')}"
+    )
+    bits = getattr(quant_config, "weight_bits", None)
+    if "gptq" not in formats or getattr(quant_config, "data_type", "int") != "int":
+        return None
+    if bits not in (2, 4, 8):
+        logger.warning(
+            "gemma4_quant: %s-bit AutoRound experts are not dequantized (2, 4 and 8 bits are)",
+            bits,
+        )
+        return None
+    return int(bits)
+
+
+def _float_experts(name: str, module: torch.nn.Module) -> FloatExperts | None:
+    """The experts of ``module`` if vLLM built them unquantized (float w13/w2 weights)."""
+    params = module._parameters
+    w13, w2 = params.get("w13_weight"), params.get("w2_weight")
+    if w13 is None or w2 is None or w13.dim() != 3 or w2.dim() != 3:
+        return None
+    if w13.dtype not in _FLOAT_DTYPES or w2.dtype != w13.dtype:
+        return None  # fp8 experts, or another method's buffers
+    moe_config = getattr(module, "moe_config", None)
+    tp_size = int(getattr(moe_config, "tp_size", 1) or 1)
+    hidden, part = int(w2.shape[1]), int(w2.shape[2])
+    if w13.shape[2] != hidden or w13.shape[1] != 2 * part:
+        logger.info(
+            "gemma4_quant: experts %s have w13_weight %s and w2_weight %s, a layout the "
+            "GPTQ dequantization does not know; left as vLLM loads them",
+            name,
+            tuple(w13.shape),
+            tuple(w2.shape),
+        )
+        return None
+    num_experts = int(getattr(module, "global_num_experts", 0) or w13.shape[0])
+    return FloatExperts(name, num_experts, hidden, part * tp_size, w13.dtype)
+
+
+# --------------------------------------------------------------------- the stream
+
+
+@dataclass
+class _Pending:
+    tensors: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)
+
+
+def dequantize_stream(
+    weights: Iterable[tuple[str, torch.Tensor]], plan: ExpertPlan
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``weights`` with the GPTQ expert tensors of ``plan``'s layers replaced by their
+    dequantized ``.weight``; everything else passes through in order."""
+    pending: dict[tuple[int, int, str], _Pending] = {}
+    done: dict[tuple[int, int, str], str] = {}  # -> the emitted name (g_idx may follow)
+    prefixes: dict[int, str] = {}
+    for name, tensor in weights:
+        match = _GPTQ.match(name)
+        experts = plan.layers.get(int(match["layer"])) if match else None
+        if match is None or experts is None:
+            yield name, tensor
+            continue
+        layer, expert, proj, suffix = (
+            int(match["layer"]),
+            int(match["expert"]),
+            match["proj"],
+            match["suffix"],
+        )
+        prefixes.setdefault(layer, match["pre"])
+        key = (layer, expert, proj)
+        if expert >= experts.num_experts:
+            raise ValueError(
+                f"Checkpoint tensor {name!r}: expert {expert}, but {experts.module} has "
+                f"{experts.num_experts} experts"
+            )
+        if key in done:
+            _check_late(name, suffix, tensor, key, done[key], experts, plan.bits)
+            continue
+        entry = pending.setdefault(key, _Pending())
+        if suffix in entry.tensors:
+            raise ValueError(f"Checkpoint tensor {name!r} appears twice")
+        _check_shape(name, suffix, tensor, experts.out_in(proj), plan.bits, entry)
+        entry.tensors[suffix] = (name, tensor)
+        if not all(s in entry.tensors for s in _REQUIRED):
+            continue
+        del pending[key]
+        weight = _dequantize_entry(entry, experts, proj, plan.bits)
+        _warn_once(plan)
+        out_name = f"{match['pre']}.{expert}.{proj}.weight"
+        done[key] = out_name
+        yield out_name, weight
+    _check_complete(pending, done, plan, prefixes)
+
+
+def _expected(
+    suffix: str, out_in: tuple[int, int], bits: int, groups: int | None
+) -> tuple[int, ...] | None:
+    out, inp = out_in
+    pack = 32 // bits
+    if suffix == "qweight":
+        return (inp // pack, out)
+    if suffix == "g_idx":
+        return (inp,)
+    if groups is None:
+        return None
+    if suffix == "scales":
+        return (groups, out)
+    return (groups, out // pack)  # qzeros
+
+
+def _groups(entry: _Pending) -> int | None:
+    """The group count the projection's scales or qzeros already fixed."""
+    for suffix in ("scales", "qzeros"):
+        if suffix in entry.tensors:
+            return int(entry.tensors[suffix][1].shape[0])
+    return None
+
+
+def _check_shape(
+    name: str,
+    suffix: str,
+    tensor: torch.Tensor,
+    out_in: tuple[int, int],
+    bits: int,
+    entry: _Pending,
+) -> None:
+    out, inp = out_in
+    pack = 32 // bits
+    groups = _groups(entry)
+    if groups is None and suffix in ("scales", "qzeros") and tensor.dim() == 2:
+        groups = int(tensor.shape[0])
+    expected = _expected(suffix, out_in, bits, groups)
+    layout = (
+        f"GPTQ {bits}-bit [in/{pack}, out] for an expert weight [out, in] = [{out}, {inp}] "
+        "of the expert parameters"
+    )
+    if groups is not None and (groups < 1 or inp % groups):
+        raise ValueError(
+            f"Checkpoint tensor {name!r} has shape {tuple(tensor.shape)}: {groups} groups "
+            f"do not divide the input size {inp} ({layout})"
+        )
+    if out % pack:
+        raise ValueError(f"{name!r}: output size {out} is not a multiple of {pack} ({layout})")
+    if expected is not None and tuple(tensor.shape) != expected:
+        raise ValueError(
+            f"Checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected "
+            f"{expected} ({layout})"
+        )
+    if suffix in ("qweight", "qzeros", "g_idx") and tensor.dtype != torch.int32:
+        raise ValueError(f"Checkpoint tensor {name!r} is {tensor.dtype}, expected torch.int32")
+
+
+def _check_late(
+    name: str,
+    suffix: str,
+    tensor: torch.Tensor,
+    key: tuple[int, int, str],
+    emitted: str,
+    experts: FloatExperts,
+    bits: int,
+) -> None:
+    """A tensor of a projection already dequantized: only a trivial g_idx may come late."""
+    if suffix != "g_idx":
+        raise ValueError(f"Checkpoint tensor {name!r} appears twice")
+    _check_shape(name, suffix, tensor, experts.out_in(key[2]), bits, _Pending())
+    inp = tensor.shape[0]
+    # the trivial order is the only one the already dequantized weight can have used
+    groups = int(tensor.max().item()) + 1 if inp else 1
+    if torch.equal(tensor, torch.arange(inp, dtype=tensor.dtype) // (inp // groups)):
+        return
+    raise ValueError(
+        f"Checkpoint tensor {name!r} (activation order) comes after the qweight, qzeros "
+        f"and scales it reorders, which were already dequantized into {emitted!r}; this "
+        "tensor order is not supported"
+    )
+
+
+def _dequantize_entry(entry: _Pending, experts: FloatExperts, proj: str, bits: int) -> torch.Tensor:
+    tensors = {suffix: tensor for suffix, (_, tensor) in entry.tensors.items()}
+    return dequantize_gptq(
+        tensors["qweight"],
+        tensors["qzeros"],
+        tensors["scales"],
+        tensors.get("g_idx"),
+        bits,
+        experts.dtype,
+    )
+
+
+def dequantize_gptq(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor | None,
+    bits: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """A GPTQ (v1) linear -> its weight [out, in] in ``dtype``, exactly.
+
+    ``qweight`` int32 [in / pack, out] (value k of word w is input row pack * w + k),
+    ``qzeros`` int32 [groups, out / pack] packed along out and stored as zero - 1,
+    ``scales`` [groups, out], ``g_idx`` int32 [in] (the group of each input row; default
+    row // group size). ``(q - zero) * scale`` is computed in float32, where it is exact
+    (a small integer times a 16-bit float), and rounded once to ``dtype``.
+    """
+    pack = 32 // bits
+    mask = (1 << bits) - 1
+    shifts = torch.arange(pack, dtype=torch.int32) * bits
+    words, out = qweight.shape
+    q = (qweight.unsqueeze(1) >> shifts.view(1, -1, 1)) & mask  # [in / pack, pack, out]
+    q = q.reshape(words * pack, out)
+    zeros = (qzeros.unsqueeze(-1) >> shifts) & mask  # [groups, out / pack, pack]
+    zeros = zeros.reshape(qzeros.shape[0], out) + 1
+    inp = q.shape[0]
+    if g_idx is None:
+        g_idx = torch.arange(inp) // (inp // scales.shape[0])
+    g_idx = g_idx.long()
+    weight = (q - zeros[g_idx]).float() * scales.float()[g_idx]  # [in, out]
+    return weight.t().to(dtype).contiguous()
+
+
+def _check_complete(
+    pending: dict[tuple[int, int, str], _Pending],
+    done: dict[tuple[int, int, str], str],
+    plan: ExpertPlan,
+    prefixes: dict[int, str],
+) -> None:
+    """Every expert of every layer that streamed GPTQ experts, complete."""
+    for (layer, expert, proj), entry in sorted(pending.items()):
+        have = sorted(entry.tensors)
+        missing = [s for s in _REQUIRED if s not in entry.tensors]
+        experts = plan.layers[layer]
+        name = f"{prefixes[layer]}.{expert}.{proj}.{missing[0]}"
+        expected = _expected(missing[0], experts.out_in(proj), plan.bits, _groups(entry))
+        raise ValueError(
+            f"Checkpoint has {', '.join(have)} of {prefixes[layer]}.{expert}.{proj} but no "
+            f"{name!r} (expected shape {expected if expected else 'unknown'}); the expert "
+            "cannot be dequantized"
+        )
+    for layer in sorted({key[0] for key in done}):
+        experts = plan.layers[layer]
+        for expert in range(experts.num_experts):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                if (layer, expert, proj) not in done:
+                    out, inp = experts.out_in(proj)
+                    raise ValueError(
+                        f"Checkpoint has no {prefixes[layer]}.{expert}.{proj}.qweight "
+                        f"(expected shape {(inp // (32 // plan.bits), out)}): "
+                        f"{experts.module} has {experts.num_experts} experts"
+                    )
+
+
+def _warn_once(plan: ExpertPlan) -> None:
+    global _warned
+    if _warned:
+        return
+    _warned = True
+    dtype = next(iter(plan.layers.values())).dtype
+    logger.warning(
+        "gemma4_quant: vLLM builds AutoRound (INC) MoE experts unquantized on this platform "
+        "('CPU does not support quantized MoE yet'). Dequantizing the checkpoint's GPTQ "
+        "%d-bit experts of %d layers to %s at load time: %.4f GiB of expert weights instead "
+        "of %.4f GiB packed (+%.4f GiB).",
+        plan.bits,
+        len(plan.layers),
+        str(dtype).removeprefix("torch."),
+        plan.dequantized_bytes / 2**30,
+        plan.packed_bytes / 2**30,
+        (plan.dequantized_bytes - plan.packed_bytes) / 2**30,
+    )
+
+
+__all__ = ["NAME", "SUMMARY", "detect", "apply", "dequantize_gptq", "dequantize_stream"]
