@@ -1,8 +1,10 @@
 """A quantized Gemma 4 router loads and routes like its dequantized twin (defect D4).
 
-The checkpoint is the cyankiwi layout with ``router.proj`` quantized too (int4, group 32).
-It has 32 experts: vLLM's CPU int4 linear kernel needs an output size that is a multiple
-of 32, and the router's output size is the expert count (the real model has 128).
+The int4 checkpoint is the cyankiwi layout with ``router.proj`` quantized too (int4, group
+32); the FP8 one quantizes every linear, router included (per-channel weights, dynamic
+per-token activations). Both have 32 experts: vLLM's CPU int4 linear kernel needs an
+output size that is a multiple of 32, and the router's output size is the expert count
+(the real model has 128).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import torch
 from conftest import run_vllm_load
 from test_expert_names import read_checkpoint
 
+from gemma4_quant import doctor
+from gemma4_quant.checkpoints import load_tensors
 from gemma4_quant.patches import Status, expert_names, load_guard
 
 LAYOUT, EXPERTS = "ct-fused-w4a16-router", 32
@@ -108,3 +112,143 @@ def test_stock_router_fails_as_matrix_says(checkpoints, tmp_path, twin_logits):
         assert re.search(r"router\.proj\.weight_packed", load.log), load.log[-3000:]
     else:  # 0.19 - 0.23: the plain mapping KeyError
         assert re.search(r"KeyError: '.*router\.proj\.weight_(packed|scale|shape)'", load.log)
+
+
+# --------------------------------------------------------------------- FP8 router
+
+FP8_LAYOUT = "fp8-router"
+_FEATURES = doctor.vllm_features()
+CPU_FP8_KERNELS = _FEATURES["cpu_fp8_kernels"].get(_FEATURES["cpu_fp8_route"])
+needs_cpu_fp8 = pytest.mark.skipif(
+    not CPU_FP8_KERNELS,
+    reason="this vLLM has no CPU ScaledMM FP8 linear kernel at all",
+)
+# Kernels whose activation quantization fp8_router_emulation reproduces: dynamic per-token
+# e4m3 with scale amax / 448, float32 GEMM on the dequantized values, per-channel weight
+# scale, output in the model dtype.
+EMULATED_KERNELS = {"ChannelWiseTorchFP8ScaledMMLinearKernel"}
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
+
+
+def fp8_router_emulation(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
+) -> torch.Tensor:
+    """Router logits of an FP8 W8A8 projection as vLLM's CPU torch kernel computes them:
+    ``x`` [T, H] quantized per token to float8_e4m3fn, ``weight`` [E, H] fp8 with
+    ``weight_scale`` [E, 1], output rounded to bf16 and given as float32."""
+    x = x.float()
+    scale = x.abs().amax(-1, keepdim=True) / E4M3_MAX
+    xq = (x * scale.reciprocal()).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
+    out = (xq @ weight.float().t()) * scale * weight_scale.float().view(1, -1)
+    return out.to(torch.bfloat16).float()
+
+
+def fp8_twin_bound(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, twin: torch.Tensor
+) -> torch.Tensor:
+    """How far FP8 router logits may lie from the bf16 twin's, per logit, rigorously.
+
+    W = weight * weight_scale is the checkpoint's router (exact in float32); the twin holds
+    W_deq = bf16(W), so |W| <= (1 + 2^-8) |W_deq| =: w. Before the outputs are rounded:
+    - activations are rounded to e4m3 after scaling by s = amax / 448: relative error at
+      most 2^-4 (3 mantissa bits, round to nearest) in the normal range, absolute at most
+      2^-10 * s below it (subnormal spacing 2^-9): 2^-4 |x| @ w^T + 2^-10 s 1 @ w^T;
+    - the twin's weights are W rounded to bf16 (relative 2^-9): 2^-9 |x| @ w^T;
+    - float32 accumulation over H terms, on both sides: < 4 H 2^-24 |x| @ w^T.
+    Both outputs are then rounded to bf16 (relative 2^-9 each), which adds 2^-9 of that
+    sum and 2^-8 (1 + 2^-8) |twin|.
+    """
+    x = x.float()
+    w = (weight.float() * weight_scale.float().view(-1, 1)).to(torch.bfloat16).float().abs()
+    w = w * (1 + 2**-8)
+    magnitude = x.abs() @ w.t()
+    scale = x.abs().amax(-1, keepdim=True) / E4M3_MAX
+    before_rounding = (
+        2**-4 * magnitude
+        + 2**-10 * scale * w.sum(-1).view(1, -1)
+        + 2**-9 * magnitude
+        + 4 * x.shape[-1] * 2**-24 * magnitude
+    )
+    return before_rounding * (1 + 2**-9) + 2**-8 * (1 + 2**-8) * twin.abs()
+
+
+def fp8_router_weights(checkpoint, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    stem = f"model.language_model.layers.{layer}.router.proj."
+    return checkpoint[stem + "weight"], checkpoint[stem + "weight_scale"]
+
+
+@pytest.fixture(scope="module")
+def fp8_twin(checkpoints, tmp_path_factory):
+    twin = checkpoints.twin(FP8_LAYOUT, num_experts=EXPERTS)
+    load = run_vllm_load(twin, tmp_path_factory.mktemp("fp8-twin"), probe_router=True)
+    assert load.ok, load.log[-3000:]
+    return load
+
+
+def fp8_probe(checkpoints, tmp_path, **kwargs):
+    # No --process: vLLM has no CPU MoE backend for the FP8 experts; load_model.py puts
+    # only the routers into kernel format before probing them.
+    path = checkpoints(FP8_LAYOUT, num_experts=EXPERTS)
+    return path, run_vllm_load(path, tmp_path, probe_router=True, **kwargs)
+
+
+@needs_cpu_fp8
+def test_fp8_router_logits(checkpoints, tmp_path, fp8_twin):
+    """The FP8 router routes with its checkpoint weights and scales: its logits are what
+    the CPU kernel's activation quantization implies (emulated), and they lie within the
+    rigorous bound of e4m3 activation rounding from the bf16 twin's (top experts may
+    differ where two logits are that close)."""
+    path, load = fp8_probe(checkpoints, tmp_path)
+    assert load.ok, load.log[-3000:]
+    assert "router applied" in load.log
+    assert load.quant_methods["model.layers.0.router.proj"] == "CompressedTensorsLinearMethod"
+    ckpt = load_tensors(path)
+    got, twin = router_logits(load), router_logits(fp8_twin)
+    assert got.keys() == twin.keys() and len(got) == 4
+    emulated = {}
+    for layer in range(4):
+        name = f"probe.model.layers.{layer}.router"
+        x = load.tensors[f"probe_input.model.layers.{layer}.router"]
+        assert torch.equal(x, fp8_twin.tensors[f"probe_input.model.layers.{layer}.router"])
+        weight, weight_scale = fp8_router_weights(ckpt, layer)
+        bound = fp8_twin_bound(x, weight, weight_scale, twin[name])
+        delta = (got[name] - twin[name]).abs()
+        assert (delta <= bound).all(), (name, (delta - bound).max().item())
+        # activation quantization shows: the logits are not the twin's bf16 GEMM
+        assert delta.max().item() > 0, name
+        emulated[name] = fp8_router_emulation(x, weight, weight_scale)
+    kernel = re.search(r"Selected (\w+) for CompressedTensorsW8A8Fp8", load.log)
+    if kernel is None or kernel.group(1) not in EMULATED_KERNELS:
+        pytest.skip(
+            f"FP8 kernel {kernel and kernel.group(1)}: its activation quantization is not emulated"
+        )
+    for name, want in emulated.items():
+        # Same fp8 operands: only the float32 accumulation order may differ (H = 256 terms,
+        # relative < 2e-5 of the sum), which can move the final bf16 rounding by one step
+        # (2^-7 relative to the logit).
+        tolerance = 2**-7 * want.abs() + 1e-5 * want.abs().max()
+        assert ((got[name] - want).abs() <= tolerance).all(), (name, (got[name] - want).abs().max())
+
+
+@needs_cpu_fp8
+def test_stock_fp8_router_fails_as_matrix_says(checkpoints, tmp_path):
+    """Without the router patch the FP8 router's weight_scale has nowhere to go."""
+    env = {"GEMMA4_QUANT_DISABLE_PATCHES": "router"}
+    path, load = fp8_probe(checkpoints, tmp_path, env=env)
+    if SILENT_SKIP:
+        # 0.24 - 0.30: the fp8 weight lands in the bf16 GateLinear and weight_scale is
+        # dropped without a word (the load guard sees every parameter filled)
+        assert load.ok, load.log[-3000:]
+        ckpt = load_tensors(path)
+        got = router_logits(load)
+        for layer in range(4):
+            name = f"probe.model.layers.{layer}.router"
+            x = load.tensors[f"probe_input.model.layers.{layer}.router"]
+            want = fp8_router_emulation(x, *fp8_router_weights(ckpt, layer))
+            assert (got[name] - want).abs().max().item() > 0.5 * want.abs().max().item(), name
+        return
+    assert not load.ok
+    if GENERATION == "generic":  # 0.31+: vLLM's loader rejects the unmatched name
+        assert re.search(r"ValueError: .*router\.proj\.weight_scale", load.log), load.log[-3000:]
+    else:  # 0.19 - 0.23: the plain mapping KeyError
+        assert re.search(r"KeyError: '.*router\.proj\.weight_scale'", load.log), load.log[-3000:]
