@@ -13,6 +13,7 @@ plugins load the way every vLLM process loads them (``VLLM_PLUGINS`` selects the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -56,6 +57,43 @@ def probe_routers(model, processed: bool) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def vllm_model(checkpoint: str, dtype: str = "bfloat16", device: str = "cpu", hf_overrides=None):
+    """A Gemma 4 model built the way vLLM's ``BaseModelLoader.load_model`` builds it
+    (construction only, weights not loaded), inside vLLM's config and a one-process
+    distributed state: yields ``(model, loader, model_config)``. vLLM's general plugins
+    load first, as in every vLLM process (``VLLM_PLUGINS`` selects them)."""
+    import torch
+    from vllm.config import set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.model_loader import get_model_loader
+    from vllm.model_executor.model_loader.utils import initialize_model
+    from vllm.plugins import load_general_plugins
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    load_general_plugins()
+    extra = {"hf_overrides": hf_overrides} if hf_overrides else {}
+    engine_args = EngineArgs(
+        model=checkpoint, dtype=dtype, enforce_eager=True, max_model_len=256, **extra
+    )
+    vllm_config = engine_args.create_engine_config()
+    model_config = vllm_config.model_config
+    with set_current_vllm_config(vllm_config):
+        init_distributed_environment(
+            world_size=1,
+            rank=0,
+            local_rank=0,
+            distributed_init_method=f"tcp://127.0.0.1:{free_port()}",
+            backend="gloo" if device == "cpu" else "nccl",
+        )
+        initialize_model_parallel(1, 1)
+        loader = get_model_loader(vllm_config.load_config)
+        with set_default_torch_dtype(model_config.dtype), torch.device(device):
+            model = initialize_model(vllm_config=vllm_config, model_config=model_config)
+        yield model, loader, model_config
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint")
@@ -73,36 +111,14 @@ def main() -> int:
 
     import torch
     from safetensors.torch import save_file
-    from vllm.config import set_current_vllm_config
-    from vllm.distributed import init_distributed_environment, initialize_model_parallel
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.model_executor.model_loader import get_model_loader
-    from vllm.model_executor.model_loader.utils import (
-        initialize_model,
-        process_weights_after_loading,
-    )
-    from vllm.plugins import load_general_plugins
-    from vllm.utils.torch_utils import set_default_torch_dtype
+    from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
-    load_general_plugins()
-    extra = {"hf_overrides": json.loads(args.hf_overrides)} if args.hf_overrides else {}
-    engine_args = EngineArgs(
-        model=args.checkpoint, dtype=args.dtype, enforce_eager=True, max_model_len=256, **extra
-    )
-    vllm_config = engine_args.create_engine_config()
-    model_config = vllm_config.model_config
-    with set_current_vllm_config(vllm_config):
-        init_distributed_environment(
-            world_size=1,
-            rank=0,
-            local_rank=0,
-            distributed_init_method=f"tcp://127.0.0.1:{free_port()}",
-            backend="gloo",
-        )
-        initialize_model_parallel(1, 1)
-        loader = get_model_loader(vllm_config.load_config)
-        with set_default_torch_dtype(model_config.dtype), torch.device("cpu"):
-            model = initialize_model(vllm_config=vllm_config, model_config=model_config)
+    overrides = json.loads(args.hf_overrides) if args.hf_overrides else None
+    with vllm_model(args.checkpoint, args.dtype, hf_overrides=overrides) as (
+        model,
+        loader,
+        model_config,
+    ):
         loader.load_weights(model, model_config)
         if args.process:
             process_weights_after_loading(model, model_config, torch.device("cpu"))
