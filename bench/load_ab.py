@@ -14,6 +14,7 @@ seconds, the medians and b/a as a speed (a's seconds over b's).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(2 * args.repeat):
             side = "ab"[i % 2]
             cls.load_weights = stock if side == "a" else wrapped
+            gc.collect()  # the previous run's garbage is not this run's cost
             sync()
             t = time.perf_counter()
             loader.load_weights(model, config)
