@@ -126,15 +126,21 @@ def job_env(pythonpath: str | None, plugin: bool, gpus: str) -> dict[str, str]:
     return env
 
 
+def generate_cmd(job: dict) -> list[str]:
+    cmd = [sys.executable, str(GENERATE), job["model"], job["out"]]
+    if job["tp"] > 1:
+        cmd += ["--tp", str(job["tp"])]
+    if job["ep"]:
+        cmd.append("--ep")
+    return cmd
+
+
 def run_job(job: dict, timeout: int) -> dict:
-    """Run generate.py for one job in its own process group; return its JSON."""
+    """Run one job (``job["cmd"]``, default generate.py) in its own process group; return
+    the JSON it wrote to ``job["out"]``."""
     out_json = Path(job["out"])
     log = out_json.with_suffix(".log")
-    cmd = job.get("cmd") or [sys.executable, str(GENERATE), job["model"], str(out_json)]
-    if "cmd" not in job and job["tp"] > 1:
-        cmd += ["--tp", str(job["tp"])]
-    if "cmd" not in job and job["ep"]:
-        cmd.append("--ep")
+    cmd = job.get("cmd") or generate_cmd(job)
     t = time.perf_counter()
     with open(log, "w") as logf:
         proc = subprocess.Popen(

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 NUM_PROMPTS = 4
@@ -71,6 +72,38 @@ def engine_kwargs(args: argparse.Namespace, **sizes) -> dict:
     return kwargs
 
 
+def vocab_size(model: str) -> int:
+    config = json.loads((Path(model) / "config.json").read_text())
+    return config.get("text_config", config)["vocab_size"]
+
+
+def recorded_run(
+    args: argparse.Namespace, out: Path, body: Callable[[dict], None], result: dict
+) -> None:
+    """``body(result)`` fills ``result``; a failed load is a result too. ``result`` (with
+    ``ok``, the vLLM version, the error and traceback of a failure, the wall time) goes to
+    ``out`` as JSON, one ``RESULT`` line to stdout, and the process leaves hard after 60 s
+    so that a shutdown that hangs cannot hold the GPU."""
+    result.update(model=args.model, tp=args.tp, ep=args.ep, ok=False)
+    t0 = time.perf_counter()
+    try:
+        import vllm
+
+        result["vllm"] = vllm.__version__
+        body(result)
+        result["ok"] = True
+    except BaseException as exc:  # noqa: BLE001 - a failed load is a result too
+        result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        result["traceback"] = "".join(traceback.format_exception(exc))[-6000:]
+    result["wall_s"] = round(time.perf_counter() - t0, 2)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print("RESULT", "ok" if result["ok"] else "FAILED " + result.get("error", "")[:300])
+    sys.stdout.flush()
+    timer = threading.Timer(60, os._exit, args=(0,))
+    timer.daemon = True
+    timer.start()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
@@ -85,22 +118,11 @@ def main() -> int:
     parser.add_argument("--max-model-len", type=int, default=512)
     args = parser.parse_args()
 
-    result: dict = {
-        "model": args.model,
-        "tp": args.tp,
-        "ep": args.ep,
-        "plugins_env": os.environ.get("VLLM_PLUGINS"),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "ok": False,
-    }
-    t0 = time.perf_counter()
-    try:
-        import vllm
+    t0 = time.perf_counter()  # ready_s counts vLLM's import, as it always did
+
+    def body(result: dict) -> None:
         from vllm import LLM, SamplingParams
 
-        result["vllm"] = vllm.__version__
-        config = json.loads((Path(args.model) / "config.json").read_text())
-        vocab = config.get("text_config", config)["vocab_size"]
         llm = LLM(
             **engine_kwargs(
                 args,
@@ -115,7 +137,7 @@ def main() -> int:
         params = SamplingParams(
             temperature=0.0, max_tokens=args.max_tokens, logprobs=args.logprobs, ignore_eos=True
         )
-        prompts = make_prompts(vocab)
+        prompts = make_prompts(vocab_size(args.model))
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         result["prompts"] = prompts
         result["outputs"] = [
@@ -125,19 +147,12 @@ def main() -> int:
             }
             for out in outputs
         ]
-        result["ok"] = True
-    except BaseException as exc:  # noqa: BLE001 - a failed load is a result too
-        lines = traceback.format_exception(exc)
-        result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-        result["traceback"] = "".join(lines)[-6000:]
-    result["wall_s"] = round(time.perf_counter() - t0, 2)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print("RESULT", "ok" if result["ok"] else "FAILED " + result.get("error", "")[:300])
-    sys.stdout.flush()
-    # A shutdown that hangs must not hold the GPU: leave hard after 60 s.
-    timer = threading.Timer(60, os._exit, args=(0,))
-    timer.daemon = True
-    timer.start()
+
+    result = {
+        "plugins_env": os.environ.get("VLLM_PLUGINS"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
+    recorded_run(args, Path(args.out), body, result)
     return 0
 
 

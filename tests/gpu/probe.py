@@ -48,9 +48,6 @@ import os
 import random
 import re
 import sys
-import threading
-import time
-import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -196,15 +193,10 @@ def cmd_one(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result: dict = {"model": args.model, "tp": args.tp, "ep": args.ep, "ok": False}
-    t0 = time.perf_counter()
-    try:
-        import vllm
+
+    def body(result: dict) -> None:
         from vllm import LLM, SamplingParams
 
-        result["vllm"] = vllm.__version__
-        config = json.loads((Path(args.model) / "config.json").read_text())
-        vocab = config.get("text_config", config)["vocab_size"]
         llm = LLM(
             **generate.engine_kwargs(
                 args,
@@ -220,6 +212,7 @@ def cmd_one(args: argparse.Namespace) -> int:
             functools.partial(probe.install_hooks, mode=mode, ref_dir=ref)
         )
         rng = random.Random(4321)
+        vocab = generate.vocab_size(args.model)
         prompt = [rng.randrange(generate.FIRST_TOKEN_ID, vocab) for _ in range(PROMPT_LEN)]
         llm.generate(
             [{"prompt_token_ids": prompt}],
@@ -229,17 +222,8 @@ def cmd_one(args: argparse.Namespace) -> int:
         target = str(out.resolve())
         result["workers"] = llm.apply_model(functools.partial(probe.dump, out_dir=target))
         result["plugin"] = sys.modules.get("gemma4_quant") is not None
-        result["ok"] = True
-    except BaseException as exc:  # noqa: BLE001 - a failed load is a result too
-        result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-        result["traceback"] = "".join(traceback.format_exception(exc))[-6000:]
-    result["wall_s"] = round(time.perf_counter() - t0, 2)
-    (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-    print("RESULT", "ok" if result["ok"] else "FAILED " + result.get("error", "")[:300])
-    sys.stdout.flush()
-    timer = threading.Timer(60, os._exit, args=(0,))
-    timer.daemon = True
-    timer.start()
+
+    generate.recorded_run(args, out / "result.json", body, {})
     return 0
 
 
