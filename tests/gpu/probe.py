@@ -279,17 +279,14 @@ def make_jobs(args: argparse.Namespace) -> list[dict]:
 def run_job(job: dict, timeout: int) -> dict:
     out = Path(job["out"])
     done = out / "result.json"
-    if done.exists() and json.loads(done.read_text()).get("ok"):  # e.g. a shared twin capture
-        return {
-            **json.loads(done.read_text()),
-            **{k: job[k] for k in ("release", "layout", "variant")},
-            "job_s": 0.0,
-        }
+    earlier = json.loads(done.read_text()) if done.exists() else {}
+    if earlier.get("ok"):  # e.g. a twin capture another invocation already made
+        return {**earlier, **{k: job[k] for k in ("release", "layout", "variant")}, "job_s": 0.0}
     out.mkdir(parents=True, exist_ok=True)
     job = {
         **job,
         "cmd": [sys.executable, __file__, "one", job["model"], str(out), *job["flags"]],
-        "out": str(out / "result.json"),
+        "out": str(done),
     }
     return correctness.run_job(job, timeout)
 
