@@ -17,6 +17,8 @@
 #   ab1      full size on GPU 0 alone, one run at a time: a, b, a, b (shared compile cache)
 #   probe    layer probes (tests/gpu/probe.py): 0.26.0 through `pytest tests/gpu` (every
 #            layout, plugin and TP=2), 0.20.2 + plugin and stock 0.26.0 through the driver
+#   loadab   full size on GPU 0, 0.26.0: weight-load time stock vs plugin without
+#            run-to-run noise (bench/load_ab.py: in one process, then across processes)
 # This project must be installed in the python3 that runs it (pip install -e .).
 set -uo pipefail
 PROJ=$(cd "$(dirname "$0")/.." && pwd)
@@ -165,6 +167,24 @@ if has ab1; then
     bench_run b-0.26.0-plugin 0 "$T026" on ab-shared "-seq$round"
   done
   log "bench ab1: done"
+fi
+
+if has loadab; then
+  install 0.26.0 "$T026" || exit 1
+  wait_full
+  [ -f "$FULL/synthetic.json" ] || { log "no full-size checkpoint"; exit 1; }
+  L=$R/loadab
+  mkdir -p "$L"
+  log "load a/b in one process: start"
+  CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$T026 python3 "$PROJ/bench/load_ab.py" "$FULL" \
+    --device cuda --repeat "${LOADAB_REPEAT:-10}" --out "$L/in-process.json" \
+    > "$L/in-process.log" 2>&1
+  log "load a/b in one process: rc=$?"
+  log "load a/b across processes: start"
+  CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$T026 python3 "$PROJ/bench/load_ab.py" "$FULL" \
+    --device cuda --processes "${LOADAB_PROCESSES:-4}" --repeat 3 --child-dir "$L" \
+    --out "$L/processes.json" > "$L/processes.log" 2>&1
+  log "load a/b across processes: rc=$?"
 fi
 
 if has tp; then
