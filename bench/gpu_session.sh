@@ -18,7 +18,8 @@
 #   probe    layer probes (tests/gpu/probe.py): 0.26.0 through `pytest tests/gpu` (every
 #            layout, plugin and TP=2), 0.20.2 + plugin and stock 0.26.0 through the driver
 #   loadab   full size on GPU 0, 0.26.0: weight-load time stock vs plugin without
-#            run-to-run noise (bench/load_ab.py: in one process, then across processes)
+#            run-to-run noise (bench/load_ab.py: load_weights over preloaded tensors, whole
+#            loads in one process, across processes; LOADAB_RUNS picks)
 # This project must be installed in the python3 that runs it (pip install -e .).
 set -uo pipefail
 PROJ=$(cd "$(dirname "$0")/.." && pwd)
@@ -175,16 +176,18 @@ if has loadab; then
   [ -f "$FULL/synthetic.json" ] || { log "no full-size checkpoint"; exit 1; }
   L=$R/loadab
   mkdir -p "$L"
-  log "load a/b in one process: start"
-  CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$T026 python3 "$PROJ/bench/load_ab.py" "$FULL" \
-    --device cuda --repeat "${LOADAB_REPEAT:-10}" --out "$L/in-process.json" \
-    > "$L/in-process.log" 2>&1
-  log "load a/b in one process: rc=$?"
-  log "load a/b across processes: start"
-  CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$T026 python3 "$PROJ/bench/load_ab.py" "$FULL" \
-    --device cuda --processes "${LOADAB_PROCESSES:-4}" --repeat 3 --child-dir "$L" \
-    --out "$L/processes.json" > "$L/processes.log" 2>&1
-  log "load a/b across processes: rc=$?"
+  AB="python3 $PROJ/bench/load_ab.py $FULL --device cuda"
+  for run in ${LOADAB_RUNS:-preload in-process processes}; do
+    log "load a/b, $run: start"
+    case $run in
+      preload) args=(--preload --repeat "${LOADAB_REPEAT:-20}") ;;
+      in-process) args=(--repeat "${LOADAB_REPEAT:-10}") ;;
+      processes) args=(--processes "${LOADAB_PROCESSES:-4}" --repeat 3 --child-dir "$L") ;;
+    esac
+    CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$T026 $AB "${args[@]}" --out "$L/$run.json" \
+      > "$L/$run.log" 2>&1
+    log "load a/b, $run: rc=$?"
+  done
 fi
 
 if has tp; then

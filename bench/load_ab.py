@@ -17,6 +17,10 @@ Process mode (``--processes N``): N child processes in ABBA order, a with vLLM's
 off (``VLLM_PLUGINS=none``: stock vLLM, nothing of the plugin imported) and b with them
 on; each child builds the model, loads once untimed, then ``--repeat`` timed loads.
 
+``--preload`` (either mode): the checkpoint's tensors are read once into ``--device`` memory
+and each timed load is ``model.load_weights`` over them: the code the plugin wraps, without
+the file reads, whose time varies by +-20% from load to load on the lent GPU machine.
+
 Both modes check that a and b load the same values (a fingerprint of every parameter
 after the last load of each side) and print every run's seconds, the medians, b/a as a
 speed (a's seconds over b's; >= 1 means the plugin is not slower) and, in-process, the
@@ -72,13 +76,28 @@ def timed_loads(args: argparse.Namespace, sides: str) -> tuple[dict, dict]:
         stock = unwrapped(wrapped)
         if "a" in sides and "b" in sides and stock is wrapped:
             print("note: load_weights is not wrapped (plugin not loaded): a and b are the same")
+        if args.preload:
+            weights = [
+                (name, tensor.to(args.device))
+                for name, tensor in loader.get_all_weights(config, model)
+            ]
+            sync()
+
+            def load() -> None:
+                model.load_weights(iter(weights))
+
+        else:
+
+            def load() -> None:
+                loader.load_weights(model, config)
+
         try:
             for i, side in enumerate("w" * args.warmup + sides):
                 cls.load_weights = stock if side == "a" else wrapped
                 gc.collect()  # the previous run's garbage is not this run's cost
                 sync()
                 t = time.perf_counter()
-                loader.load_weights(model, config)
+                load()
                 sync()
                 seconds = round(time.perf_counter() - t, 4)
                 if side == "w":
@@ -124,7 +143,7 @@ def across_processes(args: argparse.Namespace) -> dict:
         out = Path(args.child_dir or ".", f"load_ab-child-{i}.json")
         cmd = [sys.executable, __file__, args.model, "--child", side, "--out", str(out)]
         cmd += ["--device", args.device, "--dtype", args.dtype, "--repeat", str(args.repeat)]
-        cmd += ["--warmup", str(args.warmup)]
+        cmd += ["--warmup", str(args.warmup)] + ["--preload"] * args.preload
         print(f"process {i + 1} ({side}, plugins {'off' if side == 'a' else 'on'})", flush=True)
         subprocess.run(cmd, env=env, check=True)
         child = json.loads(out.read_text())
@@ -148,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeat", type=int, default=5, help="timed loads per side")
     parser.add_argument("--warmup", type=int, default=1, help="untimed loads first")
+    parser.add_argument("--preload", action="store_true", help="time load_weights only")
     parser.add_argument("--processes", type=int, default=0, help="process mode: N children")
     parser.add_argument("--child-dir", default=None, help="process mode: children's JSON")
     parser.add_argument("--child", choices=("a", "b"), help=argparse.SUPPRESS)
@@ -166,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "device": args.device,
         "warmup": args.warmup,
+        "preload": args.preload,
         **result,
         "median_a_s": a,
         "median_b_s": b,
