@@ -19,12 +19,13 @@ on; each child builds the model, loads once untimed, then ``--repeat`` timed loa
 
 ``--preload`` (either mode): the checkpoint's tensors are read once into ``--device`` memory
 and each timed load is ``model.load_weights`` over them: the code the plugin wraps, without
-the file reads, whose time varies by +-20% from load to load on the lent GPU machine.
+the file reads, whose time varied by +-20% from load to load on the H200 measured.
 
 Both modes check that a and b load the same values (a fingerprint of every parameter
 after the last load of each side) and print every run's seconds, the medians, b/a as a
 speed (a's seconds over b's; >= 1 means the plugin is not slower) and, in-process, the
-ratio of each adjacent a, b pair.
+ratio of each adjacent a, b pair, and b/a of the process's CPU time (time.process_time)
+in-process, which a machine's wall-clock jitter may spare.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def timed_loads(args: argparse.Namespace, sides: str) -> tuple[dict, dict]:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    runs: dict[str, list[float]] = {"a": [], "b": []}
+    runs: dict[str, list[float]] = {"a": [], "b": [], "a_cpu": [], "b_cpu": []}
     prints: dict[str, list[float]] = {}
     with vllm_model(args.model, args.dtype, device=args.device) as (model, loader, config):
         cls = type(model)
@@ -96,15 +97,17 @@ def timed_loads(args: argparse.Namespace, sides: str) -> tuple[dict, dict]:
                 cls.load_weights = stock if side == "a" else wrapped
                 gc.collect()  # the previous run's garbage is not this run's cost
                 sync()
-                t = time.perf_counter()
+                t, cpu = time.perf_counter(), time.process_time()
                 load()
                 sync()
                 seconds = round(time.perf_counter() - t, 4)
+                cpu = round(time.process_time() - cpu, 4)
                 if side == "w":
                     print(f"warm-up {i + 1}: {seconds:.3f} s", flush=True)
                     continue
                 runs[side].append(seconds)
-                print(f"{side}: {seconds:.3f} s", flush=True)
+                runs[f"{side}_cpu"].append(cpu)
+                print(f"{side}: {seconds:.3f} s (CPU {cpu:.3f} s)", flush=True)
                 if side not in sides[i - args.warmup + 1 :]:  # this side's last load
                     prints[side] = fingerprint(model)
         finally:
@@ -121,6 +124,9 @@ def in_process(args: argparse.Namespace) -> dict:
         "order": sides,
         "runs": runs,
         "same_values": prints["a"] == prints["b"],
+        "cpu_speed_b_over_a": round(
+            statistics.median(runs["a_cpu"]) / statistics.median(runs["b_cpu"]), 4
+        ),
         "pair_speed_b_over_a": {
             "median": round(statistics.median(pairs), 4),
             "min": round(min(pairs), 4),
