@@ -21,6 +21,7 @@ EXPECTED = {
         "load_guard": "not needed",
         "kv_spec_merge": "not needed",
         "unquantized_experts": "needed",
+        "cpu_gate_dtype": "needed",
     },
     "0.30.0": {
         "expert_names": "needed",
@@ -28,6 +29,7 @@ EXPECTED = {
         "load_guard": "needed",
         "kv_spec_merge": "not needed",
         "unquantized_experts": "needed",
+        "cpu_gate_dtype": "needed",
     },
     "0.32.0": {
         "expert_names": "needed",
@@ -35,6 +37,7 @@ EXPECTED = {
         "load_guard": "not needed",
         "kv_spec_merge": "not needed",
         "unquantized_experts": "needed",
+        "cpu_gate_dtype": "not needed",
     },
 }
 

@@ -245,7 +245,8 @@ def test_stock_fp8_router_fails_as_matrix_says(checkpoints, tmp_path):
             name = f"probe.model.layers.{layer}.router"
             x = load.tensors[f"probe_input.model.layers.{layer}.router"]
             want = fp8_router_emulation(x, *fp8_router_weights(ckpt, layer))
-            assert (got[name] - want).abs().max().item() > 0.5 * want.abs().max().item(), name
+            delta = (got[name] - want).abs().nan_to_num(nan=float("inf"))
+            assert delta.max().item() > 0.5 * want.abs().max().item(), name
         return
     assert not load.ok
     if GENERATION == "generic":  # 0.31+: vLLM's loader rejects the unmatched name

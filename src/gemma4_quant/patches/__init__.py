@@ -35,6 +35,7 @@ PATCH_MODULES: tuple[str, ...] = (
     "kv_spec_merge",
     "dequant_fallback",
     "unquantized_experts",
+    "cpu_gate_dtype",
 )
 
 

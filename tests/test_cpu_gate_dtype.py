@@ -1,0 +1,59 @@
+"""On CPU, Gemma 4's bf16 router computes its checkpoint's logits (patch cpu_gate_dtype).
+
+vLLM <= 0.31 replaces a packed CPU linear's weight by a float32 placeholder; GateLinear
+then casts the bf16 router input to float32 for the bf16 kernel, and the logits are
+garbage. The reference here is independent of vLLM: the router projection's input, as
+vLLM computed it, times the checkpoint's router weight, in float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import run_vllm_load
+
+from gemma4_quant.checkpoints import load_tensors
+from gemma4_quant.patches import Status, cpu_gate_dtype
+
+LAYOUT = "bf16"
+NEEDED = cpu_gate_dtype.detect().status is Status.NEEDED
+
+
+def router_errors(path, load) -> dict[str, tuple[float, float]]:
+    """Per layer: (max |logit - reference|, max |reference|)."""
+    ckpt = load_tensors(path)
+    out = {}
+    for layer in range(4):
+        name = f"model.layers.{layer}.router"
+        x = load.tensors[f"probe_input.{name}"].double()
+        weight = ckpt[f"model.language_model.layers.{layer}.router.proj.weight"].double()
+        want = x @ weight.T
+        got = load.tensors[f"probe.{name}"].double()
+        delta = (got - want).abs().nan_to_num(nan=float("inf")).max().item()
+        out[name] = (delta, want.abs().max().item())
+    return out
+
+
+def test_router_logits_are_the_checkpoints(checkpoints, tmp_path):
+    path = checkpoints(LAYOUT)
+    load = run_vllm_load(path, tmp_path, probe_router=True)
+    assert load.ok, load.log[-3000:]
+    assert load.quant_methods["model.layers.0.router.proj"] == "UnquantizedLinearMethod"
+    for name, (delta, scale) in router_errors(path, load).items():
+        # bf16 output of a bf16 x bf16 GEMM accumulated in float32: one bf16 rounding
+        # (2^-8 relative) of each logit, well inside 1% of the largest.
+        assert delta <= 1e-2 * scale, (name, delta, scale)
+        assert load.tensors[f"probe.{name}"].dtype == torch.float32
+
+
+@pytest.mark.skipif(not NEEDED, reason=cpu_gate_dtype.detect().reason)
+def test_without_the_patch_the_router_is_garbage(checkpoints, tmp_path):
+    path = checkpoints(LAYOUT)
+    env = {"GEMMA4_QUANT_DISABLE_PATCHES": cpu_gate_dtype.NAME}
+    load = run_vllm_load(path, tmp_path, probe_router=True, env=env)
+    assert load.ok, load.log[-3000:]
+    errors = router_errors(path, load)
+    if all(delta <= 1e-2 * scale for delta, scale in errors.values()):
+        pytest.skip("this CPU's GEMM dispatch keeps the router weight (no packed kernel)")
+    for name, (delta, scale) in errors.items():
+        assert delta > 0.5 * scale, (name, delta, scale)
