@@ -16,7 +16,7 @@ from gemma4_quant.checkpoints import load_tensors
 from gemma4_quant.patches import Status, cpu_gate_dtype
 
 LAYOUT = "bf16"
-NEEDED = cpu_gate_dtype.detect().status is Status.NEEDED
+DETECTION = cpu_gate_dtype.detect()
 
 
 def router_errors(path, load) -> dict[str, tuple[float, float]]:
@@ -46,7 +46,7 @@ def test_router_logits_are_the_checkpoints(checkpoints, tmp_path):
         assert load.tensors[f"probe.{name}"].dtype == torch.float32
 
 
-@pytest.mark.skipif(not NEEDED, reason=cpu_gate_dtype.detect().reason)
+@pytest.mark.skipif(DETECTION.status is not Status.NEEDED, reason=DETECTION.reason)
 def test_without_the_patch_the_router_is_garbage(checkpoints, tmp_path):
     path = checkpoints(LAYOUT)
     env = {"GEMMA4_QUANT_DISABLE_PATCHES": cpu_gate_dtype.NAME}

