@@ -79,7 +79,7 @@ def timed_loads(args: argparse.Namespace, sides: str) -> tuple[dict, dict]:
             print("note: load_weights is not wrapped (plugin not loaded): a and b are the same")
         if args.preload:
             weights = [
-                (name, tensor.to(args.device))
+                (name, tensor.to(args.device, copy=True))  # on CPU too: off the mmap
                 for name, tensor in loader.get_all_weights(config, model)
             ]
             sync()
