@@ -29,6 +29,7 @@ from types import ModuleType
 
 # Order matters only for readability of the log line.
 PATCH_MODULES: tuple[str, ...] = (
+    "amx_permission",
     "expert_names",
     "router",
     "load_guard",
