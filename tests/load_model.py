@@ -136,12 +136,19 @@ def main() -> int:
         if getattr(module, "quant_method", None) is not None
     }
     classes = {name: type(module).__name__ for name, module in model.named_modules()}
+    # what vLLM's CPU int4 linear kernel decided per layer (set when weights are processed)
+    use_w4a8 = {
+        name: bool(module.use_w4a8)
+        for name, module in model.named_modules()
+        if hasattr(module, "use_w4a8")
+    }
     with open(args.out + ".json", "w") as f:
         json.dump(
             {
                 "quant_methods": quant_methods,
                 "model_class": type(model).__name__,
                 "module_classes": classes,
+                "use_w4a8": use_w4a8,
             },
             f,
             indent=1,

@@ -2,11 +2,14 @@
 
 vLLM <= 0.31 replaces a packed CPU linear's weight by a float32 placeholder; GateLinear
 then casts the bf16 router input to float32 for the bf16 kernel, and the logits are
-garbage. The reference here is independent of vLLM: the router projection's input, as
-vLLM computed it, times the checkpoint's router weight, in float64.
+garbage (or, where the packed kernel checks its input's dtype, the forward pass fails).
+The reference here is independent of vLLM: the router projection's input, as vLLM
+computed it, times the checkpoint's router weight, in float64.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -51,7 +54,13 @@ def test_without_the_patch_the_router_is_garbage(checkpoints, tmp_path):
     path = checkpoints(LAYOUT)
     env = {"GEMMA4_QUANT_DISABLE_PATCHES": cpu_gate_dtype.NAME}
     load = run_vllm_load(path, tmp_path, probe_router=True, env=env)
-    assert load.ok, load.log[-3000:]
+    if not load.ok:
+        # Where the CPU's packed bf16 kernel checks its input's dtype (seen on AMX), the
+        # float32 input the placeholder makes GateLinear pass is refused outright.
+        assert re.search(r"NotImplementedError: .* not implemented for 'Float'", load.log), (
+            load.log[-3000:]
+        )
+        return
     errors = router_errors(path, load)
     if all(delta <= 1e-2 * scale for delta, scale in errors.values()):
         pytest.skip("this CPU's GEMM dispatch keeps the router weight (no packed kernel)")

@@ -17,7 +17,7 @@ from conftest import run_vllm_load
 from test_expert_names import read_checkpoint
 
 from gemma4_quant import doctor
-from gemma4_quant.checkpoints import load_tensors
+from gemma4_quant.checkpoints import CT_GROUP_SIZE, load_tensors, unpack_int4_raw
 from gemma4_quant.patches import Status, expert_names, load_guard
 
 LAYOUT, EXPERTS = "ct-fused-w4a16-router", 32
@@ -72,6 +72,47 @@ def test_quantized_router_matches_twin(checkpoints, tmp_path, twin_logits):
             assert torch.equal(got.view(want.dtype), want), (layer, suffix)
     if CAN_RUN_INT4:
         assert_logits_match(router_logits(load), twin_logits)
+
+
+def int8_act_error(x: torch.Tensor) -> torch.Tensor:
+    """Per element, how far vLLM's W4A8 kernel (``int4_scaled_mm_cpu``) may move an
+    activation: it rounds each token's row to the nearest multiple of s = amax / 127
+    (``quantize_row_int8``: uint8 around a fixed zero point 128, so no clamping), at most
+    s / 2 away; the slack covers s and x / s being computed in float32."""
+    scale = x.float().abs().amax(-1, keepdim=True) / 127
+    return (scale / 2 * (1 + 2**-16)).expand(x.shape)
+
+
+def test_w4a8_router_within_int8_rounding_of_twin(checkpoints, tmp_path, twin_logits):
+    """vLLM's default on CPUs with AMX tiles: int4 linears run as W4A8. The router's logits
+    then lie within the rigorous bound of per-token int8 activation rounding from the twin's
+    (the weights are used exactly, so nothing else differs)."""
+    if not CAN_RUN_INT4:
+        pytest.skip("this vLLM's CPU ops lack the int4 GEMM")
+    path = checkpoints(LAYOUT, num_experts=EXPERTS)
+    load = run_vllm_load(path, tmp_path, probe_router=True, env={"VLLM_CPU_INT4_W4A8": "1"})
+    assert load.ok, load.log[-3000:]
+    w4a8 = {name: on for name, on in load.use_w4a8.items() if name.endswith("router.proj")}
+    if not w4a8:
+        pytest.skip("no router runs on vLLM's CPU int4 kernel here (the fallback dequantizes it)")
+    if not any(w4a8.values()):
+        pytest.skip("vLLM runs this CPU's int4 router as W4A16 (no AMX tiles): nothing to bound")
+    assert len(w4a8) == 4 and all(w4a8.values()), w4a8
+    ckpt = read_checkpoint(path)
+    got = router_logits(load)
+    for layer in range(4):
+        name = f"probe.model.layers.{layer}.router"
+        x = load.tensors[f"probe_input.model.layers.{layer}.router"]
+        stem = f"model.language_model.layers.{layer}.router.proj."
+        weight = unpack_int4_raw(ckpt[stem + "weight_packed"]).float() - 8
+        weight = weight * ckpt[stem + "weight_scale"].float().repeat_interleave(
+            CT_GROUP_SIZE, dim=-1
+        )
+        bound = activation_twin_bound(x, weight, int8_act_error(x), twin_logits[name])
+        delta = (got[name] - twin_logits[name]).abs()
+        assert (delta <= bound).all(), (name, (delta - bound).max().item())
+        # activation rounding shows: these are not the twin's bf16 GEMM
+        assert delta.max().item() > 0, name
 
 
 def test_unquantized_router_keeps_gate_linear(checkpoints, vllm_load):
@@ -143,33 +184,42 @@ def fp8_router_emulation(
     return out.to(torch.bfloat16).float()
 
 
-def fp8_twin_bound(
-    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, twin: torch.Tensor
+def activation_twin_bound(
+    x: torch.Tensor, weight: torch.Tensor, act_error: torch.Tensor, twin: torch.Tensor
 ) -> torch.Tensor:
-    """How far FP8 router logits may lie from the bf16 twin's, per logit, rigorously.
+    """How far router logits computed from rounded activations may lie from the bf16
+    twin's, per logit, rigorously. ``act_error`` [T, H] bounds, per element, how far the
+    kernel's rounded activation lies from ``x``.
 
-    W = weight * weight_scale is the checkpoint's router (exact in float32); the twin holds
+    W = ``weight`` is the checkpoint's router (exact in float32); the twin holds
     W_deq = bf16(W), so |W| <= (1 + 2^-8) |W_deq| =: w. Before the outputs are rounded:
-    - activations are rounded to e4m3 after scaling by s = amax / 448: relative error at
-      most 2^-4 (3 mantissa bits, round to nearest) in the normal range, absolute at most
-      2^-10 * s below it (subnormal spacing 2^-9): 2^-4 |x| @ w^T + 2^-10 s 1 @ w^T;
+    - activation rounding: act_error @ w^T;
     - the twin's weights are W rounded to bf16 (relative 2^-9): 2^-9 |x| @ w^T;
     - float32 accumulation over H terms, on both sides: < 4 H 2^-24 |x| @ w^T.
     Both outputs are then rounded to bf16 (relative 2^-9 each), which adds 2^-9 of that
     sum and 2^-8 (1 + 2^-8) |twin|.
     """
     x = x.float()
-    w = (weight.float() * weight_scale.float().view(-1, 1)).to(torch.bfloat16).float().abs()
-    w = w * (1 + 2**-8)
+    w = weight.float().to(torch.bfloat16).float().abs() * (1 + 2**-8)
     magnitude = x.abs() @ w.t()
-    scale = x.abs().amax(-1, keepdim=True) / E4M3_MAX
     before_rounding = (
-        2**-4 * magnitude
-        + 2**-10 * scale * w.sum(-1).view(1, -1)
-        + 2**-9 * magnitude
-        + 4 * x.shape[-1] * 2**-24 * magnitude
+        act_error.float() @ w.t() + 2**-9 * magnitude + 4 * x.shape[-1] * 2**-24 * magnitude
     )
     return before_rounding * (1 + 2**-9) + 2**-8 * (1 + 2**-8) * twin.abs()
+
+
+def fp8_twin_bound(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, twin: torch.Tensor
+) -> torch.Tensor:
+    """:func:`activation_twin_bound` for e4m3 activations scaled by s = amax / 448:
+    relative error at most 2^-4 (3 mantissa bits, round to nearest) in the normal range,
+    absolute at most 2^-10 * s below it (subnormal spacing 2^-9)."""
+    x = x.float()
+    scale = x.abs().amax(-1, keepdim=True) / E4M3_MAX
+    act_error = 2**-4 * x.abs() + 2**-10 * scale
+    return activation_twin_bound(
+        x, weight.float() * weight_scale.float().view(-1, 1), act_error, twin
+    )
 
 
 def fp8_router_weights(checkpoint, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
