@@ -25,7 +25,6 @@ Every layout of one seed shares the same bf16 base weights (``base_state_dict``)
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -35,30 +34,12 @@ from typing import Any
 
 import torch
 
-TEXT_PREFIX = "model.language_model."
-DEFAULT_LAYOUT = "ct-fused-w4a16"
+from .layout import DEFAULT_LAYOUT, LAYOUTS, TEXT_PREFIX
+
 CT_GROUP_SIZE = 32
 AUTOROUND_GROUP_SIZE = 128
 WEIGHTS_FILE = "model.safetensors"
 
-LAYOUTS: dict[str, str] = {
-    "bf16": "base layout: fused 3D experts, everything bf16, no quantization_config",
-    "ct-fused-w4a16": "cyankiwi AWQ-4bit: compressed-tensors pack-quantized int4 g32 sym; "
-    "fused 3D experts (<param>_packed/_scale) + attention q/k/v/o quantized",
-    "ct-fused-w4a16-asym": "as ct-fused-w4a16, asymmetric: plus packed zero points "
-    "(experts.<param>_zero_point, <module>.weight_zero_point)",
-    "ct-fused-w4a16-shape": "as ct-fused-w4a16, plus 3-element experts.<param>_shape "
-    "tensors (what the compressor emits for a 3D weight)",
-    "ct-per-expert-w4a16": "compressed-tensors int4 g32 sym with per-expert 2D names "
-    "experts.{e}.{gate,up,down}_proj.weight_packed/_scale/_shape",
-    "ct-fused-w4a16-router": "as ct-fused-w4a16, but router.proj quantized too "
-    "(not in the ignore list)",
-    "autoround-int4": "Intel AutoRound (auto_round:auto_gptq) int4 g128 sym: per-expert "
-    "qweight/qzeros/scales; attention, dense MLP and router.proj quantized",
-    "fp8-router": "compressed-tensors FP8 (float-quantized, per-channel weight scale, "
-    "dynamic per-token activations): per-expert experts, attention, dense MLP and "
-    "router.proj quantized",
-}
 
 # Tokenizer: Gemma's special-token ids (pad 0, eos 1, bos 2), a byte-level BPE for the rest.
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
@@ -860,67 +841,3 @@ def write_twin(src_dir: str | Path, out_dir: str | Path) -> Path:
             shutil.copyfile(src / name, out / name)
     _save_tensors(dict(sorted(tensors.items())), out)
     return out
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return overrides
-
-
-def _cmd_build(args: argparse.Namespace) -> int:
-    if args.list_layouts:
-        width = max(map(len, LAYOUTS))
-        for name, desc in LAYOUTS.items():
-            print(f"{name:<{width}}  {desc}")
-        return 0
-    if args.out_dir is None:
-        print("build: OUT_DIR is required (or --list-layouts)")
-        return 2
-    try:
-        overrides = _parse_overrides(args.set)
-        out = build_checkpoint(args.out_dir, args.layout, seed=args.seed, **overrides)
-    except ValueError as exc:
-        print(f"build: {exc}")
-        return 2
-    size = sum(f.stat().st_size for f in out.iterdir())
-    print(f"wrote {args.layout} checkpoint to {out} ({size / 2**20:.1f} MiB)")
-    return 0
-
-
-def _cmd_twin(args: argparse.Namespace) -> int:
-    out = write_twin(args.src_dir, args.out_dir)
-    print(f"wrote bf16 twin of {args.src_dir} to {out}")
-    return 0
-
-
-def add_arguments(subparsers: argparse._SubParsersAction) -> None:
-    """Register the ``build`` and ``twin`` subcommands."""
-    build = subparsers.add_parser("build", help="write a tiny random Gemma 4 MoE checkpoint")
-    build.add_argument("out_dir", nargs="?", type=Path, metavar="OUT_DIR")
-    build.add_argument("--layout", default=DEFAULT_LAYOUT, choices=list(LAYOUTS), metavar="NAME")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a text-config key (VALUE parsed as JSON), e.g. num_experts=16",
-    )
-    build.add_argument("--list-layouts", action="store_true", help="print the layouts and exit")
-    build.set_defaults(func=_cmd_build)
-
-    twin = subparsers.add_parser("twin", help="write the dequantized bf16 twin of a checkpoint")
-    twin.add_argument("src_dir", type=Path, metavar="SRC_DIR")
-    twin.add_argument("out_dir", type=Path, metavar="OUT_DIR")
-    twin.set_defaults(func=_cmd_twin)

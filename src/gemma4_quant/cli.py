@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
+from pathlib import Path
+from typing import Any
 
 from . import __version__, vllm_version
+from .layout import DEFAULT_LAYOUT, LAYOUTS
 
 
 def _patches(args: argparse.Namespace) -> int:
@@ -42,11 +44,74 @@ def _patches(args: argparse.Namespace) -> int:
     return 0
 
 
-# Subcommand modules register themselves with add_arguments(subparsers).
-_SUBCOMMAND_MODULES = ("checkpoints", "doctor")
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    if args.list_layouts:
+        width = max(map(len, LAYOUTS))
+        for name, desc in LAYOUTS.items():
+            print(f"{name:<{width}}  {desc}")
+        return 0
+    if args.out_dir is None:
+        print("build: OUT_DIR is required (or --list-layouts)")
+        return 2
+    from .checkpoints import build_checkpoint  # torch: only for building
+
+    try:
+        overrides = _parse_overrides(args.set)
+        out = build_checkpoint(args.out_dir, args.layout, seed=args.seed, **overrides)
+    except ValueError as exc:
+        print(f"build: {exc}")
+        return 2
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {args.layout} checkpoint to {out} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
+def _cmd_twin(args: argparse.Namespace) -> int:
+    from .checkpoints import write_twin
+
+    out = write_twin(args.src_dir, args.out_dir)
+    print(f"wrote bf16 twin of {args.src_dir} to {out}")
+    return 0
+
+
+def _add_checkpoint_commands(subparsers: argparse._SubParsersAction) -> None:
+    build = subparsers.add_parser("build", help="write a tiny random Gemma 4 MoE checkpoint")
+    build.add_argument("out_dir", nargs="?", type=Path, metavar="OUT_DIR")
+    build.add_argument("--layout", default=DEFAULT_LAYOUT, choices=list(LAYOUTS), metavar="NAME")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a text-config key (VALUE parsed as JSON), e.g. num_experts=16",
+    )
+    build.add_argument("--list-layouts", action="store_true", help="print the layouts and exit")
+    build.set_defaults(func=_cmd_build)
+
+    twin = subparsers.add_parser("twin", help="write the dequantized bf16 twin of a checkpoint")
+    twin.add_argument("src_dir", type=Path, metavar="SRC_DIR")
+    twin.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    twin.set_defaults(func=_cmd_twin)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; building it imports neither torch nor vLLM."""
+    from . import doctor
+
     parser = argparse.ArgumentParser(
         prog="gemma4-quant",
         description="Quantized Gemma 4 MoE checkpoints on stock vLLM.",
@@ -56,14 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     patches = sub.add_parser("patches", help="which patches apply to the installed vLLM")
     patches.add_argument("--json", action="store_true")
     patches.set_defaults(func=_patches)
-    for name in _SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"{__package__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{name}":
-                raise
-            continue
-        module.add_arguments(sub)
+    _add_checkpoint_commands(sub)
+    doctor.add_arguments(sub)
     return parser
 
 

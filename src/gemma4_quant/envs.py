@@ -3,7 +3,9 @@
 Names do not start with ``VLLM_``: vLLM warns about ``VLLM_*`` variables it does not know.
 """
 
+import logging
 import os
+from functools import cache
 
 __all__ = ["disabled", "disabled_patches", "fallback_mode"]
 
@@ -27,5 +29,23 @@ def fallback_mode() -> str:
     """``GEMMA4_QUANT_FALLBACK``: ``auto`` (default: dequantize int4 MoE experts and WNA16
     linears where vLLM has no kernel, or picks one whose op is missing), ``off`` (vLLM's own
     error stands) or ``force`` (dequantize every int4 expert and linear)."""
-    mode = os.environ.get("GEMMA4_QUANT_FALLBACK", "auto").strip().lower()
-    return mode if mode in ("auto", "off", "force") else "auto"
+    raw = os.environ.get("GEMMA4_QUANT_FALLBACK", "auto")
+    mode = raw.strip().lower()
+    if mode in FALLBACK_MODES:
+        return mode
+    _warn_bad_value("GEMMA4_QUANT_FALLBACK", raw, FALLBACK_MODES, "auto")
+    return "auto"
+
+
+FALLBACK_MODES = ("auto", "off", "force")
+
+
+@cache
+def _warn_bad_value(name: str, value: str, accepted: tuple[str, ...], used: str) -> None:
+    logging.getLogger("vllm.gemma4_quant").warning(
+        "gemma4_quant: %s=%r is not one of %s; using %s",
+        name,
+        value,
+        "|".join(accepted),
+        used,
+    )

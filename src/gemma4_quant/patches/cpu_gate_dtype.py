@@ -36,8 +36,10 @@ Removal:
 from __future__ import annotations
 
 from types import ModuleType
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from . import Detection, vllm_source, when_imported, wrap_once
 
@@ -66,6 +68,8 @@ def apply() -> None:
 
 
 def _patch(module: ModuleType) -> None:
+    import torch
+
     def make_wrapper(original):
         def dispatch_cpu_unquantized_gemm(layer: torch.nn.Module, remove_weight: bool):
             weight = layer.weight

@@ -61,9 +61,10 @@ import logging
 import re
 from fractions import Fraction
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from .. import envs
 from . import Detection, vllm_source, when_imported
@@ -206,6 +207,8 @@ def dequantize_int(
     for bit. Where ``dtype`` is the scale's own 16-bit type the product is computed in
     it directly: IEEE multiplication rounds the exact product once, the same value.
     """
+    import torch
+
     pack = 32 // num_bits
     mask = (1 << num_bits) - 1
     rows, groups = packed.shape[0], scale.shape[-1]
@@ -236,6 +239,8 @@ def dequantize_experts(
 ) -> torch.Tensor:
     """[E, N, K / pack] packed experts -> [E, N, K]; one expert at a time, so the
     temporaries stay the size of one expert's matrix."""
+    import torch
+
     num_experts, rows, words = packed.shape
     out = torch.empty(
         num_experts, rows, words * (32 // num_bits), dtype=dtype, device=packed.device
@@ -272,7 +277,9 @@ class _CostReport:
 
     def add(self, kind: str, packed_bytes: int, dequantized_bytes: int, reason: str) -> None:
         self.pending.setdefault(kind, []).append((packed_bytes, dequantized_bytes))
-        self.reasons.add(reason.strip().rstrip("."))
+        # vLLM's refusals can span lines (one per backend it tried); the warning stays one
+        # line, so that a grep of the log finds it whole
+        self.reasons.add(" ".join(reason.split()).rstrip("."))
 
     def flush(self, dtype: torch.dtype) -> None:
         if not self.pending:
@@ -404,6 +411,7 @@ _PACKED_EXPERT_PARAMS = (
 @functools.cache
 def _dequantized_moe_method_class() -> type:
     """Built on first use: vLLM's MoE classes are only imported where a layer needs them."""
+    import torch
     from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
     from vllm.model_executor.layers.fused_moe.fused_moe_method_base import (
         FusedMoEMethodBase,
@@ -586,6 +594,8 @@ def _linear_supported(config: Any) -> bool:
 
 def _missing_op(kernel: type) -> str | None:
     """The op of ``kernel`` that the loaded vLLM extension lacks, if any."""
+    import torch
+
     op = _KERNEL_OPS.get(kernel.__name__)
     if op is None:
         return None
@@ -597,6 +607,7 @@ def _missing_op(kernel: type) -> str | None:
 @functools.cache
 def _dequantized_linear_kernel(reason: str) -> type:
     """A mixed-precision linear kernel class that dequantizes at load (one per reason)."""
+    import torch
     from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import (
         MPLinearKernel,
     )

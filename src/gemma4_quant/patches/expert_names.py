@@ -46,8 +46,10 @@ import functools
 import re
 from collections.abc import Iterable, Iterator
 from types import ModuleType
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from . import Detection, vllm_source, when_imported, wrap_once
 
@@ -143,6 +145,8 @@ def rewrite(
 def _split_per_expert(
     pre: str, proj: str, suffix: str, tensor: torch.Tensor, gen: str | None
 ) -> Iterator[tuple[str, torch.Tensor]]:
+    import torch
+
     gen = gen or "generic"
     if suffix == "shape":
         # [E, rows, cols] of the fused weight -> [rows, cols] of each expert's 2D weight

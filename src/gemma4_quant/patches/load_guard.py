@@ -32,8 +32,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from types import ModuleType
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from . import Detection, vllm_source, when_imported, wrap_once
 

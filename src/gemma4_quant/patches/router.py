@@ -36,8 +36,10 @@ from __future__ import annotations
 import functools
 import re
 from types import ModuleType
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from . import Detection, vllm_source, when_imported, wrap_once
 
@@ -102,6 +104,7 @@ def _quantized_proj(
     stock: torch.nn.Module, quant_config, prefix: str, takes: bool
 ) -> torch.nn.Module | None:
     """The router projection built with ``quant_config``, or None if it stays unquantized."""
+    import torch
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
     input_size, output_size = stock.input_size, stock.output_size

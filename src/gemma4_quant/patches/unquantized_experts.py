@@ -52,8 +52,10 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from . import Detection, vllm_source, when_imported, wrap_once
 
@@ -73,7 +75,7 @@ _GPTQ = re.compile(
     r"\.(?P<proj>gate_proj|up_proj|down_proj)\.(?P<suffix>qweight|qzeros|scales|g_idx)$"
 )
 _REQUIRED = ("qweight", "qzeros", "scales")
-_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_FLOAT_DTYPES = ("torch.bfloat16", "torch.float16", "torch.float32")
 
 logger = logging.getLogger("vllm.gemma4_quant")
 _warned = False
@@ -241,7 +243,7 @@ def _float_experts(name: str, module: torch.nn.Module) -> FloatExperts | None:
     w13, w2 = params.get("w13_weight"), params.get("w2_weight")
     if w13 is None or w2 is None or w13.dim() != 3 or w2.dim() != 3:
         return None
-    if w13.dtype not in _FLOAT_DTYPES or w2.dtype != w13.dtype:
+    if str(w13.dtype) not in _FLOAT_DTYPES or w2.dtype != w13.dtype:
         return None  # fp8 experts, or another method's buffers
     moe_config = getattr(module, "moe_config", None)
     tp_size = int(getattr(moe_config, "tp_size", 1) or 1)
@@ -345,6 +347,8 @@ def _check_shape(
     bits: int,
     entry: _Pending,
 ) -> None:
+    import torch
+
     out, inp = out_in
     pack = 32 // bits
     groups = _groups(entry)
@@ -381,6 +385,8 @@ def _check_late(
     bits: int,
 ) -> None:
     """A tensor of a projection already dequantized: only a trivial g_idx may come late."""
+    import torch
+
     if suffix != "g_idx":
         raise ValueError(f"Checkpoint tensor {name!r} appears twice")
     _check_shape(name, suffix, tensor, experts.out_in(key[2]), bits, _Pending())
@@ -424,6 +430,8 @@ def dequantize_gptq(
     row // group size). ``(q - zero) * scale`` is computed in float32, where it is exact
     (a small integer times a 16-bit float), and rounded once to ``dtype``.
     """
+    import torch
+
     pack = 32 // bits
     mask = (1 << bits) - 1
     shifts = torch.arange(pack, dtype=torch.int32) * bits
