@@ -180,6 +180,8 @@ def test_processed_parameters_equal_the_twin(checkpoints, tmp_path: Path) -> Non
     # one warning for the whole model, with what the fallback costs
     warnings = [line for line in load.log.splitlines() if "Dequantizing" in line]
     assert len(warnings) == 1, warnings
+    # the whole warning on one line: scripts/demo.sh greps it with this pattern
+    assert re.search(r"gemma4_quant: .*Dequantizing", warnings[0]), warnings
     assert re.search(r"\d+ MoE layers .*GiB of weights instead of [\d.]+ GiB packed", warnings[0])
 
 

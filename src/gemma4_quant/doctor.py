@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .cpu import vector_extensions
+
 # --------------------------------------------------------------------- outcomes
 
 
@@ -782,6 +784,8 @@ class CpuInfo:
     avx512_bf16: bool
     kernel_library: str | None  # the vLLM extension this CPU loads (_C, _C_AVX512, _C_AVX2)
     int4_gemm_op: bool | None  # torch.ops._C.cpu_gemm_wna16 is in that library
+    extensions: list[str] = field(default_factory=list)  # AVX2, AVX-512, AMX (/proc/cpuinfo)
+    int4_w4a8: bool = False  # vLLM's CPU int4 linear kernel rounds activations to int8
 
 
 @dataclass
@@ -963,8 +967,23 @@ def _cpu_info(features: dict[str, Any]) -> CpuInfo:
         # as CpuPlatform.import_kernels chooses
         library = "_C" if avx512 and avx512_bf16 else "_C_AVX512" if avx512 else "_C_AVX2"
     return CpuInfo(
-        arch, amx, avx512, avx512_bf16, library, _library_has(library, b"cpu_gemm_wna16")
+        arch,
+        amx,
+        avx512,
+        avx512_bf16,
+        library,
+        _library_has(library, b"cpu_gemm_wna16"),
+        vector_extensions(),
+        _int4_w4a8(amx),
     )
+
+
+def _int4_w4a8(amx: bool) -> bool:
+    """Whether vLLM will run int4 linears as W4A8 here: its CPUWNA16 kernel has the path,
+    the CPU has AMX tiles, and VLLM_CPU_INT4_W4A8 (default 1) does not turn it off."""
+    kernel = _source(*(d + "cpu.py" for d in _MP_KERNEL_DIRS))
+    switch = os.environ.get("VLLM_CPU_INT4_W4A8", "1").strip()
+    return amx and "use_w4a8" in kernel and switch not in ("0", "")
 
 
 def _library_has(library: str, symbol: bytes) -> bool | None:
@@ -1048,8 +1067,15 @@ def _platform(
             return "rocm", major * 10 + minor, name, None
         return "cuda", major * 10 + minor, f"{name} (compute capability {major}.{minor})", None
     cpu = _cpu_info(features)
-    isa = "AMX" if cpu.amx else "AVX-512" if cpu.avx512 else "no AVX-512"
-    return "cpu", None, f"CPU {cpu.arch}, {isa}, vLLM kernel library {cpu.kernel_library}", cpu
+    extensions = ", ".join(cpu.extensions) or "no AVX2"
+    activations = "W4A8 (int8 activations)" if cpu.int4_w4a8 else "W4A16"
+    return (
+        "cpu",
+        None,
+        f"CPU {cpu.arch} ({extensions}), vLLM kernel library {cpu.kernel_library},"
+        f" int4 linears run {activations}",
+        cpu,
+    )
 
 
 # --------------------------------------------------------------------- rules
@@ -2022,6 +2048,8 @@ def describe_environment(env: Environment) -> dict[str, Any]:
         "device": env.device,
         "compute_capability": env.capability,
         "tensor_parallel": env.tensor_parallel,
+        "cpu_extensions": env.cpu.extensions if env.cpu else None,
+        "cpu_int4_w4a8": env.cpu.int4_w4a8 if env.cpu else None,
     }
 
 
@@ -2086,6 +2114,16 @@ def notes(analysis: Analysis, env: Environment, prediction: Prediction) -> list[
             "transformers' Gemma4Processor needs torchvision, which is not installed here: "
             "serve text only with --hf-overrides "
             '\'{"architectures": ["Gemma4ForCausalLM"]}\''
+        )
+    if (
+        env.cpu is not None
+        and env.cpu.int4_w4a8
+        and any(_is_wna16(m.scheme) for m in analysis.modules)
+    ):
+        found.append(
+            "this AMX CPU runs the int4 linears vLLM keeps quantized as W4A8: activations are "
+            "rounded to int8 per token, so outputs differ from the bf16 twin by more than bf16 "
+            "rounding (VLLM_CPU_INT4_W4A8=0 keeps W4A16)"
         )
     quantized_towers = [m.short for m in analysis.of_kind("vision", "audio") if m.scheme]
     if quantized_towers:
