@@ -77,22 +77,10 @@ def load_patch_modules() -> list[ModuleType]:
 
 
 def vllm_source(relpath: str) -> str | None:
-    """Text of a module file of the installed vLLM, read without importing it.
+    """Text of a module file of the installed vLLM, read without importing it."""
+    from ..vllm_code import source
 
-    Detection reads code instead of importing it: importing Gemma 4's model module
-    costs seconds, and the API server process never needs it.
-    """
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("vllm")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for root in spec.submodule_search_locations:
-        path = Path(root, relpath)
-        if path.is_file():
-            return path.read_text(encoding="utf-8")
-    return None
+    return source(relpath)
 
 
 def when_imported(module_name: str, callback: Callable[[ModuleType], None]) -> None:

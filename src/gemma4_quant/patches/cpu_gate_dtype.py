@@ -35,12 +35,14 @@ Removal:
 
 from __future__ import annotations
 
+import ast
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
+from .. import vllm_code
 from . import Detection, vllm_source, when_imported, wrap_once
 
 NAME = "cpu_gate_dtype"
@@ -48,17 +50,22 @@ SUMMARY = "CPU: the bf16 router keeps its dtype once vLLM packs its weight (garb
 
 UTILS = "vllm.model_executor.layers.utils"
 _MARK = "__gemma4_quant_cpu_gate_dtype__"
-_DTYPELESS = "torch.nn.Parameter(torch.empty(0), requires_grad=False)"
 
 
 def detect() -> Detection:
     text = vllm_source("model_executor/layers/utils.py")
-    if text is None or "def dispatch_cpu_unquantized_gemm" not in text:
-        return Detection.not_needed("no CPU GEMM dispatch that removes weights")
-    body = text.split("def dispatch_cpu_unquantized_gemm", 1)[1].split("\ndef ", 1)[0]
-    if _DTYPELESS in body:
+    dispatch = vllm_code.find_function(text, "dispatch_cpu_unquantized_gemm")
+    if dispatch is None:
+        return Detection.unrecognized("no dispatch_cpu_unquantized_gemm in vLLM's layers/utils.py")
+    # the placeholders: torch.empty(0, ...) calls in the dispatch
+    placeholders = [
+        call
+        for call in vllm_code.calls(dispatch, "empty")
+        if call.args and isinstance(call.args[0], ast.Constant) and call.args[0].value == 0
+    ]
+    if any("dtype" not in vllm_code.keywords(call) for call in placeholders):
         return Detection.needed("CPU GEMM dispatch leaves a float32 placeholder weight")
-    if "torch.empty(0, dtype=" in body:
+    if placeholders:
         return Detection.not_needed("the placeholder weight keeps the weight's dtype")
     return Detection.unrecognized("unknown placeholder in dispatch_cpu_unquantized_gemm")
 

@@ -29,6 +29,7 @@ Removal:
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Iterable, Iterator
 from types import ModuleType
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+from .. import vllm_code
 from . import Detection, vllm_source, when_imported, wrap_once
 
 NAME = "load_guard"
@@ -44,7 +46,7 @@ SUMMARY = "fail loudly where vLLM 0.24 - 0.30 silently skips unmatched Gemma 4 t
 
 GEMMA4 = "vllm.model_executor.models.gemma4"
 _MARK = "__gemma4_quant_load_guard__"
-_SILENT_SKIP = re.compile(r"\n(\s*)if name not in params_dict:\s*\n\1    continue")
+_MODEL_FILE = "model_executor/models/gemma4.py"
 # Parameters that quantization methods create whether or not a checkpoint has them:
 # activation-order indices, activation and KV-cache scales/zero points, and the
 # compressed-tensors `weight_shape` metadata (fused checkpoints carry none; no kernel reads it).
@@ -55,15 +57,44 @@ _OPTIONAL = re.compile(
 
 
 def detect() -> Detection:
-    text = vllm_source("model_executor/models/gemma4.py")
-    if text is None or "class Gemma4Model" not in text:
-        return Detection.unrecognized("no Gemma4Model in vllm/model_executor/models/gemma4.py")
-    model = text.split("class Gemma4Model", 1)[1].split("\nclass ", 1)[0]
-    if "def load_weights" not in model:
-        return Detection.not_needed("Gemma4Model has no load_weights of its own")
-    if _SILENT_SKIP.search(model.split("def load_weights", 1)[1]):
+    text = vllm_source(_MODEL_FILE)
+    if vllm_code.find_class(text, "Gemma4Model") is None:
+        return Detection.unrecognized(f"no Gemma4Model in vllm/{_MODEL_FILE}")
+    load_weights = vllm_code.find_function(text, "Gemma4Model.load_weights")
+    if load_weights is None:
+        return Detection.unrecognized("Gemma4Model has no load_weights")
+    if any(_is_silent_skip(node) for node in ast.walk(load_weights)):
         return Detection.needed("Gemma4Model.load_weights skips unmatched names silently")
-    return Detection.not_needed("unmatched names are not skipped silently")
+    if any(vllm_code.calls(load_weights, "AutoWeightsLoader")):
+        return Detection.not_needed("AutoWeightsLoader rejects unmatched names")
+    if any(_indexes_params_by_name(node) for node in ast.walk(load_weights)):
+        return Detection.not_needed("unmatched names are not skipped silently")
+    return Detection.unrecognized("Gemma4Model.load_weights neither skips nor rejects names")
+
+
+def _is_silent_skip(node: ast.AST) -> bool:
+    """``if name not in params_dict: continue``, however it is written."""
+    if not isinstance(node, ast.If) or node.orelse:
+        return False
+    test = node.test
+    return (
+        isinstance(test, ast.Compare)
+        and vllm_code.is_name(test.left, "name")
+        and len(test.ops) == 1
+        and isinstance(test.ops[0], ast.NotIn)
+        and vllm_code.is_name(test.comparators[0], "params_dict")
+        and len(node.body) == 1
+        and isinstance(node.body[0], ast.Continue)
+    )
+
+
+def _indexes_params_by_name(node: ast.AST) -> bool:
+    """``params_dict[name]``: an unmatched name raises KeyError."""
+    return (
+        isinstance(node, ast.Subscript)
+        and vllm_code.is_name(node.value, "params_dict")
+        and vllm_code.is_name(node.slice, "name")
+    )
 
 
 def apply() -> None:

@@ -1,0 +1,84 @@
+"""One reader of the installed vLLM's code: its source files as text and as syntax trees.
+
+Detection reads code instead of importing it (importing Gemma 4's model module costs
+seconds, and the API server never needs it). Lookups go through the syntax tree, not
+through text patterns, so that a comment, a blank line or reformatted code in vLLM does
+not change what a patch decides, and a lookup that finds nothing says so (``None``),
+which the patches turn into UNRECOGNIZED.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+
+FunctionNode = ast.FunctionDef | ast.AsyncFunctionDef
+
+
+@cache
+def source(relpath: str) -> str | None:
+    """Text of a module file of the installed vLLM (``None`` without vLLM or that file)."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        path = Path(root, relpath)
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    return None
+
+
+@cache
+def parse(text: str) -> ast.Module | None:
+    try:
+        return ast.parse(text)
+    except SyntaxError:
+        return None
+
+
+def find_class(text: str | None, name: str) -> ast.ClassDef | None:
+    """The module-level class ``name`` of ``text``."""
+    tree = parse(text) if text else None
+    for node in tree.body if tree else ():
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            return node
+    return None
+
+
+def find_function(text: str | None, qualname: str) -> FunctionNode | None:
+    """A module-level function (``"f"``) or a method (``"Class.f"``) of ``text``."""
+    owner_name, _, name = qualname.rpartition(".")
+    if owner_name:
+        owner: ast.AST | None = find_class(text, owner_name)
+    else:
+        owner = parse(text) if text else None
+    for node in getattr(owner, "body", ()):
+        if isinstance(node, FunctionNode) and node.name == name:
+            return node
+    return None
+
+
+def call_name(call: ast.Call) -> str:
+    """The called name: ``f`` for ``f(...)``, ``empty`` for ``torch.empty(...)``."""
+    func = call.func
+    if isinstance(func, ast.Attribute):
+        return func.attr
+    return func.id if isinstance(func, ast.Name) else ""
+
+
+def calls(node: ast.AST, name: str) -> Iterator[ast.Call]:
+    """Every call of ``name`` (by its last component) inside ``node``."""
+    for child in ast.walk(node):
+        if isinstance(child, ast.Call) and call_name(child) == name:
+            yield child
+
+
+def keywords(call: ast.Call) -> set[str]:
+    return {kw.arg for kw in call.keywords if kw.arg is not None}
+
+
+def is_name(node: ast.AST, name: str) -> bool:
+    return isinstance(node, ast.Name) and node.id == name
