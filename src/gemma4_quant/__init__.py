@@ -71,47 +71,46 @@ def vllm_version() -> str:
 def _apply_all() -> list[tuple[str, str, str]]:
     """Return (patch, outcome, reason) for every known patch."""
     from . import envs
-    from .patches import PATCH_MODULES, Status, load_patch_modules
+    from .patches import PATCH_MODULES, Status, plan
 
-    if envs.disabled():
-        return [(name, "disabled", "GEMMA4_QUANT_DISABLE") for name in PATCH_MODULES]
-    skip = envs.disabled_patches()
-    modules = load_patch_modules()
-    unknown = skip - {m.NAME for m in modules}
-    if unknown:
+    planned = plan()
+    unknown = envs.disabled_patches() - set(PATCH_MODULES)
+    if unknown and not envs.disabled():
         logger.warning(
             "gemma4_quant: GEMMA4_QUANT_DISABLE_PATCHES names unknown patches %s (known: %s)",
             sorted(unknown),
-            ", ".join(m.NAME for m in modules),
+            ", ".join(PATCH_MODULES),
         )
     report = []
-    for module in modules:
-        if module.NAME in skip:
-            report.append((module.NAME, "disabled", "GEMMA4_QUANT_DISABLE_PATCHES"))
+    for item in planned:
+        if item.disabled_by is not None:
+            report.append((item.name, "disabled", item.disabled_by))
             continue
-        try:
-            detection = module.detect()
-            if detection.status is Status.NEEDED:
-                module.apply()
-                report.append((module.NAME, "applied", detection.reason))
+        failure = item.error
+        if item.applies:
+            try:
+                item.module.apply()
+                report.append((item.name, "applied", item.detection.reason))
                 continue
-        except Exception as exc:  # a broken patch must not take vLLM down
+            except Exception as exc:  # a broken patch must not take vLLM down
+                failure = exc
+        if failure is not None:
             logger.warning(
                 "gemma4_quant: patch %s failed on vLLM %s, not applied: %r",
-                module.NAME,
+                item.name,
                 vllm_version(),
-                exc,
+                failure,
             )
-            report.append((module.NAME, "failed", repr(exc)))
+            report.append((item.name, "failed", repr(failure)))
             continue
-        if detection.status is Status.UNRECOGNIZED:
+        if item.detection.status is Status.UNRECOGNIZED:
             logger.warning(
                 "gemma4_quant: patch %s does not recognize vLLM %s, not applied: %s",
-                module.NAME,
+                item.name,
                 vllm_version(),
-                detection.reason,
+                item.detection.reason,
             )
-        report.append((module.NAME, detection.status.value, detection.reason))
+        report.append((item.name, item.detection.status.value, item.detection.reason))
     return report
 
 

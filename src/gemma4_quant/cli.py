@@ -14,22 +14,19 @@ from .layout import DEFAULT_LAYOUT, LAYOUTS
 
 def _patches(args: argparse.Namespace) -> int:
     """Print the installed vLLM release and, for every patch, whether it applies there."""
-    from . import envs
-    from .patches import load_patch_modules
+    from .patches import plan
 
-    skip = envs.disabled_patches()
     rows = []
-    for module in load_patch_modules():
-        detection = module.detect()
-        status = detection.status.value
-        if envs.disabled() or module.NAME in skip:
+    for item in plan():
+        status = item.detection.status.value
+        if item.disabled_by is not None:
             status = f"disabled ({status})"
         rows.append(
             {
-                "patch": module.NAME,
+                "patch": item.name,
                 "status": status,
-                "reason": detection.reason,
-                "summary": module.SUMMARY,
+                "reason": item.detection.reason,
+                "summary": item.module.SUMMARY,
             }
         )
     if args.json:

@@ -1018,17 +1018,14 @@ def probe_environment(
     *, stock: bool = False, cuda_capability: str | None = None, tensor_parallel: int = 1
 ) -> Environment:
     from . import envs, vllm_version
-    from .patches import expert_names, load_guard, load_patch_modules
+    from .patches import expert_names, plan
 
     features = vllm_features()
-    patches = {}
-    for module in load_patch_modules():
-        detection = module.detect()
-        patches[module.NAME] = (detection.status.value, detection.reason)
+    patches = {item.name: (item.detection.status.value, item.detection.reason) for item in plan()}
     router = patches.get("router", ("", ""))
     features["router_passes_quant_config"] = router[0] == "not needed"
     generation, why = expert_names._generation()
-    silent = load_guard.detect().status.value == "needed"
+    silent = patches["load_guard"][0] == "needed"
     plugin, plugin_reason = _plugin_state(stock)
     platform, capability, device, cpu = _platform(cuda_capability, features)
     return Environment(

@@ -65,15 +65,54 @@ class Detection:
 
 
 def load_patch_modules() -> list[ModuleType]:
-    """Import every patch module that exists (modules land one by one)."""
-    modules = []
-    for name in PATCH_MODULES:
+    """Import every patch module, in ``PATCH_MODULES`` order."""
+    return [importlib.import_module(f"{__name__}.{name}") for name in PATCH_MODULES]
+
+
+@dataclass(frozen=True)
+class Planned:
+    """What one patch found on the installed vLLM, and whether it will be applied."""
+
+    module: ModuleType
+    detection: Detection
+    disabled_by: str | None = None  # the switch that leaves it out, if any
+    error: Exception | None = None  # detect() raised
+
+    @property
+    def name(self) -> str:
+        return self.module.NAME
+
+    @property
+    def applies(self) -> bool:
+        return (
+            self.disabled_by is None
+            and self.error is None
+            and self.detection.status is Status.NEEDED
+        )
+
+
+def plan() -> list[Planned]:
+    """Every patch's detection and decision, with the switches applied: the one answer
+    that registration, ``gemma4-quant patches`` and doctor all use."""
+    from .. import envs
+
+    everything = envs.disabled()
+    skip = envs.disabled_patches()
+    planned = []
+    for module in load_patch_modules():
+        disabled_by = (
+            "GEMMA4_QUANT_DISABLE"
+            if everything
+            else "GEMMA4_QUANT_DISABLE_PATCHES"
+            if module.NAME in skip
+            else None
+        )
         try:
-            modules.append(importlib.import_module(f"{__name__}.{name}"))
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-    return modules
+            planned.append(Planned(module, module.detect(), disabled_by))
+        except Exception as exc:  # a broken detection must not take vLLM down
+            failed = Detection.unrecognized(f"detection failed: {exc!r}")
+            planned.append(Planned(module, failed, disabled_by, exc))
+    return planned
 
 
 def vllm_source(relpath: str) -> str | None:
