@@ -562,9 +562,9 @@ def test_twin(checkpoints, base, layout):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gemma4-quant")
-    ck.add_arguments(parser.add_subparsers(dest="command", required=True))
-    return parser
+    from gemma4_quant.cli import build_parser
+
+    return build_parser()
 
 
 def test_cli_lists_layouts(capsys):
