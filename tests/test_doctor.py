@@ -81,7 +81,7 @@ def write_header_only(out_dir: Path, config: dict, tensors: dict[str, tuple[str,
 
 
 def cyankiwi_replica(out_dir: Path, *, dense_quantized_layers: tuple[int, ...] = ()) -> Path:
-    """cyankiwi/gemma-4-26B-A4B-it-AWQ-4bit as facts/checkpoint-layouts.md describes it:
+    """cyankiwi/gemma-4-26B-A4B-it-AWQ-4bit as docs/facts/checkpoint-layouts.md describes it:
     the full-size text stack (vision tower abridged), fused 3D int4 g32 symmetric experts,
     quantized attention, bf16 router and dense MLP (unless ``dense_quantized_layers``)."""
     hidden, inter, moe_inter, experts, vocab = 2816, 2112, 704, 128, 262144
@@ -492,8 +492,8 @@ def _outcome(data: dict[str, Any]) -> str:
 
 
 def test_gpu_dense_down_proj_k2112(tmp_path: Path) -> None:
-    """checkpoint-layouts.md: a quantized dense down_proj (K = 2112, group 32) has no WNA16
-    kernel on Hopper where Marlin needs K % 128 (0.20.2: Machete rejects group 32 too);
+    """docs/facts/checkpoint-layouts.md: a quantized dense down_proj (K = 2112, group 32)
+    has no WNA16 kernel on Hopper where Marlin needs K % 128 (0.20.2: Machete rejects group 32 too);
     releases whose Marlin pads misaligned shapes serve it."""
     path = cyankiwi_replica(tmp_path / "dense", dense_quantized_layers=(27, 28, 29))
     data = report(path, "--cuda-capability", "9.0")

@@ -1777,7 +1777,7 @@ def check_platform_known(module: Module, ctx: Ctx) -> Hit | None:
 
 
 # The rules, in the order vLLM meets them within a stage. Every rule comes from the facts
-# files (vllm-releases.md, cpu-vllm.md, checkpoint-layouts.md) or from the release code
+# files (docs/facts/: vllm-releases.md, cpu-vllm.md, checkpoint-layouts.md) or from the release code
 # named in its source; each check reads the installed vLLM's features, never its version.
 _LINEARS_AND_EXPERTS = (*LINEAR_KINDS, "experts")
 # fmt: off
