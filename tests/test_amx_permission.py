@@ -44,8 +44,12 @@ def test_detection_follows_cpu_and_code(monkeypatch) -> None:
     assert _with(monkeypatch, {"avx2"}, attention) is Status.NOT_NEEDED
     assert _with(monkeypatch, amx, attention) is Status.NEEDED
     assert _with(monkeypatch, amx, {}) is Status.UNRECOGNIZED
-    renamed = {amx_permission.ATTENTION: 'return "amx_tiles"'}
+    renamed = {amx_permission.ATTENTION: 'def _get_attn_isa():\n    return "amx_tiles"\n'}
     assert _with(monkeypatch, amx, renamed) is Status.UNRECOGNIZED
+    only_a_comment = {amx_permission.ATTENTION: '# isa = "amx"\ndef _get_attn_isa():\n    pass\n'}
+    assert _with(monkeypatch, amx, only_a_comment) is Status.UNRECOGNIZED
+    comment_asks = {**attention, "v1/worker/cpu_worker.py": "# torch.cpu._init_amx()\n"}
+    assert _with(monkeypatch, amx, comment_asks) is Status.NEEDED
     asks = {**attention, "v1/worker/cpu_worker.py": "torch.cpu._init_amx()\n"}
     assert _with(monkeypatch, amx, asks) is Status.NOT_NEEDED
 

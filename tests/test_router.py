@@ -17,7 +17,7 @@ from conftest import run_vllm_load
 from test_expert_names import read_checkpoint
 
 from gemma4_quant import doctor
-from gemma4_quant.checkpoints import CT_GROUP_SIZE, load_tensors, unpack_int4_raw
+from gemma4_quant.checkpoints import CT_GROUP_SIZE, load_tensors, unpack_int4
 from gemma4_quant.patches import Status, expert_names, load_guard
 
 LAYOUT, EXPERTS = "ct-fused-w4a16-router", 32
@@ -104,10 +104,8 @@ def test_w4a8_router_within_int8_rounding_of_twin(checkpoints, tmp_path, twin_lo
         name = f"probe.model.layers.{layer}.router"
         x = load.tensors[f"probe_input.model.layers.{layer}.router"]
         stem = f"model.language_model.layers.{layer}.router.proj."
-        weight = unpack_int4_raw(ckpt[stem + "weight_packed"]).float() - 8
-        weight = weight * ckpt[stem + "weight_scale"].float().repeat_interleave(
-            CT_GROUP_SIZE, dim=-1
-        )
+        packed, scale = ckpt[stem + "weight_packed"], ckpt[stem + "weight_scale"]
+        weight = unpack_int4(packed, scale, CT_GROUP_SIZE)
         bound = activation_twin_bound(x, weight, int8_act_error(x), twin_logits[name])
         delta = (got[name] - twin_logits[name]).abs()
         assert (delta <= bound).all(), (name, (delta - bound).max().item())

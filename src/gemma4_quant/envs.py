@@ -9,6 +9,8 @@ from functools import cache
 
 __all__ = ["disabled", "disabled_patches", "fallback_mode"]
 
+FALLBACK_MODES = ("auto", "off", "force")
+
 
 def disabled() -> bool:
     """``GEMMA4_QUANT_DISABLE=1``: the plugin registers and changes nothing."""
@@ -35,9 +37,6 @@ def fallback_mode() -> str:
         return mode
     _warn_bad_value("GEMMA4_QUANT_FALLBACK", raw, FALLBACK_MODES, "auto")
     return "auto"
-
-
-FALLBACK_MODES = ("auto", "off", "force")
 
 
 @cache

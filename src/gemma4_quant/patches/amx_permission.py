@@ -33,11 +33,13 @@ Removal:
 
 from __future__ import annotations
 
+import ast
 import ctypes
 import os
 import platform
 import sys
 
+from .. import vllm_code
 from ..cpu import cpu_flags
 from . import Detection, vllm_source
 
@@ -47,8 +49,6 @@ SUMMARY = "x86 AMX CPUs: ask Linux for the AMX tile state vLLM's CPU attention u
 ATTENTION = "v1/attention/backends/cpu_attn.py"
 # where vLLM would request the permission itself, if it ever does
 _CPU_CODE = (ATTENTION, "platforms/cpu.py", "v1/worker/cpu_worker.py")
-_SELF_REQUEST = ("_init_amx", "ARCH_REQ_XCOMP_PERM")
-_AMX_ISA = '"amx"'
 
 SYS_ARCH_PRCTL = 158  # x86-64
 ARCH_GET_XCOMP_PERM = 0x1022
@@ -68,14 +68,24 @@ def detect() -> Detection:
         return Detection.not_needed("not x86-64 Linux")
     if "amx_tile" not in cpu_flags():
         return Detection.not_needed("this CPU has no AMX tiles")
-    attention = vllm_source(ATTENTION)
-    if attention is None or _AMX_ISA not in attention:
+    attention = vllm_code.parse(vllm_source(ATTENTION) or "")
+    if attention is None or not any(
+        isinstance(node, ast.Constant) and node.value == "amx" for node in ast.walk(attention)
+    ):
         return Detection.unrecognized(f"no AMX ISA selection in vllm/{ATTENTION}")
     for relpath in _CPU_CODE:
-        text = vllm_source(relpath) or ""
-        if any(anchor in text for anchor in _SELF_REQUEST):
+        if _requests_permission(vllm_code.parse(vllm_source(relpath) or "")):
             return Detection.not_needed(f"vLLM requests the AMX permission itself (vllm/{relpath})")
     return Detection.needed("vLLM's CPU attention runs AMX tiles without asking Linux (SIGILL)")
+
+
+def _requests_permission(tree: ast.Module | None) -> bool:
+    """A call of ``_init_amx`` or a use of ``ARCH_REQ_XCOMP_PERM`` anywhere in ``tree``."""
+    if tree is None:
+        return False
+    return any(vllm_code.calls(tree, "_init_amx")) or any(
+        vllm_code.is_name(node, "ARCH_REQ_XCOMP_PERM") for node in ast.walk(tree)
+    )
 
 
 def apply() -> None:
