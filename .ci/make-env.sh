@@ -30,17 +30,13 @@ case "$V" in
   0.2[0-6].*) TF="transformers==5.7.0 tokenizers==0.22.2" ;;
   *) TF="" ;;
 esac
-if [ "$TORCH" = "2.13.0" ]; then
-  "$PIP" install -q "torch==$TORCH"
-else
-  "$PIP" install -q "torch==$TORCH"
-fi
+"$PIP" install -q "torch==$TORCH"
 # every requirement except torch and its CUDA-built companions (they break beside a CPU torch)
 sed -n 's/^Requires-Dist: //p' <<<"$META" | grep -v 'extra ==' \
   | grep -viE '^(torch|torchaudio|torchvision|torchcodec|triton)\b' > "$TMP/req.txt"
 "$PIP" install -q --no-deps "$WHEEL"
 "$PIP" install -q -r "$TMP/req.txt" $TF "torch==$TORCH" pytest requests ruff
 "$PIP" uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
-"$PIP" install -q --no-deps --no-build-isolation -e "$ROOT" 2>/dev/null || true
+"$PIP" install -q --no-deps --no-build-isolation -e "$ROOT"
 "$D/bin/python" -c "import vllm, torch, transformers, compressed_tensors as ct; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'compressed-tensors', ct.__version__)"
 touch "$D/.ready-$V"

@@ -29,7 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-TEXT_PREFIX = "model.language_model."
+from gemma4_quant.layout import TEXT_PREFIX, layer_prefix, layer_tensors, module_kind
+
 GROUP = 32
 
 # google/gemma-4-26B-A4B-it text model, as in the layout facts.
@@ -80,7 +81,7 @@ def quantization_config(num_layers: int) -> dict:
     with the dense MLP and the router of every layer ignored (bf16), as cyankiwi's."""
     ignore = []
     for i in range(num_layers):
-        p = f"{TEXT_PREFIX}layers.{i}."
+        p = layer_prefix(i)
         ignore += [p + "mlp.gate_proj", p + "mlp.up_proj", p + "mlp.down_proj", p + "router.proj"]
     weights = {
         "actorder": None,
@@ -136,50 +137,21 @@ def write_meta(out: Path, cfg: dict) -> None:
 def layer_specs(cfg: dict, i: int) -> list[tuple[str, str, tuple[int, ...]]]:
     """(name, kind, shape) of one decoder layer's tensors; kind in packed / scale /
     shape / bf16 / norm / ones / router."""
-    h, e = cfg["hidden_size"], cfg["num_experts"]
-    inter, mi = cfg["intermediate_size"], cfg["moe_intermediate_size"]
-    heads = cfg["num_attention_heads"]
-    full = cfg["layer_types"][i] == "full_attention"
-    head_dim = cfg["global_head_dim"] if full else cfg["head_dim"]
-    kv = cfg["num_global_key_value_heads"] if full else cfg["num_key_value_heads"]
-    p = f"{TEXT_PREFIX}layers.{i}."
+    p = layer_prefix(i)
     specs: list[tuple[str, str, tuple[int, ...]]] = []
-
-    def int4(module: str, out_f: int, in_f: int) -> None:
-        specs.append((f"{module}.weight_packed", "packed", (out_f, in_f // 8)))
-        specs.append((f"{module}.weight_scale", "scale", (out_f, in_f // GROUP)))
-        specs.append((f"{module}.weight_shape", f"shape:{out_f},{in_f}", (2,)))
-
-    int4(p + "self_attn.q_proj", heads * head_dim, h)
-    int4(p + "self_attn.k_proj", kv * head_dim, h)
-    if not (full and cfg["attention_k_eq_v"]):
-        int4(p + "self_attn.v_proj", kv * head_dim, h)
-    int4(p + "self_attn.o_proj", h, heads * head_dim)
-    specs += [
-        (p + "self_attn.q_norm.weight", "norm", (head_dim,)),
-        (p + "self_attn.k_norm.weight", "norm", (head_dim,)),
-        (p + "mlp.gate_proj.weight", "bf16", (inter, h)),
-        (p + "mlp.up_proj.weight", "bf16", (inter, h)),
-        (p + "mlp.down_proj.weight", "bf16", (h, inter)),
-        (p + "router.proj.weight", "router", (e, h)),
-        (p + "router.scale", "norm", (h,)),
-        (p + "router.per_expert_scale", "norm", (e,)),
-        (p + "experts.gate_up_proj_packed", "packed", (e, 2 * mi, h // 8)),
-        (p + "experts.gate_up_proj_scale", "scale", (e, 2 * mi, h // GROUP)),
-        (p + "experts.down_proj_packed", "packed", (e, h, mi // 8)),
-        (p + "experts.down_proj_scale", "scale", (e, h, mi // GROUP)),
-    ]
-    for n in (
-        "input_layernorm",
-        "post_attention_layernorm",
-        "pre_feedforward_layernorm",
-        "post_feedforward_layernorm",
-        "pre_feedforward_layernorm_2",
-        "post_feedforward_layernorm_1",
-        "post_feedforward_layernorm_2",
-    ):
-        specs.append((p + n + ".weight", "norm", (h,)))
-    specs.append((p + "layer_scalar", "ones", (1,)))
+    for name, role, shape in layer_tensors(cfg, i):
+        module = p + name.removesuffix(".weight")
+        if role == "linear" and module_kind(module) == "attention":  # int4, 2D names
+            out_f, in_f = shape
+            specs.append((f"{module}.weight_packed", "packed", (out_f, in_f // 8)))
+            specs.append((f"{module}.weight_scale", "scale", (out_f, in_f // GROUP)))
+            specs.append((f"{module}.weight_shape", f"shape:{out_f},{in_f}", (2,)))
+        elif role == "experts":  # int4, fused 3D names
+            e, out_f, in_f = shape
+            specs.append((f"{module}_packed", "packed", (e, out_f, in_f // 8)))
+            specs.append((f"{module}_scale", "scale", (e, out_f, in_f // GROUP)))
+        else:  # the dense MLP stays bf16; router, norm and ones are kinds of their own
+            specs.append((p + name, "bf16" if role == "linear" else role, shape))
     return specs
 
 

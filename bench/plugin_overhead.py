@@ -23,8 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from full_size_checkpoint import TEXT_PREFIX, full_config, layer_specs  # noqa: E402
+from full_size_checkpoint import full_config, layer_specs  # noqa: E402
 
+from gemma4_quant.layout import TEXT_PREFIX  # noqa: E402
 from gemma4_quant.patches import expert_names, load_guard  # noqa: E402
 
 DTYPES = {"packed": torch.int32, "norm": torch.bfloat16}

@@ -1,7 +1,9 @@
 """The tiny-checkpoint builder against the public layouts and compressed-tensors itself.
 
 Expected names and shapes are written out from the layout spec for the default tiny
-dimensions, not derived from the builder's code. No vLLM engine is started.
+dimensions, not derived from the builder's code. The codec (``gemma4_quant.int4``) is
+checked against the spec and compressed-tensors' decompressor; the twin against the
+tests' own unpacker (``tests/unpack.py``). No vLLM engine is started.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file
+from unpack import ct_int4, gptq_int4
 
 from gemma4_quant import checkpoints as ck
+from gemma4_quant import int4
+from gemma4_quant.layout import LAYER_NORMS, TEXT_PREFIX
 
-P = "model.language_model."
+P = TEXT_PREFIX
 E, H, I_MOE, I_DENSE, V, HEADS, LAYERS = 8, 256, 256, 256, 512, 4, 4
 BF16, I32, I64, F16 = torch.bfloat16, torch.int32, torch.int64, torch.float16
 CT_INT4 = [
@@ -60,15 +65,7 @@ def bf16_spec() -> Spec:
         spec[p + "router.per_expert_scale"] = ((E,), BF16)
         spec[p + "experts.gate_up_proj"] = ((E, 2 * I_MOE, H), BF16)
         spec[p + "experts.down_proj"] = ((E, H, I_MOE), BF16)
-        for n in (
-            "input_layernorm",
-            "post_attention_layernorm",
-            "pre_feedforward_layernorm",
-            "post_feedforward_layernorm",
-            "pre_feedforward_layernorm_2",
-            "post_feedforward_layernorm_1",
-            "post_feedforward_layernorm_2",
-        ):
+        for n in LAYER_NORMS:
             spec[f"{p}{n}.weight"] = ((H,), BF16)
         spec[p + "layer_scalar"] = ((1,), BF16)
     return spec
@@ -325,12 +322,12 @@ def test_unpack_int4_follows_the_spec():
     packed = torch.stack([_pack_by_hand(n) for n in nib])
     # the library packs signed q = nibble - 8 the same way
     assert torch.equal(pack_to_int32((nib[0] - 8).to(torch.int8), 4), packed[0])
-    assert torch.equal(ck.unpack_int4_raw(packed), nib.to(torch.int32))
+    assert torch.equal(int4.unpack_int4_raw(packed), nib.to(torch.int32))
     expected = torch.empty(3, 16, 64)
     for c in range(64):
         expected[..., c] = (nib[..., c] - 8).float() * scale[..., c // 32].float()
-    assert torch.equal(ck.unpack_int4(packed, scale, 32), expected)  # 3D
-    assert torch.equal(ck.unpack_int4(packed[1], scale[1], 32), expected[1])  # 2D
+    assert torch.equal(int4.unpack_int4(packed, scale, 32), expected)  # 3D
+    assert torch.equal(int4.unpack_int4(packed[1], scale[1], 32), expected[1])  # 2D
 
 
 def test_unpack_int4_asymmetric():
@@ -340,7 +337,7 @@ def test_unpack_int4_asymmetric():
     scale = torch.rand(16, 2, generator=gen).to(BF16)
     zp_packed = _pack_by_hand(zp.t().contiguous()).t()  # zero points packed along rows
     assert zp_packed.shape == (2, 2)
-    got = ck.unpack_int4(_pack_by_hand(nib), scale, 32, zp_packed)
+    got = int4.unpack_int4(_pack_by_hand(nib), scale, 32, zp_packed)
     for r in range(16):
         for c in range(0, 64, 7):
             assert got[r, c] == (nib[r, c] - zp[r, c // 32]).float() * scale[r, c // 32].float()
@@ -436,21 +433,23 @@ def test_unpack_int4_agrees_with_decompressor(checkpoints, layout):
             torch.tensor([saved["weight_packed"].shape[0], saved["weight_packed"].shape[1] * 8]),
         )
         ref = PackedQuantizationCompressor.decompress(dict(saved), scheme)["weight"]
-        mine = ck.unpack_int4(
+        mine = int4.unpack_int4(
             saved["weight_packed"], saved["weight_scale"], 32, saved.get("weight_zero_point")
         )
         assert mine.dtype == torch.float32
         assert torch.equal(mine.to(BF16), ref), module
     # 3D in one call equals the per-expert results
     p = P + "layers.3.experts.down_proj"
-    whole = ck.unpack_int4(
+    whole = int4.unpack_int4(
         tensors[p + "_packed"], tensors[p + "_scale"], 32, tensors.get(p + "_zero_point")
     )
     mods = _ct_modules(tensors)
     one = mods[p + "[5]"]
     assert torch.equal(
         whole[5],
-        ck.unpack_int4(one["weight_packed"], one["weight_scale"], 32, one.get("weight_zero_point")),
+        int4.unpack_int4(
+            one["weight_packed"], one["weight_scale"], 32, one.get("weight_zero_point")
+        ),
     )
 
 
@@ -464,12 +463,34 @@ def test_autoround_is_gptq_format(checkpoints, base):
     for i in range(H):  # qweight [in/8, out]: nibble i % 8 of row i // 8
         nib = (qweight[i // 8] >> (4 * (i % 8))) & 0xF
         value[:, i] = (nib - 8).float() * scales[i // 128].float()
-    assert torch.equal(ck.unpack_gptq_int4(qweight, qzeros, scales), value)
+    assert torch.equal(int4.unpack_gptq_int4(qweight, qzeros, scales), value)
     # round to nearest with scale = absmax / 7.5 (rounded to fp16, hence the margin):
     # within half a step of the original
     w = base[m + ".weight"].float()
     step = scales.float().repeat_interleave(128, 0).t()
     assert ((value - w).abs() <= 0.51 * step).all()
+
+
+def test_gptq_zero_points_are_v1_and_g_idx_picks_groups():
+    """qzeros hold zero - 1 (GPTQ v1: what AutoRound's auto_gptq export writes and vLLM's
+    GPTQ kernels read back as stored + 1); g_idx is the group of every input row."""
+    gen = torch.Generator().manual_seed(3)
+    inp, out, group = 256, 16, 128
+    q = torch.randint(0, 16, (inp, out), generator=gen)
+    zeros = torch.randint(1, 16, (inp // group, out), generator=gen)
+    scales = torch.rand(inp // group, out, generator=gen).to(F16)
+    packed = int4.pack_gptq(q, zeros, scales)
+    for g in range(inp // group):
+        for n in range(out):  # nibble n % 8 of word n // 8
+            assert (packed["qzeros"][g, n // 8] >> (4 * (n % 8))) & 0xF == zeros[g, n] - 1
+    g_idx = (torch.arange(inp) // group)[torch.randperm(inp, generator=gen)].to(torch.int32)
+    got = int4.unpack_gptq_int4(packed["qweight"], packed["qzeros"], scales, g_idx)
+    assert got.shape == (out, inp)
+    for i in range(0, inp, 5):
+        g = int(g_idx[i])
+        assert torch.equal(got[:, i], (q[i] - zeros[g]).float() * scales[g].float()), i
+    with pytest.raises(ValueError, match="zero point of 0"):
+        int4.pack_gptq(q, torch.zeros_like(zeros), scales)
 
 
 def test_fp8_matches_compressor(checkpoints, base):
@@ -502,7 +523,7 @@ def _expected_twin(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor 
 
     def deq(stem: str) -> torch.Tensor:
         if stem + "_packed" in tensors:  # compressed-tensors int4
-            return ck.unpack_int4(
+            return ct_int4(
                 tensors[stem + "_packed"],
                 tensors[stem + "_scale"],
                 32,
@@ -510,9 +531,7 @@ def _expected_twin(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor 
             )
         base = stem.removesuffix("weight")
         if base + "qweight" in tensors:
-            return ck.unpack_gptq_int4(
-                *(tensors[base + k] for k in ("qweight", "qzeros", "scales"))
-            )
+            return gptq_int4(*(tensors[base + k] for k in ("qweight", "qzeros", "scales")))
         if stem in tensors and tensors[stem].dtype == torch.float8_e4m3fn:
             return tensors[stem].float() * tensors[stem + "_scale"].float()
         return None

@@ -7,7 +7,9 @@ Three parts:
   hub, each with its own exit code and no traceback;
 - rules that do not depend on this machine (``--cuda-capability``, environment switches);
 - doctor's verdict against an actual vLLM load on this machine (``tests/load_model.py``:
-  construction and weight loading), for every layout, stock and with the plugin.
+  construction and weight loading), for every layout, stock and with the plugin; and its
+  first-forward verdict on the router (patch cpu_gate_dtype) against the router logits
+  vLLM computes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_cpu_gate_dtype import LAYOUT as ROUTER_LAYOUT
+from test_cpu_gate_dtype import router_errors
 from test_matrix import LAYOUTS as MATRIX
 
 from gemma4_quant import doctor as dr
@@ -610,3 +614,32 @@ def test_verdict_matches_vllm(checkpoints, vllm_load, layout: str, plugin: bool)
             assert error.group(1) in load.log, (first, load.log[-3000:])
     for patch in prediction["patches_used"]:
         assert f"{patch} applied" in load.log, (patch, load.log[-3000:])
+
+
+@pytest.mark.parametrize("plugin", [False, True], ids=["stock", "plugin"])
+def test_router_verdict_matches_vllm(checkpoints, vllm_load, plugin: bool) -> None:
+    """cpu_gate_dtype's failure shows in the first forward pass, past what the loads above
+    cover: doctor's verdict on the bf16 router against the logits vLLM's router computes
+    (``load_model.py --probe-router`` puts the router into kernel format and runs it)."""
+    path = checkpoints(ROUTER_LAYOUT)
+    prediction = report(path, *([] if plugin else ["--stock"]))["prediction"]
+    hits = [f for f in prediction["findings"] if f["rule"] == "cpu-gate-dtype"]
+    load = vllm_load(path, plugin=plugin, probe_router=True)
+    outcome = hits[0]["outcome"] if hits else "loads"
+    if outcome == "fails":
+        assert not load.ok, prediction["summary"]
+        assert re.search(r"NotImplementedError: .* not implemented for 'Float'", load.log), (
+            load.log[-3000:]
+        )
+        return
+    assert load.ok, (prediction["summary"], load.log[-3000:])
+    errors = router_errors(path, load)
+    if outcome == "silently wrong":
+        for name, (delta, scale) in errors.items():
+            assert delta > 0.5 * scale, (name, delta, scale, prediction["summary"])
+        return
+    assert outcome in ("loads", "patched"), hits
+    for name, (delta, scale) in errors.items():
+        assert delta <= 1e-2 * scale, (name, delta, scale, prediction["summary"])
+    if hits:
+        assert "cpu_gate_dtype applied" in load.log, load.log[-3000:]

@@ -2,7 +2,7 @@
 
 Each test loads a tiny checkpoint with vLLM's own loader in a subprocess
 (``tests/load_model.py``) and compares what vLLM's weight loaders wrote with the
-checkpoint's own tensors, unpacked independently (``gemma4_quant.checkpoints.unpack_int4``).
+checkpoint's own tensors, unpacked independently (``tests/unpack.py``).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 from conftest import run_vllm_load
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from unpack import ct_int4
 
-from gemma4_quant.checkpoints import unpack_int4
 from gemma4_quant.patches import Status, expert_names, load_guard
 
 GENERATION, _ = expert_names._generation()
@@ -71,8 +71,8 @@ def assert_experts_equal(load, ckpt: dict[str, torch.Tensor], config: dict) -> N
             assert torch.equal(got_scale.to(scale.dtype), scale), (layer, fused)
             # and the values they stand for, unpacked independently of vLLM and of
             # compressed-tensors: gate rows first, then up
-            want = unpack_int4(packed, scale, group, zero_point=zero)
-            got = unpack_int4(got_packed.contiguous(), got_scale.to(scale.dtype), group, zero)
+            want = ct_int4(packed, scale, group, zero_point=zero)
+            got = ct_int4(got_packed.contiguous(), got_scale.to(scale.dtype), group, zero)
             assert torch.equal(got, want)
             compared += 1
     assert compared == 2 * config["num_hidden_layers"]

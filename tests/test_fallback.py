@@ -4,8 +4,9 @@ checkpoint's values, and generates as its dequantized bf16 twin does.
 vLLM runs in subprocesses: ``tests/load_model.py`` (vLLM's own loader, parameters dumped)
 and ``tests/greedy.py`` (``vllm.LLM``, greedy tokens). Checkpoints come from the
 project's builder; the twin is ``write_twin`` of the same checkpoint, and the reference
-values are ``unpack_int4`` (plain torch bit operations, independent of vLLM and of the
-fallback). Stock vLLM (``GEMMA4_QUANT_DISABLE=1``) fails every vLLM test here.
+values are ``tests/unpack.py``'s (written from the format spec, independent of vLLM, of
+the fallback and of the plugin's codec). Stock vLLM (``GEMMA4_QUANT_DISABLE=1``) fails
+every vLLM test here.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ import pytest
 import torch
 from conftest import run_greedy, run_vllm_load
 from greedy import MAX_TOKENS, PROMPTS
+from unpack import ct_int4
 
-from gemma4_quant.checkpoints import load_tensors, unpack_int4
+from gemma4_quant import int4
+from gemma4_quant.checkpoints import load_tensors
+from gemma4_quant.layout import TEXT_PREFIX
 from gemma4_quant.patches import Status, dequant_fallback
 
 DETECTION = dequant_fallback.detect()
@@ -32,7 +36,7 @@ pytestmark = pytest.mark.skipif(
 SYM = "ct-fused-w4a16"  # the cyankiwi layout: int4, group 32, symmetric
 ASYM = "ct-fused-w4a16-asym"  # the same with packed zero points
 GROUP = 32
-TEXT = "model.language_model."
+TEXT = TEXT_PREFIX
 NO_KERNEL = "NotImplementedError: " + dequant_fallback.NO_MOE_KERNEL
 
 
@@ -64,7 +68,7 @@ def reference_experts(ckpt: dict[str, torch.Tensor], layer: int, fused: str) -> 
     """One layer's fused experts, unpacked independently, rounded once to bf16."""
     stem = f"{TEXT}layers.{layer}.experts.{fused}"
     zero_point = ckpt.get(f"{stem}_zero_point")
-    return unpack_int4(ckpt[f"{stem}_packed"], ckpt[f"{stem}_scale"], GROUP, zero_point).to(
+    return ct_int4(ckpt[f"{stem}_packed"], ckpt[f"{stem}_scale"], GROUP, zero_point).to(
         torch.bfloat16
     )
 
@@ -101,11 +105,11 @@ def test_dequantize_matches_unpack_int4(
     if not symmetric:
         zero = torch.randint(-(2**31), 2**31, (experts, rows // 8, groups), generator=gen)
         zero = zero.to(torch.int32)
-    got = dequant_fallback.dequantize_experts(packed, scale, zero, 4, dtype)
-    want = unpack_int4(packed, scale, cols // groups, zero).to(dtype)
+    got = int4.dequantize_packed(packed, scale, zero, num_bits=4, dtype=dtype)
+    want = ct_int4(packed, scale, cols // groups, zero).to(dtype)
     assert got.dtype == dtype and same_bytes(got, want)
-    one = dequant_fallback.dequantize_int(
-        packed[1], scale[1], None if zero is None else zero[1], 4, dtype
+    one = int4.dequantize_packed(
+        packed[1], scale[1], None if zero is None else zero[1], num_bits=4, dtype=dtype
     )
     assert same_bytes(one, want[1])
 
@@ -129,12 +133,12 @@ def test_vllm_placed_buffers_dequantize_to_checkpoint_values(
         for fused, param in (("gate_up_proj", "w13"), ("down_proj", "w2")):
             zero_point = expert_param(load.tensors, layer, f"{param}_weight_zero_point")
             assert (zero_point is None) == (layout == SYM)
-            got = dequant_fallback.dequantize_experts(
+            got = int4.dequantize_packed(
                 expert_param(load.tensors, layer, f"{param}_weight_packed"),
                 expert_param(load.tensors, layer, f"{param}_weight_scale"),
                 zero_point,
-                4,
-                torch.bfloat16,
+                num_bits=4,
+                dtype=torch.bfloat16,
             )
             want = reference_experts(ckpt, layer, fused)
             assert torch.equal(bits(got), bits(want)), (layout, layer, fused)
@@ -147,7 +151,7 @@ def test_processed_parameters_equal_the_twin(checkpoints, tmp_path: Path) -> Non
 
     vLLM's CPU MoE path prepacks ``w13_weight``/``w2_weight`` into its own tile layout,
     so they are compared with the twin's after the same prepacking; the twin's tensors
-    themselves are ``unpack_int4`` of the quantized checkpoint, checked first.
+    themselves are the independent unpacking of the quantized checkpoint, checked first.
     """
     quantized, twin = checkpoints(SYM), checkpoints.twin(SYM)
     ckpt, twin_ckpt = load_tensors(quantized), load_tensors(twin)

@@ -94,7 +94,7 @@ def test_detect_not_needed_when_merge_keeps_the_field(pr_build, monkeypatch):
 
 
 def test_apply_keeps_every_field(pr_build):
-    kv_spec_merge.apply()
+    kv_spec_merge.apply(kv_spec_merge.detect())
     full, sink = pr_build.FullAttentionSpec, pr_build.SinkFullAttentionSpec
 
     # A Gemma 4 style group with hybrid allocation off: full-attention layers
@@ -119,9 +119,9 @@ def test_apply_keeps_every_field(pr_build):
 
 def test_apply_is_idempotent_and_leaves_stock_classes(pr_build):
     stock_full_merge = vars(pr_build.FullAttentionSpec.__mro__[1])["merge"]
-    kv_spec_merge.apply()
+    kv_spec_merge.apply(kv_spec_merge.detect())
     first = vars(pr_build.FullAttentionSpec)["merge"]
-    kv_spec_merge.apply()
+    kv_spec_merge.apply(kv_spec_merge.detect())
     assert vars(pr_build.FullAttentionSpec)["merge"] is first
     assert first is not stock_full_merge
     # vLLM's own classes (parents of the build's) keep their merge.

@@ -15,9 +15,11 @@ import pytest
 import torch
 from conftest import run_vllm_load
 from test_expert_names import read_checkpoint
+from unpack import ct_int4
 
 from gemma4_quant import doctor
-from gemma4_quant.checkpoints import CT_GROUP_SIZE, load_tensors, unpack_int4
+from gemma4_quant.checkpoints import CT_GROUP_SIZE, load_tensors
+from gemma4_quant.layout import TEXT_PREFIX
 from gemma4_quant.patches import Status, expert_names, load_guard
 
 LAYOUT, EXPERTS = "ct-fused-w4a16-router", 32
@@ -65,7 +67,7 @@ def test_quantized_router_matches_twin(checkpoints, tmp_path, twin_logits):
     ckpt = read_checkpoint(path)
     for layer in range(4):
         for suffix in ("weight_packed", "weight_scale"):
-            want = ckpt[f"model.language_model.layers.{layer}.router.proj.{suffix}"]
+            want = ckpt[f"{TEXT_PREFIX}layers.{layer}.router.proj.{suffix}"]
             got = load.tensors[f"model.layers.{layer}.router.proj.{suffix}"]
             if CAN_RUN_INT4:
                 continue  # the kernel repacked it; the logits below are the check
@@ -103,9 +105,9 @@ def test_w4a8_router_within_int8_rounding_of_twin(checkpoints, tmp_path, twin_lo
     for layer in range(4):
         name = f"probe.model.layers.{layer}.router"
         x = load.tensors[f"probe_input.model.layers.{layer}.router"]
-        stem = f"model.language_model.layers.{layer}.router.proj."
+        stem = f"{TEXT_PREFIX}layers.{layer}.router.proj."
         packed, scale = ckpt[stem + "weight_packed"], ckpt[stem + "weight_scale"]
-        weight = unpack_int4(packed, scale, CT_GROUP_SIZE)
+        weight = ct_int4(packed, scale, CT_GROUP_SIZE)
         bound = activation_twin_bound(x, weight, int8_act_error(x), twin_logits[name])
         delta = (got[name] - twin_logits[name]).abs()
         assert (delta <= bound).all(), (name, (delta - bound).max().item())
@@ -221,7 +223,7 @@ def fp8_twin_bound(
 
 
 def fp8_router_weights(checkpoint, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    stem = f"model.language_model.layers.{layer}.router.proj."
+    stem = f"{TEXT_PREFIX}layers.{layer}.router.proj."
     return checkpoint[stem + "weight"], checkpoint[stem + "weight_scale"]
 
 

@@ -3,8 +3,9 @@
 vLLM's INC config builds MoE experts unquantized on CPU, so the per-expert GPTQ tensors of
 an AutoRound checkpoint match no parameter. With the ``unquantized_experts`` patch the
 experts load with exactly the checkpoint's values (compared bit for bit with
-``unpack_gptq_int4``, an independent unpacker, rounded once to bf16), route and generate
-as the dequantized twin does; without it vLLM fails as the compatibility matrix says.
+``tests/unpack.py``'s GPTQ unpacker, independent of the plugin, rounded once to bf16),
+route and generate as the dequantized twin does; without it vLLM fails as the
+compatibility matrix says.
 
 The checkpoint has 32 experts: the router is quantized too, and vLLM's CPU int4 linear
 needs the router's output size (the expert count) to be a multiple of 32.
@@ -23,20 +24,17 @@ from conftest import run_greedy, run_vllm_load
 from safetensors.torch import load_file, save_file
 from test_fallback import assert_same_tokens, bits, expert_param, num_layers
 from test_router import assert_logits_match, router_logits
+from unpack import gptq_int4, nibbles
 
 from gemma4_quant import doctor as dr
-from gemma4_quant.checkpoints import (
-    WEIGHTS_FILE,
-    load_tensors,
-    unpack_gptq_int4,
-    unpack_int4_raw,
-    write_twin,
-)
+from gemma4_quant import int4
+from gemma4_quant.checkpoints import WEIGHTS_FILE, gptq_compress_int4, load_tensors, write_twin
+from gemma4_quant.layout import TEXT_PREFIX
 from gemma4_quant.patches import Status, dequant_fallback, expert_names, load_guard
 from gemma4_quant.patches import unquantized_experts as ue
 
 LAYOUT, EXPERTS = "autoround-int4", 32
-TEXT = "model.language_model."
+TEXT = TEXT_PREFIX
 DETECTION = ue.detect()
 GENERATION, _ = expert_names._generation()
 SILENT_SKIP = load_guard.detect().status is Status.NEEDED
@@ -67,9 +65,7 @@ def reference_experts(
 
     def unpacked(expert: int, proj: str) -> torch.Tensor:
         stem = f"{TEXT}layers.{layer}.experts.{expert}.{proj}."
-        weight = unpack_gptq_int4(
-            ckpt[stem + "qweight"], ckpt[stem + "qzeros"], ckpt[stem + "scales"]
-        )
+        weight = gptq_int4(ckpt[stem + "qweight"], ckpt[stem + "qzeros"], ckpt[stem + "scales"])
         return weight.to(torch.bfloat16)
 
     w13 = torch.stack(
@@ -145,8 +141,9 @@ def test_detection_reads_the_code() -> None:
 @pytest.mark.parametrize("act_order", [False, True], ids=["groups", "g_idx"])
 def test_dequantize_gptq_matches_independent_unpacking(dtype: torch.dtype, act_order: bool) -> None:
     """The patch's unpacking is the checkpoint's value rounded once, bit for bit: against
-    ``unpack_gptq_int4`` where groups are contiguous, against a per-row reference with an
-    activation order (g_idx). Zero points and scales spanning several magnitudes."""
+    ``tests/unpack.py``'s GPTQ unpacker where groups are contiguous, against a per-row
+    reference with an activation order (g_idx). Zero points and scales spanning several
+    magnitudes."""
     gen = torch.Generator().manual_seed(0)
     inp, out, group = 256, 64, 32
     qweight = torch.randint(-(2**31), 2**31, (inp // 8, out), generator=gen).to(torch.int32)
@@ -158,13 +155,13 @@ def test_dequantize_gptq_matches_independent_unpacking(dtype: torch.dtype, act_o
     g_idx = None
     if act_order:
         g_idx = (torch.arange(inp) // group)[torch.randperm(inp, generator=gen)].to(torch.int32)
-        q = unpack_int4_raw(qweight, 0)  # [in, out]
-        zeros = unpack_int4_raw(qzeros, 1) + 1
+        q = nibbles(qweight, 0)  # [in, out]
+        zeros = nibbles(qzeros, 1) + 1
         rows = [(q[i] - zeros[g_idx[i]]).float() * scales[g_idx[i]].float() for i in range(inp)]
         want = torch.stack(rows).t().to(dtype)
     else:
-        want = unpack_gptq_int4(qweight, qzeros, scales).to(dtype)
-    got = ue.dequantize_gptq(qweight, qzeros, scales, g_idx, 4, dtype)
+        want = gptq_int4(qweight, qzeros, scales).to(dtype)
+    got = int4.dequantize_gptq(qweight, qzeros, scales, g_idx, 4, dtype)
     assert got.dtype == dtype and got.shape == (out, inp)
     assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8))
 
@@ -179,8 +176,6 @@ def _stream(
 
 def _tiny_gptq_checkpoint() -> dict[str, torch.Tensor]:
     """Two experts of one layer, GPTQ int4 g128, plus one unrelated tensor."""
-    from gemma4_quant.checkpoints import gptq_compress_int4
-
     gen = torch.Generator().manual_seed(1)
     out = {f"{TEXT}layers.0.router.scale": torch.ones(256)}
     for expert in range(2):
@@ -203,7 +198,7 @@ def test_stream_is_order_independent_and_passes_the_rest() -> None:
     for name, tensor in first.items():
         assert torch.equal(tensor, second[name]), name
     stem = f"{TEXT}layers.0.experts.1.down_proj."
-    want = unpack_gptq_int4(ckpt[stem + "qweight"], ckpt[stem + "qzeros"], ckpt[stem + "scales"])
+    want = gptq_int4(ckpt[stem + "qweight"], ckpt[stem + "qzeros"], ckpt[stem + "scales"])
     assert torch.equal(bits(first[stem + "weight"]), bits(want.to(torch.bfloat16)))
 
 

@@ -89,7 +89,7 @@ def _apply_all() -> list[tuple[str, str, str]]:
         failure = item.error
         if item.applies:
             try:
-                item.module.apply()
+                item.module.apply(item.detection)
                 report.append((item.name, "applied", item.detection.reason))
                 continue
             except Exception as exc:  # a broken patch must not take vLLM down

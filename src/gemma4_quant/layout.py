@@ -1,6 +1,14 @@
-"""Names of the Gemma 4 checkpoint layouts the project builds and checks (no torch)."""
+"""The Gemma 4 checkpoint layout in one place: tensor names, module kinds, quantization
+suffixes and the layouts the project builds and checks.
+
+Only the standard library: the command line, the doctor and the patches import this
+without torch.
+"""
 
 from __future__ import annotations
+
+import re
+from typing import Any
 
 # Where the public (multimodal) checkpoints keep the text model's tensors.
 TEXT_PREFIX = "model.language_model."
@@ -24,3 +32,135 @@ LAYOUTS: dict[str, str] = {
     "dynamic per-token activations): per-expert experts, attention, dense MLP and "
     "router.proj quantized",
 }
+
+# --------------------------------------------------------------------------- modules
+
+ATTENTION_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
+# Fused 3D expert parameters ([E, 2I, H] and [E, H, I]) and the per-expert 2D modules
+# they hold (gate_up_proj is gate_proj and up_proj stacked along the output dim).
+FUSED_EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+EXPERT_PROJS = MLP_PROJS
+LAYER_NORMS = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+    "pre_feedforward_layernorm_2",
+    "post_feedforward_layernorm_1",
+    "post_feedforward_layernorm_2",
+)
+
+# --------------------------------------------------------------------------- suffixes
+
+# compressed-tensors, per 2D module: `<module>.<suffix>`.
+CT_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+# Fused 3D experts drop the `weight` part: `<layer>.experts.<param>_<suffix>`.
+FUSED_SUFFIXES = ("packed", "scale", "zero_point", "shape", "g_idx")
+# GPTQ / AutoRound (auto_gptq packing), per 2D module: `<module>.<suffix>`.
+GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+# Every per-module tensor suffix a quantized Gemma 4 checkpoint may carry.
+QUANT_SUFFIXES = (
+    *CT_SUFFIXES,
+    "weight_g_idx",
+    "weight_global_scale",
+    "input_global_scale",
+    "input_scale",
+    *GPTQ_SUFFIXES,
+    "weight",
+    "bias",
+)
+
+# --------------------------------------------------------------------------- names
+
+# `<layer>.experts.<param>` (bf16) or `<layer>.experts.<param>_<suffix>` (quantized).
+FUSED_EXPERT = re.compile(
+    r"^(?P<module>.*\.experts)\.(?P<proj>gate_up_proj|down_proj)"
+    r"(?:_(?P<suffix>packed|scale|zero_point|shape|g_idx))?$"
+)
+# `<layer>.experts.<e>.<proj>.<suffix>`.
+PER_EXPERT = re.compile(
+    r"^(?P<module>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)"
+    r"\.(?P<suffix>\w+)$"
+)
+LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# (kind, pattern on the module name): first match wins.
+MODULE_KINDS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("vision", re.compile(r"(^|\.)(vision_tower|embed_vision|multi_modal_projector)(\.|$)")),
+    ("audio", re.compile(r"(^|\.)(audio_tower|embed_audio)(\.|$)")),
+    ("experts", re.compile(r"\.experts$")),
+    ("router", re.compile(r"\.router\.proj$")),
+    ("attention", re.compile(r"\.self_attn\.[qkvo]_proj$")),
+    ("dense_mlp", re.compile(r"\.mlp\.(gate|up|down)_proj$")),
+    ("embedding", re.compile(r"embed_tokens(_per_layer)?$")),
+    ("lm_head", re.compile(r"(^|\.)lm_head$")),
+)
+# Order of construction inside a decoder layer (a load stops at the first failure).
+KIND_ORDER = {"attention": 0, "dense_mlp": 1, "router": 2, "experts": 3}
+
+
+def module_kind(module: str) -> str | None:
+    """The kind (a key of ``MODULE_KINDS``) of a module name, or None."""
+    for kind, pattern in MODULE_KINDS:
+        if pattern.search(module):
+            return kind
+    return None
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a tensor or module name belongs to, or None."""
+    match = LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def layer_prefix(layer: int) -> str:
+    """``model.language_model.layers.<layer>.``: where one decoder layer's tensors live."""
+    return f"{TEXT_PREFIX}layers.{layer}."
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def attention_shape(cfg: dict[str, Any], layer: int) -> tuple[int, int, bool]:
+    """(head_dim, kv_heads, has_v_proj) of one layer, as transformers builds it."""
+    if cfg["layer_types"][layer] == "sliding_attention":
+        return cfg["head_dim"], cfg["num_key_value_heads"], True
+    if cfg["attention_k_eq_v"]:
+        return cfg["global_head_dim"], cfg["num_global_key_value_heads"], False
+    return cfg["global_head_dim"], cfg["num_key_value_heads"], True
+
+
+def layer_tensors(cfg: dict[str, Any], layer: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, role, shape) of every tensor of one decoder layer in the bf16 base layout
+    (fused 3D experts), in checkpoint order; names without the layer prefix.
+
+    Roles: ``linear`` (attention and dense MLP weights), ``router`` (router.proj),
+    ``experts`` (fused 3D expert weights), ``norm`` (norm-like vectors, the router's
+    scales included) and ``ones`` (layer_scalar).
+    """
+    h, e = cfg["hidden_size"], cfg["num_experts"]
+    inter, moe_inter = cfg["intermediate_size"], cfg["moe_intermediate_size"]
+    heads = cfg["num_attention_heads"]
+    head_dim, kv_heads, has_v = attention_shape(cfg, layer)
+    out: list[tuple[str, str, tuple[int, ...]]] = [
+        ("self_attn.q_proj.weight", "linear", (heads * head_dim, h)),
+        ("self_attn.k_proj.weight", "linear", (kv_heads * head_dim, h)),
+    ]
+    if has_v:
+        out.append(("self_attn.v_proj.weight", "linear", (kv_heads * head_dim, h)))
+    out += [
+        ("self_attn.o_proj.weight", "linear", (h, heads * head_dim)),
+        ("self_attn.q_norm.weight", "norm", (head_dim,)),
+        ("self_attn.k_norm.weight", "norm", (head_dim,)),
+        ("mlp.gate_proj.weight", "linear", (inter, h)),
+        ("mlp.up_proj.weight", "linear", (inter, h)),
+        ("mlp.down_proj.weight", "linear", (h, inter)),
+        ("router.proj.weight", "router", (e, h)),
+        ("router.scale", "norm", (h,)),
+        ("router.per_expert_scale", "norm", (e,)),
+        ("experts.gate_up_proj", "experts", (e, 2 * moe_inter, h)),
+        ("experts.down_proj", "experts", (e, h, moe_inter)),
+    ]
+    out += [(f"{n}.weight", "norm", (h,)) for n in LAYER_NORMS]
+    out.append(("layer_scalar", "ones", (1,)))
+    return out

@@ -5,11 +5,17 @@ Each patch is one module in this package that defines:
 - ``NAME``: the name used in logs and in ``GEMMA4_QUANT_DISABLE_PATCHES``;
 - ``SUMMARY``: one line for ``gemma4-quant patches``;
 - ``detect() -> Detection``: reads the installed vLLM code (feature detection, never
-  version strings; cheap: it reads source text with :func:`vllm_source` and imports
-  nothing heavy) and says whether the patch is needed there;
-- ``apply() -> None``: makes the change, usually through :func:`when_imported` so that
-  the patched vLLM module is only changed once some process imports it. Only called
-  when ``detect()`` said NEEDED; must be idempotent across repeated registration.
+  version strings; cheap: it reads source through :mod:`gemma4_quant.vllm_code` and
+  imports nothing heavy) and says whether the patch is needed there, with what it found
+  (``Detection.findings``: the code generation it recognized, for instance);
+- ``apply(detection) -> None``: makes the change from those findings, usually through
+  :func:`when_imported` so that the patched vLLM module is only changed once some
+  process imports it. Only called when ``detect()`` said NEEDED; must be idempotent
+  across repeated registration. Patches that work on the checkpoint's tensor stream go
+  through :mod:`.load_stream`, which fixes their order;
+- ``doctor_rules()``: what stock vLLM does to a checkpoint that needs the patch, as
+  rules that ``gemma4-quant doctor`` evaluates on checkpoint headers (empty where no
+  header shows it).
 
 A patch whose ``detect`` finds code it does not recognize returns UNRECOGNIZED and
 changes nothing.
@@ -26,8 +32,10 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
-# Order matters only for readability of the log line.
+# The order of the log line and of `gemma4-quant patches`; the order in which patches
+# touch the checkpoint stream is load_stream.STAGES.
 PATCH_MODULES: tuple[str, ...] = (
     "amx_permission",
     "expert_names",
@@ -50,10 +58,11 @@ class Status(str, enum.Enum):
 class Detection:
     status: Status
     reason: str
+    findings: Any = None  # what apply() needs of what detect() read
 
     @classmethod
-    def needed(cls, reason: str) -> Detection:
-        return cls(Status.NEEDED, reason)
+    def needed(cls, reason: str, findings: Any = None) -> Detection:
+        return cls(Status.NEEDED, reason, findings)
 
     @classmethod
     def not_needed(cls, reason: str) -> Detection:

@@ -88,7 +88,7 @@ def _requests_permission(tree: ast.Module | None) -> bool:
     )
 
 
-def apply() -> None:
+def apply(detection: Detection) -> None:
     request_xtiledata()
 
 
@@ -113,3 +113,12 @@ def xtiledata_permitted() -> bool:
     except OSError:
         return False
     return bool(mask.value >> XFEATURE_XTILEDATA & 1)
+
+
+# --- what stock vLLM does to a checkpoint that needs this patch (read by doctor)
+
+
+def doctor_rules() -> tuple[()]:
+    # Nothing a checkpoint shows: whether a process dies with SIGILL depends on whether
+    # oneDNN asked for the tile state before vLLM's CPU attention ran, not on any header.
+    return ()

@@ -70,7 +70,7 @@ def detect() -> Detection:
     return Detection.unrecognized("unknown placeholder in dispatch_cpu_unquantized_gemm")
 
 
-def apply() -> None:
+def apply(detection: Detection) -> None:
     when_imported(UTILS, _patch)
 
 
@@ -91,3 +91,64 @@ def _patch(module: ModuleType) -> None:
         return dispatch_cpu_unquantized_gemm
 
     wrap_once(module, "dispatch_cpu_unquantized_gemm", _MARK, make_wrapper)
+
+
+# --- what stock vLLM does to a checkpoint that needs this patch (read by doctor)
+# The rule types come from gemma4_quant.doctor.core, imported inside the functions:
+# every vLLM process imports this module, doctor only runs in `gemma4-quant doctor`.
+
+if TYPE_CHECKING:
+    from ..doctor.core import Ctx, Hit, Module, Rule
+    from ..doctor.environment import CpuInfo
+
+
+def doctor_rules() -> tuple[Rule, ...]:
+    from ..doctor.core import Rule, Stage
+
+    # this module's docstring; layers/utils.py dispatch_cpu_unquantized_gemm
+    return (Rule("cpu-gate-dtype", ("router",), Stage.RUN, _doctor_router_dtype),)
+
+
+def _doctor_router_dtype(module: Module, ctx: Ctx) -> Hit | None:
+    """A router vLLM builds unquantized, on a CPU whose GEMM dispatch leaves it a float32
+    placeholder weight: the first forward pass routes with garbage logits, or fails."""
+    from ..doctor.core import Hit, Outcome
+    from ..doctor.rules import built_scheme
+
+    env = ctx.env
+    if env.platform != "cpu" or not ctx.needed(NAME) or built_scheme(module, ctx) is not None:
+        return None
+    if env.cpu is not None and env.cpu.arch.startswith(("ppc", "powerpc")):
+        return None  # no packed kernel there: torch's linear keeps the weight
+    message = (
+        "vLLM's CPU GEMM dispatch leaves the bf16 router a float32 placeholder weight, "
+        "and GateLinear casts its input to that dtype"
+    )
+    if ctx.patched(NAME):
+        return Hit(Outcome.PATCHED, message, "", NAME)
+    if _packs_with_sgl_kernel(env.cpu):
+        return Hit(
+            Outcome.FAILS,
+            f"{message}: the packed AMX kernel refuses float32 input",
+            "NotImplementedError: \"weight_packed_linear_kernel_impl\" not implemented for 'Float'",
+        )
+    return Hit(
+        Outcome.SILENTLY_WRONG,
+        f"{message}: the bf16 kernel reads float32 input, so the router logits are garbage "
+        "and tokens go to the wrong experts",
+        f"{module.short} routes with garbage logits",
+    )
+
+
+def _packs_with_sgl_kernel(cpu: CpuInfo | None) -> bool:
+    """Whether the dispatch hands a small bf16 weight (the router's) to the SGL kernel,
+    which checks its input's dtype, rather than to oneDNN, which does not: AMX CPUs, where
+    the dispatch does so by default or VLLM_CPU_SGL_KERNEL asks for it."""
+    import os
+
+    text = vllm_source("model_executor/layers/utils.py") or ""
+    if cpu is None or not cpu.amx or "check_cpu_sgl_kernel(" not in text:
+        return False
+    if "VLLM_CPU_SGL_KERNEL and check_cpu_sgl_kernel(" in text:
+        return os.environ.get("VLLM_CPU_SGL_KERNEL", "0").strip() not in ("", "0")
+    return True

@@ -42,25 +42,20 @@ Removal:
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Iterable, Iterator
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-from . import Detection, vllm_source, when_imported, wrap_once
+from ..layout import FUSED_EXPERT
+from . import Detection, vllm_source
 
 NAME = "expert_names"
 SUMMARY = "fused 3D `experts.<proj>_<suffix>` tensors load (D2 KeyError, `_shape`, `_g_idx`)"
 
 _MARK = "__gemma4_quant_expert_names__"
-_FUSED = re.compile(
-    r"^(?P<pre>.*\.experts)\.(?P<proj>gate_up_proj|down_proj)"
-    r"_(?P<suffix>packed|scale|zero_point|shape|g_idx)$"
-)
 _SPLIT_SUFFIXES = ("shape", "g_idx")
 
 
@@ -90,24 +85,19 @@ def detect() -> Detection:
     if generation is None:
         return Detection.unrecognized(why)
     if generation == "dotted":
-        return Detection.needed(f"{why}: rename fused names, split `_shape`/`_g_idx`")
-    return Detection.needed(f"{why}: split fused `_shape`/`_g_idx`, check shapes")
+        return Detection.needed(f"{why}: rename fused names, split `_shape`/`_g_idx`", generation)
+    return Detection.needed(f"{why}: split fused `_shape`/`_g_idx`, check shapes", generation)
 
 
-def apply() -> None:
-    generation, _ = _generation()
-    when_imported(GEMMA4, functools.partial(_patch, generation=generation))
+def apply(detection: Detection) -> None:
+    from . import load_stream
 
+    generation = detection.findings
 
-def _patch(module: ModuleType, generation: str | None) -> None:
-    def make_wrapper(original):
-        def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
-            checker = FusedExpertChecker.from_model(self)
-            return original(self, rewrite(weights, generation, checker))
+    def rename(model: torch.nn.Module, weights, _state) -> Iterable:
+        return rewrite(weights, generation, FusedExpertChecker.from_model(model))
 
-        return load_weights
-
-    wrap_once(module.Gemma4ForCausalLM, "load_weights", _MARK, make_wrapper)
+    load_stream.add_stage("rename", rename)
 
 
 def per_expert_name(prefix: str, expert: int, proj: str, suffix: str, gen: str) -> str:
@@ -125,11 +115,11 @@ def rewrite(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Rename fused expert tensors for ``generation``; everything else passes as is."""
     for name, tensor in weights:
-        match = _FUSED.match(name)
-        if match is None:
+        match = FUSED_EXPERT.match(name)
+        if match is None or match["suffix"] is None:  # not fused, or a bf16 expert weight
             yield name, tensor
             continue
-        pre, proj, suffix = match["pre"], match["proj"], match["suffix"]
+        pre, proj, suffix = match["module"], match["proj"], match["suffix"]
         if checker is not None:
             checker.check(name, proj, suffix, tensor)
         if suffix in _SPLIT_SUFFIXES:
@@ -281,3 +271,83 @@ def weight_args(quant_config: object) -> tuple[int, int | None] | None:
 
 
 __all__ = ["NAME", "SUMMARY", "detect", "apply", "rewrite"]
+
+
+# --- what stock vLLM does to a checkpoint that needs this patch (read by doctor)
+# The rule types come from gemma4_quant.doctor.core, imported inside the functions:
+# every vLLM process imports this module, doctor only runs in `gemma4-quant doctor`.
+
+if TYPE_CHECKING:
+    from ..doctor.core import Ctx, Hit, Module, Rule
+
+
+def generation() -> tuple[str | None, str]:
+    """Which Gemma 4 expert loader the installed vLLM has (substring, dotted, underscore,
+    generic; None: one this patch does not know), and how we know."""
+    return _generation()
+
+
+def doctor_rules() -> tuple[Rule, ...]:
+    from ..doctor.core import Rule, Stage
+
+    return (
+        # vllm-releases.md D2; gemma4.py expert_params_mapping
+        Rule("fused-expert-names", ("experts",), Stage.LOAD, _doctor_fused_names),
+        # vllm-releases.md D1, 'Other facts'; cpu-vllm.md (_shape on 0.32)
+        Rule("fused-expert-metadata", ("experts",), Stage.LOAD, _doctor_fused_metadata),
+    )
+
+
+def _doctor_fused_names(module: Module, ctx: Ctx) -> Hit | None:
+    """D2: fused `experts.<proj>_packed` meets the dotted expert mapping (0.19.1 - 0.20.2)."""
+    from ..doctor.core import Hit, Outcome
+
+    if not module.fused_experts or module.stored == "bf16":
+        return None
+    if ctx.env.generation != "dotted":
+        return None
+    names = sorted(n for n in module.tensors if re.search(r"_(packed|scale|zero_point)$", n))
+    if not names:
+        return None
+    match = FUSED_EXPERT.match(names[0])
+    proj = "gate_proj" if match and match["proj"] == "gate_up_proj" else "down_proj"
+    suffix = match["suffix"] if match and match["suffix"] else "packed"
+    key = f"{module.short.replace('.experts', '.moe.experts')}.0.{proj}_{suffix}"
+    message = "fused `experts.<proj>_<suffix>` tensors meet the dotted expert mapping (D2)"
+    if ctx.patched(NAME):
+        return Hit(Outcome.PATCHED, message, "", NAME)
+    return Hit(Outcome.FAILS, message, f"KeyError: {key!r}")
+
+
+def _doctor_fused_metadata(module: Module, ctx: Ctx) -> Hit | None:
+    """1-D/2-D fused `experts.<proj>_shape` / `_g_idx` skip the 3D split on every release."""
+    from ..doctor.core import Hit, Outcome
+    from ..doctor.rules import mismatch_error
+
+    if not module.fused_experts:
+        return None
+    names = sorted(n for n in module.tensors if n.endswith(("_shape", "_g_idx")))
+    if not names:
+        return None
+    what = "`_shape`" if names[0].endswith("_shape") else "`_g_idx`"
+    message = f"fused {what} expert tensors are never split per expert by vLLM"
+    if ctx.patched(NAME):
+        return Hit(Outcome.PATCHED, message, "", NAME)
+    env = ctx.env
+    if env.silent_skip and all(n.endswith("_shape") for n in names):
+        return None  # dropped without a word, and no kernel reads weight_shape
+    if env.silent_skip:
+        # dropped without a word; the load guard treats g_idx as optional, so it stays quiet
+        return Hit(
+            Outcome.SILENTLY_WRONG,
+            message,
+            f"{names[0]} is dropped: experts lose their activation order",
+        )
+    if env.generation == "generic" and names[0].endswith("_shape"):
+        return Hit(
+            Outcome.FAILS,
+            message,
+            f"RuntimeError: The expanded size of the tensor (2) must match the existing "
+            f"size (3), loading {names[0]!r}",
+        )
+    return mismatch_error(module, ctx, names[0], message)

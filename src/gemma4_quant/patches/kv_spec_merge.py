@@ -207,7 +207,7 @@ def _merge_keeping_fields(cls: type, specs: list[Any]) -> Any:
 setattr(_merge_keeping_fields, _MARK, True)
 
 
-def apply() -> None:
+def apply(detection: Detection) -> None:
     kvi = _interface()
     if kvi is None:
         raise RuntimeError("vllm.v1.kv_cache_interface is not importable")
@@ -219,3 +219,12 @@ def apply() -> None:
         patched.append(f"{cls.__name__}.merge")
     if patched:
         logger.debug("gemma4_quant: %s now keep every field", ", ".join(patched))
+
+
+# --- what stock vLLM does to a checkpoint that needs this patch (read by doctor)
+
+
+def doctor_rules() -> tuple[()]:
+    # Nothing a checkpoint shows: the lost field comes from --kv-cache-dtype on a build
+    # that carries #39582, whichever checkpoint it serves.
+    return ()

@@ -33,14 +33,15 @@ Removal:
 
 from __future__ import annotations
 
+import ast
 import functools
-import re
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
+from .. import vllm_code
 from . import Detection, vllm_source, when_imported, wrap_once
 
 NAME = "router"
@@ -48,6 +49,7 @@ SUMMARY = "quantized Gemma 4 router (`router.proj.*` qweight/packed/fp8) loads a
 
 GEMMA4 = "vllm.model_executor.models.gemma4"
 _MARK = "__gemma4_quant_router__"
+_MODEL_FILE = "model_executor/models/gemma4.py"
 _GATE_LINEAR_FILES = (
     "model_executor/layers/fused_moe/router/gate_linear.py",
     "model_executor/layers/linear.py",
@@ -55,35 +57,57 @@ _GATE_LINEAR_FILES = (
 
 
 def _gate_linear_takes_quant_config() -> bool | None:
+    """Whether ``GateLinear.__init__`` has a ``quant_config`` parameter (None: no
+    GateLinear found)."""
     for relpath in _GATE_LINEAR_FILES:
-        text = vllm_source(relpath)
-        if text is None or "class GateLinear" not in text:
-            continue
-        init = text.split("class GateLinear", 1)[1].split("def forward", 1)[0]
-        return re.search(r"\bquant_config\s*:", init) is not None
+        init = vllm_code.find_function(vllm_source(relpath), "GateLinear.__init__")
+        if init is not None:
+            args = init.args
+            names = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
+            return "quant_config" in names
     return None
 
 
+def _router_gate_call() -> ast.Call | None:
+    """The ``GateLinear(...)`` call that ``Gemma4Router.__init__`` assigns to ``self.proj``."""
+    init = vllm_code.find_function(vllm_source(_MODEL_FILE), "Gemma4Router.__init__")
+    for node in ast.walk(init) if init is not None else ():
+        if (
+            isinstance(node, ast.Assign)
+            and any(_is_self_proj(target) for target in node.targets)
+            and isinstance(node.value, ast.Call)
+            and vllm_code.call_name(node.value) == "GateLinear"
+        ):
+            return node.value
+    return None
+
+
+def _is_self_proj(node: ast.AST) -> bool:
+    return (
+        isinstance(node, ast.Attribute)
+        and node.attr == "proj"
+        and vllm_code.is_name(node.value, "self")
+    )
+
+
 def detect() -> Detection:
-    text = vllm_source("model_executor/models/gemma4.py")
-    if text is None or "class Gemma4Router" not in text:
-        return Detection.unrecognized("no Gemma4Router in vllm/model_executor/models/gemma4.py")
-    router = text.split("class Gemma4Router", 1)[1].split("\nclass ", 1)[0]
-    match = re.search(r"self\.proj = GateLinear\((.*?)\n        \)", router, re.S)
-    if match is None:
-        return Detection.unrecognized("Gemma4Router.proj is not built with GateLinear(...)")
-    if "quant_config" in match.group(1):
+    call = _router_gate_call()
+    if call is None:
+        return Detection.unrecognized("Gemma4Router.__init__ builds no self.proj = GateLinear(...)")
+    if "quant_config" in vllm_code.keywords(call) or any(
+        vllm_code.is_name(arg, "quant_config") for arg in call.args
+    ):
         return Detection.not_needed("Gemma4Router passes quant_config to GateLinear")
     takes = _gate_linear_takes_quant_config()
     if takes is None:
         return Detection.unrecognized("GateLinear not found")
     if takes:
-        return Detection.needed("router built without quant_config; GateLinear takes it")
-    return Detection.needed("router built without quant_config; GateLinear cannot take it")
+        return Detection.needed("router built without quant_config; GateLinear takes it", takes)
+    return Detection.needed("router built without quant_config; GateLinear cannot take it", takes)
 
 
-def apply() -> None:
-    when_imported(GEMMA4, functools.partial(_patch, takes=bool(_gate_linear_takes_quant_config())))
+def apply(detection: Detection) -> None:
+    when_imported(GEMMA4, functools.partial(_patch, takes=bool(detection.findings)))
 
 
 def _patch(module: ModuleType, takes: bool) -> None:
@@ -138,3 +162,35 @@ def _float32_replicated_linear() -> type:
             return output.float(), bias
 
     return Float32OutReplicatedLinear
+
+
+# --- what stock vLLM does to a checkpoint that needs this patch (read by doctor)
+# The rule types come from gemma4_quant.doctor.core, imported inside the functions:
+# every vLLM process imports this module, doctor only runs in `gemma4-quant doctor`.
+
+if TYPE_CHECKING:
+    from ..doctor.core import Ctx, Hit, Module, Rule
+
+
+def doctor_rules() -> tuple[Rule, ...]:
+    from ..doctor.core import Rule, Stage
+
+    # vllm-releases.md D4
+    return (Rule("quantized-router", ("router",), Stage.LOAD, _doctor_quantized_router),)
+
+
+def _doctor_quantized_router(module: Module, ctx: Ctx) -> Hit | None:
+    """D4: a quantized router meets Gemma4Router's GateLinear built without quant_config:
+    its quantized tensors match no parameter (KeyError, or a silent skip on 0.24 - 0.30)."""
+    from ..doctor.core import Hit, Outcome
+    from ..doctor.rules import first_tensor, mismatch_error
+
+    if module.stored == "bf16" or module.scheme is None:
+        return None  # unquantized, or the config disagrees (rule config-vs-checkpoint)
+    if ctx.env.features.get("router_passes_quant_config"):
+        return None
+    message = "the router is quantized; Gemma4Router builds it without quant_config (D4)"
+    if ctx.patched(NAME):
+        return Hit(Outcome.PATCHED, message, "", NAME)
+    tensor = first_tensor(module, "qweight", "weight_packed", "weight_scale")
+    return mismatch_error(module, ctx, tensor, message)

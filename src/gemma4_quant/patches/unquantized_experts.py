@@ -51,13 +51,12 @@ import logging
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-from . import Detection, vllm_source, when_imported, wrap_once
+from . import Detection, vllm_source
 
 NAME = "unquantized_experts"
 SUMMARY = "AutoRound (GPTQ) experts load where vLLM builds them unquantized (INC on CPU)"
@@ -146,21 +145,14 @@ def detect() -> Detection:
     return Detection.needed(f"{why}: dequantize streamed GPTQ experts there")
 
 
-def apply() -> None:
-    when_imported(GEMMA4, _patch)
+def apply(detection: Detection) -> None:
+    from . import load_stream
 
+    def dequantize(model: torch.nn.Module, weights, _state) -> Iterable:
+        plan = ExpertPlan.from_model(model)
+        return weights if plan is None else dequantize_stream(weights, plan)
 
-def _patch(module: ModuleType) -> None:
-    def make_wrapper(original):
-        def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
-            plan = ExpertPlan.from_model(self)
-            if plan is not None:
-                weights = dequantize_stream(weights, plan)
-            return original(self, weights)
-
-        return load_weights
-
-    wrap_once(module.Gemma4ForCausalLM, "load_weights", _MARK, make_wrapper)
+    load_stream.add_stage("dequantize", dequantize)
 
 
 # --------------------------------------------------------------------- the plan
@@ -404,7 +396,9 @@ def _check_late(
 
 def _dequantize_entry(entry: _Pending, experts: FloatExperts, proj: str, bits: int) -> torch.Tensor:
     tensors = {suffix: tensor for suffix, (_, tensor) in entry.tensors.items()}
-    return dequantize_gptq(
+    from .. import int4
+
+    return int4.dequantize_gptq(
         tensors["qweight"],
         tensors["qzeros"],
         tensors["scales"],
@@ -412,40 +406,6 @@ def _dequantize_entry(entry: _Pending, experts: FloatExperts, proj: str, bits: i
         bits,
         experts.dtype,
     )
-
-
-def dequantize_gptq(
-    qweight: torch.Tensor,
-    qzeros: torch.Tensor,
-    scales: torch.Tensor,
-    g_idx: torch.Tensor | None,
-    bits: int,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """A GPTQ (v1) linear -> its weight [out, in] in ``dtype``, exactly.
-
-    ``qweight`` int32 [in / pack, out] (value k of word w is input row pack * w + k),
-    ``qzeros`` int32 [groups, out / pack] packed along out and stored as zero - 1,
-    ``scales`` [groups, out], ``g_idx`` int32 [in] (the group of each input row; default
-    row // group size). ``(q - zero) * scale`` is computed in float32, where it is exact
-    (a small integer times a 16-bit float), and rounded once to ``dtype``.
-    """
-    import torch
-
-    pack = 32 // bits
-    mask = (1 << bits) - 1
-    shifts = torch.arange(pack, dtype=torch.int32) * bits
-    words, out = qweight.shape
-    q = (qweight.unsqueeze(1) >> shifts.view(1, -1, 1)) & mask  # [in / pack, pack, out]
-    q = q.reshape(words * pack, out)
-    zeros = (qzeros.unsqueeze(-1) >> shifts) & mask  # [groups, out / pack, pack]
-    zeros = zeros.reshape(qzeros.shape[0], out) + 1
-    inp = q.shape[0]
-    if g_idx is None:
-        g_idx = torch.arange(inp) // (inp // scales.shape[0])
-    g_idx = g_idx.long()
-    weight = (q - zeros[g_idx]).float() * scales.float()[g_idx]  # [in, out]
-    return weight.t().to(dtype).contiguous()
 
 
 def _check_complete(
@@ -499,4 +459,52 @@ def _warn_once(plan: ExpertPlan) -> None:
     )
 
 
-__all__ = ["NAME", "SUMMARY", "detect", "apply", "dequantize_gptq", "dequantize_stream"]
+__all__ = ["NAME", "SUMMARY", "detect", "apply", "dequantize_stream"]
+
+
+# --- what stock vLLM does to a checkpoint that needs this patch (read by doctor)
+# The rule types come from gemma4_quant.doctor.core, imported inside the functions:
+# every vLLM process imports this module, doctor only runs in `gemma4-quant doctor`.
+
+if TYPE_CHECKING:
+    from ..doctor.core import Ctx, Hit, Module, Rule
+
+
+def doctor_rules() -> tuple[Rule, ...]:
+    from ..doctor.core import Rule, Stage
+
+    # inc_wna16_scheme.py get_moe_method / inc.py apply_cpu_w4a16_quant_layer; gemma4.py
+    # load_weights: the unquantized experts have no parameter for qweight
+    return (Rule("experts-built-unquantized", ("experts",), Stage.LOAD, _doctor_experts),)
+
+
+def _doctor_experts(module: Module, ctx: Ctx) -> Hit | None:
+    """AutoRound experts that vLLM builds unquantized on CPU: the checkpoint's GPTQ
+    tensors match none of the float parameters."""
+    from ..doctor.core import Hit, Outcome
+    from ..doctor.rules import built_scheme, extra_bytes, first_tensor, mismatch_error
+
+    scheme = module.scheme
+    if scheme is None or built_scheme(module, ctx) is not None:
+        return None
+    if module.stored in ("bf16", "unknown"):
+        return None
+    why = (
+        f"vLLM builds {module.kind} unquantized here (AutoRound MoE on CPU: 'CPU does "
+        f"not support quantized MoE yet') but the checkpoint stores {module.stored}"
+    )
+    if (
+        module.stored == "gptq"
+        and scheme.bits in (2, 4, 8)
+        and ctx.analysis.gptq_packed()
+        and ctx.patched(NAME)
+    ):
+        return Hit(
+            Outcome.PATCHED,
+            f"{why}; the plugin dequantizes them as they stream in",
+            "",
+            NAME,
+            extra_bytes=extra_bytes(module, scheme, ctx),
+        )
+    tensor = first_tensor(module, "qweight", "_packed", "weight_packed", "weight")
+    return mismatch_error(module, ctx, tensor, why)

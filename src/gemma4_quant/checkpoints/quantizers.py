@@ -1,0 +1,144 @@
+"""Quantizers of the tiny checkpoints' layouts.
+
+compressed-tensors int4 and FP8 tensors are made by compressed-tensors itself (its
+``calculate_qparams`` and its pack-quantized / float-quantized compressors on 2D weights),
+and the ``quantization_config`` is written by its ``ModelCompressor``. The AutoRound
+layout has no library here: round-to-nearest int4, packed by ``gemma4_quant.int4`` in
+the GPTQ (``auto_gptq``) format.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import int4
+
+CT_GROUP_SIZE = 32
+AUTOROUND_GROUP_SIZE = 128
+
+
+def ct_int4_args(symmetric: bool = True, group_size: int = CT_GROUP_SIZE) -> Any:
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(
+        num_bits=4,
+        type="int",
+        symmetric=symmetric,
+        strategy="group",
+        group_size=group_size,
+        dynamic=False,
+    )
+
+
+def ct_compress_int4(
+    weight: torch.Tensor, *, symmetric: bool = True, group_size: int = CT_GROUP_SIZE
+) -> dict[str, torch.Tensor]:
+    """One 2D weight through compressed-tensors: min/max qparams, pack-quantized.
+
+    Returns the compressor's own ``weight_packed``, ``weight_scale``, ``weight_shape``
+    (and ``weight_zero_point`` when asymmetric).
+    """
+    from compressed_tensors.compressors.pack_quantized import (
+        PackedQuantizationCompressor,
+    )
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = ct_int4_args(symmetric, group_size)
+    rows, cols = weight.shape
+    groups = weight.reshape(rows, cols // group_size, group_size)
+    scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+    state = {"weight": weight, "weight_scale": scale}
+    if not symmetric:
+        state["weight_zero_point"] = zero_point
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    out = PackedQuantizationCompressor.compress(state, scheme)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def ct_compress_int4_3d(weight: torch.Tensor, *, symmetric: bool = True) -> dict[str, torch.Tensor]:
+    """A fused [E, out, in] weight: the experts' 2D results, stacked.
+
+    compressed-tensors' 0.17 decompressor rejects 3D input, so 2D is the common ground
+    of all versions. Rows are quantized and packed independently (zero points in words
+    of 8 rows, and out % 8 == 0), so one call on the [E * out, in] matrix gives exactly
+    the per-expert results, only faster.
+    """
+    e, rows, cols = weight.shape
+    if rows % 8:
+        raise ValueError(f"expert output dim {rows} is not a multiple of 8")
+    flat = ct_compress_int4(weight.reshape(e * rows, cols), symmetric=symmetric)
+    out = {k: v.reshape(e, -1, v.shape[-1]) for k, v in flat.items() if k != "weight_shape"}
+    out["weight_shape"] = torch.tensor([e, rows, cols], dtype=torch.int64)
+    return out
+
+
+def ct_fp8_args() -> tuple[Any, Any]:
+    """(weights, input_activations) args of an FP8-Dynamic export."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    weights = QuantizationArgs(
+        num_bits=8, type="float", strategy="channel", symmetric=True, dynamic=False
+    )
+    acts = QuantizationArgs(
+        num_bits=8, type="float", strategy="token", symmetric=True, dynamic=True
+    )
+    return weights, acts
+
+
+def ct_compress_fp8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One 2D weight through compressed-tensors' float-quantized compressor."""
+    from compressed_tensors.compressors.naive_quantized import (
+        FloatQuantizationCompressor,
+    )
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    w_args, a_args = ct_fp8_args()
+    scale, _ = calculate_qparams(weight.amin(1, keepdim=True), weight.amax(1, keepdim=True), w_args)
+    scheme = QuantizationScheme(targets=["Linear"], weights=w_args, input_activations=a_args)
+    out = FloatQuantizationCompressor.compress({"weight": weight, "weight_scale": scale}, scheme)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def gptq_compress_int4(
+    weight: torch.Tensor, group_size: int = AUTOROUND_GROUP_SIZE
+) -> dict[str, torch.Tensor]:
+    """Symmetric RTN int4 in the GPTQ (auto_gptq) format AutoRound exports.
+
+    qweight int32 [in/8, out] (packed along the input dim), qzeros int32
+    [in/group, out/8] (packed along the output dim, stored as zero - 1), scales fp16
+    [in/group, out].
+    """
+    w = weight.float().t()  # [in, out]
+    cols, rows = w.shape
+    groups = w.reshape(cols // group_size, group_size, rows)
+    scales = (groups.abs().amax(1) / 7.5).clamp_min(1e-8).to(torch.float16)
+    q = torch.round(groups / scales.float().unsqueeze(1)).clamp(-8, 7) + 8
+    zeros = torch.full_like(scales, 8, dtype=torch.int64)  # symmetric: the offset
+    return int4.pack_gptq(q.reshape(cols, rows), zeros, scales)
+
+
+def ct_quantization_config(
+    scheme_args: dict[str, Any], fmt: str, ignore: list[str]
+) -> dict[str, Any]:
+    """The quantization_config exactly as compressed-tensors' ModelCompressor writes it."""
+    import tempfile
+
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+    scheme = QuantizationScheme(targets=["Linear"], format=fmt, **scheme_args)
+    qconfig = QuantizationConfig(
+        config_groups={"group_0": scheme},
+        format=fmt,
+        ignore=ignore,
+        quantization_status="compressed",
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        ModelCompressor(quantization_config=qconfig).update_config(tmp)
+        return json.loads((Path(tmp) / "config.json").read_text())["quantization_config"]

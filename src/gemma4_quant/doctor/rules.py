@@ -1,0 +1,236 @@
+"""Rules every vLLM release needs, whichever patches it takes, and their helpers.
+
+The helpers answer what the rules (doctor's and the patches') keep asking: how vLLM
+builds a module, which fused vLLM layer a checkpoint module ends up in, what this vLLM's
+loader does with a tensor that matches no parameter, whether the plugin's dequantizing
+fallback serves a layer vLLM has no kernel for.
+"""
+
+from __future__ import annotations
+
+from .analysis import shard_names
+from .core import Ctx, Hit, Module, Outcome, Scheme, short_name
+
+
+def built_scheme(module: Module, ctx: Ctx) -> Scheme | None:
+    """The quantization vLLM builds ``module`` with (None: unquantized), which is not
+    always what the config asks for."""
+    env = ctx.env
+    if module.kind == "router" and module.scheme is not None:
+        if env.features.get("router_passes_quant_config") or ctx.patched("router"):
+            return module.scheme
+        return None  # Gemma4Router builds GateLinear without quant_config (D4)
+    if (
+        module.kind == "experts"
+        and module.scheme is not None
+        and module.scheme.method == "auto-round"
+        and env.platform == "cpu"
+        and env.features.get("inc_cpu_moe_unquantized")
+    ):
+        return None  # "CPU does not support quantized MoE yet"
+    return module.scheme
+
+
+def is_wna16(scheme: Scheme | None) -> bool:
+    return scheme is not None and scheme.weight_type == "int" and scheme.activations is None
+
+
+def group_size(scheme: Scheme) -> int:
+    return scheme.group_size if scheme.group_size and scheme.group_size > 0 else -1
+
+
+def vllm_layer(module: Module, ctx: Ctx) -> tuple[str, list[Module]]:
+    """The vLLM layer ``module`` ends up in and the checkpoint modules fused into it."""
+    shards = set(shard_names(module, ctx.analysis))
+    members = [m for m in ctx.analysis.modules if m.name in shards] or [module]
+    parent = module.name.rpartition(".")[0]
+    if len(members) > 1:
+        fused = "qkv_proj" if module.kind == "attention" else "gate_up_proj"
+        return f"{parent}.{fused}", members
+    return module.name, members
+
+
+def is_representative(module: Module, ctx: Ctx) -> bool:
+    """Kernel rules look at each vLLM layer once (q_proj stands for qkv_proj)."""
+    _, members = vllm_layer(module, ctx)
+    return members[0] is module
+
+
+def partition_shape(module: Module, ctx: Ctx) -> tuple[int, int, int] | None:
+    """(K per partition, N per partition, K) of the vLLM layer ``module`` belongs to."""
+    _, members = vllm_layer(module, ctx)
+    if any(m.in_features is None or m.out_features is None for m in members):
+        return None
+    k = members[0].in_features or 0
+    n = sum(m.out_features or 0 for m in members)
+    tp = ctx.env.tensor_parallel
+    leaf = module.name.rpartition(".")[2]
+    if module.kind == "router":
+        return k, n, k  # replicated
+    if leaf in ("o_proj", "down_proj"):  # row parallel: K is split
+        return k // tp, n, k
+    return k, n // tp, k  # column parallel: N is split
+
+
+def mismatch_error(module: Module, ctx: Ctx, tensor: str, why: str) -> Hit:
+    """What this vLLM's loader does with a checkpoint tensor that matches no parameter
+    (or a parameter no tensor fills)."""
+    env = ctx.env
+    if env.generation is None:
+        return Hit(Outcome.UNKNOWN, f"{why}; this vLLM's Gemma 4 loader is not one the rules know")
+    if env.silent_skip:
+        if ctx.patched("load_guard"):
+            return Hit(
+                Outcome.FAILS,
+                f"{why}; the load guard stops the load (vLLM 0.24 - 0.30 would skip the "
+                "tensor silently)",
+                f"ValueError: Gemma 4 checkpoint left parameter(s) of {module.short} unloaded",
+            )
+        return Hit(
+            Outcome.SILENTLY_WRONG,
+            f"{why}; vLLM 0.24 - 0.30 skip the unmatched name without a word and the "
+            "parameter keeps uninitialized memory",
+            f"{tensor} is dropped",
+        )
+    if env.generation == "generic":
+        error = "AttributeError" if module.kind == "experts" else "ValueError"
+        return Hit(Outcome.FAILS, why, f"{error}: no parameter for {_vllm_param(tensor, ctx)!r}")
+    return Hit(Outcome.FAILS, why, f"KeyError: {_vllm_param(tensor, ctx)!r}")
+
+
+def _vllm_param(name: str, ctx: Ctx) -> str:
+    """Gemma4Model.load_weights' view of a checkpoint name (its errors show this one):
+    before the 0.31 loader, experts live under ``moe.experts``."""
+    short = short_name(name)
+    if ctx.env.generation in ("substring", "dotted", "underscore"):
+        short = short.replace(".experts.", ".moe.experts.")
+    return short
+
+
+def first_tensor(module: Module, *suffixes: str) -> str:
+    """The first of the module's checkpoint tensors vLLM meets with one of ``suffixes``."""
+    return next((n for n in sorted(module.tensors) if n.endswith(suffixes)), module.name)
+
+
+# -- load stage: checkpoint names vs parameters
+
+
+# -- weight loading: checkpoint names vs parameters
+
+
+def check_config_vs_checkpoint(module: Module, ctx: Ctx) -> Hit | None:
+    """vLLM builds each layer from the config; the checkpoint must store it that way."""
+    built = built_scheme(module, ctx)
+    if built is None and module.scheme is not None:
+        # the config quantizes it, vLLM does not: the router rule (patch router) and the
+        # unquantized-experts rule (patch unquantized_experts) speak for these
+        return None
+    if module.stored == "unknown":
+        return None
+    expected = built.storage if built is not None else "bf16"
+    if built is not None and built.weight_type == "unknown":
+        return None
+    if expected == module.stored:
+        return None
+    if built is None:
+        why = (
+            f"the config leaves {module.kind} unquantized ({module.scheme_note}) but the "
+            f"checkpoint stores {module.stored}"
+        )
+    else:
+        why = (
+            f"the config quantizes {module.kind} ({built.describe()}, {module.scheme_note}) "
+            f"but the checkpoint stores {module.stored}"
+        )
+    tensor = first_tensor(module, "qweight", "_packed", "weight_packed", "weight")
+    return mismatch_error(module, ctx, tensor, why)
+
+
+# -- model construction: quantization methods and kernels
+
+
+def check_shard_schemes(module: Module, ctx: Ctx) -> Hit | None:
+    if not module.shard_conflict or not is_representative(module, ctx):
+        return None
+    layer, _ = vllm_layer(module, ctx)
+    if module.kind == "experts":
+        error = "ValueError: All MoE projections need to have same quantization scheme"
+    else:
+        error = f"ValueError: Found different quantization schemes for the shards of {layer}"
+    return Hit(
+        Outcome.FAILS,
+        "shards vLLM fuses into one layer are quantized differently",
+        f"{module.shard_conflict}: {error}",
+    )
+
+
+def check_platform_known(module: Module, ctx: Ctx) -> Hit | None:
+    """Kernel rules exist for CPU and CUDA, and for int weights; say so otherwise."""
+    scheme = built_scheme(module, ctx)
+    if scheme is None or not is_representative(module, ctx):
+        return None
+    if ctx.env.platform not in ("cpu", "cuda"):
+        return Hit(Outcome.UNKNOWN, f"kernels on platform {ctx.env.platform} are not modelled")
+    if scheme.weight_type == "unknown":
+        return Hit(Outcome.UNKNOWN, f"{module.scheme_note}")
+    if not is_wna16(scheme) and scheme.storage not in ("fp8",):
+        return Hit(Outcome.UNKNOWN, f"kernels for {scheme.describe()} are not modelled")
+    return None
+
+
+# The rules, in the order vLLM meets them within a stage. Every rule comes from the facts
+# files (docs/facts/: vllm-releases.md, cpu-vllm.md, checkpoint-layouts.md) or from the release code
+
+
+# -- the plugin's dequantizing fallback (patch dequant_fallback)
+
+
+def extra_bytes(module: Module, scheme: Scheme, ctx: Ctx) -> int:
+    """What dequantizing ``module`` to the model dtype adds to its packed weights."""
+    if module.kind == "experts":
+        text = ctx.analysis.text_config
+        experts = int(text.get("num_experts") or 0)
+        numel = experts * 3 * int(module.out_features or 0) * int(module.in_features or 0)
+    else:
+        _, members = vllm_layer(module, ctx)
+        numel = sum((m.in_features or 0) * (m.out_features or 0) for m in members)
+    itemsize = 4 if "float32" in ctx.analysis.dtype else 2
+    return int(numel * (itemsize - (scheme.bits or 4) / 8))
+
+
+def served_by_fallback(
+    module: Module, scheme: Scheme, ctx: Ctx, linear: bool, message: str, error: str
+) -> Hit:
+    refusal = fallback_refusal(scheme, ctx, linear)
+    if refusal is None:
+        return Hit(
+            Outcome.PATCHED,
+            f"{message}; the plugin's fallback dequantizes it at load",
+            "",
+            "dequant_fallback",
+            extra_bytes=extra_bytes(module, scheme, ctx),
+        )
+    if not ctx.env.plugin:
+        return Hit(Outcome.NO_KERNEL, message, error)
+    return Hit(Outcome.NO_KERNEL, message, f"{error} (fallback: {refusal})")
+
+
+def forced(module: Module, scheme: Scheme, ctx: Ctx, linear: bool) -> Hit | None:
+    """GEMMA4_QUANT_FALLBACK=force dequantizes even where vLLM has a kernel."""
+    if ctx.env.fallback_mode != "force" or fallback_refusal(scheme, ctx, linear) is not None:
+        return None
+    return Hit(
+        Outcome.PATCHED,
+        "GEMMA4_QUANT_FALLBACK=force: dequantized at load although vLLM has a kernel",
+        "",
+        "dequant_fallback",
+        extra_bytes=extra_bytes(module, scheme, ctx),
+    )
+
+
+def fallback_refusal(scheme: Scheme, ctx: Ctx, linear: bool) -> str | None:
+    """Why the plugin's dequantizing fallback will not serve a layer (None: it will): the
+    patch itself says what it covers."""
+    from ..patches import dequant_fallback
+
+    return dequant_fallback.fallback_refusal(scheme, ctx, linear)

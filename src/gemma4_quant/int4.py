@@ -1,0 +1,191 @@
+"""The plugin's one codec for packed integer weights: compressed-tensors pack-quantized
+and GPTQ (``auto_gptq`` packing, as AutoRound's ``auto_round:auto_gptq`` exports it).
+
+Both formats pack ``32 // bits`` values to an int32 word, value k of a word in bits
+``[bits * k, bits * (k + 1))``, and mean ``value = (q - zero) * scale``:
+
+- compressed-tensors ``pack-quantized``: ``weight_packed`` int32 [..., N, K / pack]
+  (packed along the input dim K), ``weight_scale`` [..., N, G] (group = K / G),
+  ``weight_zero_point`` int32 [..., N / pack, G] packed along the output dim N, or none
+  when symmetric, where the storage offset ``2**(bits - 1)`` is the zero point. 2D
+  modules and fused 3D experts ([E, N, K / pack]) alike.
+- GPTQ: ``qweight`` int32 [K / pack, N] packed along K, ``qzeros`` int32 [G, N / pack]
+  packed along N, ``scales`` [G, N], optional ``g_idx`` int32 [K] (the group of every
+  input row; activation order), default ``row // (K / G)``.
+
+GPTQ zero points are stored as ``zero - 1`` ("GPTQ v1"), and read back as
+``stored + 1`` without wrapping. Sources: AutoRound's ``auto_gptq`` exporter packs
+``zeros -= 1`` (``auto_round/export/export_to_autogptq/qlinear_triton.py``,
+``QuantLinear.pack``, both for per-group zero tensors and the symmetric constant); vLLM's
+GPTQ kernels read v1: ``ExllamaLinearKernel.apply_weights`` calls ``gptq_gemm`` with
+``use_v2_format = False`` ("hardcode GPTQv1 format"), and the int WNA16 MoE oracle
+writes symmetric qzeros as ``bias - 1 = 7`` because "the kernel adds 1 to the stored
+zeros" (``_synthesize_rdna3_qzeros``, vLLM 0.32). A symmetric int4 checkpoint therefore
+stores 7 in every nibble (``0x77777777``), whose zero 8 is also the storage offset, so a
+decoder that ignores symmetric qzeros agrees. A zero point of 0 has no v1 encoding
+(``-1`` wraps to 15, read back as 16): ``pack_gptq`` refuses it.
+
+Dequantization is exact: ``q - zero`` is a small integer, its product with a 16-bit float
+scale is exact in float32, so the result rounded once to the target dtype is the
+checkpoint's value bit for bit (where the target is the scale's own 16-bit type, the
+product is computed in it directly: IEEE multiplication rounds the exact product once).
+"""
+
+from __future__ import annotations
+
+import torch
+
+WORD_BITS = 32
+
+
+def _pack_factor(bits: int) -> int:
+    if WORD_BITS % bits:
+        raise ValueError(f"{bits}-bit values do not fill an int32 word")
+    return WORD_BITS // bits
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 words holding 32 bits -> int32 with the same bit pattern."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+# --------------------------------------------------------------------------- bits
+
+
+def pack_bits(values: torch.Tensor, bits: int = 4, dim: int = -1) -> torch.Tensor:
+    """Pack unsigned ``bits``-bit values into int32 words along ``dim`` (value k of a
+    word in bits [bits * k, bits * (k + 1)))."""
+    pack = _pack_factor(bits)
+    x = (values.to(torch.int64) & ((1 << bits) - 1)).movedim(dim, -1)
+    if x.shape[-1] % pack:
+        raise ValueError(f"{x.shape[-1]} values do not fill words of {pack}")
+    x = x.reshape(*x.shape[:-1], x.shape[-1] // pack, pack)
+    shifts = torch.arange(pack, dtype=torch.int64, device=x.device) * bits
+    return _to_int32((x << shifts).sum(-1)).movedim(-1, dim).contiguous()
+
+
+def unpack_bits(packed: torch.Tensor, bits: int = 4, dim: int = -1) -> torch.Tensor:
+    """The unsigned values (int32) of int32 words packed along ``dim``."""
+    if packed.dtype != torch.int32:
+        raise TypeError(f"expected int32 words, got {packed.dtype}")
+    pack = _pack_factor(bits)
+    shifts = torch.arange(pack, dtype=torch.int32, device=packed.device) * bits
+    values = (packed.movedim(dim, -1).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return values.flatten(-2).movedim(-1, dim).contiguous()
+
+
+def pack_int4_raw(nibbles: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Pack values 0..15 eight to an int32 along ``dim``; nibble k in bits [4k, 4k+4)."""
+    return pack_bits(nibbles, 4, dim)
+
+
+def unpack_int4_raw(packed: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Nibbles (0..15, int32) of int32 words packed eight to a word along ``dim``."""
+    return unpack_bits(packed, 4, dim)
+
+
+# --------------------------------------------------------------------------- compressed-tensors
+
+
+def dequantize_packed(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None = None,
+    *,
+    num_bits: int = 4,
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """compressed-tensors pack-quantized weights [N, K / pack] or fused experts
+    [E, N, K / pack] -> ``(q - zp) * scale`` [..., N, K] in ``dtype``, exactly; written
+    into ``out`` if given.
+
+    Fused experts are dequantized one expert at a time, so the temporaries stay the size
+    of one expert's matrix (this runs over every expert weight of a model at load time).
+    """
+    pack = _pack_factor(num_bits)
+    if out is None:
+        shape = (*packed.shape[:-1], packed.shape[-1] * pack)
+        out = torch.empty(shape, dtype=dtype, device=packed.device)
+    if packed.dim() == 3:
+        for e in range(packed.shape[0]):
+            zp = None if zero_point is None else zero_point[e]
+            dequantize_packed(packed[e], scale[e], zp, num_bits=num_bits, dtype=dtype, out=out[e])
+        return out
+    if packed.dtype != torch.int32:
+        raise TypeError(f"expected int32 words, got {packed.dtype}")
+    mask = (1 << num_bits) - 1
+    rows, groups = packed.shape[0], scale.shape[-1]
+    shifts = torch.arange(pack, dtype=torch.int32, device=packed.device) * num_bits
+    # In place where possible, and scales broadcast over their group instead of being
+    # repeated.
+    q = packed.unsqueeze(-1) >> shifts  # [N, K / pack, pack]
+    q &= mask
+    q = q.view(rows, groups, -1)  # [N, G, group]
+    if zero_point is None:
+        q -= 1 << (num_bits - 1)  # the storage offset is the zero point
+    else:
+        zp = (zero_point.unsqueeze(-2) >> shifts.view(-1, 1)) & mask  # [N / pack, pack, G]
+        q -= zp.flatten(-3, -2).unsqueeze(-1)
+    compute = dtype if scale.dtype == dtype else torch.float32
+    torch.mul(q.to(compute), scale.to(compute).unsqueeze(-1), out=out.view(rows, groups, -1))
+    return out
+
+
+def unpack_int4(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    group_size: int,
+    zero_point: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dequantize compressed-tensors pack-quantized int4 (2D or fused 3D) to float32."""
+    if packed.shape[-1] * 8 != scale.shape[-1] * group_size:
+        raise ValueError(f"packed {tuple(packed.shape)} vs scale {tuple(scale.shape)}")
+    return dequantize_packed(packed, scale, zero_point, num_bits=4, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- GPTQ
+
+
+def dequantize_gptq(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor | None = None,
+    bits: int = 4,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """A GPTQ (v1) linear -> its weight [N, K] in ``dtype``, exactly (see the module
+    docstring for the layout and the ``zero - 1`` rule)."""
+    q = unpack_bits(qweight, bits, 0)  # [K, N]
+    zeros = unpack_bits(qzeros, bits, 1) + 1  # [G, N]; v1 stores zero - 1
+    inp = q.shape[0]
+    if g_idx is None:
+        g_idx = torch.arange(inp, device=q.device) // (inp // scales.shape[0])
+    g_idx = g_idx.long()
+    weight = (q - zeros[g_idx]).float() * scales.float()[g_idx]  # [K, N]
+    return weight.t().to(dtype).contiguous()
+
+
+def unpack_gptq_int4(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dequantize a GPTQ (v1) int4 linear to float32 [out, in]."""
+    return dequantize_gptq(qweight, qzeros, scales, g_idx, 4, torch.float32)
+
+
+def pack_gptq(
+    q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int = 4
+) -> dict[str, torch.Tensor]:
+    """GPTQ (v1) tensors of unsigned values ``q`` [K, N], zero points ``zeros`` [G, N]
+    and ``scales`` [G, N]: ``qweight``, ``qzeros`` (stored as zero - 1) and ``scales``."""
+    if (zeros < 1).any():
+        raise ValueError("GPTQ v1 cannot store a zero point of 0 (zero - 1 would wrap)")
+    return {
+        "qweight": pack_bits(q, bits, 0),
+        "qzeros": pack_bits(zeros - 1, bits, 1),
+        "scales": scales.contiguous(),
+    }

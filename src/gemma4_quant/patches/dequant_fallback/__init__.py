@@ -1,0 +1,247 @@
+"""Quantized layers that vLLM has no kernel for are dequantized once at load time.
+
+Why:
+    vLLM refuses to build a compressed-tensors W4A16 MoE layer whenever none of its WNA16
+    MoE kernels fits the deployment: on CPUs without AMX, for asymmetric int4, for group
+    size 32 (``cyankiwi/gemma-4-26B-A4B-it-AWQ-4bit``), for GELU on older CPU kernels.
+    Construction dies with ``NotImplementedError: No WNA16 MoE backend supports the
+    deployment configuration`` (``select_wna16_moe_backend``), so the checkpoint cannot
+    be served at all there; forcing the CPU int4 MoE kernel gives wrong numbers. Quantized
+    linears fail the same way where no mixed-precision kernel fits (``ValueError: Failed
+    to find a kernel that can implement the WNA16 linear layer``; Hopper with K = 2112),
+    and on x86 CPUs without AVX-512 vLLM picks ``CPUWNA16LinearKernel`` although its op
+    ``torch.ops._C.cpu_gemm_wna16`` is not in the AVX2 build of its extension, so the
+    server starts and dies on the first request.
+
+How:
+    Dequantize-on-load, only where vLLM finds no kernel (``GEMMA4_QUANT_FALLBACK=auto``,
+    the default), everywhere (``force``) or nowhere (``off``: vLLM's own error stands).
+    - MoE: ``CompressedTensorsMoEMethod.get_moe_method`` (the compressed-tensors MoE
+      method factory) is wrapped; where it raises exactly the no-backend error, the layer
+      gets ``DequantizedWNA16MoEMethod``. Its ``create_weights`` is vLLM's own
+      ``CompressedTensorsWNA16MoEMethod.create_weights`` (on an instance that skipped the
+      kernel selection), so vLLM's loader places packed / scale / zero-point tensors
+      exactly as usual; ``process_weights_after_loading`` dequantizes them once into
+      ``w13_weight`` / ``w2_weight``, frees them, and hands over to
+      ``UnquantizedFusedMoEMethod`` (its base class): vLLM's unquantized MoE path of the
+      current platform.
+    - Linear: ``choose_mp_linear_kernel`` as the compressed-tensors WNA16 scheme calls it
+      is wrapped, and as ``AutoGPTQLinearMethod`` calls it (the linears of AutoRound / INC
+      GPTQ checkpoints on 0.30+; symmetric only, where its kernels ignore ``qzeros``);
+      where it raises the no-kernel error (or picks a CPU kernel whose op is missing), it
+      returns ``DequantizedLinearKernel``, which keeps the method's packed parameters
+      (N-first ``weight_packed`` or K-first GPTQ ``qweight``, read from their layout
+      attributes), dequantizes them into ``weight`` and runs ``UnquantizedLinearMethod``.
+    Values are ``(q - zero_point) * scale`` in float32, rounded once to the model dtype:
+    the checkpoint's exact values. One warning per loaded model says why and what it
+    costs (bytes of dequantized weights vs packed).
+
+Upstream PR:
+    None yet. Upstream's nearest is the ``EMULATION`` WNA16 MoE backend (GPU only,
+    Triton); a dequantizing fallback in ``select_wna16_moe_backend`` /
+    ``choose_mp_linear_kernel`` and an op check in ``CPUWNA16LinearKernel.can_implement``
+    would remove this patch.
+
+Releases:
+    0.31.0 - 0.33.0 (packed expert buffers always in the checkpoint's N-first layout);
+    0.30.0 (layout chosen from the kernel: the fallback pins the N-first layout and
+    allocates N-first zero points itself). Earlier releases build compressed-tensors MoE
+    layers differently: UNRECOGNIZED. AutoGPTQ linears wherever ``AutoGPTQLinearMethod``
+    picks a mixed-precision kernel for K-first ``qweight`` (0.30.0 - 0.32.0). Detected from
+    the code, never from the version.
+
+Removal:
+    When every supported release falls back by itself where no WNA16 kernel fits.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .. import Detection, vllm_source, when_imported
+
+NAME = "dequant_fallback"
+SUMMARY = "quantized MoE experts / linears without a vLLM kernel are dequantized at load"
+
+
+_CT = "model_executor/layers/quantization/compressed_tensors/"
+_CT_MODULE = "vllm.model_executor.layers.quantization.compressed_tensors."
+FACTORY_MODULE = _CT_MODULE + "compressed_tensors_moe.compressed_tensors_moe"
+LINEAR_SCHEME_MODULE = _CT_MODULE + "schemes.compressed_tensors_wNa16"
+GPTQ_LINEAR_MODULE = "vllm.model_executor.layers.quantization.auto_gptq"
+_FACTORY_FILE = _CT + "compressed_tensors_moe/compressed_tensors_moe.py"
+_WNA16_MOE_FILE = _CT + "compressed_tensors_moe/compressed_tensors_moe_wna16.py"
+_LINEAR_SCHEME_FILE = _CT + "schemes/compressed_tensors_wNa16.py"
+_GPTQ_LINEAR_FILE = "model_executor/layers/quantization/auto_gptq.py"
+_ORACLE_FILE = "model_executor/layers/fused_moe/oracle/int_wna16.py"
+_UNQUANTIZED_MOE_FILE = "model_executor/layers/fused_moe/unquantized_fused_moe_method.py"
+_LINEAR_KERNELS_FILE = "model_executor/kernels/linear/__init__.py"
+_MP_KERNEL_FILE = "model_executor/kernels/linear/mixed_precision/MPLinearKernel.py"
+
+# The errors vLLM raises when no kernel fits; the only failures the fallback catches.
+NO_MOE_KERNEL = "No WNA16 MoE backend supports the deployment configuration"
+NO_LINEAR_KERNEL = "Failed to find a kernel that can implement the WNA16 linear layer"
+_MARK = "__gemma4_quant_dequant_fallback__"
+
+# Packed expert buffers: N-first [E, N, K / pack] on every build (0.31+), or chosen
+# from the selected kernel's layout (0.30: "Marlin" K-first / "Flashinfer" N-first).
+_N_FIRST = '"w13_weight": (num_experts, w13_n, hidden_size // pf)'
+_LAYOUT_BY_KERNEL = 'backend_key = "Marlin" if self.is_transposed else "Flashinfer"'
+
+GENERATION_N_FIRST = "n-first"
+GENERATION_BY_KERNEL = "layout-by-kernel"
+
+# Kernels vLLM may pick although their op is missing from the extension it loaded.
+_KERNEL_OPS = {"CPUWNA16LinearKernel": "cpu_gemm_wna16"}
+
+
+# --------------------------------------------------------------------- detection
+
+
+def _moe_generation() -> tuple[str | None, str]:
+    """Which compressed-tensors WNA16 MoE code the installed vLLM has, and how we know."""
+    factory = vllm_source(_FACTORY_FILE)
+    wna16 = vllm_source(_WNA16_MOE_FILE)
+    oracle = vllm_source(_ORACLE_FILE)
+    unquantized = vllm_source(_UNQUANTIZED_MOE_FILE)
+    if factory is None or "def get_moe_method(" not in factory:
+        return None, "no CompressedTensorsMoEMethod.get_moe_method"
+    if wna16 is None or "class CompressedTensorsWNA16MoEMethod" not in wna16:
+        return None, "no CompressedTensorsWNA16MoEMethod"
+    if "select_wna16_moe_backend(" not in wna16:
+        return None, "CompressedTensorsWNA16MoEMethod selects no WNA16 MoE backend"
+    if oracle is None or NO_MOE_KERNEL not in oracle:
+        return None, "select_wna16_moe_backend has no 'no backend' error"
+    if unquantized is None or "def process_weights_after_loading" not in unquantized:
+        return None, "no UnquantizedFusedMoEMethod.process_weights_after_loading"
+    for needed in ('"w13_weight_packed"', '"w2_weight_packed"', '"w13_weight_scale"'):
+        if needed not in wna16:
+            return None, f"CompressedTensorsWNA16MoEMethod registers no {needed}"
+    if _N_FIRST in wna16:
+        return GENERATION_N_FIRST, "WNA16 MoE buffers are N-first"
+    if _LAYOUT_BY_KERNEL in wna16:
+        return GENERATION_BY_KERNEL, "WNA16 MoE buffer layout follows the kernel"
+    return None, "unknown CompressedTensorsWNA16MoEMethod.get_weight_shape"
+
+
+def _linear_recognized() -> bool:
+    scheme = vllm_source(_LINEAR_SCHEME_FILE) or ""
+    kernels = vllm_source(_LINEAR_KERNELS_FILE) or ""
+    base = vllm_source(_MP_KERNEL_FILE) or ""
+    return (
+        "kernel_type = choose_mp_linear_kernel(" in scheme
+        and "Failed to find a kernel that can implement the " in kernels
+        and "def apply_weights(" in base
+    )
+
+
+def _gptq_linear_recognized() -> bool:
+    """``AutoGPTQLinearMethod`` (AutoRound / INC GPTQ linears) picks a mixed-precision
+    kernel for K-first ``qweight`` [K / pack, N] and ``scales`` [G, N]."""
+    text = vllm_source(_GPTQ_LINEAR_FILE) or ""
+    method = text.split("class AutoGPTQLinearMethod", 1)[-1].split("\nclass ", 1)[0]
+    return (
+        _linear_recognized()
+        and "kernel_type = choose_mp_linear_kernel(" in method
+        and re.search(r"input_dim=0,\s*output_dim=1,\s*packed_dim=0,", method) is not None
+    )
+
+
+@dataclass(frozen=True)
+class Found:
+    """What the fallback recognized: the MoE buffer generation and which linear paths."""
+
+    moe_generation: str
+    linear: bool
+    gptq_linear: bool
+
+
+def detect() -> Detection:
+    generation, why = _moe_generation()
+    if generation is None:
+        return Detection.unrecognized(why)
+    found = Found(generation, _linear_recognized(), _gptq_linear_recognized())
+    linear = ""
+    if found.linear:
+        linear = (
+            "and WNA16 linears (compressed-tensors, AutoGPTQ) "
+            if found.gptq_linear
+            else "and WNA16 linears "
+        )
+    return Detection.needed(f"{why}; dequantize experts {linear}where no kernel fits", found)
+
+
+def apply(detection: Detection) -> None:
+    found: Found = detection.findings
+    from .linear import patch_linear_scheme
+    from .moe import patch_moe_factory
+
+    when_imported(
+        FACTORY_MODULE, functools.partial(patch_moe_factory, generation=found.moe_generation)
+    )
+    if found.linear:
+        when_imported(LINEAR_SCHEME_MODULE, patch_linear_scheme)
+    if found.gptq_linear:
+        # AutoGPTQLinearMethod builds symmetric configs only (zero_points=False); its
+        # kernels never read qzeros, and neither does the fallback.
+        when_imported(GPTQ_LINEAR_MODULE, functools.partial(patch_linear_scheme, zero_points=False))
+
+
+# --- what stock vLLM does to a checkpoint that needs this patch (read by doctor)
+# Stock vLLM has no kernel for the layer: doctor's kernel rules (doctor.kernels_cpu,
+# doctor.kernels_cuda) find that, and ask fallback_refusal() whether this patch serves it.
+# The rule types come from gemma4_quant.doctor.core, imported only under TYPE_CHECKING:
+# every vLLM process imports this module, doctor only runs in `gemma4-quant doctor`.
+
+if TYPE_CHECKING:
+    from ...doctor.core import Ctx, Scheme
+
+
+def doctor_rules() -> tuple[()]:
+    return ()  # no failure of its own: it serves the layers the kernel rules find kernel-less
+
+
+def checked_kernel_ops() -> dict[str, str]:
+    """Kernels vLLM may pick although their op is missing, with that op: the fallback
+    serves their layers too."""
+    return dict(_KERNEL_OPS)
+
+
+def fallback_refusal(scheme: Scheme, ctx: Ctx, linear: bool) -> str | None:
+    """Why this fallback will not serve a layer (a linear, or experts) that vLLM has no
+    kernel for (None: it will)."""
+    if not ctx.patched(NAME):
+        status = ctx.env.patches.get(NAME, ("missing", "not installed"))
+        if not ctx.env.plugin:
+            return "stock vLLM: no plugin, no fallback"
+        return f"{NAME} {status[0]} here ({status[1]})"
+    if ctx.env.fallback_mode == "off":
+        return "GEMMA4_QUANT_FALLBACK=off"
+    if scheme.method == "auto-round" and linear:
+        if not _gptq_linear_recognized():
+            return "the fallback does not recognize this vLLM's AutoGPTQ linear code"
+        if not ctx.analysis.gptq_packed():
+            return "the fallback covers GPTQ-packed AutoRound linears only"
+        return None if scheme.bits == 4 and scheme.symmetric else "not symmetric int4"
+    if scheme.method != "compressed-tensors":
+        return "the fallback covers compressed-tensors layers and AutoRound linears only"
+    if linear:
+        if not _linear_recognized():
+            return "the fallback does not recognize this vLLM's WNA16 linear code"
+        return None if scheme.weight_type == "int" and scheme.bits == 4 else "not int4"
+    from types import SimpleNamespace
+
+    weights = SimpleNamespace(
+        type=scheme.weight_type,
+        num_bits=scheme.bits,
+        strategy=scheme.strategy or "group",
+        actorder=scheme.actorder,
+        symmetric=scheme.symmetric,
+        group_size=scheme.group_size,
+    )
+    from .moe import unsupported_reason
+
+    return unsupported_reason(weights, scheme.activations)

@@ -1,0 +1,72 @@
+"""What both fallbacks share: parameter handling and the one warning per model."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger("vllm.gemma4_quant")
+
+# --------------------------------------------------------------------- dequantization
+
+
+def _data(param: torch.Tensor | None) -> torch.Tensor | None:
+    return None if param is None else param.data
+
+
+def _drop_params(layer: torch.nn.Module, names: tuple[str, ...]) -> None:
+    for name in names:
+        if name in layer._parameters:
+            del layer._parameters[name]
+
+
+# --------------------------------------------------------------------- the one warning
+
+
+class _CostReport:
+    """Collects the fallback layers of one model, so that one warning covers them.
+
+    Layers are built (``add``) before any is processed (``flush``), so the first
+    processed layer reports the whole model.
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[str, list[tuple[int, int]]] = {}
+        self.reasons: set[str] = set()
+
+    def add(self, kind: str, packed_bytes: int, dequantized_bytes: int, reason: str) -> None:
+        self.pending.setdefault(kind, []).append((packed_bytes, dequantized_bytes))
+        # vLLM's refusals can span lines (one per backend it tried); the warning stays one
+        # line, so that a grep of the log finds it whole
+        self.reasons.add(" ".join(reason.split()).rstrip("."))
+
+    def flush(self, dtype: torch.dtype) -> None:
+        if not self.pending:
+            return
+        sizes = [s for layers in self.pending.values() for s in layers]
+        packed = sum(p for p, _ in sizes)
+        dequantized = sum(d for _, d in sizes)
+        what = " and ".join(f"{len(v)} {kind}" for kind, v in sorted(self.pending.items()))
+        logger.warning(
+            "gemma4_quant: %s. Dequantizing %s to %s at load time: %.4f GiB of weights "
+            "instead of %.4f GiB packed (+%.4f GiB). GEMMA4_QUANT_FALLBACK=off keeps "
+            "vLLM's error instead.",
+            "; ".join(sorted(self.reasons)),
+            what,
+            str(dtype).removeprefix("torch."),
+            dequantized / 2**30,
+            packed / 2**30,
+            (dequantized - packed) / 2**30,
+        )
+        self.pending.clear()
+        self.reasons.clear()
+
+
+COST_REPORT = _CostReport()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()

@@ -1,0 +1,79 @@
+"""The one wrapper around ``Gemma4ForCausalLM.load_weights`` that every patch working on
+the checkpoint's tensor stream goes through.
+
+Three patches change what Gemma 4's loader sees, and one checks what it did. Wrapping
+``load_weights`` once per patch would make their order the order of registration; here
+the order is written down once, in ``STAGES``, as the stream flows:
+
+1. ``dequantize`` (``unquantized_experts``): GPTQ experts that vLLM built unquantized
+   become float tensors under the names vLLM's expert mapping reads;
+2. ``record`` (``load_guard``): the names the loader is handed, for the check below;
+3. ``rename`` (``expert_names``): fused expert names become what this release's
+   mapping reads, and `_shape`/`_g_idx` are split per expert.
+
+After vLLM's loader returns the names of the parameters it filled, every ``check``
+runs (``load_guard``: no parameter left unfilled).
+
+A stage or check is a function of the model being loaded and a per-load ``dict`` that
+lets a stage hand state to a check of the same patch. Registering the same stage again
+replaces it, so a second registration of the plugin changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+from . import when_imported, wrap_once
+
+GEMMA4 = "vllm.model_executor.models.gemma4"
+STAGES = ("dequantize", "record", "rename")
+_MARK = "__gemma4_quant_load_stream__"
+
+Weights = Iterable[tuple[str, "torch.Tensor"]]
+Stage = Callable[[Any, Weights, dict[str, Any]], Weights]
+Check = Callable[[Any, set[str], dict[str, Any]], None]
+
+_stages: dict[str, Stage] = {}
+_checks: dict[str, Check] = {}
+
+
+def add_stage(stage: str, transform: Stage) -> None:
+    """Put ``transform(model, weights, state) -> weights`` at ``stage`` of the stream."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown load-stream stage {stage!r} (known: {', '.join(STAGES)})")
+    _stages[stage] = transform
+    when_imported(GEMMA4, _wrap)
+
+
+def add_check(name: str, check: Check) -> None:
+    """Run ``check(model, loaded_names, state)`` once vLLM's loader has returned."""
+    _checks[name] = check
+    when_imported(GEMMA4, _wrap)
+
+
+def transform(model: Any, weights: Weights, state: dict[str, Any]) -> Weights:
+    """The checkpoint stream through every registered stage, in ``STAGES`` order."""
+    for stage in STAGES:
+        if stage in _stages:
+            weights = _stages[stage](model, weights, state)
+    return weights
+
+
+def _wrap(module: ModuleType) -> None:
+    def make_wrapper(original):
+        def load_weights(self, weights: Weights):
+            state: dict[str, Any] = {}
+            loaded = original(self, transform(self, weights, state))
+            if loaded is not None:
+                for check in _checks.values():
+                    check(self, set(loaded), state)
+            return loaded
+
+        return load_weights
+
+    wrap_once(module.Gemma4ForCausalLM, "load_weights", _MARK, make_wrapper)

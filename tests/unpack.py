@@ -1,0 +1,58 @@
+"""An int4 unpacker for the tests, written from the format specs alone and sharing no code
+with the plugin's codec (``gemma4_quant.int4``): what vLLM loaded, the fallback
+dequantized or the twin holds is checked against it.
+
+It reads the bytes of the little-endian int32 words (byte j holds values 2j, low nibble,
+and 2j + 1, high nibble) instead of shifting whole words.
+
+- compressed-tensors pack-quantized: ``weight_packed`` int32 [..., N, K / 8], value k
+  of word w is column 8w + k, stored as q + 8; ``weight_scale`` [..., N, K / group];
+  ``weight_zero_point`` int32 [..., N / 8, K / group] packed along N (asymmetric).
+- GPTQ (auto_gptq v1, as AutoRound exports it): ``qweight`` int32 [K / 8, N] packed
+  along K, ``qzeros`` int32 [K / group, N / 8] packed along N and stored as zero - 1,
+  ``scales`` [K / group, N], ``g_idx`` the group of every input row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def nibbles(words: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The 4-bit values (int64, 0..15) of int32 words packed eight to a word along ``dim``."""
+    assert words.dtype == torch.int32, words.dtype
+    moved = words.movedim(dim, -1).contiguous()
+    data = moved.view(torch.uint8).to(torch.int64)  # [..., 4 * words], little-endian
+    low, high = data % 16, data // 16
+    values = torch.stack([low, high], dim=-1).flatten(-2)  # [..., 8 * words]
+    return values.movedim(-1, dim)
+
+
+def ct_int4(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    group_size: int,
+    zero_point: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """compressed-tensors pack-quantized int4 (2D or fused 3D) -> float32 [..., N, K]."""
+    q = nibbles(packed, -1)
+    assert q.shape[-1] == scale.shape[-1] * group_size, (packed.shape, scale.shape)
+    zero = torch.full(scale.shape, 8) if zero_point is None else nibbles(zero_point, -2)
+    column_group = torch.arange(q.shape[-1]) // group_size
+    return (q - zero[..., column_group]).to(torch.float32) * scale.float()[..., column_group]
+
+
+def gptq_int4(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """GPTQ v1 int4 -> float32 [N, K] (the layout of a linear's weight)."""
+    q = nibbles(qweight, 0)  # [K, N]
+    zero = nibbles(qzeros, 1) + 1  # [G, N]
+    rows = q.shape[0]
+    if g_idx is None:
+        g_idx = torch.arange(rows) // (rows // scales.shape[0])
+    group = g_idx.to(torch.int64)
+    return ((q - zero[group]).to(torch.float32) * scales.float()[group]).t().contiguous()
