@@ -56,11 +56,12 @@ Removal:
 
 from __future__ import annotations
 
+import ast
 import functools
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ... import vllm_code
 from .. import Detection, vllm_source, when_imported
 
 NAME = "dequant_fallback"
@@ -88,7 +89,7 @@ _MARK = "__gemma4_quant_dequant_fallback__"
 
 # Packed expert buffers: N-first [E, N, K / pack] on every build (0.31+), or chosen
 # from the selected kernel's layout (0.30: "Marlin" K-first / "Flashinfer" N-first).
-_N_FIRST = '"w13_weight": (num_experts, w13_n, hidden_size // pf)'
+_N_FIRST = "(num_experts, w13_n, hidden_size // pf)"
 _LAYOUT_BY_KERNEL = 'backend_key = "Marlin" if self.is_transposed else "Flashinfer"'
 
 GENERATION_N_FIRST = "n-first"
@@ -104,49 +105,61 @@ _KERNEL_OPS = {"CPUWNA16LinearKernel": "cpu_gemm_wna16"}
 def _moe_generation() -> tuple[str | None, str]:
     """Which compressed-tensors WNA16 MoE code the installed vLLM has, and how we know."""
     factory = vllm_source(_FACTORY_FILE)
-    wna16 = vllm_source(_WNA16_MOE_FILE)
-    oracle = vllm_source(_ORACLE_FILE)
+    wna16 = vllm_code.find_class(vllm_source(_WNA16_MOE_FILE), "CompressedTensorsWNA16MoEMethod")
+    oracle = vllm_code.parse(vllm_source(_ORACLE_FILE) or "")
     unquantized = vllm_source(_UNQUANTIZED_MOE_FILE)
-    if factory is None or "def get_moe_method(" not in factory:
+    if vllm_code.find_function(factory, "CompressedTensorsMoEMethod.get_moe_method") is None:
         return None, "no CompressedTensorsMoEMethod.get_moe_method"
-    if wna16 is None or "class CompressedTensorsWNA16MoEMethod" not in wna16:
+    if wna16 is None:
         return None, "no CompressedTensorsWNA16MoEMethod"
-    if "select_wna16_moe_backend(" not in wna16:
+    if not any(vllm_code.calls(wna16, "select_wna16_moe_backend")):
         return None, "CompressedTensorsWNA16MoEMethod selects no WNA16 MoE backend"
-    if oracle is None or NO_MOE_KERNEL not in oracle:
+    if not vllm_code.has_string(oracle, NO_MOE_KERNEL):
         return None, "select_wna16_moe_backend has no 'no backend' error"
-    if unquantized is None or "def process_weights_after_loading" not in unquantized:
-        return None, "no UnquantizedFusedMoEMethod.process_weights_after_loading"
-    for needed in ('"w13_weight_packed"', '"w2_weight_packed"', '"w13_weight_scale"'):
-        if needed not in wna16:
-            return None, f"CompressedTensorsWNA16MoEMethod registers no {needed}"
-    if _N_FIRST in wna16:
+    method = "UnquantizedFusedMoEMethod.process_weights_after_loading"
+    if vllm_code.find_function(unquantized, method) is None:
+        return None, f"no {method}"
+    registered = set(vllm_code.strings(wna16))
+    for needed in ("w13_weight_packed", "w2_weight_packed", "w13_weight_scale"):
+        if needed not in registered:
+            return None, f"CompressedTensorsWNA16MoEMethod registers no {needed!r}"
+    if vllm_code.has_code(wna16, _N_FIRST):
         return GENERATION_N_FIRST, "WNA16 MoE buffers are N-first"
-    if _LAYOUT_BY_KERNEL in wna16:
+    if vllm_code.has_code(wna16, _LAYOUT_BY_KERNEL):
         return GENERATION_BY_KERNEL, "WNA16 MoE buffer layout follows the kernel"
     return None, "unknown CompressedTensorsWNA16MoEMethod.get_weight_shape"
 
 
+_CHOOSE_KERNEL = "kernel_type = choose_mp_linear_kernel(mp_linear_kernel_config)"
+
+
 def _linear_recognized() -> bool:
-    scheme = vllm_source(_LINEAR_SCHEME_FILE) or ""
-    kernels = vllm_source(_LINEAR_KERNELS_FILE) or ""
-    base = vllm_source(_MP_KERNEL_FILE) or ""
+    scheme = vllm_code.find_class(vllm_source(_LINEAR_SCHEME_FILE), "CompressedTensorsWNA16")
+    kernels = vllm_code.parse(vllm_source(_LINEAR_KERNELS_FILE) or "")
+    base = vllm_source(_MP_KERNEL_FILE)
     return (
-        "kernel_type = choose_mp_linear_kernel(" in scheme
-        and "Failed to find a kernel that can implement the " in kernels
-        and "def apply_weights(" in base
+        vllm_code.has_code(scheme, _CHOOSE_KERNEL)
+        and vllm_code.has_string(kernels, NO_LINEAR_KERNEL)
+        and vllm_code.find_function(base, "MPLinearKernel.apply_weights") is not None
     )
 
 
 def _gptq_linear_recognized() -> bool:
     """``AutoGPTQLinearMethod`` (AutoRound / INC GPTQ linears) picks a mixed-precision
     kernel for K-first ``qweight`` [K / pack, N] and ``scales`` [G, N]."""
-    text = vllm_source(_GPTQ_LINEAR_FILE) or ""
-    method = text.split("class AutoGPTQLinearMethod", 1)[-1].split("\nclass ", 1)[0]
-    return (
-        _linear_recognized()
-        and "kernel_type = choose_mp_linear_kernel(" in method
-        and re.search(r"input_dim=0,\s*output_dim=1,\s*packed_dim=0,", method) is not None
+    method = vllm_code.find_class(vllm_source(_GPTQ_LINEAR_FILE), "AutoGPTQLinearMethod")
+    if method is None or not _linear_recognized():
+        return False
+    k_first = {"input_dim": 0, "output_dim": 1, "packed_dim": 0}
+    return vllm_code.has_code(method, _CHOOSE_KERNEL) and any(
+        all(
+            isinstance(kw.value, ast.Constant) and kw.value.value == k_first[kw.arg]
+            for kw in call.keywords
+            if kw.arg in k_first
+        )
+        and k_first.keys() <= vllm_code.keywords(call)
+        for call in ast.walk(method)
+        if isinstance(call, ast.Call)
     )
 
 
