@@ -49,16 +49,18 @@ def find_class(text: str | None, name: str) -> ast.ClassDef | None:
 
 
 def find_function(text: str | None, qualname: str) -> FunctionNode | None:
-    """A module-level function (``"f"``) or a method (``"Class.f"``) of ``text``."""
+    """A module-level function (``"f"``) or a method (``"Class.f"``) of ``text``: its last
+    definition, the one Python keeps (``@overload`` stubs come before it)."""
     owner_name, _, name = qualname.rpartition(".")
     if owner_name:
         owner: ast.AST | None = find_class(text, owner_name)
     else:
         owner = parse(text) if text else None
+    found = None
     for node in getattr(owner, "body", ()):
         if isinstance(node, FunctionNode) and node.name == name:
-            return node
-    return None
+            found = node
+    return found
 
 
 def defines(node: ast.AST, name: str) -> bool:
