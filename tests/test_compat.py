@@ -55,7 +55,8 @@ def test_detection_matches_release_table():
 
 
 def test_register_is_idempotent_and_cheap():
-    """Registering twice applies nothing twice, and importing the plugin imports no model."""
+    """Registering twice applies nothing twice, importing the plugin imports no model, and
+    Gemma 4's load_weights is wrapped once."""
     import subprocess
     import sys
 
@@ -69,7 +70,9 @@ def test_register_is_idempotent_and_cheap():
         "while w is not None:\n"
         "    chain.append(w.__code__.co_filename)\n"
         "    w = getattr(w, '__wrapped__', None)\n"
-        "assert sum(f.endswith('expert_names.py') for f in chain) == 1, chain\n"
+        # one wrapper (load_stream's) around vLLM's own load_weights, however many
+        # patches work on the stream and however often the plugin registers
+        "assert len(chain) == 2 and chain[0].endswith('load_stream.py'), chain\n"
         "print('OK', g.applied_patches())\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -49,16 +49,23 @@ def find_class(text: str | None, name: str) -> ast.ClassDef | None:
 
 
 def find_function(text: str | None, qualname: str) -> FunctionNode | None:
-    """A module-level function (``"f"``) or a method (``"Class.f"``) of ``text``."""
+    """A module-level function (``"f"``) or a method (``"Class.f"``) of ``text``: its last
+    definition, the one Python keeps (``@overload`` stubs come before it)."""
     owner_name, _, name = qualname.rpartition(".")
     if owner_name:
         owner: ast.AST | None = find_class(text, owner_name)
     else:
         owner = parse(text) if text else None
+    found = None
     for node in getattr(owner, "body", ()):
         if isinstance(node, FunctionNode) and node.name == name:
-            return node
-    return None
+            found = node
+    return found
+
+
+def defines(node: ast.AST, name: str) -> bool:
+    """Whether a function ``name`` is defined anywhere inside ``node`` (nested ones too)."""
+    return any(isinstance(child, FunctionNode) and child.name == name for child in ast.walk(node))
 
 
 def call_name(call: ast.Call) -> str:
@@ -82,3 +89,49 @@ def keywords(call: ast.Call) -> set[str]:
 
 def is_name(node: ast.AST, name: str) -> bool:
     return isinstance(node, ast.Name) and node.id == name
+
+
+@cache
+def _snippet(code: str) -> tuple[type, str]:
+    node: ast.AST = ast.parse(code).body[0]
+    if isinstance(node, ast.Expr):
+        node = node.value
+    return type(node), ast.dump(node)
+
+
+def has_code(node: ast.AST | None, code: str) -> bool:
+    """Whether ``node`` contains the statement or expression ``code``, compared as syntax
+    trees: formatting, comments and quote style do not matter, names and values do."""
+    return node is not None and any(is_code(child, code) for child in ast.walk(node))
+
+
+def is_code(node: ast.AST | None, code: str) -> bool:
+    """Whether ``node`` is the statement or expression ``code`` (as syntax trees)."""
+    kind, dumped = _snippet(code)
+    return isinstance(node, kind) and ast.dump(node) == dumped
+
+
+def strings(node: ast.AST | None) -> Iterator[str]:
+    """Every string constant inside ``node`` (implicitly concatenated literals are one)."""
+    for child in ast.walk(node) if node is not None else ():
+        if isinstance(child, ast.Constant) and isinstance(child.value, str):
+            yield child.value
+
+
+def has_string(node: ast.AST | None, text: str) -> bool:
+    """Whether a string constant inside ``node`` contains ``text``."""
+    return any(text in value for value in strings(node))
+
+
+def fstring_templates(node: ast.AST | None) -> Iterator[str]:
+    """Every f-string inside ``node``, with its replacement fields unparsed:
+    ``f"experts.{expert_id}.{proj_name}."`` -> ``experts.{expert_id}.{proj_name}.``."""
+    for child in ast.walk(node) if node is not None else ():
+        if isinstance(child, ast.JoinedStr):
+            parts = []
+            for value in child.values:
+                if isinstance(value, ast.FormattedValue):
+                    parts.append("{" + ast.unparse(value.value) + "}")
+                elif isinstance(value, ast.Constant):
+                    parts.append(str(value.value))
+            yield "".join(parts)

@@ -46,8 +46,11 @@ def check_moe_symmetric_only(module: Module, ctx: Ctx) -> Hit | None:
         return None
     if not marlin and not features.get("moe_symmetric_only"):
         return None
-    return Hit(
-        Outcome.NO_KERNEL,
+    return served_by_fallback(
+        module,
+        scheme,
+        ctx,
+        False,
         "asymmetric int experts: this vLLM's compressed-tensors WNA16 MoE method is symmetric only",
         "AssertionError: Only symmetric quantization is supported for MoE",
     )
@@ -107,7 +110,7 @@ def check_wna16_moe_cpu(module: Module, ctx: Ctx) -> Hit | None:
                 "this vLLM's compressed-tensors MoE selection on CPU (Marlin method with a "
                 "backend oracle, else Triton; 0.23 - 0.29) is not modelled",
             )
-        return _legacy_moe_on_cpu(scheme, ctx)
+        return _legacy_moe_on_cpu(module, scheme, ctx)
     refusals = cpu_int4_moe_refusals(scheme, ctx)
     if not refusals:
         return forced(module, scheme, ctx, linear=False)
@@ -116,20 +119,26 @@ def check_wna16_moe_cpu(module: Module, ctx: Ctx) -> Hit | None:
     return served_by_fallback(module, scheme, ctx, False, message, error)
 
 
-def _legacy_moe_on_cpu(scheme: Scheme, ctx: Ctx) -> Hit:
+def _legacy_moe_on_cpu(module: Module, scheme: Scheme, ctx: Ctx) -> Hit:
     """Before the backend oracle, compressed-tensors picks Marlin MoE when the shapes fit
     (check_moe_marlin_supports_layer, not gated by platform) and Triton otherwise; both
     are GPU kernels, so a CPU load passes construction and fails later."""
     if _marlin_moe_fits(scheme, ctx):
-        return Hit(
-            Outcome.NO_KERNEL,
+        return served_by_fallback(
+            module,
+            scheme,
+            ctx,
+            False,
             "this vLLM builds compressed-tensors int experts with Marlin even on CPU: "
             "construction and loading pass, repacking needs CUDA ops",
             "AttributeError: '_OpNamespace' '_C' object has no attribute 'gptq_marlin_repack'",
             stage=Stage.PROCESS,
         )
-    return Hit(
-        Outcome.NO_KERNEL,
+    return served_by_fallback(
+        module,
+        scheme,
+        ctx,
+        False,
         "this vLLM builds compressed-tensors int experts with Triton's fused MoE even on "
         "CPU: construction and loading pass, the first forward needs a GPU",
         "CompressedTensorsWNA16MoEMethod.apply runs a Triton kernel",

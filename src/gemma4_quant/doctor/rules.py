@@ -9,7 +9,7 @@ fallback serves a layer vLLM has no kernel for.
 from __future__ import annotations
 
 from .analysis import shard_names
-from .core import Ctx, Hit, Module, Outcome, Scheme, short_name
+from .core import Ctx, Hit, Module, Outcome, Scheme, Stage, short_name
 
 
 def built_scheme(module: Module, ctx: Ctx) -> Scheme | None:
@@ -199,8 +199,16 @@ def extra_bytes(module: Module, scheme: Scheme, ctx: Ctx) -> int:
 
 
 def served_by_fallback(
-    module: Module, scheme: Scheme, ctx: Ctx, linear: bool, message: str, error: str
+    module: Module,
+    scheme: Scheme,
+    ctx: Ctx,
+    linear: bool,
+    message: str,
+    error: str,
+    stage: Stage | None = None,
 ) -> Hit:
+    """The plugin's fallback dequantizes the layer, or vLLM's own failure (``error``, at
+    ``stage`` if not the rule's) stands, with why the fallback does not serve it."""
     refusal = fallback_refusal(scheme, ctx, linear)
     if refusal is None:
         return Hit(
@@ -210,9 +218,9 @@ def served_by_fallback(
             "dequant_fallback",
             extra_bytes=extra_bytes(module, scheme, ctx),
         )
-    if not ctx.env.plugin:
-        return Hit(Outcome.NO_KERNEL, message, error)
-    return Hit(Outcome.NO_KERNEL, message, f"{error} (fallback: {refusal})")
+    if ctx.env.plugin:
+        error = f"{error} (fallback: {refusal})"
+    return Hit(Outcome.NO_KERNEL, message, error, stage=stage)
 
 
 def forced(module: Module, scheme: Scheme, ctx: Ctx, linear: bool) -> Hit | None:

@@ -146,9 +146,14 @@ def _packs_with_sgl_kernel(cpu: CpuInfo | None) -> bool:
     the dispatch does so by default or VLLM_CPU_SGL_KERNEL asks for it."""
     import os
 
-    text = vllm_source("model_executor/layers/utils.py") or ""
-    if cpu is None or not cpu.amx or "check_cpu_sgl_kernel(" not in text:
+    text = vllm_source("model_executor/layers/utils.py")
+    dispatch = vllm_code.find_function(text, "dispatch_cpu_unquantized_gemm")
+    if cpu is None or not cpu.amx or dispatch is None:
         return False
-    if "VLLM_CPU_SGL_KERNEL and check_cpu_sgl_kernel(" in text:
+    if not any(vllm_code.calls(dispatch, "check_cpu_sgl_kernel")):
+        return False
+    if vllm_code.has_code(
+        dispatch, "envs.VLLM_CPU_SGL_KERNEL and check_cpu_sgl_kernel(N, K, dtype)"
+    ):
         return os.environ.get("VLLM_CPU_SGL_KERNEL", "0").strip() not in ("", "0")
     return True

@@ -49,35 +49,50 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+from .. import vllm_code
 from ..layout import FUSED_EXPERT
 from . import Detection, vllm_source
 
 NAME = "expert_names"
 SUMMARY = "fused 3D `experts.<proj>_<suffix>` tensors load (D2 KeyError, `_shape`, `_g_idx`)"
 
-_MARK = "__gemma4_quant_expert_names__"
 _SPLIT_SUFFIXES = ("shape", "g_idx")
 
 
-GEMMA4 = "vllm.model_executor.models.gemma4"
+_MODEL_FILE = "model_executor/models/gemma4.py"
+
+
+# The expert mapping's checkpoint-name templates (f-strings in Gemma4Model), newest first.
+_MAPPINGS = (
+    ("underscore", "{weight_name.rstrip('.')}_", "expert mapping knows `_<suffix>` names"),
+    (
+        "dotted",
+        "experts.{expert_id}.{proj_name}.",
+        "expert mapping needs `experts.{e}.{proj}.` (D2)",
+    ),
+    (
+        "substring",
+        "experts.{expert_id}.{proj_name}",
+        "expert mapping matches `experts.{e}.{proj}` by substring",
+    ),
+)
 
 
 def _generation() -> tuple[str | None, str]:
     """Which Gemma 4 expert loader the installed vLLM has, and how we know."""
-    text = vllm_source("model_executor/models/gemma4.py")
-    if text is None or "class Gemma4ForCausalLM" not in text:
-        return None, "no Gemma4ForCausalLM in vllm/model_executor/models/gemma4.py"
-    if "def _weight_iterator" not in text:
-        if "AutoWeightsLoader" in text:
+    text = vllm_source(_MODEL_FILE)
+    load_weights = vllm_code.find_function(text, "Gemma4ForCausalLM.load_weights")
+    if load_weights is None:
+        return None, f"no Gemma4ForCausalLM.load_weights in vllm/{_MODEL_FILE}"
+    if not vllm_code.defines(load_weights, "_weight_iterator"):
+        if any(vllm_code.calls(load_weights, "AutoWeightsLoader")):
             return "generic", "AutoWeightsLoader maps fused expert names"
         return None, "unknown Gemma4ForCausalLM.load_weights"
-    if "underscore_suffix" in text or "rstrip('.')}_" in text:
-        return "underscore", "expert mapping knows `_<suffix>` names"
-    if 'f"experts.{expert_id}.{proj_name}.",' in text:
-        return "dotted", "expert mapping needs `experts.{e}.{proj}.` (D2)"
-    if 'f"experts.{expert_id}.{proj_name}",' in text:
-        return "substring", "expert mapping matches `experts.{e}.{proj}` by substring"
-    return None, "unknown expert mapping in Gemma4Model.load_weights"
+    templates = set(vllm_code.fstring_templates(vllm_code.find_class(text, "Gemma4Model")))
+    for generation, template, why in _MAPPINGS:
+        if template in templates:
+            return generation, why
+    return None, "unknown expert mapping in Gemma4Model"
 
 
 def detect() -> Detection:

@@ -43,8 +43,6 @@ from . import Detection, vllm_source
 NAME = "load_guard"
 SUMMARY = "fail loudly where vLLM 0.24 - 0.30 silently skips unmatched Gemma 4 tensors"
 
-GEMMA4 = "vllm.model_executor.models.gemma4"
-_MARK = "__gemma4_quant_load_guard__"
 _MODEL_FILE = "model_executor/models/gemma4.py"
 # Parameters that quantization methods create whether or not a checkpoint has them:
 # activation-order indices, activation and KV-cache scales/zero points, and the

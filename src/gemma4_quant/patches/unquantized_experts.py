@@ -47,6 +47,7 @@ Removal:
 
 from __future__ import annotations
 
+import ast
 import logging
 import re
 from collections.abc import Iterable, Iterator
@@ -56,13 +57,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+from .. import vllm_code
 from . import Detection, vllm_source
 
 NAME = "unquantized_experts"
 SUMMARY = "AutoRound (GPTQ) experts load where vLLM builds them unquantized (INC on CPU)"
 
-GEMMA4 = "vllm.model_executor.models.gemma4"
-_MARK = "__gemma4_quant_unquantized_experts__"
+_MODEL_FILE = "model_executor/models/gemma4.py"
 _INC_SCHEME_FILE = "model_executor/layers/quantization/inc/schemes/inc_wna16_scheme.py"
 _INC_OLD_FILE = "model_executor/layers/quantization/inc.py"
 _FUSED_MOE_FILES = (
@@ -83,6 +84,17 @@ _warned = False
 # --------------------------------------------------------------------- detection
 
 
+_CPU_BRANCH = "current_platform.is_cpu()"
+_CPU_GPTQ_DISPATCH = (
+    "if current_platform.is_cpu() and is_gptq:\n"
+    "    return self.apply_cpu_w4a16_quant_layer(layer, prefix)"
+)
+_LINEAR_ONLY = "isinstance(layer, (LinearBase, ParallelLMHead))"
+_MOE_UNQUANTIZED_DEFAULT = (
+    "if quant_method is None:\n    quant_method = UnquantizedFusedMoEMethod(self.moe_config)"
+)
+
+
 def inc_cpu_experts_unquantized(
     scheme_text: str | None = None, old_text: str | None = None
 ) -> tuple[bool | None, str]:
@@ -95,48 +107,62 @@ def inc_cpu_experts_unquantized(
         scheme_text = vllm_source(_INC_SCHEME_FILE)
         old_text = vllm_source(_INC_OLD_FILE)
     if scheme_text:
-        if "def get_moe_method" not in scheme_text:
+        method = vllm_code.find_function(scheme_text, "INCWna16Scheme.get_moe_method")
+        if method is None:
             return None, "INCWna16Scheme has no get_moe_method"
-        body = scheme_text.split("def get_moe_method", 1)[1].split("\ndef ", 1)[0]
-        branch = re.search(
-            r"if current_platform\.is_cpu\(\):\n((?:[ \t]+[^\n]*\n|[ \t]*\n)*)", body
-        )
-        if branch and re.search(r"return UnquantizedFusedMoEMethod\(", branch.group(1)):
+        if any(_returns_unquantized_moe(node) for node in ast.walk(method)):
             return True, "INC get_moe_method builds experts unquantized on CPU"
-        if "is_cpu()" not in body and "INCWNA16MoEScheme(" in body:
+        if not any(vllm_code.calls(method, "is_cpu")) and any(
+            vllm_code.calls(method, "INCWNA16MoEScheme")
+        ):
             return False, "INC builds MoE experts quantized on CPU too"
         return None, "unknown INCWna16Scheme.get_moe_method"
-    if old_text and "def apply_cpu_w4a16_quant_layer" in old_text:
-        body = old_text.split("def apply_cpu_w4a16_quant_layer", 1)[1].split("\n    def ", 1)[0]
-        linear_only = re.search(
-            r"if isinstance\(layer, \(LinearBase, ParallelLMHead\)\):\n\s+return [^\n]+\n"
-            r"\s+return None\s*$",
-            body,
-        )
-        dispatch = re.search(
-            r"if current_platform\.is_cpu\(\) and is_gptq:\s*\n\s+return "
-            r"self\.apply_cpu_w4a16_quant_layer\(",
-            old_text,
-        )
+    config = vllm_code.find_class(old_text, "INCConfig")
+    method = vllm_code.find_function(old_text, "INCConfig.apply_cpu_w4a16_quant_layer")
+    if method is not None:
         moe = any(
-            re.search(
-                r"if quant_method is None:\s*\n\s+quant_method = UnquantizedFusedMoEMethod", t
-            )
-            for t in map(vllm_source, _FUSED_MOE_FILES)
-            if t
+            vllm_code.has_code(vllm_code.parse(text), _MOE_UNQUANTIZED_DEFAULT)
+            for text in map(vllm_source, _FUSED_MOE_FILES)
+            if text
         )
-        if linear_only and dispatch and moe:
+        if _linear_only(method) and vllm_code.has_code(config, _CPU_GPTQ_DISPATCH) and moe:
             return True, "INC's CPU path quantizes linear layers only; FusedMoE falls back"
         return None, "unknown INCConfig.apply_cpu_w4a16_quant_layer"
     return None, "no INC quantization config found"
 
 
-def detect() -> Detection:
-    text = vllm_source("model_executor/models/gemma4.py")
-    if text is None or "class Gemma4ForCausalLM" not in text:
-        return Detection.unrecognized(
-            "no Gemma4ForCausalLM in vllm/model_executor/models/gemma4.py"
+def _returns_unquantized_moe(node: ast.AST) -> bool:
+    """``if current_platform.is_cpu(): ... return UnquantizedFusedMoEMethod(...)``."""
+    return (
+        isinstance(node, ast.If)
+        and vllm_code.is_code(node.test, _CPU_BRANCH)
+        and any(
+            isinstance(statement, ast.Return)
+            and isinstance(statement.value, ast.Call)
+            and vllm_code.call_name(statement.value) == "UnquantizedFusedMoEMethod"
+            for statement in node.body
         )
+    )
+
+
+def _linear_only(method: ast.AST) -> bool:
+    """The method ends ``if isinstance(layer, (LinearBase, ParallelLMHead)): return ...``
+    then ``return None``: every other layer, MoE experts included, gets no method."""
+    body = getattr(method, "body", [])
+    if len(body) < 2:
+        return False
+    last, branch = body[-1], body[-2]
+    return (
+        vllm_code.is_code(last, "return None")
+        and isinstance(branch, ast.If)
+        and not branch.orelse
+        and vllm_code.is_code(branch.test, _LINEAR_ONLY)
+    )
+
+
+def detect() -> Detection:
+    if vllm_code.find_class(vllm_source(_MODEL_FILE), "Gemma4ForCausalLM") is None:
+        return Detection.unrecognized(f"no Gemma4ForCausalLM in vllm/{_MODEL_FILE}")
     unquantized, why = inc_cpu_experts_unquantized()
     if unquantized is None:
         return Detection.unrecognized(why)

@@ -56,11 +56,12 @@ Removal:
 
 from __future__ import annotations
 
+import ast
 import functools
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ... import vllm_code
 from .. import Detection, vllm_source, when_imported
 
 NAME = "dequant_fallback"
@@ -69,11 +70,22 @@ SUMMARY = "quantized MoE experts / linears without a vLLM kernel are dequantized
 
 _CT = "model_executor/layers/quantization/compressed_tensors/"
 _CT_MODULE = "vllm.model_executor.layers.quantization.compressed_tensors."
-FACTORY_MODULE = _CT_MODULE + "compressed_tensors_moe.compressed_tensors_moe"
+# The MoE methods: one package of modules (0.20+), or one module (0.19).
+_MOE_LOCATIONS = (
+    # (factory file, factory module, WNA16 MoE file)
+    (
+        _CT + "compressed_tensors_moe/compressed_tensors_moe.py",
+        _CT_MODULE + "compressed_tensors_moe.compressed_tensors_moe",
+        _CT + "compressed_tensors_moe/compressed_tensors_moe_wna16.py",
+    ),
+    (
+        _CT + "compressed_tensors_moe.py",
+        _CT_MODULE + "compressed_tensors_moe",
+        _CT + "compressed_tensors_moe.py",
+    ),
+)
 LINEAR_SCHEME_MODULE = _CT_MODULE + "schemes.compressed_tensors_wNa16"
 GPTQ_LINEAR_MODULE = "vllm.model_executor.layers.quantization.auto_gptq"
-_FACTORY_FILE = _CT + "compressed_tensors_moe/compressed_tensors_moe.py"
-_WNA16_MOE_FILE = _CT + "compressed_tensors_moe/compressed_tensors_moe_wna16.py"
 _LINEAR_SCHEME_FILE = _CT + "schemes/compressed_tensors_wNa16.py"
 _GPTQ_LINEAR_FILE = "model_executor/layers/quantization/auto_gptq.py"
 _ORACLE_FILE = "model_executor/layers/fused_moe/oracle/int_wna16.py"
@@ -88,11 +100,21 @@ _MARK = "__gemma4_quant_dequant_fallback__"
 
 # Packed expert buffers: N-first [E, N, K / pack] on every build (0.31+), or chosen
 # from the selected kernel's layout (0.30: "Marlin" K-first / "Flashinfer" N-first).
-_N_FIRST = '"w13_weight": (num_experts, w13_n, hidden_size // pf)'
+_N_FIRST = "(num_experts, w13_n, hidden_size // pf)"
 _LAYOUT_BY_KERNEL = 'backend_key = "Marlin" if self.is_transposed else "Flashinfer"'
 
 GENERATION_N_FIRST = "n-first"
 GENERATION_BY_KERNEL = "layout-by-kernel"
+# 0.19 - 0.29: the factory picks Marlin or Triton WNA16 MoE (both GPU-only, both
+# symmetric-only); the fallback registers its own N-first buffers there.
+GENERATION_LEGACY = "marlin-or-triton"
+# What the legacy WNA16 MoE methods assert for zero points.
+SYMMETRIC_ONLY = "Only symmetric quantization is supported for MoE"
+# Where the experts' weight loader lives: FusedMoE (0.19 - 0.23), RoutedExperts (0.24+).
+_EXPERT_LOADERS = (
+    ("model_executor/layers/fused_moe/layer.py", "FusedMoE.weight_loader"),
+    ("model_executor/layers/fused_moe/routed_experts.py", "RoutedExperts.weight_loader"),
+)
 
 # Kernels vLLM may pick although their op is missing from the extension it loaded.
 _KERNEL_OPS = {"CPUWNA16LinearKernel": "cpu_gemm_wna16"}
@@ -101,52 +123,90 @@ _KERNEL_OPS = {"CPUWNA16LinearKernel": "cpu_gemm_wna16"}
 # --------------------------------------------------------------------- detection
 
 
+def _moe_location() -> tuple[str | None, str, str]:
+    """(factory source, factory module, WNA16 MoE file) where this release has them."""
+    for factory_file, module, wna16_file in _MOE_LOCATIONS:
+        factory = vllm_source(factory_file)
+        if factory is not None:
+            return factory, module, wna16_file
+    return None, "", ""
+
+
 def _moe_generation() -> tuple[str | None, str]:
     """Which compressed-tensors WNA16 MoE code the installed vLLM has, and how we know."""
-    factory = vllm_source(_FACTORY_FILE)
-    wna16 = vllm_source(_WNA16_MOE_FILE)
-    oracle = vllm_source(_ORACLE_FILE)
+    factory, _, wna16_file = _moe_location()
+    wna16 = vllm_code.find_class(vllm_source(wna16_file), "CompressedTensorsWNA16MoEMethod")
+    oracle = vllm_code.parse(vllm_source(_ORACLE_FILE) or "")
     unquantized = vllm_source(_UNQUANTIZED_MOE_FILE)
-    if factory is None or "def get_moe_method(" not in factory:
+    if vllm_code.find_function(factory, "CompressedTensorsMoEMethod.get_moe_method") is None:
         return None, "no CompressedTensorsMoEMethod.get_moe_method"
-    if wna16 is None or "class CompressedTensorsWNA16MoEMethod" not in wna16:
+    if wna16 is None:
         return None, "no CompressedTensorsWNA16MoEMethod"
-    if "select_wna16_moe_backend(" not in wna16:
-        return None, "CompressedTensorsWNA16MoEMethod selects no WNA16 MoE backend"
-    if oracle is None or NO_MOE_KERNEL not in oracle:
+    if not any(vllm_code.calls(wna16, "select_wna16_moe_backend")):
+        return _legacy_generation(factory, wna16)
+    if not vllm_code.has_string(oracle, NO_MOE_KERNEL):
         return None, "select_wna16_moe_backend has no 'no backend' error"
-    if unquantized is None or "def process_weights_after_loading" not in unquantized:
-        return None, "no UnquantizedFusedMoEMethod.process_weights_after_loading"
-    for needed in ('"w13_weight_packed"', '"w2_weight_packed"', '"w13_weight_scale"'):
-        if needed not in wna16:
-            return None, f"CompressedTensorsWNA16MoEMethod registers no {needed}"
-    if _N_FIRST in wna16:
+    method = "UnquantizedFusedMoEMethod.process_weights_after_loading"
+    if vllm_code.find_function(unquantized, method) is None:
+        return None, f"no {method}"
+    registered = set(vllm_code.strings(wna16))
+    for needed in ("w13_weight_packed", "w2_weight_packed", "w13_weight_scale"):
+        if needed not in registered:
+            return None, f"CompressedTensorsWNA16MoEMethod registers no {needed!r}"
+    if vllm_code.has_code(wna16, _N_FIRST):
         return GENERATION_N_FIRST, "WNA16 MoE buffers are N-first"
-    if _LAYOUT_BY_KERNEL in wna16:
+    if vllm_code.has_code(wna16, _LAYOUT_BY_KERNEL):
         return GENERATION_BY_KERNEL, "WNA16 MoE buffer layout follows the kernel"
     return None, "unknown CompressedTensorsWNA16MoEMethod.get_weight_shape"
 
 
+def _legacy_generation(factory: str | None, wna16: ast.ClassDef) -> tuple[str | None, str]:
+    """0.19 - 0.29: Marlin where it fits (with a backend oracle from 0.23), else Triton,
+    which asserts symmetric weights; the experts' weight loader places N-first group
+    scales, zero points and shapes."""
+    get_moe_method = vllm_code.find_function(factory, "CompressedTensorsMoEMethod.get_moe_method")
+    loaders = (vllm_code.find_function(vllm_source(f), name) for f, name in _EXPERT_LOADERS)
+    loader = next((found for found in loaders if found is not None), None)
+    if not any(vllm_code.calls(get_moe_method, "check_moe_marlin_supports_layer")):
+        return None, "CompressedTensorsWNA16MoEMethod selects no WNA16 MoE backend"
+    if not vllm_code.has_string(wna16, SYMMETRIC_ONLY):
+        return None, "unknown CompressedTensorsWNA16MoEMethod (no symmetric-only check)"
+    placed = set(vllm_code.strings(loader))
+    if not {"weight_shape", "zero", "scale"} <= placed:
+        return None, "the experts' weight_loader places no group scales, zero points or shapes"
+    return GENERATION_LEGACY, "WNA16 MoE is Marlin or Triton (Triton: symmetric only)"
+
+
+_CHOOSE_KERNEL = "kernel_type = choose_mp_linear_kernel(mp_linear_kernel_config)"
+
+
 def _linear_recognized() -> bool:
-    scheme = vllm_source(_LINEAR_SCHEME_FILE) or ""
-    kernels = vllm_source(_LINEAR_KERNELS_FILE) or ""
-    base = vllm_source(_MP_KERNEL_FILE) or ""
+    scheme = vllm_code.find_class(vllm_source(_LINEAR_SCHEME_FILE), "CompressedTensorsWNA16")
+    kernels = vllm_code.parse(vllm_source(_LINEAR_KERNELS_FILE) or "")
+    base = vllm_source(_MP_KERNEL_FILE)
     return (
-        "kernel_type = choose_mp_linear_kernel(" in scheme
-        and "Failed to find a kernel that can implement the " in kernels
-        and "def apply_weights(" in base
+        vllm_code.has_code(scheme, _CHOOSE_KERNEL)
+        and vllm_code.has_string(kernels, NO_LINEAR_KERNEL)
+        and vllm_code.find_function(base, "MPLinearKernel.apply_weights") is not None
     )
 
 
 def _gptq_linear_recognized() -> bool:
     """``AutoGPTQLinearMethod`` (AutoRound / INC GPTQ linears) picks a mixed-precision
     kernel for K-first ``qweight`` [K / pack, N] and ``scales`` [G, N]."""
-    text = vllm_source(_GPTQ_LINEAR_FILE) or ""
-    method = text.split("class AutoGPTQLinearMethod", 1)[-1].split("\nclass ", 1)[0]
-    return (
-        _linear_recognized()
-        and "kernel_type = choose_mp_linear_kernel(" in method
-        and re.search(r"input_dim=0,\s*output_dim=1,\s*packed_dim=0,", method) is not None
+    method = vllm_code.find_class(vllm_source(_GPTQ_LINEAR_FILE), "AutoGPTQLinearMethod")
+    if method is None or not _linear_recognized():
+        return False
+    k_first = {"input_dim": 0, "output_dim": 1, "packed_dim": 0}
+    return vllm_code.has_code(method, _CHOOSE_KERNEL) and any(
+        all(
+            isinstance(kw.value, ast.Constant) and kw.value.value == k_first[kw.arg]
+            for kw in call.keywords
+            if kw.arg in k_first
+        )
+        and k_first.keys() <= vllm_code.keywords(call)
+        for call in ast.walk(method)
+        if isinstance(call, ast.Call)
     )
 
 
@@ -180,7 +240,7 @@ def apply(detection: Detection) -> None:
     from .moe import patch_moe_factory
 
     when_imported(
-        FACTORY_MODULE, functools.partial(patch_moe_factory, generation=found.moe_generation)
+        _moe_location()[1], functools.partial(patch_moe_factory, generation=found.moe_generation)
     )
     if found.linear:
         when_imported(LINEAR_SCHEME_MODULE, patch_linear_scheme)

@@ -94,16 +94,14 @@ def _dequantized_linear_kernel(reason: str) -> type:
         def can_implement(cls, c: Any) -> tuple[bool, str | None]:
             if not _linear_supported(c):
                 return False, f"{c.weight_type} is not a 4-bit integer type"
+            if getattr(c, "has_g_idx", False):
+                # activation-ordered groups: the weight's columns need g_idx to regroup
+                return False, "activation order (g_idx) is not dequantized"
             return True, None
 
-        def __init__(
-            self,
-            c: Any,
-            w_q_param_name: str,
-            w_s_param_name: str,
-            w_zp_param_name: str | None = None,
-        ) -> None:
-            super().__init__(c, w_q_param_name, w_s_param_name, w_zp_param_name)
+        def __init__(self, c: Any, *param_names: str | None, **named: str | None) -> None:
+            # the parameter names vLLM passes (0.19 - 0.29 add w_gidx_param_name)
+            super().__init__(c, *param_names, **named)
             self.unquantized = UnquantizedLinearMethod()
             in_features, out_features = c.partition_weight_shape
             itemsize = torch.empty((), dtype=c.act_type).element_size()
@@ -114,7 +112,7 @@ def _dequantized_linear_kernel(reason: str) -> type:
             COST_REPORT.add("linear layers", packed, out_features * in_features * itemsize, reason)
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-            w_q, w_s, w_zp = self._get_weight_params(layer)
+            w_q, w_s, w_zp = self._get_weight_params(layer)[:3]  # 0.19 - 0.29 add g_idx
             dtype = w_s.dtype  # the model dtype (params_dtype)
             COST_REPORT.flush(dtype)
             packed, scale = w_q.data, w_s.data

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     import torch
 
 from ... import envs
-from . import _MARK, GENERATION_BY_KERNEL, NO_MOE_KERNEL
+from . import _MARK, GENERATION_BY_KERNEL, GENERATION_LEGACY, NO_MOE_KERNEL, SYMMETRIC_ONLY
 from .common import COST_REPORT, _data, _drop_params, _nbytes, logger
 
 # --------------------------------------------------------------------- MoE
@@ -31,15 +31,20 @@ def patch_moe_factory(module: ModuleType, generation: str | None) -> None:
             return original(quant_config, layer, layer_name)
         try:
             method = original(quant_config, layer, layer_name)
-        except NotImplementedError as exc:
-            if NO_MOE_KERNEL not in str(exc):
+        except (NotImplementedError, AssertionError) as exc:
+            if NO_MOE_KERNEL not in str(exc) and SYMMETRIC_ONLY not in str(exc):
                 raise
             fallback = _moe_fallback(quant_config, layer, layer_name, str(exc), generation)
             if fallback is None:
                 raise
             return fallback
-        if mode == "force" and type(method).__name__ == "CompressedTensorsWNA16MoEMethod":
-            reason = "GEMMA4_QUANT_FALLBACK=force"
+        reason = None
+        if type(method).__name__ in _WNA16_METHODS:
+            if mode == "force":
+                reason = "GEMMA4_QUANT_FALLBACK=force"
+            elif generation == GENERATION_LEGACY and _on_cpu():
+                reason = f"{type(method).__name__} runs GPU kernels only (Marlin / Triton)"
+        if reason is not None:
             fallback = _moe_fallback(quant_config, layer, layer_name, reason, generation)
             if fallback is not None:
                 return fallback
@@ -47,6 +52,16 @@ def patch_moe_factory(module: ModuleType, generation: str | None) -> None:
 
     setattr(get_moe_method, _MARK, True)
     factory_cls.get_moe_method = staticmethod(get_moe_method)
+
+
+# The methods whose buffers the fallback reproduces.
+_WNA16_METHODS = ("CompressedTensorsWNA16MoEMethod", "CompressedTensorsWNA16MarlinMoEMethod")
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
 
 
 def _moe_fallback(
@@ -121,9 +136,6 @@ def _dequantized_moe_method_class() -> type:
     from vllm.model_executor.layers.fused_moe.fused_moe_method_base import (
         FusedMoEMethodBase,
     )
-    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe.compressed_tensors_moe_wna16 import (  # noqa: E501
-        CompressedTensorsWNA16MoEMethod,
-    )
     from vllm.model_executor.utils import set_weight_attrs
 
     from ... import int4
@@ -143,12 +155,18 @@ def _dequantized_moe_method_class() -> type:
             self.weight_quant = weight_quant
             self.reason = reason
             self.generation = generation
-            self.packed_layout = self._packed_layout(moe, weight_quant, input_quant)
+            self.packed_layout = None
+            if generation != GENERATION_LEGACY:
+                self.packed_layout = self._packed_layout(moe, weight_quant, input_quant)
 
         @staticmethod
         def _packed_layout(moe: Any, weight_quant: Any, input_quant: Any) -> Any:
             """vLLM's own WNA16 method minus its kernel selection (the step that fails),
             used only for ``create_weights``: the attributes its ``__init__`` sets."""
+            from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe.compressed_tensors_moe_wna16 import (  # noqa: E501
+                CompressedTensorsWNA16MoEMethod,
+            )
+
             method = CompressedTensorsWNA16MoEMethod.__new__(CompressedTensorsWNA16MoEMethod)
             FusedMoEMethodBase.__init__(method, moe)
             method.weight_quant = weight_quant
@@ -183,6 +201,41 @@ def _dequantized_moe_method_class() -> type:
             params_dtype: torch.dtype,
             **extra_weight_attrs: Any,
         ) -> None:
+            if self.packed_layout is None:
+                self._create_packed(
+                    layer,
+                    num_experts,
+                    hidden_size,
+                    intermediate_size_per_partition,
+                    params_dtype,
+                    extra_weight_attrs,
+                )
+            else:
+                self._create_as_vllm(
+                    layer,
+                    num_experts,
+                    hidden_size,
+                    intermediate_size_per_partition,
+                    params_dtype,
+                    extra_weight_attrs,
+                )
+            COST_REPORT.add(
+                "MoE layers",
+                sum(_nbytes(p) for n, p in layer.named_parameters() if n in _PACKED_EXPERT_PARAMS),
+                self._dequantized_bytes(layer, params_dtype),
+                self.reason,
+            )
+
+        def _create_as_vllm(
+            self,
+            layer: torch.nn.Module,
+            num_experts: int,
+            hidden_size: int,
+            intermediate_size_per_partition: int,
+            params_dtype: torch.dtype,
+            extra_weight_attrs: dict[str, Any],
+        ) -> None:
+            """vLLM's own WNA16 buffers, placed by vLLM's loader as usual."""
             packed = self.packed_layout
             own_zero_points = not packed.symmetric and self.generation == GENERATION_BY_KERNEL
             if own_zero_points:
@@ -202,12 +255,41 @@ def _dequantized_moe_method_class() -> type:
                 packed.symmetric = self.weight_quant.symmetric
             if own_zero_points:
                 self._create_zero_points(layer, extra_weight_attrs)
-            COST_REPORT.add(
-                "MoE layers",
-                sum(_nbytes(p) for n, p in layer.named_parameters() if n in _PACKED_EXPERT_PARAMS),
-                self._dequantized_bytes(layer, params_dtype),
-                self.reason,
-            )
+
+        def _create_packed(
+            self,
+            layer: torch.nn.Module,
+            num_experts: int,
+            hidden_size: int,
+            intermediate_size_per_partition: int,
+            params_dtype: torch.dtype,
+            extra_weight_attrs: dict[str, Any],
+        ) -> None:
+            """The checkpoint's own N-first layout, where vLLM's WNA16 buffers are K-first
+            and symmetric-only: packed [E, N, K / pack], scales [E, N, K / group], zero
+            points [E, N / pack, K / group], shapes [E, 2]. FusedMoE's loader shards them
+            along N (w13) or K (w2) as it does any N-first expert weight."""
+            wq = self.weight_quant
+            pack = 32 // wq.num_bits
+            group = wq.group_size if wq.group_size not in (None, -1) else None
+            attrs = {**extra_weight_attrs, "is_transposed": False, "quant_method": wq.strategy}
+            w13_n = (2 if self.moe.is_act_and_mul else 1) * intermediate_size_per_partition
+            for stem, n, k in (
+                ("w13", w13_n, hidden_size),
+                ("w2", hidden_size, intermediate_size_per_partition),
+            ):
+                groups = 1 if group is None else k // group
+                shapes = {
+                    "weight_packed": ((num_experts, n, k // pack), torch.int32),
+                    "weight_scale": ((num_experts, n, groups), params_dtype),
+                    "weight_shape": ((num_experts, 2), torch.int64),
+                }
+                if not wq.symmetric:
+                    shapes["weight_zero_point"] = ((num_experts, n // pack, groups), torch.int32)
+                for suffix, (shape, dtype) in shapes.items():
+                    param = torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
+                    layer.register_parameter(f"{stem}_{suffix}", param)
+                    set_weight_attrs(param, attrs)
 
         def _create_zero_points(self, layer: torch.nn.Module, attrs: dict[str, Any]) -> None:
             pack = 32 // self.weight_quant.num_bits
