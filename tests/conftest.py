@@ -69,7 +69,11 @@ def run_vllm_load(
     proc = subprocess.run(
         cmd, env=run_env, capture_output=True, text=True, timeout=timeout, cwd=out_dir
     )
-    load = Load(proc.returncode, proc.stdout + proc.stderr)
+    return _read_load(proc.returncode, proc.stdout + proc.stderr, out)
+
+
+def _read_load(returncode: int, log: str, out: Path) -> Load:
+    load = Load(returncode, log)
     if load.ok:
         from safetensors.torch import load_file
 
@@ -79,6 +83,65 @@ def run_vllm_load(
         load.module_classes = info["module_classes"]
         load.use_w4a8 = info["use_w4a8"]
     return load
+
+
+def run_vllm_load_parallel(
+    checkpoints: list[Path],
+    out_dir: Path,
+    *,
+    world_size: int = 2,
+    expert_parallel: bool = False,
+    env: dict[str, str] | None = None,
+    timeout: int = 900,
+) -> dict[Path, list[Load]]:
+    """``run_vllm_load`` for a tensor-parallel group (with the plugin): one process per
+    rank, each on its own core, each loading every checkpoint in turn (vLLM's import is
+    most of a load's time). Returns each checkpoint's loads, one per rank; a checkpoint
+    vLLM refuses has failed loads whose log is the refusal's traceback."""
+    from load_model import free_port
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    cores = sorted(os.sched_getaffinity(0))
+    procs = []
+    for rank in range(world_size):
+        outs = [out_dir / f"{i}.rank{rank}.safetensors" for i in range(len(checkpoints))]
+        cmd = [sys.executable, str(LOAD_MODEL), str(checkpoints[0]), str(outs[0])]
+        for checkpoint, out in zip(checkpoints[1:], outs[1:], strict=True):
+            cmd += ["--more", str(checkpoint), str(out)]
+        cmd += ["--rank", str(rank), "--world-size", str(world_size), "--init-method", init_method]
+        if expert_parallel:
+            cmd.append("--expert-parallel")
+        run_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+        run_env.update(env or {})
+        run_env.pop("VLLM_PLUGINS", None)
+        core = {cores[rank % len(cores)]}
+        log = out_dir / f"rank{rank}.log"
+        with log.open("w") as sink:
+            proc = subprocess.Popen(
+                cmd,
+                env=run_env,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                cwd=out_dir,
+                # one core per rank, as vLLM's CPU workers bind themselves
+                preexec_fn=lambda core=core: os.sched_setaffinity(0, core),
+            )
+        procs.append((proc, outs, log))
+    for proc, _, _ in procs:
+        proc.wait(timeout=timeout)
+    loads: dict[Path, list[Load]] = {checkpoint: [] for checkpoint in checkpoints}
+    for _, outs, log in procs:
+        text = log.read_text()
+        for checkpoint, out in zip(checkpoints, outs, strict=True):
+            error = Path(f"{out}.error")
+            if error.exists():
+                loads[checkpoint].append(Load(1, error.read_text() + text))
+            elif out.exists():
+                loads[checkpoint].append(_read_load(0, text, out))
+            else:  # the process died before this checkpoint
+                loads[checkpoint].append(Load(1, text))
+    return loads
 
 
 @dataclass
@@ -188,3 +251,39 @@ def compat_record():
             f.write(json.dumps(row) + "\n")
 
     return record
+
+
+LOGPROBS = HERE / "logprobs.py"
+
+
+def run_logprobs(
+    models: list[Path],
+    out_dir: Path,
+    *,
+    tensor_parallel: int = 1,
+    expert_parallel: bool = False,
+    env: dict[str, str] | None = None,
+    timeout: int = 900,
+) -> Greedy:
+    """Prompt logprobs and greedy tokens of each model (``tests/logprobs.py``), served at
+    ``tensor_parallel`` by ``vllm.LLM`` in one fresh process; ``tokens`` maps each model to
+    its result (or ``{"error": ...}`` where vLLM refused it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "logprobs.json"
+    cmd = [sys.executable, str(LOGPROBS), str(out), *map(str, models)]
+    cmd += ["--tensor-parallel", str(tensor_parallel)]
+    if expert_parallel:
+        cmd.append("--expert-parallel")
+    run_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if tensor_parallel > 1:
+        # one core per worker: vLLM's CPU workers refuse to share (see cpu-vllm.md)
+        cores = sorted(os.sched_getaffinity(0))[:tensor_parallel]
+        run_env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(map(str, cores))
+    run_env.update(env or {})
+    proc = subprocess.run(
+        cmd, env=run_env, capture_output=True, text=True, timeout=timeout, cwd=out_dir
+    )
+    result = Greedy(proc.returncode, proc.stdout + proc.stderr)
+    if out.exists():
+        result.tokens = json.loads(out.read_text())
+    return result

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 PROMPTS = (
     "The capital of France is",
@@ -23,25 +24,27 @@ PROMPTS = (
 MAX_TOKENS = 24
 
 
+def make_llm(model: str, **engine_args: Any) -> Any:
+    """``vllm.LLM`` as every test run builds it: bf16, eager, short context, seeded."""
+    from vllm import LLM
+
+    return LLM(
+        model=model, dtype="bfloat16", enforce_eager=True, max_model_len=256, seed=0, **engine_args
+    )
+
+
 def generate(models: list[str]) -> dict[str, list[list[int]]]:
     """Greedy tokens of each model, loaded one after another in this process."""
     import gc
 
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     tokens = {}
     for model in models:
-        llm = LLM(
-            model=model,
-            dtype="bfloat16",
-            enforce_eager=True,
-            max_model_len=256,
-            seed=0,
-            # one process: both models load with the same plugin state, and fast
-            distributed_executor_backend="uni",
-        )
+        # one process: both models load with the same plugin state, and fast
+        llm = make_llm(model, distributed_executor_backend="uni")
         outputs = llm.generate(list(PROMPTS), params, use_tqdm=False)
         tokens[model] = [list(out.outputs[0].token_ids) for out in outputs]
         del llm, outputs

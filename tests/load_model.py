@@ -3,11 +3,15 @@
 Runs as a subprocess of the tests (vLLM's distributed state is per process):
 
     python tests/load_model.py CKPT OUT.safetensors [--process] [--hf-overrides JSON]
+        [--rank R --world-size N --init-method tcp://HOST:PORT [--expert-parallel]]
 
 It follows ``BaseModelLoader.load_model`` (construct under the model's dtype, load the
 weights) and stops before ``process_weights_after_loading`` unless ``--process`` is given,
 so the dumped parameters are exactly what vLLM's weight loaders wrote. vLLM's general
 plugins load the way every vLLM process loads them (``VLLM_PLUGINS`` selects them).
+
+With ``--world-size N`` it is one rank of a tensor-parallel group: N such processes, one
+per rank, share ``--init-method`` and each dumps the shards vLLM gave its rank.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import json
 import os
 import socket
 import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -57,15 +64,49 @@ def probe_routers(model, processed: bool) -> dict:
     return out
 
 
+@dataclass(frozen=True)
+class Parallel:
+    """This process's place in vLLM's tensor-parallel group (one process: the default)."""
+
+    rank: int = 0
+    world_size: int = 1
+    init_method: str | None = None
+    expert_parallel: bool = False
+
+
+def _join_group(parallel: Parallel, init_method: str, device: str) -> None:
+    """vLLM's distributed state for this process, once (later models reuse it)."""
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+
+    # vLLM's CPU worker names its shared-memory communicator after the init method's port
+    # before it joins the group (cpu_worker.py); its tensor-parallel groups read the name
+    os.environ["VLLM_DIST_IDENT"] = init_method.split(":")[-1]
+    init_distributed_environment(
+        world_size=parallel.world_size,
+        rank=parallel.rank,
+        local_rank=parallel.rank,
+        distributed_init_method=init_method,
+        backend="gloo" if device == "cpu" else "nccl",
+    )
+    initialize_model_parallel(parallel.world_size, 1)
+
+
 @contextlib.contextmanager
-def vllm_model(checkpoint: str, dtype: str = "bfloat16", device: str = "cpu", hf_overrides=None):
+def vllm_model(
+    checkpoint: str,
+    dtype: str = "bfloat16",
+    device: str = "cpu",
+    hf_overrides=None,
+    parallel: Parallel = Parallel(),
+):
     """A Gemma 4 model built the way vLLM's ``BaseModelLoader.load_model`` builds it
-    (construction only, weights not loaded), inside vLLM's config and a one-process
-    distributed state: yields ``(model, loader, model_config)``. vLLM's general plugins
-    load first, as in every vLLM process (``VLLM_PLUGINS`` selects them)."""
+    (construction only, weights not loaded), inside vLLM's config and its distributed
+    state (one process, or one rank of ``parallel``): yields ``(model, loader,
+    model_config)``. vLLM's general plugins load first, as in every vLLM process
+    (``VLLM_PLUGINS`` selects them)."""
     import torch
     from vllm.config import set_current_vllm_config
-    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.distributed.parallel_state import model_parallel_is_initialized
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader import get_model_loader
     from vllm.model_executor.model_loader.utils import initialize_model
@@ -75,19 +116,20 @@ def vllm_model(checkpoint: str, dtype: str = "bfloat16", device: str = "cpu", hf
     load_general_plugins()
     extra = {"hf_overrides": hf_overrides} if hf_overrides else {}
     engine_args = EngineArgs(
-        model=checkpoint, dtype=dtype, enforce_eager=True, max_model_len=256, **extra
+        model=checkpoint,
+        dtype=dtype,
+        enforce_eager=True,
+        max_model_len=256,
+        tensor_parallel_size=parallel.world_size,
+        enable_expert_parallel=parallel.expert_parallel,
+        **extra,
     )
     vllm_config = engine_args.create_engine_config()
     model_config = vllm_config.model_config
+    init_method = parallel.init_method or f"tcp://127.0.0.1:{free_port()}"
     with set_current_vllm_config(vllm_config):
-        init_distributed_environment(
-            world_size=1,
-            rank=0,
-            local_rank=0,
-            distributed_init_method=f"tcp://127.0.0.1:{free_port()}",
-            backend="gloo" if device == "cpu" else "nccl",
-        )
-        initialize_model_parallel(1, 1)
+        if not model_parallel_is_initialized():
+            _join_group(parallel, init_method, device)
         loader = get_model_loader(vllm_config.load_config)
         with set_default_torch_dtype(model_config.dtype), torch.device(device):
             model = initialize_model(vllm_config=vllm_config, model_config=model_config)
@@ -101,20 +143,52 @@ def main() -> int:
     parser.add_argument("--process", action="store_true")
     parser.add_argument("--hf-overrides", default=None)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--world-size", type=int, default=1)
+    parser.add_argument("--init-method", default=None, help="tcp://HOST:PORT of rank 0")
+    parser.add_argument("--expert-parallel", action="store_true")
     parser.add_argument(
         "--probe-router",
         action="store_true",
         help="also dump every Gemma 4 router's logits on a fixed input (probe.<module>) "
         "and its projection's input (probe_input.<module>)",
     )
+    parser.add_argument(
+        "--more",
+        nargs=2,
+        action="append",
+        metavar=("CKPT", "OUT"),
+        help="load this checkpoint too, in the same process after the first (a failed one "
+        "leaves OUT.error and the next one loads)",
+    )
     args = parser.parse_args()
 
+    overrides = json.loads(args.hf_overrides) if args.hf_overrides else None
+    parallel = Parallel(args.rank, args.world_size, args.init_method, args.expert_parallel)
+    jobs = [(args.checkpoint, args.out), *(tuple(pair) for pair in args.more or [])]
+    if len(jobs) == 1:
+        load_and_dump(*jobs[0], args, overrides, parallel)
+        return 0
+    failed = 0
+    for checkpoint, out in jobs:
+        try:
+            load_and_dump(checkpoint, out, args, overrides, parallel)
+        except Exception:  # vLLM's refusal is this checkpoint's outcome; load the next one
+            error = traceback.format_exc()
+            print(error, file=sys.stderr)
+            Path(out + ".error").write_text(error)
+            failed += 1
+    return 1 if failed else 0
+
+
+def load_and_dump(
+    checkpoint: str, out: str, args: argparse.Namespace, overrides, parallel: Parallel
+) -> None:
     import torch
     from safetensors.torch import save_file
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
-    overrides = json.loads(args.hf_overrides) if args.hf_overrides else None
-    with vllm_model(args.checkpoint, args.dtype, hf_overrides=overrides) as (
+    with vllm_model(checkpoint, args.dtype, hf_overrides=overrides, parallel=parallel) as (
         model,
         loader,
         model_config,
@@ -129,7 +203,7 @@ def main() -> int:
         }
         if args.probe_router:
             tensors.update(probe_routers(model, args.process))
-    save_file(tensors, args.out)
+    save_file(tensors, out)
     quant_methods = {
         name: type(module.quant_method).__name__
         for name, module in model.named_modules()
@@ -142,7 +216,7 @@ def main() -> int:
         for name, module in model.named_modules()
         if hasattr(module, "use_w4a8")
     }
-    with open(args.out + ".json", "w") as f:
+    with open(out + ".json", "w") as f:
         json.dump(
             {
                 "quant_methods": quant_methods,
@@ -154,7 +228,6 @@ def main() -> int:
             indent=1,
         )
     print("LOADED", type(model).__name__, len(tensors), file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -534,6 +534,24 @@ def test_gpu_serves_the_public_layout(tmp_path: Path) -> None:
         assert _outcome(data) == "loads"
 
 
+def test_gpu_tp4_needs_expert_parallel(tmp_path: Path) -> None:
+    """The public layout at TP=4 on Hopper: expert intermediate 704 / 4 = 176 = 5.5
+    groups of 32 per rank, so the experts need expert parallel; TP=2 (352 = 11 groups)
+    shards whole groups, and every attention layer keeps a kernel either way."""
+    path = cyankiwi_replica(tmp_path / "tp")
+    two = report(path, "--cuda-capability", "9.0", "-tp", "2")
+    assert not [f for f in two["prediction"]["findings"] if f["rule"] == "tp-groups"]
+    assert two["prediction"]["exit_code"] == 0, two["prediction"]["summary"]
+    four = report(path, "--cuda-capability", "9.0", "-tp", "4")["prediction"]
+    (finding,) = [f for f in four["findings"] if f["rule"] == "tp-groups"]
+    assert "needs expert parallel" in finding["message"]
+    assert "704 / TP 4 = 176 per rank = 5.5 groups of 32" in finding["detail"]
+    assert len(finding["modules"]) == 30
+    expected = "fails" if dr.vllm_features()["moe_tp_group_check"] else "silently wrong"
+    assert finding["outcome"] == expected
+    assert not [f for f in four["findings"] if f["rule"] == "wna16-linear-cuda"], four
+
+
 def test_router_with_eight_experts_has_no_cpu_kernel(checkpoints) -> None:
     """The router's output size is the expert count: vLLM's CPU int4 linear kernel needs a
     multiple of 32, so with the plugin's router patch an 8-expert quantized router finds no

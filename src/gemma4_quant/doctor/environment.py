@@ -176,6 +176,10 @@ def vllm_features() -> dict[str, Any]:
             "w8a8": _kernel_list(kernels, "CPU", "_POSSIBLE_FP8_KERNELS"),
             "w8a16": _kernel_list(kernels, "CPU", "_POSSIBLE_WFP8A16_KERNELS"),
         },
+        # the WNA16 MoE method refuses a TP split that cuts a scale group (0.30+); before,
+        # each rank narrowed I / TP // group scale columns from group rank * that: the
+        # wrong groups for every column past the first cut
+        "moe_tp_group_check": "otherwise cross TP shard boundaries" in wna16_moe,
         # Marlin linear zero-pads misaligned shapes (0.24+); before: N % 64, K % 128
         "marlin_pads": "Tile misalignment is fixed" in marlin,
         # AutoRound (INC) MoE on CPU is built unquantized

@@ -26,6 +26,9 @@ DOCTOR_RULES: tuple[Rule, ...] = (
     # compressed_tensors/utils.py should_ignore_layer; get_moe_method
     Rule("shard-schemes", ("attention", "dense_mlp", "experts"), Stage.BUILD,
          rules.check_shard_schemes, per_layer=True),
+    # compressed_tensors_moe_wna16.py create_weights, schemes/compressed_tensors_wNa16.py
+    Rule("tp-groups", ("attention", "dense_mlp", "experts"), Stage.BUILD, rules.check_tp_groups,
+         per_layer=True),
     # compressed_tensors_moe_wna16{,_marlin}.py (<= 0.29); cpu-vllm.md
     Rule("moe-symmetric-only", ("experts",), Stage.BUILD, kernels_cpu.check_moe_symmetric_only),
     # fused_moe/oracle/int_wna16.py, experts/cpu_moe.py; cpu-vllm.md

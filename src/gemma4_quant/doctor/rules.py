@@ -69,6 +69,13 @@ def partition_shape(module: Module, ctx: Ctx) -> tuple[int, int, int] | None:
         return k, n, k  # replicated
     if leaf in ("o_proj", "down_proj"):  # row parallel: K is split
         return k // tp, n, k
+    if module.kind == "attention" and len(members) > 1:
+        # QKVParallelLinear: key/value heads fewer than ranks are replicated, one per rank
+        heads = int(ctx.analysis.text_config.get("num_attention_heads") or 1)
+        q_rows = members[0].out_features or 0
+        head_dim = q_rows // heads
+        kv = [max((m.out_features or 0) // tp, head_dim) for m in members[1:]]
+        return k, q_rows // tp + sum(kv), k
     return k, n // tp, k  # column parallel: N is split
 
 
@@ -161,6 +168,57 @@ def check_shard_schemes(module: Module, ctx: Ctx) -> Hit | None:
         Outcome.FAILS,
         "shards vLLM fuses into one layer are quantized differently",
         f"{module.shard_conflict}: {error}",
+    )
+
+
+def check_tp_groups(module: Module, ctx: Ctx) -> Hit | None:
+    """Tensor parallel cuts every rank's share of a row-parallel weight (o_proj,
+    down_proj, the experts' down_proj) out of the input dim; quantization groups run
+    along it, so the share must hold whole groups (and an asymmetric expert's gate/up rows
+    whole packed zero-point words)."""
+    tp = ctx.env.tensor_parallel
+    scheme = built_scheme(module, ctx)
+    if tp == 1 or not is_wna16(scheme) or not is_representative(module, ctx):
+        return None
+    group = group_size(scheme)
+    if module.kind == "experts":
+        inter = int(ctx.analysis.text_config.get("moe_intermediate_size") or 0)
+        per_rank = inter // tp
+        if group == -1 or per_rank % group == 0:
+            return None
+        where = (
+            f"expert intermediate {inter} / TP {tp} = {per_rank} per rank = "
+            f"{per_rank / group:g} groups of {group}"
+        )
+        fix = "needs expert parallel (--enable-expert-parallel: each rank holds whole experts)"
+        if ctx.env.features.get("moe_tp_group_check"):
+            return Hit(
+                Outcome.FAILS,
+                f"experts do not shard into whole groups: {fix}",
+                f"{where}: ValueError: CompressedTensors WNA16 MoE with static group scales "
+                "requires the MoE intermediate size per tensor-parallel partition to be "
+                "divisible by group_size",
+            )
+        return Hit(
+            Outcome.SILENTLY_WRONG,
+            f"experts do not shard into whole groups and this vLLM does not check: every "
+            f"rank loads {per_rank // group} scale group(s) from group rank * "
+            f"{per_rank // group}, the wrong ones for its columns; {fix}",
+            where,
+        )
+    shape = partition_shape(module, ctx)
+    leaf = module.name.rpartition(".")[2]
+    if shape is None or group == -1 or leaf not in ("o_proj", "down_proj"):
+        return None
+    k, _, k_full = shape
+    if k % group == 0:
+        return None
+    layer, _ = vllm_layer(module, ctx)
+    return Hit(
+        Outcome.FAILS,
+        "a row-parallel linear does not shard into whole groups",
+        f"{short_name(layer)}: K {k_full} / TP {tp} = {k} per rank = {k / group:g} groups "
+        f"of {group}: AssertionError (input_size_per_partition % group_size)",
     )
 
 
