@@ -29,27 +29,18 @@ import sys
 import time
 from pathlib import Path
 
-from gemma4_quant.layout import TEXT_PREFIX, layer_prefix, layer_tensors, module_kind
+from gemma4_quant.layout import REAL_DIMS, TEXT_PREFIX, layer_prefix, layer_tensors, module_kind
 
 GROUP = 32
 
 # google/gemma-4-26B-A4B-it text model, as in the layout facts.
 FULL_DIMS = {
+    **REAL_DIMS,
     "vocab_size": 262144,
     "vocab_size_per_layer_input": 262144,
-    "hidden_size": 2816,
-    "intermediate_size": 2112,
-    "moe_intermediate_size": 704,
     "num_experts": 128,
     "top_k_experts": 8,
     "num_hidden_layers": 30,
-    "sliding_window": 1024,
-    "num_attention_heads": 16,
-    "head_dim": 256,
-    "num_key_value_heads": 8,
-    "global_head_dim": 512,
-    "num_global_key_value_heads": 2,
-    "attention_k_eq_v": True,
     "max_position_embeddings": 262144,
     "final_logit_softcapping": 30.0,
     "tie_word_embeddings": True,

@@ -47,6 +47,7 @@ def run_vllm_load(
     process: bool = False,
     env: dict[str, str] | None = None,
     probe_router: bool = False,
+    hf_overrides: dict | None = None,
     timeout: int = 600,
 ) -> Load:
     """Load ``checkpoint`` with vLLM's own loader in a fresh process; dump its parameters.
@@ -66,6 +67,8 @@ def run_vllm_load(
         cmd.append("--process")
     if probe_router:
         cmd.append("--probe-router")
+    if hf_overrides:
+        cmd += ["--hf-overrides", json.dumps(hf_overrides)]
     proc = subprocess.run(
         cmd, env=run_env, capture_output=True, text=True, timeout=timeout, cwd=out_dir
     )
@@ -151,6 +154,8 @@ class Greedy:
     returncode: int
     log: str
     tokens: dict = field(default_factory=dict)
+    # model -> per prompt, {token id: logprob} of the first generated token's top tokens
+    first_logprobs: dict = field(default_factory=dict)
 
 
 def run_greedy(
@@ -181,6 +186,7 @@ def run_greedy(
     result = Greedy(proc.returncode, proc.stdout + proc.stderr)
     if result.returncode == 0:
         result.tokens = json.loads(out.read_text())
+        result.first_logprobs = json.loads(out.with_suffix(".logprobs.json").read_text())
     return result
 
 
@@ -287,3 +293,12 @@ def run_logprobs(
     if out.exists():
         result.tokens = json.loads(out.read_text())
     return result
+
+
+@pytest.fixture(scope="session")
+def twin_reference(checkpoints, tmp_path_factory):
+    """What the bf16 twin of the server tests' layout answered (``test_server``), served
+    once per session for every server test that compares with it."""
+    from test_server import serve_twin_reference
+
+    return serve_twin_reference(checkpoints, tmp_path_factory)

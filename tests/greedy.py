@@ -5,7 +5,8 @@ Runs as a subprocess of the tests (``conftest.run_greedy``):
     python tests/greedy.py OUT.json MODEL...
 
 Every model answers the same prompts with temperature 0; ``OUT.json`` maps each model to
-its token ids. vLLM's general plugins load as in every vLLM process.
+its token ids, and ``OUT.logprobs.json`` the top logprobs of the first generated token
+of every prompt. vLLM's general plugins load as in every vLLM process.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ PROMPTS = (
     "1, 2, 3, 5, 8,",
 )
 MAX_TOKENS = 24
+# Top logprobs of each prompt's first generated token (OUT.logprobs.json).
+FIRST_LOGPROBS = 8
 
 
 def make_llm(model: str, **engine_args: Any) -> Any:
@@ -33,26 +36,35 @@ def make_llm(model: str, **engine_args: Any) -> Any:
     )
 
 
-def generate(models: list[str]) -> dict[str, list[list[int]]]:
-    """Greedy tokens of each model, loaded one after another in this process."""
+def generate(
+    models: list[str],
+) -> tuple[dict[str, list[list[int]]], dict[str, list[dict[str, float]]]]:
+    """Greedy tokens of each model, loaded one after another in this process, and the top
+    logprobs of each prompt's first generated token."""
     import gc
 
     from vllm import SamplingParams
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    tokens = {}
+    params = SamplingParams(
+        temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=FIRST_LOGPROBS
+    )
+    tokens, first = {}, {}
     for model in models:
         # one process: both models load with the same plugin state, and fast
         llm = make_llm(model, distributed_executor_backend="uni")
         outputs = llm.generate(list(PROMPTS), params, use_tqdm=False)
         tokens[model] = [list(out.outputs[0].token_ids) for out in outputs]
+        first[model] = [
+            {str(t): lp.logprob for t, lp in out.outputs[0].logprobs[0].items()} for out in outputs
+        ]
         del llm, outputs
         gc.collect()
         cleanup_dist_env_and_memory()
-    return tokens
+    return tokens, first
 
 
 if __name__ == "__main__":
-    result = generate(sys.argv[2:])
+    result, first_logprobs = generate(sys.argv[2:])
     Path(sys.argv[1]).write_text(json.dumps(result))
+    Path(sys.argv[1]).with_suffix(".logprobs.json").write_text(json.dumps(first_logprobs))

@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,15 @@ class VllmServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def serving(model: Path, log_path: Path, **kwargs: Any) -> Iterator[VllmServer]:
+    """A started server for a fixture to yield; after it, the stop must leave nothing."""
+    server = VllmServer(model, log_path, **kwargs)
+    server.start()
+    yield server
+    report = server.stop()
+    assert report.clean, report
 
 
 def _decode(raw: bytes) -> Any:

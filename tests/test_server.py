@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from server_utils import Response, StopReport, VllmServer
+from server_utils import Response, StopReport, VllmServer, serving
 
 from gemma4_quant.patches import Status, dequant_fallback
 
@@ -96,9 +96,10 @@ def chat(server: VllmServer, content: str, **extra) -> Response:
     )
 
 
-@pytest.fixture(scope="module")
-def twin_reference(checkpoints, tmp_path_factory) -> ServedReference:
-    """Serve the dequantized bf16 twin, record its prompt logprobs, stop it."""
+def serve_twin_reference(checkpoints, tmp_path_factory) -> ServedReference:
+    """Serve the dequantized bf16 twin, record its prompt logprobs, stop it (conftest's
+    session fixture ``twin_reference``: the multimodal form has the same text weights and
+    is compared with it too)."""
     log = tmp_path_factory.mktemp("server-twin") / "server.log"
     server = VllmServer(checkpoints.twin(LAYOUT), log, name="gemma4-twin", args=SERVER_ARGS)
     server.start()
@@ -117,11 +118,7 @@ def quant_server(checkpoints, twin_reference, tmp_path_factory) -> Iterator[Vllm
     starts: one server at a time.
     """
     log = tmp_path_factory.mktemp("server-quant") / "server.log"
-    server = VllmServer(checkpoints(LAYOUT), log, name="gemma4-quant", args=SERVER_ARGS)
-    server.start()
-    yield server
-    report = server.stop()
-    assert report.clean, report
+    yield from serving(checkpoints(LAYOUT), log, name="gemma4-quant", args=SERVER_ARGS)
 
 
 def test_quantized_server_runs_the_fallback(quant_server: VllmServer) -> None:
@@ -169,17 +166,22 @@ def test_malformed_request_gets_4xx_and_server_keeps_serving(
     assert chat(quant_server, "Still there?", max_tokens=4).status == 200
 
 
+def assert_prompt_logprobs_match(server: VllmServer, reference: ServedReference) -> None:
+    """Same prompt tokens as the reference, logprobs within ``LOGPROB_ATOL``."""
+    worst = 0.0
+    for i, prompt in enumerate(PROMPTS):
+        tokens, logprobs = prompt_logprobs(server, prompt)
+        assert tokens == reference.prompt_tokens[i], prompt
+        assert len(logprobs) == len(reference.prompt_logprobs[i]) > 3
+        for got, want in zip(logprobs, reference.prompt_logprobs[i], strict=True):
+            worst = max(worst, abs(got - want))
+    assert worst <= LOGPROB_ATOL, f"max |dlogprob| {worst:.4f} > {LOGPROB_ATOL}"
+
+
 def test_prompt_logprobs_match_twin(
     quant_server: VllmServer, twin_reference: ServedReference
 ) -> None:
-    worst = 0.0
-    for i, prompt in enumerate(PROMPTS):
-        tokens, logprobs = prompt_logprobs(quant_server, prompt)
-        assert tokens == twin_reference.prompt_tokens[i], prompt
-        assert len(logprobs) == len(twin_reference.prompt_logprobs[i]) > 3
-        for got, want in zip(logprobs, twin_reference.prompt_logprobs[i], strict=True):
-            worst = max(worst, abs(got - want))
-    assert worst <= LOGPROB_ATOL, f"max |dlogprob| {worst:.4f} > {LOGPROB_ATOL}"
+    assert_prompt_logprobs_match(quant_server, twin_reference)
 
 
 def test_server_stops_by_pid_leaving_nothing(twin_reference: ServedReference) -> None:

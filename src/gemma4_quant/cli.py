@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, vllm_version
-from .layout import DEFAULT_LAYOUT, LAYOUTS
+from .layout import DEFAULT_FORM, DEFAULT_LAYOUT, DEFAULT_SIZE, FORMS, LAYOUTS, SIZES
 
 
 def _patches(args: argparse.Namespace) -> int:
@@ -56,9 +56,15 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     if args.list_layouts:
-        width = max(map(len, LAYOUTS))
-        for name, desc in LAYOUTS.items():
-            print(f"{name:<{width}}  {desc}")
+        for title, names in (("layouts", LAYOUTS), ("forms (--form)", FORMS)):
+            print(f"{title}:")
+            width = max(map(len, names))
+            for name, desc in names.items():
+                print(f"  {name:<{width}}  {desc}")
+        print("sizes (--size):")
+        for name, preset in SIZES.items():
+            values = ", ".join(f"{k}={v}" for k, v in preset.items())
+            print(f"  {name}: {values or 'the tiny config'}")
         return 0
     if args.out_dir is None:
         print("build: OUT_DIR is required (or --list-layouts)")
@@ -67,12 +73,22 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     try:
         overrides = _parse_overrides(args.set)
-        out = build_checkpoint(args.out_dir, args.layout, seed=args.seed, **overrides)
+        out = build_checkpoint(
+            args.out_dir,
+            args.layout,
+            seed=args.seed,
+            form=args.form,
+            size=args.size,
+            **overrides,
+        )
     except ValueError as exc:
         print(f"build: {exc}")
         return 2
     size = sum(f.stat().st_size for f in out.iterdir())
-    print(f"wrote {args.layout} checkpoint to {out} ({size / 2**20:.1f} MiB)")
+    print(
+        f"wrote {args.layout} checkpoint ({args.form}, size {args.size}) to {out} "
+        f"({size / 2**20:.1f} MiB)"
+    )
     return 0
 
 
@@ -89,6 +105,20 @@ def _add_checkpoint_commands(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("out_dir", nargs="?", type=Path, metavar="OUT_DIR")
     build.add_argument("--layout", default=DEFAULT_LAYOUT, choices=list(LAYOUTS), metavar="NAME")
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument(
+        "--form",
+        default=DEFAULT_FORM,
+        choices=list(FORMS),
+        help="architecture form: text-only Gemma4ForCausalLM, or the multimodal "
+        "Gemma4ForConditionalGeneration the public checkpoints use",
+    )
+    build.add_argument(
+        "--size",
+        default=DEFAULT_SIZE,
+        choices=list(SIZES),
+        help="dimensions: tiny, or the real model's per-layer dimensions with few layers "
+        "and experts (real-tp2 / real-tp4: the expert size one rank holds at TP 2 / 4)",
+    )
     build.add_argument(
         "--set",
         action="append",

@@ -33,6 +33,47 @@ LAYOUTS: dict[str, str] = {
     "router.proj quantized",
 }
 
+# Architecture forms of the built checkpoints (the weights live under TEXT_PREFIX in
+# every form, as in the public checkpoints).
+DEFAULT_FORM = "causal-lm"
+FORMS: dict[str, str] = {
+    "causal-lm": "text-only Gemma4ForCausalLM (model_type gemma4_text)",
+    "multimodal": "Gemma4ForConditionalGeneration as the public checkpoints ship it: "
+    "text_config + vision_config, a tiny bf16 vision tower (model.vision_tower.*, "
+    "model.embed_vision.*) that the quantization config ignores",
+    "multimodal-no-vision": "Gemma4ForConditionalGeneration with vision_config null "
+    "(transformers' Gemma4Config allows it; no tower tensors)",
+}
+
+# Size presets: text-config overrides (the layer pattern follows the depth: with 2 layers,
+# 1 sliding + 1 full). "real" has the 26B-A4B's per-layer dimensions
+# (hidden 2816, dense MLP 2112, experts 704, head dims 256 / 512 with attention_k_eq_v on
+# the full layer) with few layers, few experts and a small vocabulary; "real-tp2" /
+# "real-tp4" give the experts the intermediate size one rank holds at tensor parallel
+# 2 / 4 (352 / 176).
+DEFAULT_SIZE = "tiny"
+REAL_DIMS: dict[str, Any] = {
+    "hidden_size": 2816,
+    "intermediate_size": 2112,
+    "moe_intermediate_size": 704,
+    "num_experts": 8,
+    "top_k_experts": 2,
+    "num_hidden_layers": 2,
+    "sliding_window": 1024,
+    "num_attention_heads": 16,
+    "head_dim": 256,
+    "num_key_value_heads": 8,
+    "global_head_dim": 512,
+    "num_global_key_value_heads": 2,
+    "attention_k_eq_v": True,
+}
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "real": REAL_DIMS,
+    "real-tp2": {**REAL_DIMS, "moe_intermediate_size": 352},
+    "real-tp4": {**REAL_DIMS, "moe_intermediate_size": 176},
+}
+
 # --------------------------------------------------------------------------- modules
 
 ATTENTION_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -163,4 +204,58 @@ def layer_tensors(cfg: dict[str, Any], layer: int) -> list[tuple[str, str, tuple
     ]
     out += [(f"{n}.weight", "norm", (h,)) for n in LAYER_NORMS]
     out.append(("layer_scalar", "ones", (1,)))
+    return out
+
+
+# --------------------------------------------------------------------------- vision
+
+VISION_PREFIX = "model.vision_tower."
+EMBED_VISION_PREFIX = "model.embed_vision."
+
+
+def vision_tensors(
+    vision: dict[str, Any], text_hidden: int
+) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, role, shape) of the vision tower and its projection into the text model, full
+    names, as transformers' ``Gemma4ForConditionalGeneration`` names them in its state dict
+    (checked against transformers 5.7 and 5.19, ``use_clipped_linears`` off).
+
+    Roles as in ``layer_tensors``, plus ``position`` (the learned 2D position table).
+    The patch embedder sees 3 * patch_size**2 pixel values per patch.
+    """
+    h, inter = vision["hidden_size"], vision["intermediate_size"]
+    head_dim = vision["head_dim"]
+    q_out = vision["num_attention_heads"] * head_dim
+    kv_out = vision["num_key_value_heads"] * head_dim
+    patch = 3 * vision["patch_size"] ** 2
+    out: list[tuple[str, str, tuple[int, ...]]] = [
+        (
+            f"{VISION_PREFIX}patch_embedder.position_embedding_table",
+            "position",
+            (2, vision["position_embedding_size"], h),
+        ),
+        (f"{VISION_PREFIX}patch_embedder.input_proj.weight", "linear", (h, patch)),
+    ]
+    linears = {
+        "self_attn.q_proj": (q_out, h),
+        "self_attn.k_proj": (kv_out, h),
+        "self_attn.v_proj": (kv_out, h),
+        "self_attn.o_proj": (h, q_out),
+        "mlp.gate_proj": (inter, h),
+        "mlp.up_proj": (inter, h),
+        "mlp.down_proj": (h, inter),
+    }
+    norms = (
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    )
+    for i in range(vision["num_hidden_layers"]):
+        p = f"{VISION_PREFIX}encoder.layers.{i}."
+        # each linear is wrapped (Gemma4ClippableLinear): the weight is `<proj>.linear.weight`
+        out += [(f"{p}{m}.linear.weight", "linear", shape) for m, shape in linears.items()]
+        out += [(f"{p}self_attn.{n}.weight", "norm", (head_dim,)) for n in ("q_norm", "k_norm")]
+        out += [(f"{p}{n}.weight", "norm", (h,)) for n in norms]
+    out.append((f"{EMBED_VISION_PREFIX}embedding_projection.weight", "linear", (text_hidden, h)))
     return out

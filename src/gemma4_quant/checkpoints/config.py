@@ -102,8 +102,13 @@ def make_text_config(**overrides: Any) -> dict[str, Any]:
 def base_state_dict(cfg: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
     """Random bf16 weights in the public base layout (fused 3D experts)."""
     gen = torch.Generator().manual_seed(seed)
+    h = cfg["hidden_size"]
+    # Wider models get smaller weights, so that activations keep the tiny model's scale
+    # and the real-dimension presets do not saturate the logit softcap (the tiny
+    # configs, hidden <= 256, keep WEIGHT_STD exactly).
+    weight_std = WEIGHT_STD * min(1.0, (256 / h) ** 0.5)
 
-    def randn(shape: tuple[int, ...], std: float = WEIGHT_STD, mean: float = 0.0) -> torch.Tensor:
+    def randn(shape: tuple[int, ...], std: float = weight_std, mean: float = 0.0) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen) * std + mean).to(torch.bfloat16)
 
     init = {
@@ -113,7 +118,6 @@ def base_state_dict(cfg: dict[str, Any], seed: int = 0) -> dict[str, torch.Tenso
         "norm": lambda shape: randn(shape, std=NORM_STD, mean=1.0),
         "ones": lambda shape: torch.ones(shape, dtype=torch.bfloat16),
     }
-    h = cfg["hidden_size"]
     sd = {f"{TEXT_PREFIX}embed_tokens.weight": randn((cfg["vocab_size"], h))}
     for i in range(cfg["num_hidden_layers"]):
         for name, role, shape in layer_tensors(cfg, i):

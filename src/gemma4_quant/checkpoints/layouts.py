@@ -15,15 +15,20 @@ from typing import Any
 import torch
 
 from ..layout import (
+    DEFAULT_FORM,
     DEFAULT_LAYOUT,
+    DEFAULT_SIZE,
+    FORMS,
     FUSED_EXPERT,
     LAYOUTS,
+    SIZES,
     TEXT_PREFIX,
     layer_prefix,
     module_kind,
 )
-from .config import base_state_dict, make_text_config
+from .config import WEIGHT_STD, base_state_dict, make_text_config
 from .files import save_tensors, write_json
+from .multimodal import VISION_IGNORE, multimodal_config, vision_state_dict
 from .quantizers import (
     AUTOROUND_GROUP_SIZE,
     CT_GROUP_SIZE,
@@ -237,19 +242,47 @@ def _check_dims(cfg: dict[str, Any], layout: str) -> None:
             raise ValueError(f"{key}={value} is not a multiple of group size {group}")
 
 
+def _check_per_rank(cfg: dict[str, Any], layout: str) -> None:
+    """A per-rank expert size that splits a quantization group has no checkpoint of its own."""
+    inter = cfg["moe_intermediate_size"]
+    if layout != "bf16" and inter == SIZES["real-tp4"]["moe_intermediate_size"]:
+        raise ValueError(
+            f"moe_intermediate_size={inter} (one rank of 704 at tensor parallel 4) is not a "
+            f"multiple of group size {CT_GROUP_SIZE}: at TP=4 a rank's down_proj columns end "
+            "inside a scale group, so no group-32 checkpoint has this shape (vLLM >= 0.30 "
+            "refuses TP=4 for such experts); build it with --layout bf16"
+        )
+
+
+def _known(kind: str, name: str, known: dict[str, Any]) -> None:
+    if name not in known:
+        raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(known)}")
+
+
 def build_checkpoint(
     out_dir: str | Path,
     layout: str = DEFAULT_LAYOUT,
     *,
     seed: int = 0,
+    form: str = DEFAULT_FORM,
+    size: str = DEFAULT_SIZE,
     **config_overrides: Any,
 ) -> Path:
-    """Write a tiny random checkpoint in ``layout`` (see ``LAYOUTS``) to ``out_dir``."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
-    cfg = make_text_config(**config_overrides)
+    """Write a random checkpoint in ``layout`` (see ``LAYOUTS``), architecture ``form``
+    (``FORMS``) and ``size`` preset (``SIZES``; ``config_overrides`` apply on top) to
+    ``out_dir``. One seed gives the same text weights in every form."""
+    _known("layout", layout, LAYOUTS)
+    _known("form", form, FORMS)
+    _known("size", size, SIZES)
+    cfg = make_text_config(**{**SIZES[size], **config_overrides})
+    _check_per_rank(cfg, layout)
     _check_dims(cfg, layout)
     tensors, qcfg = _LAYOUT_BUILDERS[layout](base_state_dict(cfg, seed), cfg)
+    if form != "causal-lm":
+        cfg = multimodal_config(cfg, vision=form == "multimodal")
+        tensors.update(vision_state_dict(cfg, seed, WEIGHT_STD))
+        if cfg["vision_config"] and qcfg is not None and "ignore" in qcfg:
+            qcfg["ignore"] = [*qcfg["ignore"], *VISION_IGNORE]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if qcfg is not None:
@@ -257,6 +290,6 @@ def build_checkpoint(
         if qcfg.get("quant_method") == "auto-round":
             write_json(out / "quantization_config.json", qcfg)
     write_json(out / "config.json", cfg)
-    write_tokenizer(out, cfg["vocab_size"])
+    write_tokenizer(out, cfg.get("text_config", cfg)["vocab_size"])
     save_tensors(tensors, out)
     return out

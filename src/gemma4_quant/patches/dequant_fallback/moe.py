@@ -201,24 +201,12 @@ def _dequantized_moe_method_class() -> type:
             params_dtype: torch.dtype,
             **extra_weight_attrs: Any,
         ) -> None:
+            # (experts, hidden, expert intermediate of this rank)
+            sizes = (num_experts, hidden_size, intermediate_size_per_partition)
             if self.packed_layout is None:
-                self._create_packed(
-                    layer,
-                    num_experts,
-                    hidden_size,
-                    intermediate_size_per_partition,
-                    params_dtype,
-                    extra_weight_attrs,
-                )
+                self._create_packed(layer, sizes, params_dtype, extra_weight_attrs)
             else:
-                self._create_as_vllm(
-                    layer,
-                    num_experts,
-                    hidden_size,
-                    intermediate_size_per_partition,
-                    params_dtype,
-                    extra_weight_attrs,
-                )
+                self._create_as_vllm(layer, sizes, params_dtype, extra_weight_attrs)
             COST_REPORT.add(
                 "MoE layers",
                 sum(_nbytes(p) for n, p in layer.named_parameters() if n in _PACKED_EXPERT_PARAMS),
@@ -227,13 +215,7 @@ def _dequantized_moe_method_class() -> type:
             )
 
         def _create_as_vllm(
-            self,
-            layer: torch.nn.Module,
-            num_experts: int,
-            hidden_size: int,
-            intermediate_size_per_partition: int,
-            params_dtype: torch.dtype,
-            extra_weight_attrs: dict[str, Any],
+            self, layer: torch.nn.Module, sizes: tuple[int, int, int], params_dtype: Any, attrs: Any
         ) -> None:
             """vLLM's own WNA16 buffers, placed by vLLM's loader as usual."""
             packed = self.packed_layout
@@ -243,41 +225,26 @@ def _dequantized_moe_method_class() -> type:
                 # rest as vLLM does and add N-first zero points below.
                 packed.symmetric = True
             try:
-                packed.create_weights(
-                    layer,
-                    num_experts,
-                    hidden_size,
-                    intermediate_size_per_partition,
-                    params_dtype,
-                    **extra_weight_attrs,
-                )
+                packed.create_weights(layer, *sizes, params_dtype, **attrs)
             finally:
                 packed.symmetric = self.weight_quant.symmetric
             if own_zero_points:
-                self._create_zero_points(layer, extra_weight_attrs)
+                self._create_zero_points(layer, attrs)
 
         def _create_packed(
-            self,
-            layer: torch.nn.Module,
-            num_experts: int,
-            hidden_size: int,
-            intermediate_size_per_partition: int,
-            params_dtype: torch.dtype,
-            extra_weight_attrs: dict[str, Any],
+            self, layer: torch.nn.Module, sizes: tuple[int, int, int], params_dtype: Any, attrs: Any
         ) -> None:
             """The checkpoint's own N-first layout, where vLLM's WNA16 buffers are K-first
             and symmetric-only: packed [E, N, K / pack], scales [E, N, K / group], zero
             points [E, N / pack, K / group], shapes [E, 2]. FusedMoE's loader shards them
             along N (w13) or K (w2) as it does any N-first expert weight."""
             wq = self.weight_quant
+            num_experts, hidden, inter = sizes
             pack = 32 // wq.num_bits
             group = wq.group_size if wq.group_size not in (None, -1) else None
-            attrs = {**extra_weight_attrs, "is_transposed": False, "quant_method": wq.strategy}
-            w13_n = (2 if self.moe.is_act_and_mul else 1) * intermediate_size_per_partition
-            for stem, n, k in (
-                ("w13", w13_n, hidden_size),
-                ("w2", hidden_size, intermediate_size_per_partition),
-            ):
+            attrs = {**attrs, "is_transposed": False, "quant_method": wq.strategy}
+            w13_n = (2 if self.moe.is_act_and_mul else 1) * inter
+            for stem, n, k in (("w13", w13_n, hidden), ("w2", hidden, inter)):
                 groups = 1 if group is None else k // group
                 shapes = {
                     "weight_packed": ((num_experts, n, k // pack), torch.int32),
