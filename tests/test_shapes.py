@@ -302,3 +302,23 @@ def test_real_dims_generate_as_the_twin(checkpoints, tmp_path: Path) -> None:
         assert got.keys() == want.keys()
         worst = max(abs(got[t] - want[t]) for t in want)
         assert worst <= FORCED_LOGPROB_ATOL, worst
+
+
+def test_cli_builds_forms_and_sizes(tmp_path: Path, checkpoints, capsys) -> None:
+    """``gemma4-quant build --form/--size`` writes what the builder writes; a size that has
+    no group-32 checkpoint is a clean refusal (exit 2), not a traceback."""
+    from gemma4_quant.cli import main
+
+    out = tmp_path / "mm"
+    assert main(["build", str(out), "--form", "multimodal"]) == 0
+    want = read_checkpoint(checkpoints(LAYOUT, **MULTIMODAL))
+    got = read_checkpoint(out)
+    assert got.keys() == want.keys() and all(same_bytes(got[n], t) for n, t in want.items())
+    assert json.loads((out / "config.json").read_text())["architectures"] == [
+        "Gemma4ForConditionalGeneration"
+    ]
+    assert main(["build", str(tmp_path / "tp4"), "--size", "real-tp4"]) == 2
+    assert "tensor parallel 4" in capsys.readouterr().out
+    assert main(["build", "--list-layouts"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in ("multimodal-no-vision", "real-tp2"))
