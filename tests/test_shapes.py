@@ -27,8 +27,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import Load, run_greedy
+from greedy import FIRST_LOGPROBS
 from test_expert_names import assert_experts_equal, read_checkpoint
 from test_fallback import same_bytes
+from test_server import LOGPROB_ATOL
 from unpack import ct_int4
 
 from gemma4_quant.checkpoints import CT_GROUP_SIZE, build_checkpoint
@@ -296,12 +298,21 @@ def test_real_dims_generate_as_the_twin(checkpoints, tmp_path: Path) -> None:
     run = run_greedy([quantized, twin], tmp_path, env={"GEMMA4_QUANT_FALLBACK": "force"})
     assert run.returncode == 0, run.log[-4000:]
     assert run.tokens[str(quantized)] == run.tokens[str(twin)]
-    for got, want in zip(
-        run.first_logprobs[str(quantized)], run.first_logprobs[str(twin)], strict=True
-    ):
+    reference = run.first_logprobs[str(twin)]
+    for got, want in zip(run.first_logprobs[str(quantized)], reference, strict=True):
         assert got.keys() == want.keys()
         worst = max(abs(got[t] - want[t]) for t in want)
         assert worst <= FORCED_LOGPROB_ATOL, worst
+    # As served (fallback auto): vLLM keeps its own CPU int4 kernel for the attention
+    # where it has one, at K = 2816 / N = 4096 and 8192 here, so bf16 summation order
+    # differs from the twin's GEMM: test_server's bound.
+    auto = run_greedy([quantized], tmp_path / "auto")
+    assert auto.returncode == 0, auto.log[-4000:]
+    for got, want in zip(auto.first_logprobs[str(quantized)], reference, strict=True):
+        shared = got.keys() & want.keys()
+        assert len(shared) >= FIRST_LOGPROBS // 2, (got, want)
+        worst = max(abs(got[t] - want[t]) for t in shared)
+        assert worst <= LOGPROB_ATOL, worst
 
 
 def test_cli_builds_forms_and_sizes(tmp_path: Path, checkpoints, capsys) -> None:
