@@ -27,8 +27,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import Load, run_greedy
+from greedy import FIRST_LOGPROBS
 from test_expert_names import assert_experts_equal, read_checkpoint
 from test_fallback import same_bytes
+from test_server import LOGPROB_ATOL
 from unpack import ct_int4
 
 from gemma4_quant.checkpoints import CT_GROUP_SIZE, build_checkpoint
@@ -296,9 +298,38 @@ def test_real_dims_generate_as_the_twin(checkpoints, tmp_path: Path) -> None:
     run = run_greedy([quantized, twin], tmp_path, env={"GEMMA4_QUANT_FALLBACK": "force"})
     assert run.returncode == 0, run.log[-4000:]
     assert run.tokens[str(quantized)] == run.tokens[str(twin)]
-    for got, want in zip(
-        run.first_logprobs[str(quantized)], run.first_logprobs[str(twin)], strict=True
-    ):
+    reference = run.first_logprobs[str(twin)]
+    for got, want in zip(run.first_logprobs[str(quantized)], reference, strict=True):
         assert got.keys() == want.keys()
         worst = max(abs(got[t] - want[t]) for t in want)
         assert worst <= FORCED_LOGPROB_ATOL, worst
+    # As served (fallback auto): vLLM keeps its own CPU int4 kernel for the attention
+    # where it has one, at K = 2816 / N = 4096 and 8192 here, so bf16 summation order
+    # differs from the twin's GEMM: test_server's bound.
+    auto = run_greedy([quantized], tmp_path / "auto")
+    assert auto.returncode == 0, auto.log[-4000:]
+    for got, want in zip(auto.first_logprobs[str(quantized)], reference, strict=True):
+        shared = got.keys() & want.keys()
+        assert len(shared) >= FIRST_LOGPROBS // 2, (got, want)
+        worst = max(abs(got[t] - want[t]) for t in shared)
+        assert worst <= LOGPROB_ATOL, worst
+
+
+def test_cli_builds_forms_and_sizes(tmp_path: Path, checkpoints, capsys) -> None:
+    """``gemma4-quant build --form/--size`` writes what the builder writes; a size that has
+    no group-32 checkpoint is a clean refusal (exit 2), not a traceback."""
+    from gemma4_quant.cli import main
+
+    out = tmp_path / "mm"
+    assert main(["build", str(out), "--form", "multimodal"]) == 0
+    want = read_checkpoint(checkpoints(LAYOUT, **MULTIMODAL))
+    got = read_checkpoint(out)
+    assert got.keys() == want.keys() and all(same_bytes(got[n], t) for n, t in want.items())
+    assert json.loads((out / "config.json").read_text())["architectures"] == [
+        "Gemma4ForConditionalGeneration"
+    ]
+    assert main(["build", str(tmp_path / "tp4"), "--size", "real-tp4"]) == 2
+    assert "tensor parallel 4" in capsys.readouterr().out
+    assert main(["build", "--list-layouts"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in ("multimodal-no-vision", "real-tp2"))

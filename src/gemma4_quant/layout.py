@@ -42,7 +42,8 @@ FORMS: dict[str, str] = {
     "text_config + vision_config, a tiny bf16 vision tower (model.vision_tower.*, "
     "model.embed_vision.*) that the quantization config ignores",
     "multimodal-no-vision": "Gemma4ForConditionalGeneration with vision_config null "
-    "(transformers' Gemma4Config allows it; no tower tensors)",
+    "(transformers' Gemma4Config allows it; no tower tensors; vLLM's multimodal class "
+    "refuses it, its text architecture loads it)",
 }
 
 # Size presets: text-config overrides (the layer pattern follows the depth: with 2 layers,
