@@ -32,7 +32,7 @@ from test_matrix import LAYOUTS as MATRIX
 from gemma4_quant import doctor as dr
 from gemma4_quant.checkpoints import LAYOUTS, make_text_config
 from gemma4_quant.cli import main
-from gemma4_quant.patches import Status, load_patch_modules
+from gemma4_quant.patches import Status, dequant_fallback, load_patch_modules
 
 TEXT = "model.language_model."
 PATCHES = {m.NAME: m.detect().status for m in load_patch_modules()}
@@ -500,7 +500,7 @@ def test_gpu_dense_down_proj_k2112(tmp_path: Path) -> None:
     has no WNA16 kernel on Hopper where Marlin needs K % 128 (0.20.2: Machete rejects group 32 too);
     releases whose Marlin pads misaligned shapes serve it."""
     path = cyankiwi_replica(tmp_path / "dense", dense_quantized_layers=(27, 28, 29))
-    data = report(path, "--cuda-capability", "9.0")
+    data = report(path, "--cuda-capability", "9.0", "--stock")
     assert data["environment"]["platform"] == "cuda"
     ckpt = data["checkpoint"]
     assert ckpt["quantized"]["dense_mlp"] == ["int4 g32 sym weight-only"]
@@ -510,13 +510,18 @@ def test_gpu_dense_down_proj_k2112(tmp_path: Path) -> None:
         return
     assert _outcome(data) == "no kernel"
     (finding,) = findings
-    assert finding["modules"] == [
-        "layers.27.mlp.down_proj",
-        "layers.28.mlp.down_proj",
-        "layers.29.mlp.down_proj",
-    ]
+    dense = ["layers.27.mlp.down_proj", "layers.28.mlp.down_proj", "layers.29.mlp.down_proj"]
+    assert finding["modules"] == dense
     assert "Machete: group size 32" in finding["detail"]
     assert "Marlin needs N % 64 and K % 128" in finding["detail"]
+    # with the plugin, its linear fallback dequantizes exactly those layers
+    plugin = report(path, "--cuda-capability", "9.0")
+    (finding,) = [f for f in plugin["prediction"]["findings"] if f["rule"] == "wna16-linear-cuda"]
+    if dequant_fallback.detect().status is Status.NEEDED:
+        assert _outcome(plugin) == "loads with the plugin"
+        assert (finding["outcome"], finding["modules"]) == ("patched", dense)
+    else:
+        assert _outcome(plugin) == "no kernel"
 
 
 def test_gpu_serves_the_public_layout(tmp_path: Path) -> None:
