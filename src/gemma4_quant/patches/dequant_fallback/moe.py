@@ -251,14 +251,15 @@ def _dequantized_moe_method_class() -> type:
                     "weight_scale": ((num_experts, n, groups), params_dtype),
                     "weight_shape": ((num_experts, 2), torch.int64),
                 }
-                if not wq.symmetric:
-                    shapes["weight_zero_point"] = ((num_experts, n // pack, groups), torch.int32)
                 for suffix, (shape, dtype) in shapes.items():
                     param = torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
                     layer.register_parameter(f"{stem}_{suffix}", param)
                     set_weight_attrs(param, attrs)
+            if not wq.symmetric:
+                self._create_zero_points(layer, attrs)
 
         def _create_zero_points(self, layer: torch.nn.Module, attrs: dict[str, Any]) -> None:
+            """N-first zero points [E, N / pack, K / group], shaped after the scales."""
             pack = 32 // self.weight_quant.num_bits
             attrs = {**attrs, "is_transposed": False, "quant_method": self.weight_quant.strategy}
             for stem in ("w13", "w2"):
