@@ -20,6 +20,11 @@
 #   loadab   full size on GPU 0, 0.26.0: weight-load time stock vs plugin without
 #            run-to-run noise (bench/load_ab.py: load_weights over preloaded tensors, whole
 #            loads in one process, across processes; LOADAB_RUNS picks)
+#   moebench the small-batch int4 MoE kernels against vLLM 0.26.0's Marlin MoE, real
+#            shapes, batch 1 - 8 (bench/moe_decode.py --tune)
+#   fallback layer probes of the layers vLLM has no kernel for and of the real dimensions
+#            (tests/gpu/correctness.py FALLBACK_CASES, plus the tiny asymmetric layout):
+#            0.20.2 and 0.26.0, plugin and stock, one GPU
 # This project must be installed in the python3 that runs it (pip install -e .).
 set -uo pipefail
 PROJ=$(cd "$(dirname "$0")/.." && pwd)
@@ -103,6 +108,7 @@ if has correct || has tp || has probe; then
 fi
 
 CORR="python3 $PROJ/tests/gpu/correctness.py"
+PROBE="python3 $PROJ/tests/gpu/probe.py"
 if has correct; then
   log "correctness 0.26.0: start"
   $CORR run "$CKPTS" "$R/correctness" --release "0.26.0=$T026" --gpus 0,1 --jobs 10 \
@@ -117,7 +123,6 @@ if has correct; then
   log "correctness: done"
 fi
 
-PROBE="python3 $PROJ/tests/gpu/probe.py"
 if has probe; then
   install 0.20.2 "$T020" || exit 1
   G=$WORK/gpu
@@ -136,6 +141,42 @@ if has probe; then
   $PROBE report "$G/results" > /dev/null
   cp "$G/results/probe-table.md" "$G/results/probe-results.json" "$R/" 2>/dev/null
   log "probe: done"
+fi
+
+if has moebench; then
+  install 0.26.0 "$T026" || exit 1
+  log "moebench: start"
+  CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$T026 python3 "$PROJ/bench/moe_decode.py" --tune \
+    --out "$R/moe_decode.json" > "$R/moe_decode.log" 2>&1
+  log "moebench: rc=$?"
+  CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$T026 python3 "$PROJ/bench/moe_decode.py" --inter 352 \
+    --batches 1,4 --out "$R/moe_decode_tp2.json" > "$R/moe_decode_tp2.log" 2>&1
+  log "moebench tp2 shapes: rc=$?"
+fi
+
+if has fallback; then
+  F=$WORK/fallback
+  cases=$(python3 -c "import sys; sys.path.insert(0, '$PROJ/tests/gpu'); \
+import correctness as c; print(','.join(['ct-fused-w4a16-asym', *c.FALLBACK_CASES]))")
+  install 0.26.0 "$T026" --deps-only || exit 1
+  if [ ! -f "$F/ckpts/.built" ]; then
+    log "fallback checkpoints: build $cases"
+    PYTHONPATH=$T026 $CORR build "$F/ckpts" --layouts "$cases" --jobs 8 > "$R/fallback-build.log" \
+      2>&1 && touch "$F/ckpts/.built" || { log "build failed"; tail -30 "$R/fallback-build.log"; }
+  fi
+  install 0.20.2 "$T020" || exit 1
+  install 0.26.0 "$T026" || exit 1
+  for rel in 0.20.2 0.26.0; do
+    tgt=$T020; [ "$rel" = 0.26.0 ] && tgt=$T026
+    log "fallback probes $rel: start"
+    $PROBE run "$F/ckpts" "$F/results" --release "$rel=$tgt" --variants plugin,stock \
+      --layouts "$cases" --gpus 0 --jobs "${PROBE_JOBS:-4}" > "$R/fallback-$rel.log" 2>&1
+    log "fallback probes $rel: rc=$?"
+  done
+  $PROBE report "$F/results" > /dev/null
+  cp "$F/results/probe-table.md" "$R/fallback-table.md"
+  cp "$F/results/probe-results.json" "$R/fallback-results.json"
+  log "fallback: done"
 fi
 
 if has bench; then

@@ -30,6 +30,7 @@ CT_INT4 = [
     "ct-fused-w4a16-shape",
     "ct-per-expert-w4a16",
     "ct-fused-w4a16-router",
+    "ct-fused-w4a16-dense",
 ]
 QUANTIZED = [name for name in ck.LAYOUTS if name != "bf16"]
 
@@ -115,7 +116,7 @@ def layout_spec(layout: str) -> Spec:
         modules.update({f"{p}self_attn.{m}": s for m, s in _attention(i).items()})
         if layout in ("ct-fused-w4a16-router", "autoround-int4", "fp8-router"):
             modules[p + "router.proj"] = (E, H)
-        if layout in ("autoround-int4", "fp8-router"):
+        if layout in ("autoround-int4", "fp8-router", "ct-fused-w4a16-dense"):
             modules[p + "mlp.gate_proj"] = (I_DENSE, H)
             modules[p + "mlp.up_proj"] = (I_DENSE, H)
             modules[p + "mlp.down_proj"] = (H, I_DENSE)
@@ -264,7 +265,9 @@ def test_quantization_config(checkpoints, layout):
     assert w["symmetric"] is (layout != "ct-fused-w4a16-asym")
     expected_ignore = []
     for i in range(LAYERS):
-        expected_ignore += [f"{P}layers.{i}.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")]
+        if layout != "ct-fused-w4a16-dense":
+            dense = ("gate_proj", "up_proj", "down_proj")
+            expected_ignore += [f"{P}layers.{i}.mlp.{m}" for m in dense]
         if layout != "ct-fused-w4a16-router":
             expected_ignore.append(f"{P}layers.{i}.router.proj")
     assert q["ignore"] == expected_ignore + ["lm_head"]

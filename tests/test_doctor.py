@@ -249,6 +249,15 @@ EXPECTED_DESCRIPTION = {
         router=True,
         extra={},
     ),
+    "ct-fused-w4a16-dense": dict(
+        method="compressed-tensors",
+        experts="fused-3d",
+        quantized={
+            kind: ["int4 g32 sym weight-only"] for kind in ("attention", "dense_mlp", "experts")
+        },
+        router=False,
+        extra={},
+    ),
     "autoround-int4": dict(
         method="auto-round",
         experts="per-expert",

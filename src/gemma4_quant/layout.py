@@ -26,6 +26,8 @@ LAYOUTS: dict[str, str] = {
     "experts.{e}.{gate,up,down}_proj.weight_packed/_scale/_shape",
     "ct-fused-w4a16-router": "as ct-fused-w4a16, but router.proj quantized too "
     "(not in the ignore list)",
+    "ct-fused-w4a16-dense": "as ct-fused-w4a16, with the dense MLP (mlp.gate/up/down_proj) "
+    "quantized too, as one report has it for cyankiwi's layers 27-29",
     "autoround-int4": "Intel AutoRound (auto_round:auto_gptq) int4 g128 sym: per-expert "
     "qweight/qzeros/scales; attention, dense MLP and router.proj quantized",
     "fp8-router": "compressed-tensors FP8 (float-quantized, per-channel weight scale, "

@@ -56,6 +56,10 @@ def _is_router(name: str) -> bool:
     return _weight_of(name, "router")
 
 
+def _is_dense_mlp(name: str) -> bool:
+    return _weight_of(name, "dense_mlp")
+
+
 def _is_any_linear(name: str) -> bool:
     return _weight_of(name, "attention", "dense_mlp", "router")
 
@@ -160,11 +164,14 @@ def _layout_ct_int4(
     fused: bool = True,
     shape_tensors: bool = False,
     router: bool = False,
+    dense_mlp: bool = False,
 ) -> Layout:
     out = _quantize_modules(
         base,
         lambda w: ct_compress_int4(w, symmetric=symmetric),
-        lambda n: _is_attention(n) or (router and _is_router(n)),
+        lambda n: (
+            _is_attention(n) or (router and _is_router(n)) or (dense_mlp and _is_dense_mlp(n))
+        ),
         unfuse_experts=not fused,
     )
     if fused:
@@ -178,7 +185,7 @@ def _layout_ct_int4(
     qcfg = ct_quantization_config(
         {"weights": ct_int4_args(symmetric)},
         "pack-quantized",
-        _ignore_list(cfg, router=not router, dense_mlp=True),
+        _ignore_list(cfg, router=not router, dense_mlp=not dense_mlp),
     )
     return out, qcfg
 
@@ -216,6 +223,7 @@ _LAYOUT_BUILDERS: dict[str, Callable[[dict[str, torch.Tensor], dict[str, Any]], 
     "ct-fused-w4a16-shape": lambda b, c: _layout_ct_int4(b, c, shape_tensors=True),
     "ct-per-expert-w4a16": lambda b, c: _layout_ct_int4(b, c, fused=False),
     "ct-fused-w4a16-router": lambda b, c: _layout_ct_int4(b, c, router=True),
+    "ct-fused-w4a16-dense": lambda b, c: _layout_ct_int4(b, c, dense_mlp=True),
     "autoround-int4": _layout_autoround,
     "fp8-router": _layout_fp8_router,
 }
