@@ -155,6 +155,17 @@ def layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def number_spans(numbers: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5" (sorted, duplicates dropped)."""
+    spans: list[list[int]] = []
+    for n in sorted(set(numbers)):
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
+
+
 def layer_prefix(layer: int) -> str:
     """``model.language_model.layers.<layer>.``: where one decoder layer's tensors live."""
     return f"{TEXT_PREFIX}layers.{layer}."

@@ -143,6 +143,9 @@ def vllm_features() -> dict[str, Any]:
     ct_config = _source(
         "model_executor/layers/quantization/compressed_tensors/compressed_tensors.py"
     )
+    ct_wna16_linear = _source(
+        "model_executor/layers/quantization/compressed_tensors/schemes/compressed_tensors_wNa16.py"
+    )
     cuda_kernels = _kernel_list(kernels, "CUDA")
     if "only targets ROCm" in triton_w4a16:
         cuda_kernels = [k for k in cuda_kernels if k != "TritonW4A16LinearKernel"]
@@ -180,6 +183,9 @@ def vllm_features() -> dict[str, Any]:
         # each rank narrowed I / TP // group scale columns from group rank * that: the
         # wrong groups for every column past the first cut
         "moe_tp_group_check": "otherwise cross TP shard boundaries" in wna16_moe,
+        # a row-parallel WNA16 linear whose share splits a group: ValueError from
+        # verify_group_size_divides_partition (0.26+), else a bare assert
+        "linear_tp_group_error": "verify_group_size_divides_partition(" in ct_wna16_linear,
         # Marlin linear zero-pads misaligned shapes (0.24+); before: N % 64, K % 128
         "marlin_pads": "Tile misalignment is fixed" in marlin,
         # AutoRound (INC) MoE on CPU is built unquantized
