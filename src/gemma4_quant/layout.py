@@ -44,6 +44,10 @@ FORMS: dict[str, str] = {
     "multimodal-no-vision": "Gemma4ForConditionalGeneration with vision_config null "
     "(transformers' Gemma4Config allows it; no tower tensors; vLLM's multimodal class "
     "refuses it, its text architecture loads it)",
+    "multimodal-int4-embedder": "as multimodal, but the vision embedder's projection "
+    "(model.embed_vision.embedding_projection) int4 like the text linears and out of the "
+    "ignore list, as a QAT export shipped Google's 12B vision embedder by mistake "
+    "(compressed-tensors int4 layouts only)",
 }
 
 # Size presets: text-config overrides (the layer pattern follows the depth: with 2 layers,
@@ -223,6 +227,9 @@ def layer_tensors(cfg: dict[str, Any], layer: int) -> list[tuple[str, str, tuple
 
 VISION_PREFIX = "model.vision_tower."
 EMBED_VISION_PREFIX = "model.embed_vision."
+# Checkpoint prefixes of the towers and their projections into the text model; vLLM's
+# multimodal class drops the leading "model." (its hf_to_vllm_mapper).
+TOWER_PREFIXES = (VISION_PREFIX, EMBED_VISION_PREFIX, "model.audio_tower.", "model.embed_audio.")
 
 
 def vision_tensors(
