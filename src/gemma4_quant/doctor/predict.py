@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from ..layout import KIND_ORDER, number_spans
-from . import kernels_cpu, kernels_cuda, rules
+from . import kernels_cpu, kernels_cuda, rules, towers
 from .analysis import Analysis
 from .core import LINEAR_KINDS, Ctx, Module, Outcome, Rule, Stage, short_name
 from .environment import Environment
@@ -51,6 +51,8 @@ DOCTOR_RULES: tuple[Rule, ...] = (
     # gemma4.py load_weights: KeyError, silent skip (0.24 - 0.30), ValueError
     Rule("config-vs-checkpoint", _LINEARS_AND_EXPERTS, Stage.LOAD,
          rules.check_config_vs_checkpoint),
+    # gemma4_mm.py: tower linears (recursive_replace_linear, 0.26+), AutoWeightsLoader
+    Rule("tower-quantization", towers.TOWER_KINDS, Stage.LOAD, towers.check_tower),
     # -- weight processing: weights are converted for the chosen kernel
     # fused_moe/oracle/fp8.py select_fp8_moe_backend, experts/cpu_moe.py
     Rule("fp8-moe-cpu", ("experts",), Stage.PROCESS, kernels_cpu.check_fp8_moe_cpu),
@@ -116,6 +118,23 @@ def _environment_findings(analysis: Analysis, env: Environment) -> list[Finding]
     ]
 
 
+def _architecture_findings(analysis: Analysis, env: Environment) -> list[Finding]:
+    """What stops vLLM's multimodal class before it builds a layer (gemma4_mm.py)."""
+    return [
+        Finding(
+            "multimodal-architecture",
+            Stage.BUILD,
+            Outcome.FAILS,
+            message,
+            error,
+            "",
+            [analysis.architecture],
+            (Stage.BUILD.value, ""),
+        )
+        for message, error in towers.architecture_problems(analysis, env)
+    ]
+
+
 def _position(module: Module, stage: Stage) -> str:
     """Where vLLM meets ``module`` within ``stage``: layers are built in order; weights
     stream in the (sorted) order of the checkpoint's names."""
@@ -162,8 +181,10 @@ def evaluate(analysis: Analysis, env: Environment, active: frozenset[str]) -> Pr
                 found.extra_bytes += hit.extra_bytes
                 if order < found.order:
                     found.order, found.example = order, hit.example
-    findings = _environment_findings(analysis, env) + sorted(
-        grouped.values(), key=lambda f: f.order
+    findings = (
+        _environment_findings(analysis, env)
+        + _architecture_findings(analysis, env)
+        + sorted(grouped.values(), key=lambda f: f.order)
     )
     variant = "plugin" if active or env.plugin else "stock"
     outcome, stage = overall(findings)
