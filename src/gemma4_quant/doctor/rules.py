@@ -229,8 +229,8 @@ def _tp_split_experts(module: Module, scheme: Scheme, ctx: Ctx) -> Hit | None:
             Outcome.PATCHED,
             "experts do not shard into whole groups: the plugin's fallback dequantizes "
             "them at load, each rank from the whole scale groups its columns lie in "
-            "(with --enable-expert-parallel each rank holds whole experts and they stay "
-            "quantized)",
+            "(with expert parallel, --enable-expert-parallel, each rank holds whole experts "
+            "and they stay quantized)",
             where,
             "dequant_fallback",
             extra_bytes=extra_bytes(module, scheme, ctx),
