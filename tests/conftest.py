@@ -95,12 +95,14 @@ def run_vllm_load_parallel(
     world_size: int = 2,
     expert_parallel: bool = False,
     env: dict[str, str] | None = None,
+    options: dict[Path, dict] | None = None,
     timeout: int = 900,
 ) -> dict[Path, list[Load]]:
     """``run_vllm_load`` for a tensor-parallel group (with the plugin): one process per
     rank, each on its own core, each loading every checkpoint in turn (vLLM's import is
     most of a load's time). Returns each checkpoint's loads, one per rank; a checkpoint
-    vLLM refuses has failed loads whose log is the refusal's traceback."""
+    vLLM refuses has failed loads whose log is the refusal's traceback. ``options``: one
+    checkpoint's own (``load_model.py --job-options``: its environment, processing)."""
     from load_model import free_port
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +114,9 @@ def run_vllm_load_parallel(
         cmd = [sys.executable, str(LOAD_MODEL), str(checkpoints[0]), str(outs[0])]
         for checkpoint, out in zip(checkpoints[1:], outs[1:], strict=True):
             cmd += ["--more", str(checkpoint), str(out)]
+        for checkpoint, out in zip(checkpoints, outs, strict=True):
+            if options and checkpoint in options:
+                cmd += ["--job-options", str(out), json.dumps(options[checkpoint])]
         cmd += ["--rank", str(rank), "--world-size", str(world_size), "--init-method", init_method]
         if expert_parallel:
             cmd.append("--expert-parallel")
@@ -135,16 +140,29 @@ def run_vllm_load_parallel(
         proc.wait(timeout=timeout)
     loads: dict[Path, list[Load]] = {checkpoint: [] for checkpoint in checkpoints}
     for _, outs, log in procs:
-        text = log.read_text()
+        whole = log.read_text()
         for checkpoint, out in zip(checkpoints, outs, strict=True):
+            text = _job_log(whole, out)
             error = Path(f"{out}.error")
             if error.exists():
                 loads[checkpoint].append(Load(1, error.read_text() + text))
             elif out.exists():
                 loads[checkpoint].append(_read_load(0, text, out))
             else:  # the process died before this checkpoint
-                loads[checkpoint].append(Load(1, text))
+                loads[checkpoint].append(Load(1, whole))
     return loads
+
+
+def _job_log(log: str, out: Path) -> str:
+    """One job's part of a process's log (all of it where the job left no mark): from its
+    ``load_model.py`` mark to the next job's."""
+    from load_model import JOB_MARK
+
+    start = log.find(f"{JOB_MARK}{out}\n")
+    if start < 0:
+        return log
+    end = log.find(JOB_MARK, start + len(JOB_MARK))
+    return log[start : end if end >= 0 else len(log)]
 
 
 @dataclass

@@ -4,6 +4,7 @@ Runs as a subprocess of the tests (vLLM's distributed state is per process):
 
     python tests/load_model.py CKPT OUT.safetensors [--process] [--hf-overrides JSON]
         [--rank R --world-size N --init-method tcp://HOST:PORT [--expert-parallel]]
+        [--more CKPT OUT ...] [--job-options OUT JSON ...]
 
 It follows ``BaseModelLoader.load_model`` (construct under the model's dtype, load the
 weights) and stops before ``process_weights_after_loading`` unless ``--process`` is given,
@@ -12,6 +13,13 @@ plugins load the way every vLLM process loads them (``VLLM_PLUGINS`` selects the
 
 With ``--world-size N`` it is one rank of a tensor-parallel group: N such processes, one
 per rank, share ``--init-method`` and each dumps the shards vLLM gave its rank.
+
+``--job-options OUT JSON`` changes one job of several: ``{"env": {...}}`` (variables set
+while that checkpoint loads; the plugin reads its switches at the call), ``"process":
+true`` and ``"capture_experts": true`` (with ``process``: every MoE layer's
+``w13_weight`` / ``w2_weight`` as they enter vLLM's unquantized MoE processing, dumped
+as ``captured.<layer>.<param>``: what a dequantizing method hands over, before the
+CPU's own prepacking).
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+
+JOB_MARK = "load_model.py job: "
 
 
 def free_port() -> int:
@@ -161,18 +171,32 @@ def main() -> int:
         help="load this checkpoint too, in the same process after the first (a failed one "
         "leaves OUT.error and the next one loads)",
     )
+    parser.add_argument(
+        "--job-options",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("OUT", "JSON"),
+        help='options of the job writing OUT: {"env": {...}, "process": true, '
+        '"capture_experts": true}',
+    )
     args = parser.parse_args()
 
     overrides = json.loads(args.hf_overrides) if args.hf_overrides else None
     parallel = Parallel(args.rank, args.world_size, args.init_method, args.expert_parallel)
     jobs = [(args.checkpoint, args.out), *(tuple(pair) for pair in args.more or [])]
+    options = {out: json.loads(text) for out, text in args.job_options}
     if len(jobs) == 1:
-        load_and_dump(*jobs[0], args, overrides, parallel)
+        with job_env(options.get(args.out, {})):
+            load_and_dump(*jobs[0], args, overrides, parallel, options.get(args.out, {}))
         return 0
     failed = 0
     for checkpoint, out in jobs:
+        # where this job's part of the shared log starts (conftest splits the log there)
+        print(f"{JOB_MARK}{out}", file=sys.stderr, flush=True)
         try:
-            load_and_dump(checkpoint, out, args, overrides, parallel)
+            with job_env(options.get(out, {})):
+                load_and_dump(checkpoint, out, args, overrides, parallel, options.get(out, {}))
         except Exception:  # vLLM's refusal is this checkpoint's outcome; load the next one
             error = traceback.format_exc()
             print(error, file=sys.stderr)
@@ -181,26 +205,76 @@ def main() -> int:
     return 1 if failed else 0
 
 
+@contextlib.contextmanager
+def job_env(options: dict):
+    """The job's environment variables, for the duration of its load."""
+    saved = {key: os.environ.get(key) for key in options.get("env", {})}
+    os.environ.update(options.get("env", {}))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def captured_experts(model, enabled: bool):
+    """Every MoE layer's ``w13_weight`` / ``w2_weight`` as vLLM's unquantized MoE method
+    starts processing them (``captured.<layer>.<param>``): after a dequantizing method
+    has produced them, before the platform's prepacking."""
+    captured: dict = {}
+    if not enabled:
+        yield captured
+        return
+    from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
+
+    names = {id(module): name for name, module in model.named_modules()}
+    original = UnquantizedFusedMoEMethod.process_weights_after_loading
+
+    def process_weights_after_loading(self, layer):
+        for param in ("w13_weight", "w2_weight"):
+            tensor = getattr(layer, param).detach().contiguous().clone()
+            captured[f"captured.{names[id(layer)]}.{param}"] = tensor
+        return original(self, layer)
+
+    UnquantizedFusedMoEMethod.process_weights_after_loading = process_weights_after_loading
+    try:
+        yield captured
+    finally:
+        UnquantizedFusedMoEMethod.process_weights_after_loading = original
+
+
 def load_and_dump(
-    checkpoint: str, out: str, args: argparse.Namespace, overrides, parallel: Parallel
+    checkpoint: str,
+    out: str,
+    args: argparse.Namespace,
+    overrides,
+    parallel: Parallel,
+    options: dict | None = None,
 ) -> None:
     import torch
     from safetensors.torch import save_file
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
+    options = options or {}
     with vllm_model(checkpoint, args.dtype, hf_overrides=overrides, parallel=parallel) as (
         model,
         loader,
         model_config,
     ):
         loader.load_weights(model, model_config)
-        if args.process:
-            process_weights_after_loading(model, model_config, torch.device("cpu"))
+        with captured_experts(model, options.get("capture_experts", False)) as captured:
+            if args.process or options.get("process"):
+                process_weights_after_loading(model, model_config, torch.device("cpu"))
         tensors = {
             name: tensor.detach().contiguous().clone()
             for name, tensor in [*model.named_parameters(), *model.named_buffers()]
             if not name.endswith("root_size")
         }
+        tensors.update(captured)
         if args.probe_router:
             tensors.update(probe_routers(model, args.process))
     save_file(tensors, out)

@@ -550,20 +550,29 @@ def test_gpu_serves_the_public_layout(tmp_path: Path) -> None:
 
 def test_gpu_tp4_needs_expert_parallel(tmp_path: Path) -> None:
     """The public layout at TP=4 on Hopper: expert intermediate 704 / 4 = 176 = 5.5
-    groups of 32 per rank, so the experts need expert parallel; TP=2 (352 = 11 groups)
-    shards whole groups, and every attention layer keeps a kernel either way."""
+    groups of 32 per rank, so stock vLLM needs expert parallel (it refuses the shards, or
+    before 0.30 loads the wrong scale groups) and the plugin's fallback dequantizes the
+    experts; TP=2 (352 = 11 groups) shards whole groups, and every attention layer keeps
+    a kernel either way."""
     path = cyankiwi_replica(tmp_path / "tp")
     two = report(path, "--cuda-capability", "9.0", "-tp", "2")
     assert not [f for f in two["prediction"]["findings"] if f["rule"] == "tp-groups"]
     assert two["prediction"]["exit_code"] == 0, two["prediction"]["summary"]
-    four = report(path, "--cuda-capability", "9.0", "-tp", "4")["prediction"]
-    (finding,) = [f for f in four["findings"] if f["rule"] == "tp-groups"]
-    assert "needs expert parallel" in finding["message"]
-    assert "704 / TP 4 = 176 per rank = 5.5 groups of 32" in finding["detail"]
-    assert len(finding["modules"]) == 30
-    expected = "fails" if dr.vllm_features()["moe_tp_group_check"] else "silently wrong"
-    assert finding["outcome"] == expected
-    assert not [f for f in four["findings"] if f["rule"] == "wna16-linear-cuda"], four
+    four = report(path, "--cuda-capability", "9.0", "-tp", "4")
+    for variant in ("prediction", "stock"):
+        (finding,) = [f for f in four[variant]["findings"] if f["rule"] == "tp-groups"]
+        assert "704 / TP 4 = 176 per rank = 5.5 groups of 32" in finding["detail"]
+        assert len(finding["modules"]) == 30
+        assert "expert parallel" in finding["message"]
+        if variant == "prediction" and PATCHES.get("dequant_fallback") is Status.NEEDED:
+            assert (finding["outcome"], finding["patch"]) == ("patched", "dequant_fallback")
+            assert four[variant]["outcome"] == "loads with the plugin", four[variant]["summary"]
+            assert finding["extra_gib"] > 0
+            continue
+        assert "needs expert parallel" in finding["message"]
+        expected = "fails" if dr.vllm_features()["moe_tp_group_check"] else "silently wrong"
+        assert finding["outcome"] == expected
+        assert not [f for f in four[variant]["findings"] if f["rule"] == "wna16-linear-cuda"]
 
 
 def test_router_with_eight_experts_has_no_cpu_kernel(checkpoints) -> None:

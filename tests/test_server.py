@@ -83,7 +83,7 @@ def prompt_logprobs(server: VllmServer, prompt: str) -> tuple[list[str], list[fl
     return logprobs["tokens"][1:n_prompt], logprobs["token_logprobs"][1:n_prompt]
 
 
-def chat(server: VllmServer, content: str, **extra) -> Response:
+def chat(server: VllmServer, content: str | list[dict], **extra) -> Response:
     return server.post(
         "/v1/chat/completions",
         {

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Load, run_greedy
+from conftest import Load, run_greedy, run_vllm_load_parallel
 from greedy import FIRST_LOGPROBS
 from test_expert_names import assert_experts_equal, read_checkpoint
 from test_fallback import same_bytes
@@ -41,6 +41,8 @@ from gemma4_quant.patches import Status, cpu_gate_dtype, dequant_fallback, exper
 LAYOUT = "ct-fused-w4a16"  # the cyankiwi layout
 MULTIMODAL = {"form": "multimodal"}
 REAL = {"size": "real"}
+# The vision embedder's projection as vLLM names it.
+EMBEDDER = "embed_vision.embedding_projection"
 # One (full-attention) layer: the per-rank size changes the experts only.
 REAL_TP2 = {"size": "real-tp2", "num_hidden_layers": 1}
 # How a multimodal checkpoint loads without torchvision: its text model only.
@@ -333,3 +335,85 @@ def test_cli_builds_forms_and_sizes(tmp_path: Path, checkpoints, capsys) -> None
     assert main(["build", "--list-layouts"]) == 0
     listing = capsys.readouterr().out
     assert all(name in listing for name in ("multimodal-no-vision", "real-tp2"))
+
+
+# --------------------------------------------------------------------- doctor vs loads
+
+# Multimodal forms vLLM's multimodal class refuses or treats apart: loaded as they are
+# (no architecture override), in one process.
+TOWER_FORMS = ("multimodal-no-vision", "multimodal-int4-embedder")
+
+
+@pytest.fixture(scope="module")
+def tower_loads(checkpoints, tmp_path_factory) -> dict[str, tuple[Path, Load]]:
+    """The tower forms, and the multimodal form where its shared load above takes the
+    text architecture (no Gemma4Processor here), as vLLM loads them as they are."""
+    forms = TOWER_FORMS if TORCHVISION else ("multimodal", *TOWER_FORMS)
+    paths = {form: checkpoints(LAYOUT, form=form) for form in forms}
+    loads = run_vllm_load_parallel(
+        list(paths.values()), tmp_path_factory.mktemp("towers"), world_size=1
+    )
+    return {form: (path, loads[path][0]) for form, path in paths.items()}
+
+
+def assert_doctor_predicted(path: Path, load: Load) -> dict:
+    """doctor's prediction for ``path`` (with the plugin, as the load ran) is what the load
+    did, and the error it names is the one vLLM raised; returns doctor's report."""
+    from test_doctor import observed, report
+
+    data = report(path)
+    prediction = data["prediction"]
+    got = observed(load)
+    context = (prediction["summary"], load.log[-3000:])
+    if prediction["load_outcome"] in ("loads", "loads with the plugin"):
+        assert got == "loads", context
+        return data
+    assert got == prediction["load_outcome"], context
+    first = next(f for f in prediction["findings"] if f["outcome"] == got)
+    error = first["detail"].split(": ", 1)
+    assert error[0] in load.log and error[1][:60] in load.log, (first, load.log[-3000:])
+    return data
+
+
+def test_doctor_multimodal_as_loaded(checkpoints, vllm_load, tower_loads) -> None:
+    """The multimodal form: doctor reports a vision tower the config leaves unquantized,
+    vLLM builds it so (unquantized linears; plain torch linears for the tower where it
+    passes no quantization config to it), and the load is what doctor predicts."""
+    path = checkpoints(LAYOUT, **MULTIMODAL)
+    if TORCHVISION:
+        load = vllm_load(path, hf_overrides=None, probe_router=True)  # the load above
+    else:
+        load = tower_loads["multimodal"][1]
+    data = assert_doctor_predicted(path, load)
+    tower = data["multimodal"]
+    assert data["checkpoint"]["architecture"] == "Gemma4ForConditionalGeneration"
+    assert tower["vision_config"] and tower["stored"] == ["bf16"]
+    assert tower["config_quantizes"] == tower["vllm_quantizes"] == [], tower
+    assert tower["config_leaves_unquantized"] == sorted(f"ignored ({p})" for p in VISION_IGNORE)
+    if load.ok:
+        built = {n: m for n, m in load.quant_methods.items() if "vision" in n}
+        assert built and set(built.values()) == {"UnquantizedLinearMethod"}, built
+
+
+@pytest.mark.parametrize("form", TOWER_FORMS)
+def test_doctor_tower_forms_as_loaded(tower_loads, form: str) -> None:
+    """``vision_config: null``: vLLM's multimodal class builds a tower all the same and
+    fails. A vision embedder stored int4 and quantized by the config (an export's
+    mistake): vLLM builds it quantized where it passes the quantization config to the
+    towers (0.26+) and loads the checkpoint's values, and fails to find a parameter for
+    the packed tensor before. doctor predicts each."""
+    path, load = tower_loads[form]
+    data = assert_doctor_predicted(path, load)
+    tower = data["multimodal"]
+    if form == "multimodal-no-vision":
+        assert not tower["vision_config"] and not load.ok
+        return
+    assert tower["stored_quantized"] == tower["config_quantizes"] == [EMBEDDER], tower
+    if not load.ok:
+        rules = {f["rule"] for f in data["prediction"]["findings"] if f["outcome"] == "fails"}
+        if "tower-quantization" in rules:  # not stopped before, at the architecture
+            assert tower["vllm_quantizes"] == []
+        return
+    assert tower["vllm_quantizes"] == [EMBEDDER], tower
+    assert load.quant_methods[EMBEDDER] == "CompressedTensorsLinearMethod"
+    assert_loaded_equals_checkpoint(load, path, vision=True)

@@ -132,6 +132,44 @@ def dequantize_packed(
     return out
 
 
+def dequantize_packed_columns(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None = None,
+    *,
+    group_size: int,
+    offset: int,
+    num_bits: int = 4,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``dequantize_packed`` for a block of columns that does not start and end on group
+    boundaries: ``packed`` [..., N, K / pack] holds K columns that start ``offset``
+    columns into the first of the groups ``scale`` [..., N, G] (and ``zero_point``)
+    covers. What one tensor-parallel rank holds when its share of the input dim splits a
+    group. ``offset`` and the columns left over in the last group must fill whole words.
+    """
+    pack = _pack_factor(num_bits)
+    columns = packed.shape[-1] * pack
+    after = scale.shape[-1] * group_size - offset - columns
+    if offset < 0 or after < 0 or offset % pack or after % pack or after >= group_size:
+        raise ValueError(
+            f"{columns} columns at offset {offset} do not fit {scale.shape[-1]} groups of "
+            f"{group_size} in whole words of {pack}"
+        )
+    if offset == 0 and after == 0:
+        return dequantize_packed(packed, scale, zero_point, num_bits=num_bits, dtype=dtype)
+    # Zero words stand in for the group's columns another rank holds; they are cut off
+    # again, one expert at a time (temporaries of one matrix).
+    padded = torch.nn.functional.pad(packed, (offset // pack, after // pack))
+    out = torch.empty((*packed.shape[:-1], columns), dtype=dtype, device=packed.device)
+    experts = [()] if packed.dim() == 2 else [(e,) for e in range(packed.shape[0])]
+    for e in experts:
+        zp = None if zero_point is None else zero_point[e]
+        full = dequantize_packed(padded[e], scale[e], zp, num_bits=num_bits, dtype=dtype)
+        out[e] = full[..., offset : offset + columns]
+    return out
+
+
 def unpack_int4(
     packed: torch.Tensor,
     scale: torch.Tensor,

@@ -46,6 +46,10 @@ FORMS: dict[str, str] = {
     "multimodal-no-vision": "Gemma4ForConditionalGeneration with vision_config null "
     "(transformers' Gemma4Config allows it; no tower tensors; vLLM's multimodal class "
     "refuses it, its text architecture loads it)",
+    "multimodal-int4-embedder": "as multimodal, but the vision embedder's projection "
+    "(model.embed_vision.embedding_projection) int4 like the text linears and out of the "
+    "ignore list, as a QAT export shipped Google's 12B vision embedder by mistake "
+    "(compressed-tensors int4 layouts only)",
 }
 
 # Size presets: text-config overrides (the layer pattern follows the depth: with 2 layers,
@@ -157,6 +161,17 @@ def layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def number_spans(numbers: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5" (sorted, duplicates dropped)."""
+    spans: list[list[int]] = []
+    for n in sorted(set(numbers)):
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
+
+
 def layer_prefix(layer: int) -> str:
     """``model.language_model.layers.<layer>.``: where one decoder layer's tensors live."""
     return f"{TEXT_PREFIX}layers.{layer}."
@@ -214,6 +229,9 @@ def layer_tensors(cfg: dict[str, Any], layer: int) -> list[tuple[str, str, tuple
 
 VISION_PREFIX = "model.vision_tower."
 EMBED_VISION_PREFIX = "model.embed_vision."
+# Checkpoint prefixes of the towers and their projections into the text model; vLLM's
+# multimodal class drops the leading "model." (its hf_to_vllm_mapper).
+TOWER_PREFIXES = (VISION_PREFIX, EMBED_VISION_PREFIX, "model.audio_tower.", "model.embed_audio.")
 
 
 def vision_tensors(

@@ -28,7 +28,14 @@ from ..layout import (
 )
 from .config import WEIGHT_STD, base_state_dict, make_text_config
 from .files import save_tensors, write_json
-from .multimodal import VISION_IGNORE, multimodal_config, vision_state_dict
+from .multimodal import (
+    EMBEDDER,
+    PROCESSOR_CONFIG,
+    PROCESSOR_FILE,
+    VISION_IGNORE,
+    multimodal_config,
+    vision_state_dict,
+)
 from .quantizers import (
     AUTOROUND_GROUP_SIZE,
     CT_GROUP_SIZE,
@@ -262,6 +269,21 @@ def _check_per_rank(cfg: dict[str, Any], layout: str) -> None:
         )
 
 
+def _quantize_embedder(
+    tensors: dict[str, torch.Tensor], qcfg: dict[str, Any] | None, layout: str
+) -> None:
+    """The vision embedder's projection as the layout's int4 linears, and out of the
+    ignore list (the config's class target "Linear" then covers it)."""
+    if qcfg is None or not layout.startswith("ct-fused-w4a16"):
+        raise ValueError(
+            f"the int4 embedder form needs a compressed-tensors int4 layout, not {layout}"
+        )
+    symmetric = layout != "ct-fused-w4a16-asym"
+    weight = tensors.pop(f"{EMBEDDER}.weight")
+    tensors.update(_prefixed(EMBEDDER, ct_compress_int4(weight, symmetric=symmetric)))
+    qcfg["ignore"] = [p for p in qcfg["ignore"] if p != "re:.*embed_vision.*"]
+
+
 def _known(kind: str, name: str, known: dict[str, Any]) -> None:
     if name not in known:
         raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(known)}")
@@ -287,10 +309,12 @@ def build_checkpoint(
     _check_dims(cfg, layout)
     tensors, qcfg = _LAYOUT_BUILDERS[layout](base_state_dict(cfg, seed), cfg)
     if form != "causal-lm":
-        cfg = multimodal_config(cfg, vision=form == "multimodal")
+        cfg = multimodal_config(cfg, vision=form != "multimodal-no-vision")
         tensors.update(vision_state_dict(cfg, seed, WEIGHT_STD))
         if cfg["vision_config"] and qcfg is not None and "ignore" in qcfg:
             qcfg["ignore"] = [*qcfg["ignore"], *VISION_IGNORE]
+        if form == "multimodal-int4-embedder":
+            _quantize_embedder(tensors, qcfg, layout)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if qcfg is not None:
@@ -298,6 +322,8 @@ def build_checkpoint(
         if qcfg.get("quant_method") == "auto-round":
             write_json(out / "quantization_config.json", qcfg)
     write_json(out / "config.json", cfg)
+    if form != "causal-lm":
+        write_json(out / PROCESSOR_FILE, PROCESSOR_CONFIG)
     write_tokenizer(out, cfg.get("text_config", cfg)["vocab_size"])
     save_tensors(tensors, out)
     return out

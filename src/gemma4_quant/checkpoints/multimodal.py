@@ -18,10 +18,9 @@ Not certain, and chosen here:
 - How cyankiwi's ignore list names the tower: written here as the regexes
   ``re:.*vision_tower.*`` and ``re:.*embed_vision.*`` (llm-compressor's usual form);
   a list of every tower module by name would exclude the same modules.
-- The special-token ids of the top-level config (image, audio, video ...): the values
-  of transformers' ``Gemma4Config`` defaults (those of the real 262144-token
-  vocabulary), although the tiny vocabulary is smaller; text-only requests never use
-  them.
+- The special-token ids of the top-level config (image, audio, video ...): those of the
+  tiny tokenizer (``tokenizer.MULTIMODAL_TOKENS``), where the real ones (transformers'
+  ``Gemma4Config`` defaults: image 258880 ...) lie outside the tiny vocabulary.
 - The vision rope parameters are written in the form transformers 5.5 - 5.7 reads
   (``rope_type: default``); transformers >= 5.19 writes ``axial`` there.
 """
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 
 from ..layout import vision_tensors
+from .tokenizer import MULTIMODAL_TOKENS, VIDEO_TOKEN, token_id
 
 # Small, but every dimension as the structure needs it: head_dim even (rope), hidden a
 # multiple of the heads; a short position table (the real one has 10240 rows).
@@ -59,18 +59,91 @@ TINY_VISION_CONFIG: dict[str, Any] = {
     "initializer_range": 0.02,
 }
 
-# transformers' Gemma4Config defaults (the real tokenizer's ids).
+# The config's token ids (transformers' Gemma4Config names), in the tiny vocabulary.
 MULTIMODAL_TOKEN_IDS: dict[str, int] = {
-    "boi_token_id": 255_999,
-    "eoi_token_id": 258_882,
-    "image_token_id": 258_880,
-    "video_token_id": 258_884,
-    "boa_token_id": 256_000,
-    "eoa_token_index": 258_883,
-    "audio_token_id": 258_881,
+    "boi_token_id": token_id(MULTIMODAL_TOKENS["boi_token"]),
+    "eoi_token_id": token_id(MULTIMODAL_TOKENS["eoi_token"]),
+    "image_token_id": token_id(MULTIMODAL_TOKENS["image_token"]),
+    "video_token_id": token_id(VIDEO_TOKEN),
+    "boa_token_id": token_id(MULTIMODAL_TOKENS["boa_token"]),
+    "eoa_token_index": token_id(MULTIMODAL_TOKENS["eoa_token"]),
+    "audio_token_id": token_id(MULTIMODAL_TOKENS["audio_token"]),
 }
 
+# processor_config.json as Google's Gemma 4 checkpoints ship it (google/gemma-4-31B-it
+# and google/gemma-4-26B-A4B-it; the 26B-A4B has no audio tower but its processor, like
+# every Gemma4Processor, has the audio feature extractor): one file with the image
+# processor, the video processor and the audio feature extractor nested, no
+# preprocessor_config.json. Values as published in those repositories' files (the image
+# and video sections are also transformers' Gemma4ImageProcessor / Gemma4VideoProcessor
+# defaults: 280 soft tokens per image, 70 per video frame, patch 16, pooling 3, no
+# mean/std normalization). transformers' feature-extractor loader reads the nested
+# "feature_extractor" section; vLLM 0.20.2 builds the processor when the server starts.
+RESCALE = 1 / 255
+PROCESSOR_CONFIG: dict[str, Any] = {
+    "audio_ms_per_token": 40,
+    "audio_seq_length": 750,
+    "feature_extractor": {
+        "dither": 0.0,
+        "feature_extractor_type": "Gemma4AudioFeatureExtractor",
+        "feature_size": 128,
+        "fft_length": 512,
+        "fft_overdrive": False,
+        "frame_length": 320,
+        "hop_length": 160,
+        "input_scale_factor": 1.0,
+        "max_frequency": 8000.0,
+        "mel_floor": 0.001,
+        "min_frequency": 0.0,
+        "padding_side": "right",
+        "padding_value": 0.0,
+        "per_bin_mean": None,
+        "per_bin_stddev": None,
+        "preemphasis": 0.0,
+        "preemphasis_htk_flavor": True,
+        "return_attention_mask": True,
+        "sampling_rate": 16000,
+    },
+    "image_processor": {
+        "do_convert_rgb": True,
+        "do_normalize": False,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.0, 0.0, 0.0],
+        "image_processor_type": "Gemma4ImageProcessor",
+        "image_seq_length": 280,
+        "image_std": [1.0, 1.0, 1.0],
+        "max_soft_tokens": 280,
+        "patch_size": 16,
+        "pooling_kernel_size": 3,
+        "resample": 3,
+        "rescale_factor": RESCALE,
+    },
+    "image_seq_length": 280,
+    "processor_class": "Gemma4Processor",
+    "video_processor": {
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "do_sample_frames": True,
+        "image_mean": [0.0, 0.0, 0.0],
+        "image_std": [1.0, 1.0, 1.0],
+        "max_soft_tokens": 70,
+        "num_frames": 32,
+        "patch_size": 16,
+        "pooling_kernel_size": 3,
+        "resample": 3,
+        "rescale_factor": RESCALE,
+        "return_metadata": False,
+        "video_processor_type": "Gemma4VideoProcessor",
+    },
+}
+PROCESSOR_FILE = "processor_config.json"
+
 VISION_IGNORE = ["re:.*vision_tower.*", "re:.*embed_vision.*"]
+# The vision embedder's projection into the text model (what a QAT export may quantize).
+EMBEDDER = "model.embed_vision.embedding_projection"
 
 
 def multimodal_config(text: dict[str, Any], *, vision: bool = True) -> dict[str, Any]:

@@ -1,5 +1,9 @@
-"""The tiny checkpoints' tokenizer: Gemma's special-token ids (pad 0, eos 1, bos 2), a
-deterministic byte-level BPE for the rest, Gemma's chat template."""
+"""The tiny checkpoints' tokenizer: Gemma's special-token ids (pad 0, eos 1, bos 2), Gemma
+4's image / audio / video tokens (under their names in Google's tokenizer_config.json:
+``boi_token`` ``<|image>`` ...), a deterministic byte-level BPE for the rest, Gemma's chat
+template. transformers' Gemma4Processor reads the multimodal tokens from the tokenizer
+(``tokenizer.image_token_id``, ``boi_token``, ...), and the config's ``image_token_id``
+... must be the same ids."""
 
 from __future__ import annotations
 
@@ -7,14 +11,43 @@ from pathlib import Path
 
 from .files import write_json
 
-SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+# Gemma 4's multimodal tokens by their tokenizer_config.json names (Google's spelling).
+MULTIMODAL_TOKENS = {
+    "boi_token": "<|image>",
+    "eoi_token": "<image|>",
+    "image_token": "<|image|>",
+    "boa_token": "<|audio>",
+    "eoa_token": "<audio|>",
+    "audio_token": "<|audio|>",
+}
+VIDEO_TOKEN = "<|video|>"  # an extra special token in Google's tokenizer_config.json
+SPECIAL_TOKENS = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    *MULTIMODAL_TOKENS.values(),
+    VIDEO_TOKEN,
+]
 PAD_ID, EOS_ID, BOS_ID, END_OF_TURN_ID = 0, 1, 2, 5
 # The tiny config's max_position_embeddings.
 MODEL_MAX_LENGTH = 8192
+# Content is a string, or a list of parts as Gemma 4's own template takes them: an image
+# part becomes the image token (vLLM and transformers' processor expand it to the image's
+# soft tokens), video and audio parts likewise.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n"
+    "<start_of_turn>{{ role }}\n"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'text' %}{{ item['text'] | trim }}"
+    "{% elif item['type'] == 'image' %}<|image|>"
+    "{% elif item['type'] == 'video' %}<|video|>"
+    "{% elif item['type'] == 'audio' %}<|audio|>{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n"
     "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 TOKENIZER_FILES = (
@@ -91,6 +124,11 @@ def _train_bpe_merges(n_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
+def token_id(token: str) -> int:
+    """The id of one of ``SPECIAL_TOKENS`` (they come first in the vocabulary)."""
+    return SPECIAL_TOKENS.index(token)
+
+
 def write_tokenizer(
     out_dir: Path, vocab_size: int, model_max_length: int = MODEL_MAX_LENGTH
 ) -> None:
@@ -123,6 +161,8 @@ def write_tokenizer(
     tok_cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **special,
+        **MULTIMODAL_TOKENS,
+        "extra_special_tokens": [VIDEO_TOKEN],
         "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
         "add_bos_token": True,
         "add_eos_token": False,

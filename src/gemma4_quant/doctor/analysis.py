@@ -12,6 +12,7 @@ from ..layout import (
     PER_EXPERT,
     QUANT_SUFFIXES,
     TEXT_PREFIX,
+    TOWER_PREFIXES,
     layer_index,
     module_kind,
 )
@@ -200,6 +201,8 @@ def _resolve_dims(module: Module, analysis: Analysis) -> None:
 
 def _vllm_name(name: str, analysis: Analysis) -> str:
     """The name vLLM gives a checkpoint module (regex targets and ignores see this one)."""
+    if name.startswith(TOWER_PREFIXES):
+        return name.removeprefix("model.")
     if not name.startswith(TEXT_PREFIX):
         return name
     text = name.removeprefix(TEXT_PREFIX)

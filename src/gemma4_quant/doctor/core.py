@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..layout import TOWER_PREFIXES
+
 if TYPE_CHECKING:
     from .analysis import Analysis
     from .environment import Environment
@@ -80,7 +82,11 @@ LINEAR_KINDS = ("attention", "dense_mlp", "router")
 
 
 def short_name(name: str) -> str:
-    """model.language_model.layers.3.mlp.down_proj -> layers.3.mlp.down_proj"""
+    """model.language_model.layers.3.mlp.down_proj -> layers.3.mlp.down_proj;
+    model.vision_tower.encoder.layers.0.mlp.up_proj.linear -> vision_tower.encoder...
+    (vLLM's names)"""
+    if name.startswith(TOWER_PREFIXES):
+        return name.removeprefix("model.")
     match = re.search(r"(?:^|\.)(layers\.\d+\..*)$", name)
     return match.group(1) if match else name
 

@@ -8,6 +8,7 @@ command line works without it.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import mmap
 import os
@@ -48,6 +49,7 @@ class Environment:
     cpu: CpuInfo | None
     features: dict[str, Any]
     tensor_parallel: int = 1
+    given_platform: bool = False  # --cuda-capability: another machine than this one
 
     def active_patches(self) -> frozenset[str]:
         if not self.plugin:
@@ -143,6 +145,10 @@ def vllm_features() -> dict[str, Any]:
     ct_config = _source(
         "model_executor/layers/quantization/compressed_tensors/compressed_tensors.py"
     )
+    ct_wna16_linear = _source(
+        "model_executor/layers/quantization/compressed_tensors/schemes/compressed_tensors_wNa16.py"
+    )
+    gemma4_mm = _source("model_executor/models/gemma4_mm.py")
     cuda_kernels = _kernel_list(kernels, "CUDA")
     if "only targets ROCm" in triton_w4a16:
         cuda_kernels = [k for k in cuda_kernels if k != "TritonW4A16LinearKernel"]
@@ -180,6 +186,9 @@ def vllm_features() -> dict[str, Any]:
         # each rank narrowed I / TP // group scale columns from group rank * that: the
         # wrong groups for every column past the first cut
         "moe_tp_group_check": "otherwise cross TP shard boundaries" in wna16_moe,
+        # a row-parallel WNA16 linear whose share splits a group: ValueError from
+        # verify_group_size_divides_partition (0.26+), else a bare assert
+        "linear_tp_group_error": "verify_group_size_divides_partition(" in ct_wna16_linear,
         # Marlin linear zero-pads misaligned shapes (0.24+); before: N % 64, K % 128
         "marlin_pads": "Tile misalignment is fixed" in marlin,
         # AutoRound (INC) MoE on CPU is built unquantized
@@ -189,6 +198,24 @@ def vllm_features() -> dict[str, Any]:
         # which x86 kernel library the CPU platform imports
         "cpu_kernel_libraries": "_C_AVX2" in cpu_platform,
         "router_passes_quant_config": None,  # filled from the router patch's detect()
+        **_multimodal_features(gemma4_mm),
+    }
+
+
+def _multimodal_features(source: str) -> dict[str, Any]:
+    """What Gemma4ForConditionalGeneration (gemma4_mm.py) does with its towers."""
+    tower = re.search(r"get_name\(\) in \[(.*?)\]:\s*\n\s*tower_quant = quant_config", source, re.S)
+    return {
+        # the class builds its vision tower whatever the config says (vision_config null:
+        # AutoModel.from_config(None) raises)
+        "mm_tower_unconditional": "AutoModel.from_config(config=config.vision_config)" in source
+        and not re.search(r"config\.vision_config is (not )?None", source),
+        # the towers' linears are built with the quantization config (0.26+): every
+        # linear for the methods listed, else only where the tower's dims divide 64;
+        # before, they are plain unquantized linears whatever the config says
+        "towers_take_quant_config": "recursive_replace_linear(" in source
+        and "tower_quant" in source,
+        "tower_quant_methods": re.findall(r'"([\w-]+)"', tower.group(1)) if tower else [],
     }
 
 
@@ -291,7 +318,36 @@ def probe_environment(
         cpu,
         features,
         tensor_parallel,
+        given_platform=cuda_capability is not None,
     )
+
+
+@functools.cache
+def gemma4_processor_imports() -> bool:
+    """Whether transformers' Gemma4Processor imports in this environment: vLLM imports it
+    when it inspects the multimodal architecture (transformers 5.16 - 5.19 import their
+    torchvision image processor there)."""
+    try:
+        from transformers.models.gemma4 import Gemma4Processor  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def torchvision_works() -> bool:
+    """Whether torchvision imports beside this torch, with its compiled ops (a CUDA build
+    of it beside a CPU torch does not): what transformers' Gemma4VideoProcessor needs,
+    and so Gemma4Processor, and so every image request."""
+    if importlib.util.find_spec("torchvision") is None:
+        return False
+    try:
+        import torch
+        import torchvision  # noqa: F401
+
+        torch.ops.torchvision.nms  # noqa: B018
+    except Exception:
+        return False
+    return True
 
 
 def _platform(

@@ -8,11 +8,12 @@ and within a stage patches' rules first. The load stops at the first hard findin
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
-from ..layout import KIND_ORDER
-from . import kernels_cpu, kernels_cuda, rules
+from ..layout import KIND_ORDER, number_spans
+from . import kernels_cpu, kernels_cuda, rules, towers
 from .analysis import Analysis
 from .core import LINEAR_KINDS, Ctx, Module, Outcome, Rule, Stage, short_name
 from .environment import Environment
@@ -26,9 +27,6 @@ DOCTOR_RULES: tuple[Rule, ...] = (
     # compressed_tensors/utils.py should_ignore_layer; get_moe_method
     Rule("shard-schemes", ("attention", "dense_mlp", "experts"), Stage.BUILD,
          rules.check_shard_schemes, per_layer=True),
-    # compressed_tensors_moe_wna16.py create_weights, schemes/compressed_tensors_wNa16.py
-    Rule("tp-groups", ("attention", "dense_mlp", "experts"), Stage.BUILD, rules.check_tp_groups,
-         per_layer=True),
     # compressed_tensors_moe_wna16{,_marlin}.py (<= 0.29); cpu-vllm.md
     Rule("moe-symmetric-only", ("experts",), Stage.BUILD, kernels_cpu.check_moe_symmetric_only),
     # fused_moe/oracle/int_wna16.py, experts/cpu_moe.py; cpu-vllm.md
@@ -42,6 +40,10 @@ DOCTOR_RULES: tuple[Rule, ...] = (
     # mixed_precision/{machete,marlin,triton_w4a16}.py; checkpoint-layouts.md
     Rule("wna16-linear-cuda", LINEAR_KINDS, Stage.BUILD, kernels_cuda.check_wna16_linear_cuda,
          per_layer=True),
+    # compressed_tensors_moe_wna16.py create_weights, schemes/compressed_tensors_wNa16.py
+    # (after the kernel is chosen: the kernel rules come first)
+    Rule("tp-groups", ("attention", "dense_mlp", "experts"), Stage.BUILD, rules.check_tp_groups,
+         per_layer=True),
     # doctor models CPU and CUDA kernels of int and fp8 weights
     Rule("kernels-modelled", _LINEARS_AND_EXPERTS, Stage.BUILD, rules.check_platform_known,
          per_layer=True),
@@ -49,6 +51,8 @@ DOCTOR_RULES: tuple[Rule, ...] = (
     # gemma4.py load_weights: KeyError, silent skip (0.24 - 0.30), ValueError
     Rule("config-vs-checkpoint", _LINEARS_AND_EXPERTS, Stage.LOAD,
          rules.check_config_vs_checkpoint),
+    # gemma4_mm.py: tower linears (recursive_replace_linear, 0.26+), AutoWeightsLoader
+    Rule("tower-quantization", towers.TOWER_KINDS, Stage.LOAD, towers.check_tower),
     # -- weight processing: weights are converted for the chosen kernel
     # fused_moe/oracle/fp8.py select_fp8_moe_backend, experts/cpu_moe.py
     Rule("fp8-moe-cpu", ("experts",), Stage.PROCESS, kernels_cpu.check_fp8_moe_cpu),
@@ -114,6 +118,23 @@ def _environment_findings(analysis: Analysis, env: Environment) -> list[Finding]
     ]
 
 
+def _architecture_findings(analysis: Analysis, env: Environment) -> list[Finding]:
+    """What stops vLLM's multimodal class before it builds a layer (gemma4_mm.py)."""
+    return [
+        Finding(
+            "multimodal-architecture",
+            Stage.BUILD,
+            Outcome.FAILS,
+            message,
+            error,
+            "",
+            [analysis.architecture],
+            (Stage.BUILD.value, ""),
+        )
+        for message, error in towers.architecture_problems(analysis, env)
+    ]
+
+
 def _position(module: Module, stage: Stage) -> str:
     """Where vLLM meets ``module`` within ``stage``: layers are built in order; weights
     stream in the (sorted) order of the checkpoint's names."""
@@ -126,6 +147,7 @@ def _position(module: Module, stage: Stage) -> str:
 def evaluate(analysis: Analysis, env: Environment, active: frozenset[str]) -> Prediction:
     ctx = Ctx(analysis, env, active)
     grouped: dict[tuple[str, Outcome, str, str], Finding] = {}
+    dequantized: set[str] = set()  # a layer the fallback serves costs its memory once
     for rule in collect_rules():
         for module in analysis.modules:
             if module.kind not in rule.kinds:
@@ -133,6 +155,10 @@ def evaluate(analysis: Analysis, env: Environment, active: frozenset[str]) -> Pr
             hit = rule.check(module, ctx)
             if hit is None:
                 continue
+            if hit.extra_bytes and hit.patch == "dequant_fallback":
+                if module.name in dequantized:
+                    hit = dataclasses.replace(hit, extra_bytes=0)
+                dequantized.add(module.name)
             stage = hit.stage or rule.stage
             order = (stage.value, _position(module, stage))
             key = (rule.name, hit.outcome, hit.message, hit.patch)
@@ -155,8 +181,10 @@ def evaluate(analysis: Analysis, env: Environment, active: frozenset[str]) -> Pr
                 found.extra_bytes += hit.extra_bytes
                 if order < found.order:
                     found.order, found.example = order, hit.example
-    findings = _environment_findings(analysis, env) + sorted(
-        grouped.values(), key=lambda f: f.order
+    findings = (
+        _environment_findings(analysis, env)
+        + _architecture_findings(analysis, env)
+        + sorted(grouped.values(), key=lambda f: f.order)
     )
     variant = "plugin" if active or env.plugin else "stock"
     outcome, stage = overall(findings)
@@ -219,10 +247,4 @@ def module_list(names: list[str]) -> str:
 
 
 def layer_ranges(layers: list[int]) -> str:
-    layers = sorted(set(layers))
-    spans, start = [], layers[0]
-    for prev, cur in zip(layers, layers[1:] + [None], strict=True):
-        if cur != (prev + 1 if prev is not None else None):
-            spans.append(f"{start}" if start == prev else f"{start}-{prev}")
-            start = cur
-    return ("layer " if len(layers) == 1 else "layers ") + ", ".join(spans)
+    return ("layer " if len(set(layers)) == 1 else "layers ") + number_spans(layers)

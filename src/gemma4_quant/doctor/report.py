@@ -6,12 +6,12 @@ and stock), and adds notes that never change the verdict.
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
+from . import towers
 from .analysis import Analysis
-from .core import EXIT_CODES, Outcome
-from .environment import GENERATIONS, Environment
+from .core import EXIT_CODES, Ctx, Outcome
+from .environment import GENERATIONS, Environment, torchvision_works
 from .predict import Prediction, layer_ranges, module_list
 from .rules import is_wna16
 
@@ -108,8 +108,10 @@ def _prediction_dict(prediction: Prediction) -> dict[str, Any]:
 def report_dict(
     analysis: Analysis, env: Environment, prediction: Prediction, stock: Prediction
 ) -> dict[str, Any]:
+    ctx = Ctx(analysis, env, env.active_patches())
     return {
         "checkpoint": describe_checkpoint(analysis),
+        "multimodal": towers.describe(analysis, ctx),
         "environment": describe_environment(env),
         "prediction": _prediction_dict(prediction),
         "stock": _prediction_dict(stock),
@@ -133,15 +135,13 @@ def notes(analysis: Analysis, env: Environment, prediction: Prediction) -> list[
             f"AutoRound experts load dequantized: {experts / 2**30:.1f} GiB more than the "
             "packed checkpoint (vLLM builds INC MoE experts unquantized on CPU)"
         )
-    if (
-        analysis.multimodal
-        and env.platform == "cpu"
-        and importlib.util.find_spec("torchvision") is None
-    ):
+    if analysis.multimodal and not env.given_platform and not torchvision_works():
         found.append(
-            "transformers' Gemma4Processor needs torchvision, which is not installed here: "
-            "serve text only with --hf-overrides "
-            '\'{"architectures": ["Gemma4ForCausalLM"]}\''
+            "images need torchvision (transformers' Gemma4VideoProcessor, part of "
+            "Gemma4Processor, requires it), which does not import here: vLLM builds the "
+            "processor for every image request (0.20.2 also when the server "
+            'starts); --limit-mm-per-prompt \'{"image": 0, "video": 0}\' serves text '
+            "without it"
         )
     if (
         env.cpu is not None
@@ -153,11 +153,12 @@ def notes(analysis: Analysis, env: Environment, prediction: Prediction) -> list[
             "rounded to int8 per token, so outputs differ from the bf16 twin by more than bf16 "
             "rounding (VLLM_CPU_INT4_W4A8=0 keeps W4A16)"
         )
-    quantized_towers = [m.short for m in analysis.of_kind("vision", "audio") if m.scheme]
-    if quantized_towers:
+    ctx = Ctx(analysis, env, env.active_patches())
+    built = [m.short for m in analysis.of_kind(*towers.TOWER_KINDS) if towers.tower_scheme(m, ctx)]
+    if built:
         found.append(
-            f"the config quantizes {len(quantized_towers)} vision/audio module(s) too "
-            f"(e.g. {quantized_towers[0]}); their kernels are not modelled"
+            f"vLLM builds {len(built)} vision/audio module(s) quantized as the config asks "
+            f"(e.g. {built[0]}); their kernels are not modelled"
         )
     return found
 
@@ -187,6 +188,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"  quantized      {quantized or 'nothing'}")
     lines.append(f"  unquantized    {', '.join(ckpt['unquantized']) or 'nothing'}")
     lines.append(f"  router         {'quantized' if ckpt['router_quantized'] else 'bf16'}")
+    if report["multimodal"] is not None:
+        lines.append(f"  vision tower   {_tower_line(report['multimodal'])}")
     extra = ", ".join(f"{k} x{n}" for k, n in ckpt["extra_expert_tensors"].items())
     lines.append(f"  expert extras  {extra or 'none'} (_shape / _g_idx / zero points)")
     lines.append(f"  read           {ckpt['tensors']} tensor headers from {ckpt['files']} file(s)")
@@ -217,6 +220,24 @@ def format_report(report: dict[str, Any]) -> str:
     if report["notes"]:
         lines += ["", "notes"] + [f"  - {note}" for note in report["notes"]]
     return "\n".join(lines)
+
+
+def _tower_line(tower: dict[str, Any]) -> str:
+    if not tower["vision_config"]:
+        return "none (vision_config null)"
+    stored = "/".join(tower["stored"]) or "no tensors"
+    if tower["stored_quantized"]:
+        stored += (
+            f" ({len(tower['stored_quantized'])} quantized: {tower['stored_quantized'][0]} ...)"
+        )
+    if tower["vllm_quantizes"]:
+        built = f"vLLM builds {len(tower['vllm_quantizes'])} of them quantized"
+    elif tower["config_quantizes"]:
+        built = "the config quantizes some, vLLM builds the tower unquantized"
+    else:
+        why = "; ".join(tower["config_leaves_unquantized"])
+        built = "unquantized by the config" + (f" ({why})" if why else "")
+    return f"{tower['modules']} modules stored {stored}; {built}"
 
 
 def _format_findings(findings: list[dict[str, Any]]) -> list[str]:

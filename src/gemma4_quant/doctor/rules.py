@@ -175,37 +175,15 @@ def check_tp_groups(module: Module, ctx: Ctx) -> Hit | None:
     """Tensor parallel cuts every rank's share of a row-parallel weight (o_proj,
     down_proj, the experts' down_proj) out of the input dim; quantization groups run
     along it, so the share must hold whole groups (and an asymmetric expert's gate/up rows
-    whole packed zero-point words)."""
+    whole packed zero-point words). vLLM meets this when it creates the weights, after
+    it has chosen the layer's kernel (the kernel rules come first)."""
     tp = ctx.env.tensor_parallel
     scheme = built_scheme(module, ctx)
     if tp == 1 or not is_wna16(scheme) or not is_representative(module, ctx):
         return None
     group = group_size(scheme)
     if module.kind == "experts":
-        inter = int(ctx.analysis.text_config.get("moe_intermediate_size") or 0)
-        per_rank = inter // tp
-        if group == -1 or per_rank % group == 0:
-            return None
-        where = (
-            f"expert intermediate {inter} / TP {tp} = {per_rank} per rank = "
-            f"{per_rank / group:g} groups of {group}"
-        )
-        fix = "needs expert parallel (--enable-expert-parallel: each rank holds whole experts)"
-        if ctx.env.features.get("moe_tp_group_check"):
-            return Hit(
-                Outcome.FAILS,
-                f"experts do not shard into whole groups: {fix}",
-                f"{where}: ValueError: CompressedTensors WNA16 MoE with static group scales "
-                "requires the MoE intermediate size per tensor-parallel partition to be "
-                "divisible by group_size",
-            )
-        return Hit(
-            Outcome.SILENTLY_WRONG,
-            f"experts do not shard into whole groups and this vLLM does not check: every "
-            f"rank loads {per_rank // group} scale group(s) from group rank * "
-            f"{per_rank // group}, the wrong ones for its columns; {fix}",
-            where,
-        )
+        return _tp_split_experts(module, scheme, ctx)
     shape = partition_shape(module, ctx)
     leaf = module.name.rpartition(".")[2]
     if shape is None or group == -1 or leaf not in ("o_proj", "down_proj"):
@@ -214,11 +192,66 @@ def check_tp_groups(module: Module, ctx: Ctx) -> Hit | None:
     if k % group == 0:
         return None
     layer, _ = vllm_layer(module, ctx)
+    error = (
+        "ValueError: Weight input_size_per_partition ... is not divisible by group_size"
+        if ctx.env.features.get("linear_tp_group_error")
+        else "AssertionError (input_size_per_partition % group_size)"
+    )
     return Hit(
         Outcome.FAILS,
-        "a row-parallel linear does not shard into whole groups",
+        "a row-parallel linear does not shard into whole groups (vLLM refuses it; the "
+        "plugin's fallback does not cover linears split this way)",
         f"{short_name(layer)}: K {k_full} / TP {tp} = {k} per rank = {k / group:g} groups "
-        f"of {group}: AssertionError (input_size_per_partition % group_size)",
+        f"of {group}: {error}",
+    )
+
+
+def _tp_split_experts(module: Module, scheme: Scheme, ctx: Ctx) -> Hit | None:
+    """The experts' intermediate dim per rank against the group size: vLLM 0.30+ refuses
+    a split group, earlier releases load the wrong scale groups; the plugin's fallback
+    loads each rank's groups whole and dequantizes its columns."""
+    tp, group = ctx.env.tensor_parallel, group_size(scheme)
+    inter = int(ctx.analysis.text_config.get("moe_intermediate_size") or 0)
+    per_rank = inter // tp
+    if group == -1 or per_rank % group == 0:
+        return None
+    where = (
+        f"expert intermediate {inter} / TP {tp} = {per_rank} per rank = "
+        f"{per_rank / group:g} groups of {group}"
+    )
+    from ..patches.dequant_fallback.moe import GroupWindow
+
+    refusal = fallback_refusal(scheme, ctx, linear=False) or GroupWindow.refusal(
+        per_rank, scheme.bits or 4
+    )
+    if refusal is None:
+        return Hit(
+            Outcome.PATCHED,
+            "experts do not shard into whole groups: the plugin's fallback dequantizes "
+            "them at load, each rank from the whole scale groups its columns lie in "
+            "(with expert parallel, --enable-expert-parallel, each rank holds whole experts "
+            "and they stay quantized)",
+            where,
+            "dequant_fallback",
+            extra_bytes=extra_bytes(module, scheme, ctx),
+        )
+    fix = "needs expert parallel (--enable-expert-parallel: each rank holds whole experts)"
+    if ctx.env.plugin:
+        fix += f"; fallback: {refusal}"
+    if ctx.env.features.get("moe_tp_group_check"):
+        return Hit(
+            Outcome.FAILS,
+            f"experts do not shard into whole groups: {fix}",
+            f"{where}: ValueError: CompressedTensors WNA16 MoE with static group scales "
+            "requires the MoE intermediate size per tensor-parallel partition to be "
+            "divisible by group_size",
+        )
+    return Hit(
+        Outcome.SILENTLY_WRONG,
+        f"experts do not shard into whole groups and this vLLM does not check: every "
+        f"rank loads {per_rank // group} scale group(s) from group rank * "
+        f"{per_rank // group}, the wrong ones for its columns; {fix}",
+        where,
     )
 
 

@@ -11,7 +11,11 @@ Why:
     to find a kernel that can implement the WNA16 linear layer``; Hopper with K = 2112),
     and on x86 CPUs without AVX-512 vLLM picks ``CPUWNA16LinearKernel`` although its op
     ``torch.ops._C.cpu_gemm_wna16`` is not in the AVX2 build of its extension, so the
-    server starts and dies on the first request.
+    server starts and dies on the first request. Under tensor parallel, a rank's share of
+    the experts' intermediate dim that is not a whole number of groups (704 / TP 4 = 176
+    = 5.5 groups of 32) is refused by 0.30+ ("Scale groups would otherwise cross TP shard
+    boundaries") and loaded with the wrong scale groups before (every rank narrows
+    ``per_rank // group`` groups from group ``rank * that``): silently wrong experts.
 
 How:
     Dequantize-on-load, only where vLLM finds no kernel (``GEMMA4_QUANT_FALLBACK=auto``,
@@ -24,7 +28,11 @@ How:
       exactly as usual; ``process_weights_after_loading`` dequantizes them once into
       ``w13_weight`` / ``w2_weight``, frees them, and hands over to
       ``UnquantizedFusedMoEMethod`` (its base class): vLLM's unquantized MoE path of the
-      current platform.
+      current platform. Where the layer's own per-rank intermediate size splits a group
+      (read from its ``moe_config`` at construction), the wrapper takes the layer whatever
+      method vLLM picked; its buffers are then the fallback's own N-first ones, and w2's
+      scales (and zero points) load, through a weight loader of their own, the whole
+      groups the rank's columns lie in, dequantized from the right column offset.
     - Linear: ``choose_mp_linear_kernel`` as the compressed-tensors WNA16 scheme calls it
       is wrapped, and as ``AutoGPTQLinearMethod`` calls it (the linears of AutoRound / INC
       GPTQ checkpoints on 0.30+; symmetric only, where its kernels ignore ``qzeros``);

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import TYPE_CHECKING
+
+from ...layout import number_spans
 
 if TYPE_CHECKING:
     import torch
@@ -36,12 +39,17 @@ class _CostReport:
     def __init__(self) -> None:
         self.pending: dict[str, list[tuple[int, int]]] = {}
         self.reasons: set[str] = set()
+        self.names: list[str] = []
 
-    def add(self, kind: str, packed_bytes: int, dequantized_bytes: int, reason: str) -> None:
+    def add(
+        self, kind: str, packed_bytes: int, dequantized_bytes: int, reason: str, name: str = ""
+    ) -> None:
         self.pending.setdefault(kind, []).append((packed_bytes, dequantized_bytes))
         # vLLM's refusals can span lines (one per backend it tried); the warning stays one
         # line, so that a grep of the log finds it whole
         self.reasons.add(" ".join(reason.split()).rstrip("."))
+        if name:
+            self.names.append(name)
 
     def flush(self, dtype: torch.dtype) -> None:
         if not self.pending:
@@ -50,6 +58,8 @@ class _CostReport:
         packed = sum(p for p, _ in sizes)
         dequantized = sum(d for _, d in sizes)
         what = " and ".join(f"{len(v)} {kind}" for kind, v in sorted(self.pending.items()))
+        if self.names:
+            what += f" ({layer_names(self.names)})"
         logger.warning(
             "gemma4_quant: %s. Dequantizing %s to %s at load time: %.4f GiB of weights "
             "instead of %.4f GiB packed (+%.4f GiB). GEMMA4_QUANT_FALLBACK=off keeps "
@@ -63,6 +73,22 @@ class _CostReport:
         )
         self.pending.clear()
         self.reasons.clear()
+        self.names.clear()
+
+
+def layer_names(names: list[str]) -> str:
+    """model.layers.0.moe.experts, model.layers.1.moe.experts -> model.layers.{0-1}.moe.experts"""
+    by_pattern: dict[tuple[str, str], list[int]] = {}
+    for name in names:
+        match = re.match(r"^(.*\blayers\.)(\d+)(\..*)?$", name)
+        if match is None:
+            by_pattern.setdefault((name, ""), [])
+        else:
+            by_pattern.setdefault((match[1], match[3] or ""), []).append(int(match[2]))
+    return ", ".join(
+        f"{head}{{{number_spans(layers)}}}{tail}" if layers else head
+        for (head, tail), layers in by_pattern.items()
+    )
 
 
 COST_REPORT = _CostReport()

@@ -4,6 +4,7 @@ into vLLM's unquantized MoE method (see the package docstring)."""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from fractions import Fraction
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,11 @@ def patch_moe_factory(module: ModuleType, generation: str | None) -> None:
                 reason = "GEMMA4_QUANT_FALLBACK=force"
             elif generation == GENERATION_LEGACY and _on_cpu():
                 reason = f"{type(method).__name__} runs GPU kernels only (Marlin / Triton)"
+            else:
+                # vLLM refuses these shards (0.30+) or loads them with the wrong scale
+                # groups (before): decided from the layer's own per-rank size
+                weight_quant, _ = _moe_scheme(quant_config, layer, layer_name)
+                reason = split_groups(layer.moe_config, weight_quant)
         if reason is not None:
             fallback = _moe_fallback(quant_config, layer, layer_name, reason, generation)
             if fallback is not None:
@@ -75,11 +81,17 @@ def _moe_fallback(
     reproduce exactly (then vLLM's own outcome stands)."""
     weight_quant, input_quant = _moe_scheme(quant_config, layer, layer_name)
     why_not = unsupported_reason(weight_quant, input_quant)
+    split = split_groups(layer.moe_config, weight_quant) if why_not is None else None
+    if split is not None:
+        per_rank = layer.moe_config.intermediate_size_per_partition
+        why_not = GroupWindow.refusal(per_rank, weight_quant.num_bits)
+        if split not in reason:
+            reason = " ".join(reason.split()).rstrip(".") + f"; {split}"
     if why_not is not None:
         logger.info("gemma4_quant: no dequantizing fallback for %s: %s", layer_name, why_not)
         return None
     method_cls = _dequantized_moe_method_class()
-    return method_cls(layer.moe_config, weight_quant, input_quant, reason, generation)
+    return method_cls(layer.moe_config, weight_quant, input_quant, reason, generation, layer_name)
 
 
 def _moe_scheme(quant_config: Any, layer: torch.nn.Module, layer_name: str) -> tuple[Any, Any]:
@@ -94,6 +106,60 @@ def _moe_scheme(quant_config: Any, layer: torch.nn.Module, layer_name: str) -> t
 
 def _enum_name(value: object) -> str:
     return str(getattr(value, "value", value)).lower()
+
+
+def _group(weight_quant: Any) -> int | None:
+    """The group size of grouped weights (None: per channel, or no scheme)."""
+    if weight_quant is None or _enum_name(weight_quant.strategy) != "group":
+        return None
+    group = weight_quant.group_size
+    return group if group and group > 0 else None
+
+
+def split_groups(moe: Any, weight_quant: Any) -> str | None:
+    """Why this rank's share of the experts' intermediate dim cuts a scale group (None:
+    it holds whole groups). The down projection's input columns are that dim: vLLM
+    0.30+ refuses such shards ("Scale groups would otherwise cross TP shard
+    boundaries"), earlier releases give every rank ``per_rank // group`` scale columns
+    from column ``rank * (per_rank // group)``, the wrong groups past the first cut."""
+    group = _group(weight_quant)
+    per_rank, tp = moe.intermediate_size_per_partition, moe.tp_size
+    if group is None or tp == 1 or per_rank % group == 0:
+        return None
+    return (
+        f"expert intermediate {per_rank * tp} / TP {tp} = {per_rank} per rank is not a "
+        f"whole number of groups of {group}"
+    )
+
+
+@dataclass(frozen=True)
+class GroupWindow:
+    """The scale groups one rank's block of down_proj input columns lies in, where a TP
+    shard splits a group: the rank's columns [start, start + width) of the intermediate
+    dim lie in groups [first, first + count), starting ``offset`` columns into the first.
+    The rank loads those groups whole (the neighbouring rank loads the shared group too)
+    and dequantizes its own columns of them."""
+
+    first: int
+    count: int
+    offset: int
+
+    @classmethod
+    def of(cls, moe: Any, group: int) -> GroupWindow:
+        width = moe.intermediate_size_per_partition
+        start = moe.tp_rank * width
+        first = start // group
+        return cls(first, -(-(start + width) // group) - first, start - first * group)
+
+    @staticmethod
+    def refusal(per_rank: int, bits: int) -> str | None:
+        """Why a split layer cannot be served this way (None: it can): the packed words,
+        and an asymmetric layer's zero points packed along gate/up rows, still shard
+        along the intermediate dim as vLLM's loader cuts them, in whole words."""
+        pack = 32 // bits
+        if per_rank % pack:
+            return f"{per_rank} intermediate columns per rank do not fill words of {pack}"
+        return None
 
 
 def unsupported_reason(weight_quant: Any, input_quant: Any) -> str | None:
@@ -150,13 +216,20 @@ def _dequantized_moe_method_class() -> type:
             input_quant: Any,
             reason: str,
             generation: str | None,
+            layer_name: str = "",
         ) -> None:
             super().__init__(moe)
             self.weight_quant = weight_quant
             self.reason = reason
             self.generation = generation
+            self.layer_name = layer_name
+            self.window = None
+            if split_groups(moe, weight_quant) is not None:
+                self.window = GroupWindow.of(moe, _group(weight_quant))
             self.packed_layout = None
-            if generation != GENERATION_LEGACY:
+            if generation != GENERATION_LEGACY and self.window is None:
+                # vLLM's own buffers (its create_weights refuses split groups: those
+                # layers take the fallback's own N-first buffers below)
                 self.packed_layout = self._packed_layout(moe, weight_quant, input_quant)
 
         @staticmethod
@@ -212,6 +285,7 @@ def _dequantized_moe_method_class() -> type:
                 sum(_nbytes(p) for n, p in layer.named_parameters() if n in _PACKED_EXPERT_PARAMS),
                 self._dequantized_bytes(layer, params_dtype),
                 self.reason,
+                self.layer_name,
             )
 
         def _create_as_vllm(
@@ -235,17 +309,21 @@ def _dequantized_moe_method_class() -> type:
             self, layer: torch.nn.Module, sizes: tuple[int, int, int], params_dtype: Any, attrs: Any
         ) -> None:
             """The checkpoint's own N-first layout, where vLLM's WNA16 buffers are K-first
-            and symmetric-only: packed [E, N, K / pack], scales [E, N, K / group], zero
-            points [E, N / pack, K / group], shapes [E, 2]. FusedMoE's loader shards them
-            along N (w13) or K (w2) as it does any N-first expert weight."""
+            and symmetric-only, or refuse a TP shard that splits a group: packed
+            [E, N, K / pack], scales [E, N, K / group], zero points [E, N / pack,
+            K / group], shapes [E, 2]. FusedMoE's loader shards them along N (w13) or K
+            (w2) as it does any N-first expert weight; where the shard splits a group,
+            w2's scales and zero points hold the rank's ``GroupWindow`` and load it."""
             wq = self.weight_quant
             num_experts, hidden, inter = sizes
             pack = 32 // wq.num_bits
-            group = wq.group_size if wq.group_size not in (None, -1) else None
+            group = _group(wq)
             attrs = {**attrs, "is_transposed": False, "quant_method": wq.strategy}
             w13_n = (2 if self.moe.is_act_and_mul else 1) * inter
             for stem, n, k in (("w13", w13_n, hidden), ("w2", hidden, inter)):
                 groups = 1 if group is None else k // group
+                if stem == "w2" and self.window is not None:
+                    groups = self.window.count
                 shapes = {
                     "weight_packed": ((num_experts, n, k // pack), torch.int32),
                     "weight_scale": ((num_experts, n, groups), params_dtype),
@@ -254,9 +332,53 @@ def _dequantized_moe_method_class() -> type:
                 for suffix, (shape, dtype) in shapes.items():
                     param = torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
                     layer.register_parameter(f"{stem}_{suffix}", param)
-                    set_weight_attrs(param, attrs)
+                    set_weight_attrs(param, self._attrs(layer, f"{stem}_{suffix}", attrs))
             if not wq.symmetric:
                 self._create_zero_points(layer, attrs)
+
+        def _attrs(self, layer: torch.nn.Module, name: str, attrs: dict[str, Any]) -> dict:
+            """A parameter's weight attributes: the window's loader for w2's group
+            tensors where the shard splits a group, vLLM's own attributes otherwise."""
+            if self.window is None or name not in ("w2_weight_scale", "w2_weight_zero_point"):
+                return attrs
+            return {**attrs, "weight_loader": self._window_loader(layer, name)}
+
+        def _window_loader(self, layer: torch.nn.Module, name: str) -> Any:
+            """Loads the checkpoint's groups [first, first + count) of every row whole:
+            vLLM's loader would cut ``count`` groups from group ``rank * count``."""
+            window = self.window
+            to_local = getattr(layer, "_map_global_expert_id_to_local_expert_id", None)
+
+            def load(
+                param: torch.nn.Parameter,
+                loaded_weight: torch.Tensor,
+                weight_name: str = "",
+                shard_id: str = "w2",
+                expert_id: int = 0,
+                return_success: bool = False,
+                **_: Any,
+            ) -> bool | None:
+                groups = loaded_weight.shape[-1]
+                if window.first + window.count > groups:
+                    raise ValueError(
+                        f"{weight_name or name}: {groups} groups along the expert "
+                        f"intermediate dim, but TP rank {self.moe.tp_rank} needs groups "
+                        f"{window.first} - {window.first + window.count - 1} "
+                        f"(shape {tuple(loaded_weight.shape)})"
+                    )
+                part = loaded_weight.narrow(-1, window.first, window.count)
+                if loaded_weight.dim() == param.dim():  # every expert at once
+                    param.data.copy_(part)
+                    return True if return_success else None
+                # MoE tensor parallel keeps every expert on every rank; the layer's own
+                # map is asked all the same
+                local = expert_id if to_local is None else to_local(expert_id)
+                if local < 0:
+                    return False if return_success else None
+                param.data[local].copy_(part)
+                return True if return_success else None
+
+            return load
 
         def _create_zero_points(self, layer: torch.nn.Module, attrs: dict[str, Any]) -> None:
             """N-first zero points [E, N / pack, K / group], shaped after the scales."""
@@ -268,8 +390,9 @@ def _dequantized_moe_method_class() -> type:
                     torch.zeros(num_experts, rows // pack, groups, dtype=torch.int32),
                     requires_grad=False,
                 )
-                layer.register_parameter(f"{stem}_weight_zero_point", zp)
-                set_weight_attrs(zp, attrs)
+                name = f"{stem}_weight_zero_point"
+                layer.register_parameter(name, zp)
+                set_weight_attrs(zp, self._attrs(layer, name, attrs))
 
         def _dequantized_bytes(self, layer: torch.nn.Module, dtype: torch.dtype) -> int:
             pack = 32 // self.weight_quant.num_bits
@@ -284,16 +407,24 @@ def _dequantized_moe_method_class() -> type:
             super().process_weights_after_loading(layer)
 
         def _dequantize(self, layer: torch.nn.Module, dtype: torch.dtype) -> None:
-            weights = {
-                stem: int4.dequantize_packed(
+            weights = {}
+            for stem in ("w13", "w2"):
+                args = (
                     getattr(layer, f"{stem}_weight_packed").data,
                     getattr(layer, f"{stem}_weight_scale").data,
                     _data(getattr(layer, f"{stem}_weight_zero_point", None)),
-                    num_bits=self.weight_quant.num_bits,
-                    dtype=dtype,
                 )
-                for stem in ("w13", "w2")
-            }
+                bits = self.weight_quant.num_bits
+                if stem == "w2" and self.window is not None:
+                    weights[stem] = int4.dequantize_packed_columns(
+                        *args,
+                        group_size=_group(self.weight_quant),
+                        offset=self.window.offset,
+                        num_bits=bits,
+                        dtype=dtype,
+                    )
+                else:
+                    weights[stem] = int4.dequantize_packed(*args, num_bits=bits, dtype=dtype)
             _drop_params(layer, _PACKED_EXPERT_PARAMS)
             for stem, weight in weights.items():
                 layer.register_parameter(
