@@ -181,6 +181,17 @@ def test_forms_share_the_text_weights(checkpoints) -> None:
     assert ignore[-len(VISION_IGNORE) :] == VISION_IGNORE
 
 
+def test_twin_keeps_the_processor_config(checkpoints, tmp_path: Path) -> None:
+    """vLLM builds the multimodal form's processor from processor_config.json: the twin,
+    served the same way, needs it as much as the checkpoint."""
+    from gemma4_quant.checkpoints import write_twin
+
+    path = checkpoints(LAYOUT, **MULTIMODAL)
+    twin = write_twin(path, tmp_path / "twin")
+    name = "processor_config.json"
+    assert (twin / name).read_bytes() == (path / name).read_bytes()
+
+
 @pytest.mark.parametrize("overrides", [REAL, REAL_TP2], ids=["real", "real-tp2"])
 def test_real_dims_are_cyankiwis(checkpoints, overrides: dict) -> None:
     """The real preset's tensors have the reference checkpoint's per-layer shapes (its

@@ -12,6 +12,7 @@ import torch
 from .. import int4
 from ..layout import PER_EXPERT
 from .files import load_tensors, save_tensors, write_json
+from .multimodal import PROCESSOR_FILE
 from .tokenizer import TOKENIZER_FILES
 
 
@@ -84,7 +85,8 @@ def write_twin(src_dir: str | Path, out_dir: str | Path) -> Path:
     tensors = dequantize_tensors(load_tensors(src))
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", cfg)
-    for name in TOKENIZER_FILES:
+    # the processor config too: vLLM builds the multimodal form's processor from it
+    for name in (*TOKENIZER_FILES, PROCESSOR_FILE):
         if (src / name).exists():
             shutil.copyfile(src / name, out / name)
     save_tensors(dict(sorted(tensors.items())), out)
