@@ -37,12 +37,6 @@ sed -n 's/^Requires-Dist: //p' <<<"$META" | grep -v 'extra ==' \
 "$PIP" install -q --no-deps "$WHEEL"
 "$PIP" install -q -r "$TMP/req.txt" $TF "torch==$TORCH" pytest requests ruff
 "$PIP" uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
-# transformers' Gemma4Processor (vLLM builds it for every image request) needs torchvision.
-# PyPI's torchvision matches PyPI's (CUDA) torch and imports beside it, not beside a CPU
-# torch ("operator torchvision::nms does not exist"): only where torch is the CUDA build.
-if "$D/bin/python" -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then
-  "$PIP" install -q torchvision "torch==$TORCH"
-fi
 "$PIP" install -q --no-deps --no-build-isolation -e "$ROOT"
 "$D/bin/python" -c "import vllm, torch, transformers, compressed_tensors as ct; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'compressed-tensors', ct.__version__)"
 touch "$D/.ready-$V"
