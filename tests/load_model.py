@@ -26,6 +26,9 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+# Starts each checkpoint's part of the log when one process loads several.
+LOAD_MARKER = "=== load_model.py: "
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -159,7 +162,7 @@ def main() -> int:
         action="append",
         metavar=("CKPT", "OUT"),
         help="load this checkpoint too, in the same process after the first (a failed one "
-        "leaves OUT.error and the next one loads)",
+        "leaves OUT.error and the next one loads; a LOAD_MARKER line starts each one's log)",
     )
     args = parser.parse_args()
 
@@ -171,6 +174,8 @@ def main() -> int:
         return 0
     failed = 0
     for checkpoint, out in jobs:
+        # where this checkpoint's part of the log begins (conftest splits the log there)
+        print(f"{LOAD_MARKER}{checkpoint}", file=sys.stderr, flush=True)
         try:
             load_and_dump(checkpoint, out, args, overrides, parallel)
         except Exception:  # vLLM's refusal is this checkpoint's outcome; load the next one
