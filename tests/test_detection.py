@@ -47,6 +47,7 @@ CASES = {
         [
             (f"{_INC}/schemes/inc_wna16_scheme.py", "INCWna16Scheme.get_moe_method"),
             (f"{_INC}.py", "INCConfig.apply_cpu_w4a16_quant_layer"),
+            (f"{_INC}.py", "INCConfig.apply_ipex_quant_layer"),  # 0.19
         ],
     ),
     "dequant_fallback": (
