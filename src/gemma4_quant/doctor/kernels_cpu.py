@@ -158,6 +158,14 @@ def check_fp8_linear_cpu(module: Module, ctx: Ctx) -> Hit | None:
     route = features.get("cpu_fp8_route", "w8a8")
     if features.get("cpu_fp8_kernels", {}).get(route):
         return None
+    if route == "w8a16" and features.get("fp8_w8a16_marlin_only"):
+        return Hit(
+            Outcome.NO_KERNEL,
+            "no CPU kernel for FP8 linears: this vLLM runs FP8 on CPU as W8A16 with Marlin "
+            "FP8 (a CUDA kernel): construction and loading pass, repacking needs CUDA ops",
+            "prepare_fp8_layer_for_marlin needs CUDA ops",
+            stage=Stage.PROCESS,
+        )
     kind = "ScaledMM" if route == "w8a16" else "FP8ScaledMM"
     return Hit(
         Outcome.NO_KERNEL,
