@@ -38,6 +38,10 @@ _OUTCOMES = (
     (r"has no parameter '(\w+)'", "no expert parameter `{0}`"),
     (r"Gemma 4 checkpoint left \d+ parameter", "load guard: unfilled parameters"),
     (r"expanded size of the tensor", "RuntimeError: expanded size"),
+    (
+        r"INC quantization is not supported during xpu kernel migration",
+        "INC refuses quantized layers on CPU",
+    ),
     (r"(\w+Error): ([^\n]{0,60})", "{0}: {1}"),
 )
 
@@ -46,6 +50,7 @@ VLLM_LIMITS = (
     "MoE method is symmetric-only",
     "no CPU FP8ScaledMM linear kernel",
     "no CPU ScaledMM linear kernel",
+    "INC refuses quantized layers on CPU",
 )
 
 
