@@ -300,17 +300,17 @@ class LoadCache:
 @pytest.fixture(scope="session")
 def matrix_loads(request, checkpoints, vllm_load) -> dict[str, tuple[Path, Load, Load]]:
     """The layouts of the compatibility matrix (``test_matrix.LAYOUTS``) that the selected
-    tests ask for, loaded by stock vLLM and with the plugin, two vLLM processes in all:
-    layout -> (checkpoint, stock load, plugin load). ``vllm_load`` returns the same loads
-    afterwards."""
+    tests ask for (a ``layout`` parameter; all of them for a test without one), loaded by
+    stock vLLM and with the plugin, two vLLM processes in all: layout -> (checkpoint,
+    stock load, plugin load). ``vllm_load`` returns the same loads afterwards."""
     from test_matrix import LAYOUTS
 
     asked = {
-        item.callspec.params.get("layout")
+        getattr(item, "callspec", None) and item.callspec.params.get("layout")
         for item in request.session.items
-        if "matrix_loads" in getattr(item, "fixturenames", ()) and hasattr(item, "callspec")
+        if "matrix_loads" in getattr(item, "fixturenames", ())
     }
-    layouts = [layout for layout in LAYOUTS if layout in asked]
+    layouts = [layout for layout in LAYOUTS if layout in asked or None in asked]
     paths = [checkpoints(layout, **LAYOUTS[layout]) for layout in layouts]
     stock = vllm_load.many(paths, plugin=False)
     plugin = vllm_load.many(paths)
