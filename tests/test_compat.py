@@ -22,6 +22,7 @@ EXPECTED = {
         "kv_spec_merge": "not needed",
         # INC refuses every quantized layer on CPU: AutoRound cannot load at all
         "unquantized_experts": "not needed",
+        "tied_lm_head": "not needed",
         "cpu_gate_dtype": "needed",
     },
     "0.20.2": {
@@ -30,6 +31,7 @@ EXPECTED = {
         "load_guard": "not needed",
         "kv_spec_merge": "not needed",
         "unquantized_experts": "needed",
+        "tied_lm_head": "not needed",
         "cpu_gate_dtype": "needed",
     },
     "0.23.0": {
@@ -38,6 +40,7 @@ EXPECTED = {
         "load_guard": "not needed",
         "kv_spec_merge": "not needed",
         "unquantized_experts": "needed",
+        "tied_lm_head": "not needed",
         "cpu_gate_dtype": "needed",
     },
     "0.30.0": {
@@ -46,6 +49,7 @@ EXPECTED = {
         "load_guard": "needed",
         "kv_spec_merge": "not needed",
         "unquantized_experts": "needed",
+        "tied_lm_head": "not needed",
         "cpu_gate_dtype": "needed",
     },
     "0.32.0": {
@@ -54,6 +58,7 @@ EXPECTED = {
         "load_guard": "not needed",
         "kv_spec_merge": "not needed",
         "unquantized_experts": "needed",
+        "tied_lm_head": "not needed",
         "cpu_gate_dtype": "not needed",
     },
 }

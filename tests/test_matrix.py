@@ -42,6 +42,7 @@ _OUTCOMES = (
         r"INC quantization is not supported during xpu kernel migration",
         "INC refuses quantized layers on CPU",
     ),
+    (r"in tie_weights\s+raise NotImplementedError", "NotImplementedError in tie_weights"),
     (r"(\w+Error): ([^\n]{0,60})", "{0}: {1}"),
 )
 
