@@ -30,6 +30,8 @@ LAYOUTS = {
     "fp8-router": {"num_experts": 32},
 }
 
+# a bare NotImplementedError raised by tie_weights (vLLM prefixes a worker's lines)
+TIE_ERROR = r"in tie_weights\s+(?:\[rank\d+\]:\s+)?raise NotImplementedError"
 _OUTCOMES = (
     (r"KeyError: '([^']+)'", "KeyError `{0}`"),
     (r"No WNA16 MoE backend supports", "no CPU int4 MoE kernel"),
@@ -42,7 +44,7 @@ _OUTCOMES = (
         r"INC quantization is not supported during xpu kernel migration",
         "INC refuses quantized layers on CPU",
     ),
-    (r"in tie_weights\s+raise NotImplementedError", "NotImplementedError in tie_weights"),
+    (TIE_ERROR, "NotImplementedError in tie_weights"),
     (r"(\w+Error): ([^\n]{0,60})", "{0}: {1}"),
 )
 

@@ -9,16 +9,17 @@ skip.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import run_vllm_load
-from test_matrix import LAYOUTS
+from test_matrix import LAYOUTS, TIE_ERROR
 
 from gemma4_quant.patches import Status, tied_lm_head
 
 LAYOUT = "autoround-int4"
 NEEDED = tied_lm_head.detect().status is Status.NEEDED
-TIE_ERROR = "in tie_weights\n    raise NotImplementedError"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_stock_and_unpatched_fail_to_tie(checkpoint, vllm_load, tmp_path) -> Non
     )
     for load in (stock, unpatched):
         assert not load.ok
-        assert TIE_ERROR in load.log, load.log[-3000:]
+        assert re.search(TIE_ERROR, load.log), load.log[-3000:]
 
 
 def test_head_is_the_embedding(checkpoint, vllm_load) -> None:
