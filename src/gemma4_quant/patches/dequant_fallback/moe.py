@@ -219,6 +219,12 @@ def _dequantized_moe_method_class() -> type:
         ) -> None:
             """vLLM's own WNA16 buffers, placed by vLLM's loader as usual."""
             packed = self.packed_layout
+            # 0.26 - 0.29: the experts layer passes the unsharded intermediate size to the
+            # WNA16 methods it knows by class name, which this one is not, and those
+            # methods require it
+            needs_full_size = getattr(layer, "_needs_intermediate_size_param", None)
+            if needs_full_size is not None and needs_full_size(packed):
+                attrs = {"intermediate_size_full": layer.moe_config.intermediate_size, **attrs}
             own_zero_points = not packed.symmetric and self.generation == GENERATION_BY_KERNEL
             if own_zero_points:
                 # This generation only knows K-first (Marlin) zero points: build the
