@@ -11,11 +11,17 @@
 # With UV set to a uv binary, uv installs instead of pip: every environment then hardlinks
 # its files from uv's cache (UV_CACHE_DIR, on the same file system), so releases that share
 # a torch share its gigabytes on disk (scripts/matrix.sh builds all releases that way).
-# uv does not read pip's configuration: a local wheel cache goes in UV_FIND_LINKS.
+# uv does not read pip's configuration: a local wheel cache goes in UV_FIND_LINKS (taken
+# from pip's global.find-links when unset).
 set -euo pipefail
 V=${1:?vllm version}; D=${2:?env dir}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 UV=${UV:-}
+if [ -n "$UV" ] && [ -z "${UV_FIND_LINKS:-}" ]; then
+  # uv does not read pip's configuration: take pip's local wheel cache from it
+  links=$(python3 -m pip config get global.find-links 2>/dev/null | tr -s ' \n' ',' || true)
+  [ -z "${links%,}" ] || export UV_FIND_LINKS=${links%,}
+fi
 
 install() {  # install [pip/uv install arguments...] into $D
   if [ -n "$UV" ]; then
