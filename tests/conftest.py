@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -71,6 +72,9 @@ def run_vllm_load(
     return _read_load(proc.returncode, proc.stdout + proc.stderr, out)
 
 
+_REPORT = re.compile(r"^.*gemma4_quant \S+ on vLLM .*$", re.M)
+
+
 def _load_env(plugin: bool, env: dict[str, str] | None) -> dict[str, str]:
     run_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
     if not plugin:
@@ -111,12 +115,16 @@ def run_vllm_loads(
         cwd=out_dir,
     )
     start, *parts = proc.stdout.split(LOAD_MARKER)
+    # the plugin's one report line per process goes with every load, wherever it was
+    # logged (once vLLM's logging is set up: in the first load on some releases)
+    report = "".join(f"{line}\n" for line in _REPORT.findall(proc.stdout))
     loads = {}
     for checkpoint, out, part in zip(checkpoints, outs, parts, strict=False):
+        log = start + part if report in start + part else report + start + part
         if out.exists() and not Path(f"{out}.error").exists():
-            loads[checkpoint] = _read_load(0, start + part, out)
+            loads[checkpoint] = _read_load(0, log, out)
         else:
-            loads[checkpoint] = Load(proc.returncode or 1, start + part)
+            loads[checkpoint] = Load(proc.returncode or 1, log)
     return loads
 
 

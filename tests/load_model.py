@@ -172,14 +172,6 @@ def main() -> int:
     if len(jobs) == 1:
         load_and_dump(*jobs[0], args, overrides, parallel)
         return 0
-    # What every load shares goes before the first checkpoint's part of the log: vLLM's
-    # plugins, and the plugin's report, which waits for Gemma 4's module where vLLM
-    # configures logging late.
-    from vllm.plugins import load_general_plugins
-
-    load_general_plugins()
-    import vllm.model_executor.models.gemma4  # noqa: F401
-
     failed = 0
     for checkpoint, out in jobs:
         # where this checkpoint's part of the log begins (conftest splits the log there)
