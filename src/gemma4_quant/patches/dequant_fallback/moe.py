@@ -177,6 +177,8 @@ def _dequantized_moe_method_class() -> type:
             method.strategy = weight_quant.strategy
             group_size = weight_quant.group_size
             method.group_size = -1 if group_size is None else group_size
+            # 0.27 - 0.29's create_weights sizes the w2 scales by it
+            method.actorder = getattr(weight_quant, "actorder", None)
             # N-first [E, N, K / pack] is the checkpoint's own layout: vLLM's loader
             # copies it without transposing, whatever kernel would have run.
             method.is_transposed = False
