@@ -21,8 +21,9 @@
 #
 # MATRIX_DIR holds the environments (vllm-<release>), uv's cache (uv-cache, or
 # UV_CACHE_DIR on the same file system), records/<release>.jsonl (rows appended run after
-# run; the latest row of a layout counts), logs/, and status/<release> (why a release has
-# no column). Put it outside the repository. uv comes from PATH or MATRIX_DIR/tools; a
+# run; the latest row of a layout counts), checkpoints/ (built once per version of the
+# builder), logs/, and status/<release> (why a release has no column). Put it outside the
+# repository. uv comes from PATH or MATRIX_DIR/tools; a
 # local wheel cache (torch 2.13.0+cpu) goes in UV_FIND_LINKS.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -126,8 +127,28 @@ for v in "${todo[@]}"; do rm -f "$MATRIX_DIR/status/$v.env"; done
 builder=$!
 [ $build_only -eq 1 ] && { wait $builder; cat "$MATRIX_DIR"/status/*.env; exit 0; }
 
-# 2. the matrix, one release at a time (each vLLM process pins itself to a core)
+# 2. the matrix, one release at a time (each vLLM process pins itself to a core). The
+# checkpoints are built once, by the first environment whose compressed-tensors can
+# (0.19.0's 0.14 cannot), and every release loads the same files; a change to the
+# builder's code makes a new set.
 export VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+code=$(cat src/gemma4_quant/checkpoints/*.py src/gemma4_quant/{layout,int4}.py \
+  tests/test_matrix.py | sha1sum | cut -c1-12)
+export GEMMA4_QUANT_TEST_CHECKPOINTS=$MATRIX_DIR/checkpoints/$code
+build_checkpoints() {
+  local python
+  for python in "$MATRIX_DIR/vllm-$1/bin/python" $(ls -d "$MATRIX_DIR"/vllm-*/bin/python \
+      | sort -rV); do
+    PYTHONPATH="$ROOT/tests:$ROOT/src" "$python" -c "
+from pathlib import Path
+from conftest import CheckpointFactory
+from test_matrix import LAYOUTS
+factory = CheckpointFactory(Path('$GEMMA4_QUANT_TEST_CHECKPOINTS'), shared=True)
+for layout, overrides in LAYOUTS.items():
+    factory(layout, **overrides)" >> "$MATRIX_DIR/logs/checkpoints.log" 2>&1 && return 0
+  done
+  return 1
+}
 for v in "${todo[@]}"; do
   while [ ! -f "$MATRIX_DIR/status/$v.env" ]; do sleep 5; done
   rm -f "$MATRIX_DIR/status/$v"
@@ -137,6 +158,7 @@ for v in "${todo[@]}"; do
     continue
   fi
   start=$(date +%s)
+  build_checkpoints "$v" || echo "   no environment could build the checkpoints: logs/checkpoints.log"
   run="$MATRIX_DIR/logs/run-$v"
   rm -rf "$run.records"
   GEMMA4_QUANT_COMPAT_DIR="$run.records" nice -n 10 "$MATRIX_DIR/vllm-$v/bin/python" \

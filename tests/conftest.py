@@ -244,18 +244,31 @@ def run_greedy(
 
 
 class CheckpointFactory:
-    """Builds each layout once per session, with the project's builder."""
+    """Builds each layout once per session, with the project's builder; in a directory
+    shared by sessions (``$GEMMA4_QUANT_TEST_CHECKPOINTS``), once for all of them."""
 
-    def __init__(self, root: Path) -> None:
+    DONE = ".complete"  # written once a checkpoint is whole
+
+    def __init__(self, root: Path, shared: bool = False) -> None:
         self.root = root
+        self.shared = shared
         self._built: dict[str, Path] = {}
 
     def __call__(self, layout: str, **overrides) -> Path:
         from gemma4_quant.checkpoints import build_checkpoint
 
         key = layout + "".join(f"-{k}={v}" for k, v in sorted(overrides.items()))
+        return self._once(key, lambda path: build_checkpoint(path, layout, **overrides))
+
+    def _once(self, key: str, write) -> Path:
         if key not in self._built:
-            self._built[key] = build_checkpoint(self.root / key, layout, **overrides)
+            path = self.root / key
+            if not self.shared:
+                write(path)
+            elif not (path / self.DONE).exists():
+                write(path)
+                (path / self.DONE).touch()
+            self._built[key] = path
         return self._built[key]
 
     def twin(self, layout: str, **overrides) -> Path:
@@ -263,14 +276,17 @@ class CheckpointFactory:
         from gemma4_quant.checkpoints import write_twin
 
         source = self(layout, **overrides)
-        key = f"{source.name}-twin"
-        if key not in self._built:
-            self._built[key] = write_twin(source, self.root / key)
-        return self._built[key]
+        return self._once(f"{source.name}-twin", lambda path: write_twin(source, path))
 
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFactory:
+    """The test checkpoints. ``GEMMA4_QUANT_TEST_CHECKPOINTS=DIR`` keeps them in DIR for
+    later sessions, other releases' too (``scripts/matrix.sh``): a checkpoint is data
+    that does not depend on the vLLM that serves it."""
+    shared = os.environ.get("GEMMA4_QUANT_TEST_CHECKPOINTS")
+    if shared:
+        return CheckpointFactory(Path(shared), shared=True)
     return CheckpointFactory(tmp_path_factory.mktemp("checkpoints"))
 
 
