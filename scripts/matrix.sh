@@ -18,6 +18,7 @@
 #     --rerun        run releases whose records already hold every layout asked for
 #     --build-only   build the environments, run nothing
 #     --no-table     leave README.md as it is
+#     --table-only   write README.md's table from the records, run nothing
 #
 # MATRIX_DIR holds the environments (vllm-<release>), uv's cache (uv-cache, or
 # UV_CACHE_DIR on the same file system), records/<release>.jsonl (rows appended run after
@@ -33,13 +34,14 @@ mkdir -p "$MATRIX_DIR"/{records,logs,status}
 MATRIX_DIR=$(cd "$MATRIX_DIR" && pwd)
 case "$MATRIX_DIR/" in "$ROOT"/*) echo "MATRIX_DIR must be outside $ROOT" >&2; exit 2 ;; esac
 
-layouts="" rerun=0 build_only=0 table=1 wanted=()
+layouts="" rerun=0 build_only=0 table=1 table_only=0 wanted=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --layouts) layouts=$2; shift ;;
     --rerun) rerun=1 ;;
     --build-only) build_only=1 ;;
     --no-table) table=0 ;;
+    --table-only) table_only=1 ;;
     -h|--help) sed -n '2,/^set /p' "$0" | sed '$d'; exit 0 ;;
     *) wanted+=("$1") ;;
   esac
@@ -98,6 +100,7 @@ done_before() {  # the release's records hold every selected layout
 # 1. environments, in the background, one after the other (downloads, mostly)
 todo=()
 for v in "${releases[@]}"; do
+  [ $table_only -eq 0 ] || break
   if [ $rerun -eq 0 ] && [ $build_only -eq 0 ] && done_before "$v"; then
     echo "   $v: recorded before (--rerun runs it again)"
   else
