@@ -89,8 +89,8 @@ def render(cells: Cells, notes: list[str]) -> str:
     for layout in layouts:
         row = [cells.get((release, layout), NOT_RUN) for release in releases]
         lines.append(f"| `{layout}` | " + " | ".join(row) + " |")
-    if notes:
-        lines += ["", *notes]
+    for note in notes:  # a paragraph each
+        lines += ["", note]
     return "\n".join(lines)
 
 
