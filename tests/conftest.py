@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -57,11 +58,7 @@ def run_vllm_load(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "params.safetensors"
-    run_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
-    if not plugin:
-        run_env["VLLM_PLUGINS"] = "none"
-    else:
-        run_env.pop("VLLM_PLUGINS", None)
+    run_env = _load_env(plugin, env)
     cmd = [sys.executable, str(LOAD_MODEL), str(checkpoint), str(out)]
     if process:
         cmd.append("--process")
@@ -73,6 +70,62 @@ def run_vllm_load(
         cmd, env=run_env, capture_output=True, text=True, timeout=timeout, cwd=out_dir
     )
     return _read_load(proc.returncode, proc.stdout + proc.stderr, out)
+
+
+_REPORT = re.compile(r"^.*gemma4_quant \S+ on vLLM .*$", re.M)
+
+
+def _load_env(plugin: bool, env: dict[str, str] | None) -> dict[str, str]:
+    run_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
+    if not plugin:
+        run_env["VLLM_PLUGINS"] = "none"
+    else:
+        run_env.pop("VLLM_PLUGINS", None)
+    return run_env
+
+
+def run_vllm_loads(
+    checkpoints: list[Path],
+    out_dir: Path,
+    *,
+    plugin: bool = True,
+    env: dict[str, str] | None = None,
+    timeout: int = 900,
+) -> dict[Path, Load]:
+    """``run_vllm_load`` for several checkpoints, one after the other in one process:
+    importing vLLM is most of a load's time. Each load's log is the process's start
+    (vLLM's plugins registering) and that checkpoint's own part. Checkpoints after one
+    that killed the process are left out of the result."""
+    from load_model import JOB_MARK
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outs = [out_dir / f"{i}.safetensors" for i in range(len(checkpoints))]
+    cmd = [sys.executable, str(LOAD_MODEL), str(checkpoints[0]), str(outs[0])]
+    for checkpoint, out in zip(checkpoints[1:], outs[1:], strict=True):
+        cmd += ["--more", str(checkpoint), str(out)]
+    # one log in the order it was written: vLLM logs to stdout, tracebacks go to stderr
+    run_env = {**_load_env(plugin, env), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        cmd,
+        env=run_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        cwd=out_dir,
+    )
+    start, *parts = proc.stdout.split(JOB_MARK)
+    # the plugin's one report line per process goes with every load, wherever it was
+    # logged (once vLLM's logging is set up: in the first load on some releases)
+    report = "".join(f"{line}\n" for line in _REPORT.findall(proc.stdout))
+    loads = {}
+    for checkpoint, out, part in zip(checkpoints, outs, parts, strict=False):
+        log = start + part if report in start + part else report + start + part
+        if out.exists() and not Path(f"{out}.error").exists():
+            loads[checkpoint] = _read_load(0, log, out)
+        else:
+            loads[checkpoint] = Load(proc.returncode or 1, log)
+    return loads
 
 
 def _read_load(returncode: int, log: str, out: Path) -> Load:
@@ -209,18 +262,31 @@ def run_greedy(
 
 
 class CheckpointFactory:
-    """Builds each layout once per session, with the project's builder."""
+    """Builds each layout once per session, with the project's builder; in a directory
+    shared by sessions (``$GEMMA4_QUANT_TEST_CHECKPOINTS``), once for all of them."""
 
-    def __init__(self, root: Path) -> None:
+    DONE = ".complete"  # written once a checkpoint is whole
+
+    def __init__(self, root: Path, shared: bool = False) -> None:
         self.root = root
+        self.shared = shared
         self._built: dict[str, Path] = {}
 
     def __call__(self, layout: str, **overrides) -> Path:
         from gemma4_quant.checkpoints import build_checkpoint
 
         key = layout + "".join(f"-{k}={v}" for k, v in sorted(overrides.items()))
+        return self._once(key, lambda path: build_checkpoint(path, layout, **overrides))
+
+    def _once(self, key: str, write) -> Path:
         if key not in self._built:
-            self._built[key] = build_checkpoint(self.root / key, layout, **overrides)
+            path = self.root / key
+            if not self.shared:
+                write(path)
+            elif not (path / self.DONE).exists():
+                write(path)
+                (path / self.DONE).touch()
+            self._built[key] = path
         return self._built[key]
 
     def twin(self, layout: str, **overrides) -> Path:
@@ -228,30 +294,74 @@ class CheckpointFactory:
         from gemma4_quant.checkpoints import write_twin
 
         source = self(layout, **overrides)
-        key = f"{source.name}-twin"
-        if key not in self._built:
-            self._built[key] = write_twin(source, self.root / key)
-        return self._built[key]
+        return self._once(f"{source.name}-twin", lambda path: write_twin(source, path))
 
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFactory:
+    """The test checkpoints. ``GEMMA4_QUANT_TEST_CHECKPOINTS=DIR`` keeps them in DIR for
+    later sessions, other releases' too (``scripts/matrix.sh``): a checkpoint is data
+    that does not depend on the vLLM that serves it."""
+    shared = os.environ.get("GEMMA4_QUANT_TEST_CHECKPOINTS")
+    if shared:
+        return CheckpointFactory(Path(shared), shared=True)
     return CheckpointFactory(tmp_path_factory.mktemp("checkpoints"))
 
 
-@pytest.fixture(scope="session")
-def vllm_load(tmp_path_factory: pytest.TempPathFactory):
+class LoadCache:
     """``run_vllm_load`` with the outcome cached per session: tests that look at the same
     load (same checkpoint, same switches) share one vLLM start."""
-    cache: dict[tuple[str, str], Load] = {}
 
-    def load(checkpoint: Path, **kwargs) -> Load:
-        key = (str(checkpoint), json.dumps(kwargs, sort_keys=True, default=str))
-        if key not in cache:
-            cache[key] = run_vllm_load(checkpoint, tmp_path_factory.mktemp("load"), **kwargs)
-        return cache[key]
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self.tmp_path_factory = tmp_path_factory
+        self.cache: dict[tuple[str, str], Load] = {}
 
-    return load
+    @staticmethod
+    def _key(checkpoint: Path, kwargs: dict) -> tuple[str, str]:
+        return str(checkpoint), json.dumps(kwargs, sort_keys=True, default=str)
+
+    def __call__(self, checkpoint: Path, **kwargs) -> Load:
+        key = self._key(checkpoint, kwargs)
+        if key not in self.cache:
+            out_dir = self.tmp_path_factory.mktemp("load")
+            self.cache[key] = run_vllm_load(checkpoint, out_dir, **kwargs)
+        return self.cache[key]
+
+    def many(self, checkpoints: list[Path], **kwargs) -> list[Load]:
+        """The loads of ``checkpoints`` (``run_vllm_loads`` keywords), those not yet
+        cached in one vLLM process."""
+        todo = [c for c in checkpoints if self._key(c, kwargs) not in self.cache]
+        if len(todo) > 1:
+            out_dir = self.tmp_path_factory.mktemp("loads")
+            for checkpoint, load in run_vllm_loads(todo, out_dir, **kwargs).items():
+                self.cache[self._key(checkpoint, kwargs)] = load
+        # one by one: a single checkpoint, and any that a crash left out
+        return [self(checkpoint, **kwargs) for checkpoint in checkpoints]
+
+
+@pytest.fixture(scope="session")
+def matrix_loads(request, checkpoints, vllm_load) -> dict[str, tuple[Path, Load, Load]]:
+    """The layouts of the compatibility matrix (``test_matrix.LAYOUTS``) that the selected
+    tests ask for (a ``layout`` parameter; all of them for a test without one), loaded by
+    stock vLLM and with the plugin, two vLLM processes in all: layout -> (checkpoint,
+    stock load, plugin load). ``vllm_load`` returns the same loads afterwards."""
+    from test_matrix import LAYOUTS
+
+    asked = {
+        getattr(item, "callspec", None) and item.callspec.params.get("layout")
+        for item in request.session.items
+        if "matrix_loads" in getattr(item, "fixturenames", ())
+    }
+    layouts = [layout for layout in LAYOUTS if layout in asked or None in asked]
+    paths = [checkpoints(layout, **LAYOUTS[layout]) for layout in layouts]
+    stock = vllm_load.many(paths, plugin=False)
+    plugin = vllm_load.many(paths)
+    return dict(zip(layouts, zip(paths, stock, plugin, strict=True), strict=True))
+
+
+@pytest.fixture(scope="session")
+def vllm_load(tmp_path_factory: pytest.TempPathFactory) -> LoadCache:
+    return LoadCache(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-JOB_MARK = "load_model.py job: "
+# Starts each job's part of the log when one process loads several (then its OUT).
+JOB_MARK = "=== load_model.py job: "
 
 
 def free_port() -> int:
@@ -169,7 +170,7 @@ def main() -> int:
         action="append",
         metavar=("CKPT", "OUT"),
         help="load this checkpoint too, in the same process after the first (a failed one "
-        "leaves OUT.error and the next one loads)",
+        "leaves OUT.error and the next one loads; a JOB_MARK line starts each one's log)",
     )
     parser.add_argument(
         "--job-options",

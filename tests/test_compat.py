@@ -15,12 +15,32 @@ from gemma4_quant.patches import load_patch_modules
 
 # release -> patch -> detection status on that release's code
 EXPECTED = {
+    "0.19.1": {
+        "expert_names": "needed",
+        "router": "needed",
+        "load_guard": "not needed",
+        "kv_spec_merge": "not needed",
+        # INC refuses every quantized layer on CPU: AutoRound cannot load at all
+        "unquantized_experts": "not needed",
+        "tied_lm_head": "not needed",
+        "cpu_gate_dtype": "needed",
+    },
     "0.20.2": {
         "expert_names": "needed",
         "router": "needed",
         "load_guard": "not needed",
         "kv_spec_merge": "not needed",
         "unquantized_experts": "needed",
+        "tied_lm_head": "not needed",
+        "cpu_gate_dtype": "needed",
+    },
+    "0.23.0": {
+        "expert_names": "needed",
+        "router": "needed",
+        "load_guard": "not needed",
+        "kv_spec_merge": "not needed",
+        "unquantized_experts": "needed",
+        "tied_lm_head": "not needed",
         "cpu_gate_dtype": "needed",
     },
     "0.30.0": {
@@ -29,6 +49,7 @@ EXPECTED = {
         "load_guard": "needed",
         "kv_spec_merge": "not needed",
         "unquantized_experts": "needed",
+        "tied_lm_head": "not needed",
         "cpu_gate_dtype": "needed",
     },
     "0.32.0": {
@@ -37,6 +58,7 @@ EXPECTED = {
         "load_guard": "not needed",
         "kv_spec_merge": "not needed",
         "unquantized_experts": "needed",
+        "tied_lm_head": "not needed",
         "cpu_gate_dtype": "not needed",
     },
 }

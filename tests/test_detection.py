@@ -21,6 +21,7 @@ from gemma4_quant.patches import (
     expert_names,
     load_guard,
     router,
+    tied_lm_head,
     unquantized_experts,
 )
 
@@ -47,7 +48,12 @@ CASES = {
         [
             (f"{_INC}/schemes/inc_wna16_scheme.py", "INCWna16Scheme.get_moe_method"),
             (f"{_INC}.py", "INCConfig.apply_cpu_w4a16_quant_layer"),
+            (f"{_INC}.py", "INCConfig.apply_ipex_quant_layer"),  # 0.19
         ],
+    ),
+    "tied_lm_head": (
+        tied_lm_head,
+        [("model_executor/layers/vocab_parallel_embedding.py", "ParallelLMHead.tie_weights")],
     ),
     "dequant_fallback": (
         dequant_fallback,

@@ -62,6 +62,26 @@ def test_detect_not_needed_on_stock_release():
     assert FIELD in detection.reason
 
 
+def test_detect_reads_the_source_before_any_import():
+    """Registration decides without importing the module (0.19.1: seconds of vLLM's
+    config), and decides as the imported classes do."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from gemma4_quant.patches import kv_spec_merge as k\n"
+        "before = k.detect()\n"
+        "assert 'vllm.v1.kv_cache_interface' not in sys.modules\n"
+        "import vllm.v1.kv_cache_interface\n"
+        "assert k.detect() == before, (before, k.detect())\n"
+        "print(before.status.value)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == Status.NOT_NEEDED.value
+
+
 def test_detect_unrecognized_without_full_attention_spec(monkeypatch):
     monkeypatch.delattr(kvi, "FullAttentionSpec")
     assert kv_spec_merge.detect().status is Status.UNRECOGNIZED

@@ -30,7 +30,7 @@ import pytest
 import torch
 from conftest import Load, run_logprobs, run_vllm_load_parallel
 from test_matrix import LAYOUTS as MATRIX
-from test_matrix import outcome
+from test_matrix import VLLM_LIMITS, outcome
 from unpack import ct_int4, gptq_int4
 
 from gemma4_quant.checkpoints import load_tensors
@@ -54,12 +54,6 @@ FALLBACK_OFF = {"GEMMA4_QUANT_FALLBACK": "off"}
 # linear, which vLLM refuses on every release (and the fallback leaves to it).
 O_PROJ_STRADDLE = {"num_attention_heads": 2, "head_dim": 48, "num_key_value_heads": 2}
 LINEAR_STRADDLE_ERRORS = ("is not divisible by group_size", "input_size_per_partition % group_size")
-# What vLLM refuses whatever the plugin does (test_matrix's list): the same at TP=2.
-VLLM_LIMITS = (
-    "MoE method is symmetric-only",
-    "no CPU FP8ScaledMM linear kernel",
-    "no CPU ScaledMM linear kernel",
-)
 
 
 # --------------------------------------------------------------------- the reference
@@ -103,18 +97,22 @@ def _rows(value: torch.Tensor, rank: int, parts: int, dim: int = 0) -> torch.Ten
     return value.narrow(dim, rank * size, size)
 
 
-def _kv_rows(value: torch.Tensor, head_dim: int, rank: int) -> torch.Tensor:
+def _kv_rows(value: torch.Tensor, head_dim: int, rank: int, ranks: int) -> torch.Tensor:
     """QKVParallelLinear's key/value rows for ``rank``: a block of heads, or, with fewer
     heads than ranks, the one head this rank replicates (rank // replicas)."""
     heads = value.shape[0] // head_dim
-    if heads >= TP:
-        return _rows(value, rank, TP)
-    head = rank * heads // TP
+    if heads >= ranks:
+        return _rows(value, rank, ranks)
+    head = rank * heads // ranks
     return value[head * head_dim : (head + 1) * head_dim]
 
 
 def expected_linears(
-    ckpt: dict[str, torch.Tensor], config: dict, got: dict[str, dict[str, torch.Tensor]], rank: int
+    ckpt: dict[str, torch.Tensor],
+    config: dict,
+    got: dict[str, dict[str, torch.Tensor]],
+    rank: int,
+    ranks: int = TP,
 ) -> dict[str, torch.Tensor]:
     """vLLM layer (``layers.i.self_attn.qkv_proj``...) -> rank's expected float [N, K]."""
     out = {}
@@ -131,15 +129,21 @@ def expected_linears(
         v = value("self_attn.v_proj", "self_attn.qkv_proj") if has_v else k  # attention_k_eq_v
         head_dim = q.shape[0] // config["num_attention_heads"]
         out[key + "self_attn.qkv_proj"] = torch.cat(
-            [_rows(q, rank, TP), _kv_rows(k, head_dim, rank), _kv_rows(v, head_dim, rank)]
+            [
+                _rows(q, rank, ranks),
+                _kv_rows(k, head_dim, rank, ranks),
+                _kv_rows(v, head_dim, rank, ranks),
+            ]
         )
         out[key + "self_attn.o_proj"] = _rows(
-            value("self_attn.o_proj", "self_attn.o_proj"), rank, TP, 1
+            value("self_attn.o_proj", "self_attn.o_proj"), rank, ranks, 1
         )
         gate = value("mlp.gate_proj", "mlp.gate_up_proj")
         up = value("mlp.up_proj", "mlp.gate_up_proj")
-        out[key + "mlp.gate_up_proj"] = torch.cat([_rows(gate, rank, TP), _rows(up, rank, TP)])
-        out[key + "mlp.down_proj"] = _rows(value("mlp.down_proj", "mlp.down_proj"), rank, TP, 1)
+        out[key + "mlp.gate_up_proj"] = torch.cat(
+            [_rows(gate, rank, ranks), _rows(up, rank, ranks)]
+        )
+        out[key + "mlp.down_proj"] = _rows(value("mlp.down_proj", "mlp.down_proj"), rank, ranks, 1)
         out[key + "router.proj"] = value("router.proj", "router.proj")  # replicated
     return out
 
@@ -158,13 +162,18 @@ def _expert_value(
             )
             for f in ("gate_up_proj", "down_proj")
         )
-        inter = gate_up.shape[1] // 2
-        return {"gate": gate_up[:, :inter], "up": gate_up[:, inter:], "down": down}
-    per_expert = {}
-    for proj in ("gate", "up", "down"):
-        values = torch.stack([_module_value(ckpt, f"{p}{e}.{proj}_proj") for e in range(experts)])
-        per_expert[proj] = values.to(torch.bfloat16).float() if dequantized else values
-    return per_expert
+    elif f"{p}gate_up_proj" in ckpt:  # bf16, fused
+        gate_up, down = (ckpt[f"{p}{f}"].float() for f in ("gate_up_proj", "down_proj"))
+    else:
+        per_expert = {}
+        for proj in ("gate", "up", "down"):
+            values = [_module_value(ckpt, f"{p}{e}.{proj}_proj") for e in range(experts)]
+            per_expert[proj] = torch.stack(values)
+            if dequantized:
+                per_expert[proj] = per_expert[proj].to(torch.bfloat16).float()
+        return per_expert
+    inter = gate_up.shape[1] // 2
+    return {"gate": gate_up[:, :inter], "up": gate_up[:, inter:], "down": down}
 
 
 def _as_checkpoint_layout(param: torch.Tensor, rows: int) -> torch.Tensor:
@@ -195,14 +204,16 @@ def _rank_experts(params: dict[str, torch.Tensor], hidden: int) -> dict[str, tor
     return out
 
 
-def expected_experts(values: dict[str, torch.Tensor], rank: int, expert_parallel: bool) -> dict:
+def expected_experts(
+    values: dict[str, torch.Tensor], rank: int, expert_parallel: bool, ranks: int = TP
+) -> dict:
     gate, up, down = values["gate"], values["up"], values["down"]
     if expert_parallel:  # whole experts, a contiguous block per rank
-        gate, up, down = (_rows(t, rank, TP) for t in (gate, up, down))
+        gate, up, down = (_rows(t, rank, ranks) for t in (gate, up, down))
         return {"w13": torch.cat([gate, up], dim=1), "w2": down}
     return {
-        "w13": torch.cat([_rows(gate, rank, TP, 1), _rows(up, rank, TP, 1)], dim=1),
-        "w2": _rows(down, rank, TP, 2),
+        "w13": torch.cat([_rows(gate, rank, ranks, 1), _rows(up, rank, ranks, 1)], dim=1),
+        "w2": _rows(down, rank, ranks, 2),
     }
 
 
@@ -222,29 +233,43 @@ def by_layer(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tens
     return grouped
 
 
+def differing_shards(
+    checkpoint: Path, load: Load, rank: int, expert_parallel: bool = False, ranks: int = TP
+) -> tuple[list[str], int]:
+    """Which quantized linears, routers and experts of one rank (of ``ranks``) are not the
+    checkpoint's slice for that rank, and how many were compared. With ``ranks=1``: where
+    what one process loaded is not the checkpoint (test_matrix)."""
+    ckpt = load_tensors(checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    got = by_layer(load.tensors)
+    linears = expected_linears(ckpt, config, got, rank, ranks)
+    differing = [name for name, want in linears.items() if not _equal(_rank_value(got[name]), want)]
+    for layer in range(config["num_hidden_layers"]):
+        params = got[f"layers.{layer}.experts"]
+        dequantized = params.get("w13_weight", torch.empty(0)).dtype == torch.bfloat16
+        values = _expert_value(ckpt, layer, config["num_experts"], dequantized)
+        want = expected_experts(values, rank, expert_parallel, ranks)
+        have = _rank_experts(params, config["hidden_size"])
+        differing += [
+            f"layers.{layer}.experts.{stem}"
+            for stem in ("w13", "w2")
+            if not _equal(have[stem], want[stem])
+        ]
+    return differing, len(linears) + config["num_hidden_layers"]
+
+
+def _equal(have: torch.Tensor, want: torch.Tensor) -> bool:
+    return have.shape == want.shape and torch.equal(have, want)
+
+
 def assert_rank_holds_its_shards(
     checkpoint: Path, load: Load, rank: int, expert_parallel: bool = False
 ) -> int:
     """Every quantized linear, the router and the experts of one rank equal the
     checkpoint's slice for that rank; returns how many layers were compared."""
-    ckpt = load_tensors(checkpoint)
-    config = json.loads((checkpoint / "config.json").read_text())
-    got = by_layer(load.tensors)
-    linears = expected_linears(ckpt, config, got, rank)
-    for name, want in linears.items():
-        have = _rank_value(got[name])
-        assert have.shape == want.shape, (name, rank, have.shape, want.shape)
-        assert torch.equal(have, want), (name, rank)
-    for layer in range(config["num_hidden_layers"]):
-        params = got[f"layers.{layer}.experts"]
-        dequantized = params.get("w13_weight", torch.empty(0)).dtype == torch.bfloat16
-        values = _expert_value(ckpt, layer, config["num_experts"], dequantized)
-        want = expected_experts(values, rank, expert_parallel)
-        have = _rank_experts(params, config["hidden_size"])
-        for stem in ("w13", "w2"):
-            assert have[stem].shape == want[stem].shape, (layer, stem, rank)
-            assert torch.equal(have[stem], want[stem]), (layer, stem, rank)
-    return len(linears) + config["num_hidden_layers"]
+    differing, compared = differing_shards(checkpoint, load, rank, expert_parallel)
+    assert not differing, (rank, differing)
+    return compared
 
 
 # --------------------------------------------------------------------- loads
@@ -282,7 +307,7 @@ def test_each_rank_holds_the_checkpoint_slice(tp_loads, layout: str) -> None:
     path, loads = tp_loads[layout]
     assert len(loads) == TP
     if not all(load.ok for load in loads):
-        # vLLM's own limits stop TP=2 where they stop TP=1 (test_matrix), nothing else
+        # vLLM's own limits (test_matrix's list) stop TP=2 where they stop TP=1
         assert outcome(loads[0]) in VLLM_LIMITS, loads[0].log[-3000:]
         return
     for rank, load in enumerate(loads):

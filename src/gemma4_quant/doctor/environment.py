@@ -149,6 +149,10 @@ def vllm_features() -> dict[str, Any]:
         "model_executor/layers/quantization/compressed_tensors/schemes/compressed_tensors_wNa16.py"
     )
     gemma4_mm = _source("model_executor/models/gemma4_mm.py")
+    ct_w8a16_fp8 = _source(
+        "model_executor/layers/quantization/compressed_tensors/schemes/"
+        "compressed_tensors_w8a16_fp8.py"
+    )
     cuda_kernels = _kernel_list(kernels, "CUDA")
     if "only targets ROCm" in triton_w4a16:
         cuda_kernels = [k for k in cuda_kernels if k != "TritonW4A16LinearKernel"]
@@ -182,6 +186,10 @@ def vllm_features() -> dict[str, Any]:
             "w8a8": _kernel_list(kernels, "CPU", "_POSSIBLE_FP8_KERNELS"),
             "w8a16": _kernel_list(kernels, "CPU", "_POSSIBLE_WFP8A16_KERNELS"),
         },
+        # the W8A16 FP8 scheme calls Marlin FP8 itself, choosing no kernel (0.19): on CPU
+        # construction and loading pass, repacking needs CUDA
+        "fp8_w8a16_marlin_only": "apply_fp8_marlin_linear" in ct_w8a16_fp8
+        and "linear_kernel" not in ct_w8a16_fp8,
         # the WNA16 MoE method refuses a TP split that cuts a scale group (0.30+); before,
         # each rank narrowed I / TP // group scale columns from group rank * that: the
         # wrong groups for every column past the first cut

@@ -104,13 +104,10 @@ def check_wna16_moe_cpu(module: Module, ctx: Ctx) -> Hit | None:
     if selection != "oracle":
         if check_moe_symmetric_only(module, ctx) is not None:
             return None  # that assertion comes first
-        if selection == "hybrid":
-            return Hit(
-                Outcome.UNKNOWN,
-                "this vLLM's compressed-tensors MoE selection on CPU (Marlin method with a "
-                "backend oracle, else Triton; 0.23 - 0.29) is not modelled",
-            )
-        return _legacy_moe_on_cpu(module, scheme, ctx)
+        # 0.23 - 0.29 pick the Marlin method where the shapes fit, and it asks the backend
+        # oracle (as 0.30+ do); elsewhere the Triton method, as before
+        if selection != "hybrid" or not _marlin_moe_fits(scheme, ctx):
+            return _legacy_moe_on_cpu(module, scheme, ctx)
     refusals = cpu_int4_moe_refusals(scheme, ctx)
     if not refusals:
         return forced(module, scheme, ctx, linear=False)
@@ -122,7 +119,8 @@ def check_wna16_moe_cpu(module: Module, ctx: Ctx) -> Hit | None:
 def _legacy_moe_on_cpu(module: Module, scheme: Scheme, ctx: Ctx) -> Hit:
     """Before the backend oracle, compressed-tensors picks Marlin MoE when the shapes fit
     (check_moe_marlin_supports_layer, not gated by platform) and Triton otherwise; both
-    are GPU kernels, so a CPU load passes construction and fails later."""
+    are GPU kernels, so a CPU load passes construction and fails later (0.23 - 0.29: the
+    Triton branch only)."""
     if _marlin_moe_fits(scheme, ctx):
         return served_by_fallback(
             module,
@@ -158,6 +156,14 @@ def check_fp8_linear_cpu(module: Module, ctx: Ctx) -> Hit | None:
     route = features.get("cpu_fp8_route", "w8a8")
     if features.get("cpu_fp8_kernels", {}).get(route):
         return None
+    if route == "w8a16" and features.get("fp8_w8a16_marlin_only"):
+        return Hit(
+            Outcome.NO_KERNEL,
+            "no CPU kernel for FP8 linears: this vLLM runs FP8 on CPU as W8A16 with Marlin "
+            "FP8 (a CUDA kernel): construction and loading pass, repacking needs CUDA ops",
+            "prepare_fp8_layer_for_marlin needs CUDA ops",
+            stage=Stage.PROCESS,
+        )
     kind = "ScaledMM" if route == "w8a16" else "FP8ScaledMM"
     return Hit(
         Outcome.NO_KERNEL,

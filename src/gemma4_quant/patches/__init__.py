@@ -44,6 +44,7 @@ PATCH_MODULES: tuple[str, ...] = (
     "kv_spec_merge",
     "dequant_fallback",
     "unquantized_experts",
+    "tied_lm_head",
     "cpu_gate_dtype",
 )
 

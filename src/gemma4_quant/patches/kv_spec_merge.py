@@ -15,7 +15,10 @@ merge themselves: nothing is dropped, and this patch stays off.
 
 How
 ---
-``detect()`` looks at the installed ``vllm.v1.kv_cache_interface``: it needs
+``detect()`` reads ``vllm/v1/kv_cache_interface.py`` first: where ``FullAttentionSpec``
+(and the bases beside it) declare no ``cache_dtype_str``, nothing can be dropped, and it
+says so without importing the module. Otherwise (or once the module is imported) it
+looks at the imported ``vllm.v1.kv_cache_interface``: it needs
 ``FullAttentionSpec.merge`` (and ``SinkFullAttentionSpec.merge`` where that class
 exists); when ``FullAttentionSpec`` has a ``cache_dtype_str`` field it merges two
 small specs carrying it and reports NEEDED if the field is lost or the merge
@@ -44,12 +47,14 @@ then reports NOT_NEEDED by itself) or drops the field-by-field merge proposal.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import logging
+import sys
 from types import ModuleType
 from typing import Any
 
-from . import Detection
+from . import Detection, vllm_source
 
 NAME = "kv_spec_merge"
 SUMMARY = (
@@ -60,6 +65,8 @@ SUMMARY = (
 logger = logging.getLogger("vllm.gemma4_quant")
 
 FIELD = "cache_dtype_str"
+_INTERFACE = "vllm.v1.kv_cache_interface"
+_INTERFACE_FILE = "v1/kv_cache_interface.py"
 _MARK = "_gemma4_quant_keeps_fields"
 # Fields that merge combines over the group instead of taking from specs[0].
 _MERGED_FIELDS = ("sliding_window", "attention_chunk_size", "non_causal")
@@ -128,7 +135,35 @@ def _drops_field(cls: type) -> str | None:
     return None
 
 
+def _source_has_no_field() -> bool:
+    """Whether the installed ``kv_cache_interface.py`` gives ``FullAttentionSpec`` (its
+    class and the bases defined beside it) no ``cache_dtype_str`` field, read without
+    importing it: importing it pulls in vLLM's config on some releases (0.19: seconds of
+    every process's start), and on the stock releases the answer is already known."""
+    from .. import vllm_code
+
+    tree = vllm_code.parse(vllm_source(_INTERFACE_FILE) or "")
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)} if tree else {}
+    chain, seen = ["FullAttentionSpec"], set()
+    while chain:
+        name = chain.pop()
+        node = classes.get(name)
+        if node is None or name in seen:
+            continue
+        seen.add(name)
+        for statement in node.body:
+            target = getattr(statement, "target", None)
+            if isinstance(statement, ast.AnnAssign) and vllm_code.is_name(target, FIELD):
+                return False
+        chain += [base.id for base in node.bases if isinstance(base, ast.Name)]
+    return "FullAttentionSpec" in seen and vllm_code.defines(classes["FullAttentionSpec"], "merge")
+
+
 def detect() -> Detection:
+    if _INTERFACE not in sys.modules and _source_has_no_field():
+        return Detection.not_needed(
+            f"FullAttentionSpec has no {FIELD} (only MLA specs do): nothing to drop"
+        )
     kvi = _interface()
     if kvi is None:
         return Detection.unrecognized("no vllm.v1.kv_cache_interface")

@@ -2,7 +2,7 @@
 
 Why:
     vLLM's INC quantization config (``quant_method: auto-round``) builds MoE experts
-    *unquantized* on CPU: 0.30 - 0.32 ``INCWna16Scheme.get_moe_method`` returns
+    *unquantized* on CPU: 0.24 - 0.32 ``INCWna16Scheme.get_moe_method`` returns
     ``UnquantizedFusedMoEMethod`` ("CPU does not support quantized MoE yet"), and 0.20.2's
     ``INCConfig.apply_cpu_w4a16_quant_layer`` returns None for every non-linear layer, which
     ``FusedMoE`` turns into ``UnquantizedFusedMoEMethod``. The experts then hold float
@@ -37,9 +37,12 @@ Upstream PR:
     so there the patch is not needed.
 
 Releases:
-    0.20.2 (``apply_cpu_w4a16_quant_layer`` returns None for MoE layers; the experts load,
-    its CPU linears cannot run GPTQ weights afterwards) and 0.30.0 - 0.32.0 (the
-    ``is_cpu()`` branch of ``get_moe_method``); detected from the code, never the version.
+    0.19.x: not needed (INC raises NotImplementedError for every quantized layer on CPU,
+    linears included, so AutoRound checkpoints cannot load there at all).
+    0.20 - 0.23 (``apply_cpu_w4a16_quant_layer`` returns None for MoE layers; the experts
+    load, its CPU linears cannot run GPTQ weights afterwards) and 0.24.0 - 0.32.0 (the
+    ``is_cpu()`` branch of ``get_moe_method``, ``is_xpu() or is_cpu()`` up to 0.26);
+    detected from the code, never the version.
 
 Removal:
     When every supported release builds INC MoE experts quantized on CPU (0.33.0+).
@@ -101,7 +104,8 @@ def inc_cpu_experts_unquantized(
     """Whether vLLM's INC config builds MoE experts unquantized on CPU, read from its code.
 
     True: one of the two known forms; False: the 0.33 form (experts quantized through
-    ``INCWNA16MoEScheme``); None: code the rules do not know.
+    ``INCWNA16MoEScheme``) or the 0.19 one (every quantized layer refused on CPU); None:
+    code the rules do not know.
     """
     if scheme_text is None and old_text is None:
         scheme_text = vllm_source(_INC_SCHEME_FILE)
@@ -128,20 +132,55 @@ def inc_cpu_experts_unquantized(
         if _linear_only(method) and vllm_code.has_code(config, _CPU_GPTQ_DISPATCH) and moe:
             return True, "INC's CPU path quantizes linear layers only; FusedMoE falls back"
         return None, "unknown INCConfig.apply_cpu_w4a16_quant_layer"
+    if _cpu_refuses_quantized_layers(old_text):
+        return False, "INC refuses every quantized layer on CPU (NotImplementedError)"
     return None, "no INC quantization config found"
 
 
+def _cpu_refuses_quantized_layers(old_text: str | None) -> bool:
+    """0.19's INC: ``get_quant_method`` sends CPU layers to ``apply_ipex_quant_layer``,
+    which raises NotImplementedError for every quantized one (linears included): no
+    expert is ever built, so there is nothing to dequantize."""
+    dispatch = vllm_code.find_function(old_text, "INCConfig.get_quant_method")
+    ipex = vllm_code.find_function(old_text, "INCConfig.apply_ipex_quant_layer")
+    if dispatch is None or ipex is None:
+        return False
+    raises = any(
+        isinstance(node, ast.Raise)
+        and isinstance(node.exc, ast.Call)
+        and vllm_code.is_name(node.exc.func, "NotImplementedError")
+        for node in ipex.body
+    )
+    return (
+        raises
+        and any(vllm_code.calls(dispatch, "is_cpu"))
+        and any(vllm_code.calls(dispatch, "apply_ipex_quant_layer"))
+    )
+
+
 def _returns_unquantized_moe(node: ast.AST) -> bool:
-    """``if current_platform.is_cpu(): ... return UnquantizedFusedMoEMethod(...)``."""
+    """``if current_platform.is_cpu(): ... return UnquantizedFusedMoEMethod(...)`` (0.24 -
+    0.26: ``if current_platform.is_xpu() or current_platform.is_cpu():``)."""
     return (
         isinstance(node, ast.If)
-        and vllm_code.is_code(node.test, _CPU_BRANCH)
+        and _is_cpu_test(node.test)
         and any(
             isinstance(statement, ast.Return)
             and isinstance(statement.value, ast.Call)
             and vllm_code.call_name(statement.value) == "UnquantizedFusedMoEMethod"
             for statement in node.body
         )
+    )
+
+
+def _is_cpu_test(test: ast.AST) -> bool:
+    """``current_platform.is_cpu()``, alone or as one alternative of an ``or``."""
+    if vllm_code.is_code(test, _CPU_BRANCH):
+        return True
+    return (
+        isinstance(test, ast.BoolOp)
+        and isinstance(test.op, ast.Or)
+        and any(vllm_code.is_code(value, _CPU_BRANCH) for value in test.values)
     )
 
 

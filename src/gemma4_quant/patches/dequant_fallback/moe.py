@@ -250,6 +250,8 @@ def _dequantized_moe_method_class() -> type:
             method.strategy = weight_quant.strategy
             group_size = weight_quant.group_size
             method.group_size = -1 if group_size is None else group_size
+            # 0.27 - 0.29's create_weights sizes the w2 scales by it
+            method.actorder = getattr(weight_quant, "actorder", None)
             # N-first [E, N, K / pack] is the checkpoint's own layout: vLLM's loader
             # copies it without transposing, whatever kernel would have run.
             method.is_transposed = False
@@ -293,6 +295,12 @@ def _dequantized_moe_method_class() -> type:
         ) -> None:
             """vLLM's own WNA16 buffers, placed by vLLM's loader as usual."""
             packed = self.packed_layout
+            # 0.26 - 0.29: the experts layer passes the unsharded intermediate size to the
+            # WNA16 methods it knows by class name, which this one is not, and those
+            # methods require it
+            needs_full_size = getattr(layer, "_needs_intermediate_size_param", None)
+            if needs_full_size is not None and needs_full_size(packed):
+                attrs = {"intermediate_size_full": layer.moe_config.intermediate_size, **attrs}
             own_zero_points = not packed.symmetric and self.generation == GENERATION_BY_KERNEL
             if own_zero_points:
                 # This generation only knows K-first (Marlin) zero points: build the
