@@ -17,6 +17,7 @@ from gemma4_quant.patches import load_patch_modules
 EXPECTED = {
     "0.20.2": {
         "expert_names": "needed",
+        "kv_shared_layers": "needed",
         "router": "needed",
         "load_guard": "not needed",
         "kv_spec_merge": "not needed",
@@ -25,6 +26,7 @@ EXPECTED = {
     },
     "0.30.0": {
         "expert_names": "needed",
+        "kv_shared_layers": "not needed",
         "router": "needed",
         "load_guard": "needed",
         "kv_spec_merge": "not needed",
@@ -33,6 +35,7 @@ EXPECTED = {
     },
     "0.32.0": {
         "expert_names": "needed",
+        "kv_shared_layers": "not needed",
         "router": "needed",
         "load_guard": "not needed",
         "kv_spec_merge": "not needed",
