@@ -75,6 +75,48 @@ def run_vllm_load(
     return _read_load(proc.returncode, proc.stdout + proc.stderr, out)
 
 
+def run_vllm_loads(
+    checkpoints: list[Path],
+    out_dir: Path,
+    *,
+    plugin: bool = True,
+    env: dict[str, str] | None = None,
+    timeout: int = 900,
+) -> dict[Path, Load]:
+    """``run_vllm_load`` of several checkpoints in one process, one after the other (vLLM's
+    import is most of a load's time). Each load's log is the process's log up to the
+    first checkpoint (the plugins' registration) and that checkpoint's part."""
+    from load_model import JOB_MARKER
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outs = [out_dir / f"{i}.params.safetensors" for i in range(len(checkpoints))]
+    run_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    if not plugin:
+        run_env["VLLM_PLUGINS"] = "none"
+    else:
+        run_env.pop("VLLM_PLUGINS", None)
+    cmd = [sys.executable, str(LOAD_MODEL), str(checkpoints[0]), str(outs[0])]
+    for checkpoint, out in zip(checkpoints[1:], outs[1:], strict=True):
+        cmd += ["--more", str(checkpoint), str(out)]
+    log_file = out_dir / "log"
+    with log_file.open("w") as sink:
+        subprocess.run(
+            cmd, env=run_env, stdout=sink, stderr=subprocess.STDOUT, timeout=timeout, cwd=out_dir
+        )
+    head, *parts = log_file.read_text().split(JOB_MARKER)
+    loads = {}
+    for i, (checkpoint, out) in enumerate(zip(checkpoints, outs, strict=True)):
+        part = parts[i] if i < len(parts) else ""  # the process died before this one
+        error = Path(f"{out}.error")
+        if error.exists():
+            loads[checkpoint] = Load(1, head + part + error.read_text())
+        elif out.exists():
+            loads[checkpoint] = _read_load(0, head + part, out)
+        else:
+            loads[checkpoint] = Load(1, head + part)
+    return loads
+
+
 def _read_load(returncode: int, log: str, out: Path) -> Load:
     load = Load(returncode, log)
     if load.ok:
@@ -227,12 +269,25 @@ def vllm_load(tmp_path_factory: pytest.TempPathFactory):
     load (same checkpoint, same switches) share one vLLM start."""
     cache: dict[tuple[str, str], Load] = {}
 
-    def load(checkpoint: Path, **kwargs) -> Load:
-        key = (str(checkpoint), json.dumps(kwargs, sort_keys=True, default=str))
-        if key not in cache:
-            cache[key] = run_vllm_load(checkpoint, tmp_path_factory.mktemp("load"), **kwargs)
-        return cache[key]
+    def key(checkpoint: Path, kwargs: dict) -> tuple[str, str]:
+        return str(checkpoint), json.dumps(kwargs, sort_keys=True, default=str)
 
+    def load(checkpoint: Path, **kwargs) -> Load:
+        if key(checkpoint, kwargs) not in cache:
+            out = tmp_path_factory.mktemp("load")
+            cache[key(checkpoint, kwargs)] = run_vllm_load(checkpoint, out, **kwargs)
+        return cache[key(checkpoint, kwargs)]
+
+    def prefetch(checkpoints: list[Path], plugin: bool = True) -> None:
+        """Load every checkpoint not loaded yet in one process (``run_vllm_loads``)."""
+        kwargs = {} if plugin else {"plugin": False}
+        todo = [c for c in checkpoints if key(c, kwargs) not in cache]
+        if todo:
+            out = tmp_path_factory.mktemp("loads")
+            for checkpoint, loaded in run_vllm_loads(todo, out, plugin=plugin).items():
+                cache[key(checkpoint, kwargs)] = loaded
+
+    load.prefetch = prefetch
     return load
 
 

@@ -26,6 +26,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+JOB_MARKER = "=== load_model.py job: "
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -169,8 +171,13 @@ def main() -> int:
     if len(jobs) == 1:
         load_and_dump(*jobs[0], args, overrides, parallel)
         return 0
+    # the plugins' own log lines precede every job's, which begins with a marker line
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
     failed = 0
     for checkpoint, out in jobs:
+        print(f"{JOB_MARKER}{checkpoint}", file=sys.stderr, flush=True)
         try:
             load_and_dump(checkpoint, out, args, overrides, parallel)
         except Exception:  # vLLM's refusal is this checkpoint's outcome; load the next one

@@ -2,7 +2,7 @@
 
 Each row is recorded for the README's table (``scripts/compat_table.py``). The assertions
 pin what the plugin must achieve; vLLM's own CPU limits (no FP8 kernels on some releases,
-symmetric-only int4 MoE on old ones) are named as such.
+no NVFP4 kernel on any, symmetric-only int4 MoE on old ones) are named as such.
 """
 
 from __future__ import annotations
@@ -22,6 +22,11 @@ LAYOUTS = {
     "ct-fused-w4a16-router": {"num_experts": 32},
     "autoround-int4": {"num_experts": 32},
     "fp8-router": {"num_experts": 32},
+    "ct-fused-w8a16": {},
+    "ct-fp8-dynamic": {},
+    "ct-nvfp4": {},
+    "qat-unquantized": {},
+    "qat-w4a16-ct": {},
 }
 
 _OUTCOMES = (
@@ -59,5 +64,6 @@ def test_matrix_row(checkpoints, vllm_load, compat_record, layout):
         "MoE method is symmetric-only",
         "no CPU FP8ScaledMM linear kernel",
         "no CPU ScaledMM linear kernel",
+        "no CPU NVFP4 linear kernel",
     )
     assert outcome(plugin) in allowed, plugin.log[-3000:]
