@@ -37,6 +37,11 @@ _OUTCOMES = (
     (r"has no parameter '(\w+)'", "no expert parameter `{0}`"),
     (r"Gemma 4 checkpoint left \d+ parameter", "load guard: unfilled parameters"),
     (r"expanded size of the tensor", "RuntimeError: expanded size"),
+    # vLLM's own check of unloaded weights (a set: the first name is not stable)
+    (
+        r"Following weights were not initialized from checkpoint: \{'[^']*?\.(\w+\.weight)'",
+        "weights not initialized (`{0}`)",
+    ),
     (r"(\w+Error): ([^\n]{0,60})", "{0}: {1}"),
 )
 
