@@ -641,6 +641,72 @@ def test_fp8_matches_compressor(checkpoints, base):
         )
 
 
+def test_nvfp4_matches_compressor(checkpoints, base):
+    """NVFP4 modules are what compressed-tensors' compressor writes for the module alone
+    with its global scale; modules vLLM fuses share one (the smallest of theirs); the
+    library's decompressor and the plugin's codec agree."""
+    from compressed_tensors.compressors.nvfp4 import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+    from gemma4_quant.checkpoints.quantizers import ct_nvfp4_args
+
+    w_args, a_args = ct_nvfp4_args()
+    scheme = QuantizationScheme(targets=["Linear"], weights=w_args, input_activations=a_args)
+    tensors = _tensors(checkpoints("ct-nvfp4"))
+    fused = {
+        P + "layers.0.self_attn.": ("q_proj", "k_proj", "v_proj"),
+        P + "layers.2.mlp.": ("gate_proj", "up_proj"),
+        P + "layers.3.experts.5.": ("gate_proj", "up_proj"),
+    }
+    for prefix, projs in fused.items():
+        weights = [_original_weight(base, prefix + proj).float() for proj in projs]
+        want = min(generate_gparam(w.amin(), w.amax()) for w in weights)
+        for proj, w in zip(projs, weights, strict=True):
+            module = prefix + proj
+            saved = {
+                k.rpartition(".")[2]: t for k, t in tensors.items() if k.startswith(module + ".")
+            }
+            assert torch.equal(saved["weight_global_scale"], want.reshape(1)), module
+            groups = w.reshape(w.shape[0], -1, 16)
+            scale, _ = calculate_qparams(
+                groups.amin(-1), groups.amax(-1), w_args, global_scale=want
+            )
+            ref = NVFP4PackedCompressor.compress(
+                {"weight": w, "weight_scale": scale, "weight_global_scale": want}, scheme
+            )
+            assert torch.equal(saved["weight_packed"], ref["weight_packed"]), module
+            assert torch.equal(
+                saved["weight_scale"].view(torch.uint8), ref["weight_scale"].view(torch.uint8)
+            ), module
+            lib = NVFP4PackedCompressor.decompress(dict(saved), scheme)["weight"]
+            mine = int4.dequantize_nvfp4(
+                saved["weight_packed"], saved["weight_scale"], saved["weight_global_scale"]
+            )
+            assert torch.equal(mine.to(BF16), lib.to(BF16)), module
+
+
+def test_int8_matches_compressor(checkpoints, base):
+    """int8 pack-quantized (four values to an int32 word) is compressed-tensors' own, and
+    its decompressor agrees with the plugin's codec."""
+    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    args = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="group", group_size=32)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    tensors = _tensors(checkpoints("ct-fused-w8a16"))
+    for module, saved in _ct_modules(tensors).items():
+        w = _original_weight(base, module)
+        ref = PackedQuantizationCompressor.compress(
+            {"weight": w, "weight_scale": saved["weight_scale"]}, scheme
+        )
+        assert torch.equal(saved["weight_packed"], ref["weight_packed"]), module
+        saved.setdefault("weight_shape", torch.tensor(list(w.shape)))
+        lib = PackedQuantizationCompressor.decompress(dict(saved), scheme)["weight"]
+        mine = int4.dequantize_packed(saved["weight_packed"], saved["weight_scale"], num_bits=8)
+        assert torch.equal(mine.to(BF16), lib), module
+
+
 # --------------------------------------------------------------------------- twin
 
 
