@@ -27,6 +27,7 @@ EXPECTED = {
     },
     "0.20.2": {
         "expert_names": "needed",
+        "kv_shared_layers": "needed",
         "router": "needed",
         "load_guard": "not needed",
         "kv_spec_merge": "not needed",
@@ -45,6 +46,7 @@ EXPECTED = {
     },
     "0.30.0": {
         "expert_names": "needed",
+        "kv_shared_layers": "not needed",
         "router": "needed",
         "load_guard": "needed",
         "kv_spec_merge": "not needed",
@@ -54,6 +56,7 @@ EXPECTED = {
     },
     "0.32.0": {
         "expert_names": "needed",
+        "kv_shared_layers": "not needed",
         "router": "needed",
         "load_guard": "not needed",
         "kv_spec_merge": "not needed",

@@ -19,6 +19,7 @@ from gemma4_quant.patches import (
     cpu_gate_dtype,
     dequant_fallback,
     expert_names,
+    kv_shared_layers,
     load_guard,
     router,
     tied_lm_head,
@@ -39,6 +40,10 @@ CASES = {
         [("model_executor/layers/utils.py", "dispatch_cpu_unquantized_gemm")],
     ),
     "router": (router, [("model_executor/models/gemma4.py", "Gemma4Router.__init__")]),
+    "kv_shared_layers": (
+        kv_shared_layers,
+        [("model_executor/models/gemma4.py", "Gemma4Attention.__init__")],
+    ),
     "expert_names": (
         expert_names,
         [("model_executor/models/gemma4.py", "Gemma4ForCausalLM.load_weights")],

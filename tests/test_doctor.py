@@ -278,6 +278,54 @@ EXPECTED_DESCRIPTION = {
         router=True,
         extra={},
     ),
+    "ct-fused-w8a16": dict(
+        method="compressed-tensors",
+        experts="fused-3d",
+        quantized={
+            "attention": ["int8 g32 sym weight-only"],
+            "experts": ["int8 g32 sym weight-only"],
+        },
+        router=False,
+        extra={},
+    ),
+    "ct-fp8-dynamic": dict(
+        method="compressed-tensors",
+        experts="per-expert",
+        quantized={
+            kind: ["fp8 per-channel a:fp8-dynamic"]
+            for kind in ("attention", "dense_mlp", "experts")
+        },
+        router=False,
+        extra={},
+    ),
+    "ct-nvfp4": dict(
+        method="compressed-tensors",
+        experts="per-expert",
+        quantized={
+            kind: ["nvfp4 g16 a:fp4-dynamic"] for kind in ("attention", "dense_mlp", "experts")
+        },
+        router=False,
+        extra={},
+    ),
+    # Google's QAT: a dense E2B-like model whose KV-shared layers store no K/V weights
+    "qat-unquantized": dict(
+        method=None,
+        experts="none",
+        quantized={},
+        router=False,
+        extra={},
+        kv_shared={"layers": 2, "first": 2, "kv_weights_stored": False},
+    ),
+    "qat-w4a16-ct": dict(
+        method="compressed-tensors",
+        experts="none",
+        quantized={
+            kind: ["int4 g32 sym weight-only"] for kind in ("attention", "dense_mlp", "per_layer")
+        },
+        router=False,
+        extra={},
+        kv_shared={"layers": 2, "first": 2, "kv_weights_stored": False},
+    ),
 }
 
 
@@ -290,7 +338,11 @@ def test_describes_layout(checkpoints, layout: str) -> None:
     want = EXPECTED_DESCRIPTION[layout]
     ckpt = report(checkpoints(layout))["checkpoint"]
     assert (ckpt["quantization"] or {}).get("method") == want["method"]
-    assert ckpt["experts"] == {"layout": want["experts"], "num_experts": 8, "layers": 4}
+    if want["experts"] == "none":
+        assert ckpt["experts"] == {"layout": "none", "num_experts": None, "layers": 0}
+    else:
+        assert ckpt["experts"] == {"layout": want["experts"], "num_experts": 8, "layers": 4}
+    assert ckpt["kv_shared"] == want.get("kv_shared")
     assert ckpt["quantized"] == want["quantized"]
     assert ckpt["router_quantized"] is want["router"]
     assert ckpt["extra_expert_tensors"] == want["extra"]

@@ -7,7 +7,7 @@ that "succeeds" with a module left unfilled (0.24 - 0.30 skip names they do not 
 recorded as wrong values, not as "loads". Each row is recorded for the README's table
 (``scripts/compat_table.py``; ``scripts/matrix.sh`` runs this on every release). The
 assertions pin what the plugin must achieve; vLLM's own CPU limits (no FP8 kernels on some
-releases, symmetric-only int4 MoE on old ones) are named as such.
+releases, no NVFP4 kernel on any, symmetric-only int4 MoE on old ones) are named as such.
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ LAYOUTS = {
     "ct-fused-w4a16-router": {"num_experts": 32},
     "autoround-int4": {"num_experts": 32},
     "fp8-router": {"num_experts": 32},
+    "ct-fused-w8a16": {},
+    "ct-fp8-dynamic": {},
+    "ct-nvfp4": {},
+    "qat-unquantized": {},
+    "qat-w4a16-ct": {},
 }
 
 # a bare NotImplementedError raised by tie_weights (vLLM prefixes a worker's lines)
@@ -45,6 +50,11 @@ _OUTCOMES = (
         "INC refuses quantized layers on CPU",
     ),
     (TIE_ERROR, "NotImplementedError in tie_weights"),
+    # vLLM's own check of unloaded weights (a set: the first name is not stable)
+    (
+        r"Following weights were not initialized from checkpoint: \{'[^']*?\.(\w+\.weight)'",
+        "weights not initialized (`{0}`)",
+    ),
     (r"(\w+Error): ([^\n]{0,60})", "{0}: {1}"),
 )
 
@@ -54,6 +64,7 @@ VLLM_LIMITS = (
     "no CPU FP8ScaledMM linear kernel",
     "no CPU ScaledMM linear kernel",
     "INC refuses quantized layers on CPU",
+    "no CPU NVFP4 linear kernel",
 )
 
 
@@ -67,12 +78,22 @@ def outcome(load) -> str:
     return "fails"
 
 
-def checked_outcome(path: Path, load) -> str:
+def checked_outcome(path: Path, load, layout: str) -> str:
     """``outcome``, and for a load that succeeded whether its values are the checkpoint's:
     "loads", "loads wrong values (`module`, ...)", or "loads (values not compared: why)"
     for a format the comparison does not read."""
     if not load.ok:
         return outcome(load)
+    from test_ct_formats import LAYOUTS as CT_FORMATS
+
+    if layout in CT_FORMATS:  # int8, FP8, NVFP4, QAT: compared as the checkpoint stores them
+        from test_ct_formats import assert_loaded_equals_checkpoint
+
+        try:
+            assert_loaded_equals_checkpoint(load, path, None)
+        except AssertionError as exc:
+            return f"loads wrong values ({str(exc).splitlines()[0][:80]})"
+        return "loads"
     from test_tensor_parallel import differing_shards
 
     try:
@@ -88,7 +109,10 @@ def checked_outcome(path: Path, load) -> str:
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_matrix_row(matrix_loads, compat_record, layout):
     path, stock, plugin = matrix_loads[layout]
-    got_stock, got_plugin = checked_outcome(path, stock), checked_outcome(path, plugin)
+    got_stock, got_plugin = (
+        checked_outcome(path, stock, layout),
+        checked_outcome(path, plugin, layout),
+    )
     compat_record(layout, got_stock, got_plugin)
     if layout == "bf16" or plugin.ok:
         assert got_plugin == "loads", plugin.log[-3000:] if not plugin.ok else got_plugin

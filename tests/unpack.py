@@ -8,6 +8,13 @@ and 2j + 1, high nibble) instead of shifting whole words.
 - compressed-tensors pack-quantized: ``weight_packed`` int32 [..., N, K / 8], value k
   of word w is column 8w + k, stored as q + 8; ``weight_scale`` [..., N, K / group];
   ``weight_zero_point`` int32 [..., N / 8, K / group] packed along N (asymmetric).
+- compressed-tensors pack-quantized int8: ``weight_packed`` int32 [..., N, K / 4], byte
+  k of word w (little-endian) is column 4w + k, stored as q + 128.
+- compressed-tensors float-quantized FP8: value = ``weight`` (E4M3) * ``weight_scale``.
+- compressed-tensors nvfp4-pack-quantized: ``weight_packed`` uint8 [N, K / 2], column 2j
+  in the low nibble of byte j; an E2M1 code: bit 3 the sign, bits 2-1 the exponent e,
+  bit 0 the mantissa m: 0.5 * m if e == 0, else 2**(e - 1) * (1 + m / 2);
+  value = code * (``weight_scale`` (E4M3, per 16 columns) / ``weight_global_scale``).
 - GPTQ (auto_gptq v1, as AutoRound exports it): ``qweight`` int32 [K / 8, N] packed
   along K, ``qzeros`` int32 [K / group, N / 8] packed along N and stored as zero - 1,
   ``scales`` [K / group, N], ``g_idx`` the group of every input row.
@@ -26,6 +33,43 @@ def nibbles(words: torch.Tensor, dim: int = -1) -> torch.Tensor:
     low, high = data % 16, data // 16
     values = torch.stack([low, high], dim=-1).flatten(-2)  # [..., 8 * words]
     return values.movedim(-1, dim)
+
+
+def int8s(words: torch.Tensor) -> torch.Tensor:
+    """The bytes (int64, 0..255) of int32 words along the last dim, low byte first."""
+    assert words.dtype == torch.int32, words.dtype
+    return words.contiguous().view(torch.uint8).to(torch.int64)
+
+
+def ct_int8(packed: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """compressed-tensors pack-quantized symmetric int8 (2D or fused 3D) -> float32."""
+    q = int8s(packed)
+    assert q.shape[-1] == scale.shape[-1] * group_size, (packed.shape, scale.shape)
+    column_group = torch.arange(q.shape[-1]) // group_size
+    return (q - 128).to(torch.float32) * scale.float()[..., column_group]
+
+
+def fp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors FP8 (per channel or per tensor scale) -> float32."""
+    assert weight.dtype == torch.float8_e4m3fn, weight.dtype
+    return weight.to(torch.float32) * scale.to(torch.float32)
+
+
+def e2m1(code: int) -> float:
+    sign = -1.0 if code & 8 else 1.0
+    exponent, mantissa = (code >> 1) & 3, code & 1
+    magnitude = 0.5 * mantissa if exponent == 0 else 2.0 ** (exponent - 1) * (1 + mantissa / 2)
+    return sign * magnitude
+
+
+def nvfp4(packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors NVFP4 [N, K / 2] uint8 -> float32 [N, K]."""
+    assert packed.dtype == torch.uint8, packed.dtype
+    table = torch.tensor([e2m1(code) for code in range(16)], dtype=torch.float32)
+    data = packed.to(torch.int64)
+    codes = torch.stack([data % 16, data // 16], dim=-1).flatten(-2)  # [N, K]
+    group_scale = scale.to(torch.float32) / global_scale.to(torch.float32)  # [N, K / 16]
+    return table[codes] * group_scale.repeat_interleave(16, dim=-1)
 
 
 def ct_int4(

@@ -1,5 +1,6 @@
-"""The plugin's one codec for packed integer weights: compressed-tensors pack-quantized
-and GPTQ (``auto_gptq`` packing, as AutoRound's ``auto_round:auto_gptq`` exports it).
+"""The plugin's one codec for quantized weights: compressed-tensors pack-quantized (int4
+and int8), GPTQ (``auto_gptq`` packing, as AutoRound's ``auto_round:auto_gptq`` exports
+it), and compressed-tensors' float formats (FP8 per-channel, NVFP4).
 
 Both formats pack ``32 // bits`` values to an int32 word, value k of a word in bits
 ``[bits * k, bits * (k + 1))``, and mean ``value = (q - zero) * scale``:
@@ -12,6 +13,15 @@ Both formats pack ``32 // bits`` values to an int32 word, value k of a word in b
 - GPTQ: ``qweight`` int32 [K / pack, N] packed along K, ``qzeros`` int32 [G, N / pack]
   packed along N, ``scales`` [G, N], optional ``g_idx`` int32 [K] (the group of every
   input row; activation order), default ``row // (K / G)``.
+
+- compressed-tensors float-quantized FP8: ``weight`` float8_e4m3fn [..., N, K] and
+  ``weight_scale`` [..., N, 1] (per channel) or [1]: value = ``weight * scale``.
+- compressed-tensors ``nvfp4-pack-quantized``: ``weight_packed`` uint8 [N, K / 2], two
+  FP4 E2M1 codes a byte (column 2j in the low nibble; bit 3 the sign, bits 0-2 index
+  0, 0.5, 1, 1.5, 2, 3, 4, 6), ``weight_scale`` float8_e4m3fn [N, K / 16],
+  ``weight_global_scale`` float32 [1]: value = code * (scale / global_scale), the
+  quotient in float32 (as compressed-tensors' ``dequantize`` and vLLM's NVFP4 emulation
+  compute it).
 
 GPTQ zero points are stored as ``zero - 1`` ("GPTQ v1"), and read back as
 ``stored + 1`` without wrapping. Sources: AutoRound's ``auto_gptq`` exporter packs
@@ -180,6 +190,48 @@ def unpack_int4(
     if packed.shape[-1] * 8 != scale.shape[-1] * group_size:
         raise ValueError(f"packed {tuple(packed.shape)} vs scale {tuple(scale.shape)}")
     return dequantize_packed(packed, scale, zero_point, num_bits=4, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- float formats
+
+# FP4 E2M1: the magnitude of codes 0..7 (bit 3 is the sign).
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+NVFP4_GROUP = 16
+
+
+def dequantize_fp8(
+    weight: torch.Tensor, scale: torch.Tensor, *, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """compressed-tensors FP8 weights (per channel [..., N, 1] or per tensor [1] scales)
+    -> ``weight * scale`` in ``dtype``; the product of two floats of 8 and 16 bits is exact
+    in float32, so the result is rounded once."""
+    if weight.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"expected float8_e4m3fn weights, got {weight.dtype}")
+    return (weight.float() * scale.float()).to(dtype)
+
+
+def dequantize_nvfp4(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    global_scale: torch.Tensor,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """compressed-tensors NVFP4 weights [..., N, K / 2] uint8 -> [..., N, K] in ``dtype``
+    (see the module docstring); ``global_scale`` is one per matrix ([1], or [..., 1] for
+    stacked experts)."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 FP4 codes, got {packed.dtype}")
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2).long()
+    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=packed.device)
+    values = table[codes & 0x7]
+    values = torch.where(codes >= 8, -values, values)
+    rows, cols = values.shape[-2:]
+    if scale.shape[-1] * NVFP4_GROUP != cols:
+        raise ValueError(f"packed {tuple(packed.shape)} vs scale {tuple(scale.shape)}")
+    group_scale = scale.float() / global_scale.float().reshape(*scale.shape[:-2], 1, 1)
+    grouped = values.view(*values.shape[:-1], cols // NVFP4_GROUP, NVFP4_GROUP)
+    return (grouped * group_scale.unsqueeze(-1)).view(values.shape).to(dtype)
 
 
 # --------------------------------------------------------------------------- GPTQ

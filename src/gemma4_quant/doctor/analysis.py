@@ -236,6 +236,7 @@ _VLLM_CLASS = {
     "attention": "QKVParallelLinear",
     "dense_mlp": "MergedColumnParallelLinear",
     "router": "ReplicatedLinear",
+    "per_layer": "ReplicatedLinear ColumnParallelLinear",
     "experts": "RoutedExperts Linear",  # vLLM adds the Linear scheme for fused MoE
     "embedding": "VocabParallelEmbedding",
     "lm_head": "ParallelLMHead",

@@ -78,7 +78,7 @@ _STAGE_LABELS = {
 }
 
 # Module kinds vLLM builds as linear layers (experts are the other quantized kind).
-LINEAR_KINDS = ("attention", "dense_mlp", "router")
+LINEAR_KINDS = ("attention", "dense_mlp", "router", "per_layer")
 
 
 def short_name(name: str) -> str:

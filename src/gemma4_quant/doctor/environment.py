@@ -182,6 +182,8 @@ def vllm_features() -> dict[str, Any]:
         # compressed-tensors FP8 W8A8 on a platform without a compute capability (CPU):
         # W8A8 kernels (0.24+: "return not match_exact") or W8A16 kernels ("return False")
         "cpu_fp8_route": "w8a8" if "return not match_exact" in ct_config else "w8a16",
+        # NVFP4 linears on CPU: vLLM's kernel table has no CPU entry (0.20 - 0.32)
+        "cpu_nvfp4_kernels": _kernel_list(kernels, "CPU", "_POSSIBLE_NVFP4_KERNELS"),
         "cpu_fp8_kernels": {
             "w8a8": _kernel_list(kernels, "CPU", "_POSSIBLE_FP8_KERNELS"),
             "w8a16": _kernel_list(kernels, "CPU", "_POSSIBLE_WFP8A16_KERNELS"),

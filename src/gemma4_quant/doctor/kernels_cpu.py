@@ -192,9 +192,34 @@ def check_fp8_moe_cpu(module: Module, ctx: Ctx) -> Hit | None:
         return None
     return Hit(
         Outcome.NO_KERNEL,
-        f"no FP8 MoE backend on this CPU: {reason}",
+        f"no FP8 MoE backend on this CPU: {reason}; these experts cannot be served here "
+        "(the plugin dequantizes integer experts only)",
         "ValueError: Unsupported FP8 MoE backend: NONE",
         stage=Stage.PROCESS,
+    )
+
+
+def check_nvfp4_cpu(module: Module, ctx: Ctx) -> Hit | None:
+    """NVFP4 (FP4 E2M1 weights, W4A4 or W4A16) on CPU: vLLM's NVFP4 linear kernel table
+    has no CPU entry, so the first NVFP4 linear fails at construction (experts would fail
+    after it, at their own method's kernel selection)."""
+    scheme = built_scheme(module, ctx)
+    if ctx.env.platform != "cpu" or scheme is None or scheme.storage != "nvfp4":
+        return None
+    if not is_representative(module, ctx) or ctx.env.features.get("cpu_nvfp4_kernels"):
+        return None
+    message = (
+        "vLLM's CPU platform has none, and the plugin does not dequantize FP4; this "
+        "checkpoint cannot be served on CPU"
+    )
+    if module.kind == "experts":
+        return Hit(Outcome.NO_KERNEL, f"no CPU kernel for NVFP4 experts: {message}")
+    layer, _ = vllm_layer(module, ctx)
+    return Hit(
+        Outcome.NO_KERNEL,
+        f"no CPU kernel for NVFP4 linears: {message}",
+        f"{short_name(layer)}: ValueError: Failed to find a kernel that can implement the "
+        "NVFP4 linear layer",
     )
 
 

@@ -34,6 +34,9 @@ DOCTOR_RULES: tuple[Rule, ...] = (
     # compressed_tensors.py _check_scheme_supported; kernels/linear _POSSIBLE_*FP8*
     Rule("fp8-linear-cpu", LINEAR_KINDS, Stage.BUILD, kernels_cpu.check_fp8_linear_cpu,
          per_layer=True),
+    # kernels/linear init_nvfp4_linear_kernel, _POSSIBLE_NVFP4_KERNELS
+    Rule("nvfp4-cpu", _LINEARS_AND_EXPERTS, Stage.BUILD, kernels_cpu.check_nvfp4_cpu,
+         per_layer=True),
     # kernels/linear/mixed_precision/cpu.py CPUWNA16LinearKernel
     Rule("wna16-linear-cpu", LINEAR_KINDS, Stage.BUILD, kernels_cpu.check_wna16_linear_cpu,
          per_layer=True),

@@ -54,12 +54,28 @@ def describe_checkpoint(analysis: Analysis) -> dict[str, Any]:
         },
         "unquantized": sorted(unquantized),
         "router_quantized": any(m.stored != "bf16" for m in analysis.of_kind("router")),
+        "kv_shared": _kv_shared(analysis),
         "extra_expert_tensors": {
             k: len(v) for k, v in sorted(analysis.extra_expert_tensors.items())
         },
         "tensors": len(analysis.checkpoint.tensors),
         "files": len(analysis.checkpoint.files),
     }
+
+
+def _kv_shared(analysis: Analysis) -> dict[str, Any] | None:
+    """KV-shared layers (E2B / E4B): how many, and whether the checkpoint still stores
+    their (unused) K/V weights, which transformers' own exports leave out."""
+    text = analysis.text_config
+    shared = int(text.get("num_kv_shared_layers") or 0)
+    if not shared:
+        return None
+    first = int(text.get("num_hidden_layers") or 0) - shared
+    stored = any(
+        m.layer is not None and m.layer >= first and m.name.endswith(".self_attn.k_proj")
+        for m in analysis.modules
+    )
+    return {"layers": shared, "first": first, "kv_weights_stored": stored}
 
 
 def describe_environment(env: Environment) -> dict[str, Any]:
@@ -178,16 +194,28 @@ def format_report(report: dict[str, Any]) -> str:
     layout = {"fused-3d": "fused 3D", "per-expert": "per expert (experts.{e}.{proj})"}.get(
         experts["layout"], "none"
     )
-    lines.append(
-        f"  experts        {layout}, {experts['num_experts']} experts x {experts['layers']} layers"
-    )
+    if experts["layout"] == "none":
+        lines.append("  experts        none (a dense model)")
+    else:
+        lines.append(
+            f"  experts        {layout}, {experts['num_experts']} experts x "
+            f"{experts['layers']} layers"
+        )
+    shared = ckpt["kv_shared"]
+    if shared:
+        stores = "stored (unused)" if shared["kv_weights_stored"] else "not stored"
+        lines.append(
+            f"  kv sharing     layers {shared['first']}+ ({shared['layers']}) read an earlier "
+            f"layer's KV cache; their k_proj/v_proj/k_norm: {stores}"
+        )
     partial = {k: f"; {layer_ranges(v)}" for k, v in ckpt["quantized_layers"].items()}
     quantized = "; ".join(
         f"{k} ({', '.join(v)}{partial.get(k, '')})" for k, v in ckpt["quantized"].items()
     )
     lines.append(f"  quantized      {quantized or 'nothing'}")
     lines.append(f"  unquantized    {', '.join(ckpt['unquantized']) or 'nothing'}")
-    lines.append(f"  router         {'quantized' if ckpt['router_quantized'] else 'bf16'}")
+    router = "quantized" if ckpt["router_quantized"] else "bf16"
+    lines.append(f"  router         {router if experts['layout'] != 'none' else 'none'}")
     if report["multimodal"] is not None:
         lines.append(f"  vision tower   {_tower_line(report['multimodal'])}")
     extra = ", ".join(f"{k} x{n}" for k, n in ckpt["extra_expert_tensors"].items())

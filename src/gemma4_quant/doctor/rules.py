@@ -65,8 +65,8 @@ def partition_shape(module: Module, ctx: Ctx) -> tuple[int, int, int] | None:
     n = sum(m.out_features or 0 for m in members)
     tp = ctx.env.tensor_parallel
     leaf = module.name.rpartition(".")[2]
-    if module.kind == "router":
-        return k, n, k  # replicated
+    if module.kind == "router" or leaf.startswith("per_layer_"):
+        return k, n, k  # replicated (the layers' per-layer gate and projection)
     if leaf in ("o_proj", "down_proj"):  # row parallel: K is split
         return k // tp, n, k
     if module.kind == "attention" and len(members) > 1:
@@ -264,7 +264,8 @@ def check_platform_known(module: Module, ctx: Ctx) -> Hit | None:
         return Hit(Outcome.UNKNOWN, f"kernels on platform {ctx.env.platform} are not modelled")
     if scheme.weight_type == "unknown":
         return Hit(Outcome.UNKNOWN, f"{module.scheme_note}")
-    if not is_wna16(scheme) and scheme.storage not in ("fp8",):
+    modelled = ("fp8", "nvfp4") if ctx.env.platform == "cpu" else ("fp8",)
+    if not is_wna16(scheme) and scheme.storage not in modelled:
         return Hit(Outcome.UNKNOWN, f"kernels for {scheme.describe()} are not modelled")
     return None
 

@@ -41,6 +41,7 @@ PATCH_MODULES: tuple[str, ...] = (
     "expert_names",
     "router",
     "load_guard",
+    "kv_shared_layers",
     "kv_spec_merge",
     "dequant_fallback",
     "unquantized_experts",

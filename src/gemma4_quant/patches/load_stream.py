@@ -11,8 +11,11 @@ the order is written down once, in ``STAGES``, as the stream flows:
 3. ``rename`` (``expert_names``): fused expert names become what this release's
    mapping reads, and `_shape`/`_g_idx` are split per expert.
 
-After vLLM's loader returns the names of the parameters it filled, every ``check``
-runs (``load_guard``: no parameter left unfilled).
+After vLLM's loader returns the names of the parameters it filled, every ``fill`` runs
+(``kv_shared_layers``: parameters the model builds that no checkpoint holds get a value
+and count as loaded), then every ``check`` (``load_guard``: no parameter left unfilled).
+What the wrapper returns is vLLM's set plus the filled names: vLLM's own check of
+unloaded weights reads it.
 
 A stage or check is a function of the model being loaded and a per-load ``dict`` that
 lets a stage hand state to a check of the same patch. Registering the same stage again
@@ -37,8 +40,10 @@ _MARK = "__gemma4_quant_load_stream__"
 Weights = Iterable[tuple[str, "torch.Tensor"]]
 Stage = Callable[[Any, Weights, dict[str, Any]], Weights]
 Check = Callable[[Any, set[str], dict[str, Any]], None]
+Fill = Callable[[Any, set[str], dict[str, Any]], set[str]]
 
 _stages: dict[str, Stage] = {}
+_fills: dict[str, Fill] = {}
 _checks: dict[str, Check] = {}
 
 
@@ -47,6 +52,13 @@ def add_stage(stage: str, transform: Stage) -> None:
     if stage not in STAGES:
         raise ValueError(f"unknown load-stream stage {stage!r} (known: {', '.join(STAGES)})")
     _stages[stage] = transform
+    when_imported(GEMMA4, _wrap)
+
+
+def add_fill(name: str, fill: Fill) -> None:
+    """Run ``fill(model, loaded_names, state) -> filled_names`` once vLLM's loader has
+    returned, before the checks; the filled names count as loaded."""
+    _fills[name] = fill
     when_imported(GEMMA4, _wrap)
 
 
@@ -69,7 +81,10 @@ def _wrap(module: ModuleType) -> None:
         def load_weights(self, weights: Weights):
             state: dict[str, Any] = {}
             loaded = original(self, transform(self, weights, state))
-            if loaded is not None:
+            if loaded is not None and (_fills or _checks):
+                loaded = set(loaded)
+                for fill in _fills.values():
+                    loaded |= fill(self, set(loaded), state)
                 for check in _checks.values():
                     check(self, set(loaded), state)
             return loaded

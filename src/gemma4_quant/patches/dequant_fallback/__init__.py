@@ -16,6 +16,9 @@ Why:
     = 5.5 groups of 32) is refused by 0.30+ ("Scale groups would otherwise cross TP shard
     boundaries") and loaded with the wrong scale groups before (every rank narrows
     ``per_rank // group`` groups from group ``rank * that``): silently wrong experts.
+    vLLM's CPU WNA16 kernels take int4 only: int8 compressed-tensors weights
+    (``cyankiwi/gemma-4-26B-A4B-it-AWQ-8bit``, ``uint8b128``) have no CPU linear or MoE
+    kernel at all.
 
 How:
     Dequantize-on-load, only where vLLM finds no kernel (``GEMMA4_QUANT_FALLBACK=auto``,
@@ -41,8 +44,9 @@ How:
       (N-first ``weight_packed`` or K-first GPTQ ``qweight``, read from their layout
       attributes), dequantizes them into ``weight`` and runs ``UnquantizedLinearMethod``.
     Values are ``(q - zero_point) * scale`` in float32, rounded once to the model dtype:
-    the checkpoint's exact values. One warning per loaded model says why and what it
-    costs (bytes of dequantized weights vs packed).
+    the checkpoint's exact values, for 4- and 8-bit integers alike (AutoGPTQ linears:
+    4-bit). One warning per loaded model says why and what it costs (bytes of dequantized
+    weights vs packed).
 
 Upstream PR:
     None yet. Upstream's nearest is the ``EMULATION`` WNA16 MoE backend (GPU only,
@@ -255,7 +259,10 @@ def apply(detection: Detection) -> None:
     if found.gptq_linear:
         # AutoGPTQLinearMethod builds symmetric configs only (zero_points=False); its
         # kernels never read qzeros, and neither does the fallback.
-        when_imported(GPTQ_LINEAR_MODULE, functools.partial(patch_linear_scheme, zero_points=False))
+        when_imported(
+            GPTQ_LINEAR_MODULE,
+            functools.partial(patch_linear_scheme, zero_points=False, bits=(4,)),
+        )
 
 
 # --- what stock vLLM does to a checkpoint that needs this patch (read by doctor)
@@ -299,7 +306,8 @@ def fallback_refusal(scheme: Scheme, ctx: Ctx, linear: bool) -> str | None:
     if linear:
         if not _linear_recognized():
             return "the fallback does not recognize this vLLM's WNA16 linear code"
-        return None if scheme.weight_type == "int" and scheme.bits == 4 else "not int4"
+        supported = scheme.weight_type == "int" and scheme.bits in (4, 8)
+        return None if supported else "not int4 or int8"
     from types import SimpleNamespace
 
     weights = SimpleNamespace(

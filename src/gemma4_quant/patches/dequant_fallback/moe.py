@@ -18,6 +18,10 @@ from .common import COST_REPORT, _data, _drop_params, _nbytes, logger
 
 # --------------------------------------------------------------------- MoE
 
+# Integer widths the fallback unpacks (compressed-tensors pack-quantized: 8 or 4 values to
+# an int32 word), the widths of vLLM's WNA16 MoE method.
+PACKED_BITS = (4, 8)
+
 
 def patch_moe_factory(module: ModuleType, generation: str | None) -> None:
     factory_cls = module.CompressedTensorsMoEMethod
@@ -170,8 +174,8 @@ def unsupported_reason(weight_quant: Any, input_quant: Any) -> str | None:
         return "activations are quantized too"
     if _enum_name(weight_quant.type) != "int":
         return f"weight type {_enum_name(weight_quant.type)} is not int"
-    if weight_quant.num_bits != 4:
-        return f"{weight_quant.num_bits}-bit weights (only int4 is verified)"
+    if weight_quant.num_bits not in PACKED_BITS:
+        return f"{weight_quant.num_bits}-bit weights (int4 and int8 are verified)"
     if _enum_name(weight_quant.strategy) not in ("group", "channel"):
         return f"strategy {_enum_name(weight_quant.strategy)}"
     if _enum_name(getattr(weight_quant, "actorder", None)) == "group":
