@@ -10,8 +10,24 @@
 set -euo pipefail
 V=${1:?vllm version}; D=${2:?env dir}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+
+# Releases that read Gemma 4's config flat (<= 0.27) get a second transformers, one that
+# keeps head_dim per layer (>= 5.15), beside the environment for tests/test_per_layer_config.py
+# to put first on PYTHONPATH (no dependencies: the environment's own huggingface-hub and
+# torch serve it; about 15 MB).
+second_transformers() {
+  case "$V" in
+    0.19.*|0.2[0-7].*) ;;
+    *) return 0 ;;
+  esac
+  local dir="$D/transformers-5.17"
+  [ -d "$dir/transformers" ] && return 0
+  "$D/bin/pip" install -q --no-deps --target "$dir" transformers==5.17.0 tokenizers==0.23.3
+}
+
 if [ -f "$D/.ready-$V" ]; then
   "$D/bin/pip" install -q --no-deps --no-build-isolation -e "$ROOT"
+  second_transformers
   exit 0
 fi
 rm -rf "$D"
@@ -39,4 +55,5 @@ sed -n 's/^Requires-Dist: //p' <<<"$META" | grep -v 'extra ==' \
 "$PIP" uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 "$PIP" install -q --no-deps --no-build-isolation -e "$ROOT"
 "$D/bin/python" -c "import vllm, torch, transformers, compressed_tensors as ct; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'compressed-tensors', ct.__version__)"
+second_transformers
 touch "$D/.ready-$V"
