@@ -17,15 +17,22 @@ from .common import COST_REPORT, _data, _drop_params
 # --------------------------------------------------------------------- linear
 
 
-def patch_linear_scheme(module: ModuleType, zero_points: bool = True) -> None:
+def patch_linear_scheme(
+    module: ModuleType, zero_points: bool = True, widths: tuple[int, ...] = (4,)
+) -> None:
     """Wrap ``module.choose_mp_linear_kernel`` (the name the scheme's module calls);
-    ``zero_points=False``: configs with zero points keep vLLM's kernel choice."""
+    ``zero_points=False``: configs with zero points keep vLLM's kernel choice; ``widths``:
+    the integer widths this scheme's layers are dequantized at."""
     original = module.choose_mp_linear_kernel
     if getattr(original, _MARK, False):
         return
 
     def supported(config: Any) -> bool:
-        return _linear_supported(config) and (zero_points or not config.zero_points)
+        return (
+            _linear_supported(config)
+            and config.weight_type.size_bits in widths
+            and (zero_points or not config.zero_points)
+        )
 
     @functools.wraps(original)
     def choose_mp_linear_kernel(config: Any, *args: Any, **kwargs: Any) -> type:
@@ -54,10 +61,14 @@ def patch_linear_scheme(module: ModuleType, zero_points: bool = True) -> None:
     module.choose_mp_linear_kernel = choose_mp_linear_kernel
 
 
+# Integer widths the dequantization reproduces (packed 8 or 4 values to an int32 word).
+LINEAR_BITS = (4, 8)
+
+
 def _linear_supported(config: Any) -> bool:
-    """Integer 4-bit weights (with or without zero points): the values we reproduce."""
+    """Integer 4- or 8-bit weights (with or without zero points): the values we reproduce."""
     weight_type = config.weight_type
-    return weight_type.size_bits == 4 and not weight_type.is_floating_point()
+    return weight_type.size_bits in LINEAR_BITS and not weight_type.is_floating_point()
 
 
 def _missing_op(kernel: type) -> str | None:
@@ -93,7 +104,7 @@ def _dequantized_linear_kernel(reason: str) -> type:
         @classmethod
         def can_implement(cls, c: Any) -> tuple[bool, str | None]:
             if not _linear_supported(c):
-                return False, f"{c.weight_type} is not a 4-bit integer type"
+                return False, f"{c.weight_type} is not a 4- or 8-bit integer type"
             if getattr(c, "has_g_idx", False):
                 # activation-ordered groups: the weight's columns need g_idx to regroup
                 return False, "activation order (g_idx) is not dequantized"
@@ -106,9 +117,10 @@ def _dequantized_linear_kernel(reason: str) -> type:
             in_features, out_features = c.partition_weight_shape
             itemsize = torch.empty((), dtype=c.act_type).element_size()
             groups = 1 if c.group_size in (-1, None) else in_features // c.group_size
-            packed = out_features * in_features // 2 + out_features * groups * itemsize
+            bits = c.weight_type.size_bits
+            packed = out_features * in_features * bits // 8 + out_features * groups * itemsize
             if c.zero_points:
-                packed += out_features * groups // 2
+                packed += out_features * groups * bits // 8
             COST_REPORT.add("linear layers", packed, out_features * in_features * itemsize, reason)
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
@@ -124,7 +136,8 @@ def _dequantized_linear_kernel(reason: str) -> type:
                 if zero_point is not None:
                     raise ValueError("K-first packed weights with zero points")
                 packed, scale = packed.t().contiguous(), scale.t().contiguous()
-            weight = int4.dequantize_packed(packed, scale, zero_point, num_bits=4, dtype=dtype)
+            bits = self.config.weight_type.size_bits
+            weight = int4.dequantize_packed(packed, scale, zero_point, num_bits=bits, dtype=dtype)
             _drop_params(
                 layer,
                 (
