@@ -75,6 +75,48 @@ def run_vllm_load(
     return _read_load(proc.returncode, proc.stdout + proc.stderr, out)
 
 
+def run_vllm_loads(
+    checkpoints: list[Path],
+    out_dir: Path,
+    *,
+    plugin: bool = True,
+    process: bool = False,
+    env: dict[str, str] | None = None,
+    timeout: int = 900,
+) -> dict[Path, Load]:
+    """``run_vllm_load`` for several checkpoints, one after another in one fresh process
+    (vLLM's import is most of a load's time). A checkpoint vLLM refuses gets its own
+    traceback as its log (plus the plugin's report lines), not the other loads' output;
+    one the process did not reach (it died) gets the whole log."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outs = [out_dir / f"{i}.params.safetensors" for i in range(len(checkpoints))]
+    cmd = [sys.executable, str(LOAD_MODEL), str(checkpoints[0]), str(outs[0])]
+    for checkpoint, out in zip(checkpoints[1:], outs[1:], strict=True):
+        cmd += ["--more", str(checkpoint), str(out)]
+    if process:
+        cmd.append("--process")
+    run_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
+    if not plugin:
+        run_env["VLLM_PLUGINS"] = "none"
+    else:
+        run_env.pop("VLLM_PLUGINS", None)
+    proc = subprocess.run(
+        cmd, env=run_env, capture_output=True, text=True, timeout=timeout, cwd=out_dir
+    )
+    log = proc.stdout + proc.stderr
+    report = "\n".join(line for line in log.splitlines() if "gemma4_quant" in line)
+    loads = {}
+    for checkpoint, out in zip(checkpoints, outs, strict=True):
+        error = Path(f"{out}.error")
+        if error.exists():
+            loads[checkpoint] = Load(1, error.read_text() + "\n" + report)
+        elif out.exists():
+            loads[checkpoint] = _read_load(0, log, out)
+        else:
+            loads[checkpoint] = Load(proc.returncode or 1, log)
+    return loads
+
+
 def _read_load(returncode: int, log: str, out: Path) -> Load:
     load = Load(returncode, log)
     if load.ok:
@@ -224,13 +266,28 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFactory:
 @pytest.fixture(scope="session")
 def vllm_load(tmp_path_factory: pytest.TempPathFactory):
     """``run_vllm_load`` with the outcome cached per session: tests that look at the same
-    load (same checkpoint, same switches) share one vLLM start."""
+    load (same checkpoint, same switches) share one vLLM start.
+
+    ``batch``: checkpoints to load in the same process, with the same switches, where
+    this one is not cached yet (``run_vllm_loads``); their outcomes are cached too."""
     cache: dict[tuple[str, str], Load] = {}
 
-    def load(checkpoint: Path, **kwargs) -> Load:
-        key = (str(checkpoint), json.dumps(kwargs, sort_keys=True, default=str))
-        if key not in cache:
-            cache[key] = run_vllm_load(checkpoint, tmp_path_factory.mktemp("load"), **kwargs)
+    def load(checkpoint: Path, batch: list[Path] | None = None, **kwargs) -> Load:
+        switches = json.dumps(kwargs, sort_keys=True, default=str)
+        key = (str(checkpoint), switches)
+        if key in cache:
+            return cache[key]
+        group = [checkpoint] + [
+            p
+            for p in dict.fromkeys(batch or [])
+            if p != checkpoint and (str(p), switches) not in cache
+        ]
+        out_dir = tmp_path_factory.mktemp("load")
+        if len(group) == 1:
+            cache[key] = run_vllm_load(checkpoint, out_dir, **kwargs)
+        else:
+            for path, result in run_vllm_loads(group, out_dir, **kwargs).items():
+                cache[(str(path), switches)] = result
         return cache[key]
 
     return load

@@ -28,6 +28,7 @@ import pytest
 from test_cpu_gate_dtype import LAYOUT as ROUTER_LAYOUT
 from test_cpu_gate_dtype import router_errors
 from test_matrix import LAYOUTS as MATRIX
+from test_matrix import matrix_paths
 
 from gemma4_quant import doctor as dr
 from gemma4_quant.checkpoints import LAYOUTS, make_text_config
@@ -267,6 +268,41 @@ EXPECTED_DESCRIPTION = {
             for kind in ("attention", "dense_mlp", "experts", "router")
         },
         router=True,
+        extra={},
+    ),
+    "autoround-int4-mixed": dict(
+        method="auto-round",
+        experts="per-expert",
+        quantized={
+            "attention": ["int8 g128 sym weight-only"],
+            "dense_mlp": ["int8 g128 sym weight-only"],
+            "experts": ["int4 g128 sym weight-only"],
+            "router": ["int8 g128 sym weight-only"],
+        },
+        router=True,
+        extra={},
+    ),
+    "gptq-int4-g64": dict(
+        method="gptq",
+        experts="per-expert",
+        quantized={
+            kind: ["int4 g64 sym weight-only"] for kind in ("attention", "dense_mlp", "experts")
+        },
+        router=False,
+        extra={},
+    ),
+    "modelopt-nvfp4": dict(
+        method="modelopt",
+        experts="per-expert",
+        quantized={"experts": ["nvfp4 g16 a:nvfp4"]},
+        router=False,
+        extra={},
+    ),
+    "modelopt-nvfp4-moe": dict(
+        method="modelopt",
+        experts="per-expert",
+        quantized={kind: ["nvfp4 g16 a:nvfp4"] for kind in ("attention", "dense_mlp", "experts")},
+        router=False,
         extra={},
     ),
 }
@@ -601,6 +637,7 @@ def test_switches_change_the_prediction(checkpoints, monkeypatch: pytest.MonkeyP
 
 NO_KERNEL_ERRORS = (
     "No WNA16 MoE backend supports the deployment configuration",
+    "No NvFp4 MoE backend supports the deployment configuration",
     "Failed to find a kernel that can implement",
     "Only symmetric quantization is supported for MoE",
     "INC on CPU",
@@ -621,9 +658,9 @@ def observed(load) -> str:
 def test_verdict_matches_vllm(checkpoints, vllm_load, layout: str, plugin: bool) -> None:
     """The same loads as the compatibility matrix (shared within a session): doctor's
     prediction for the stage they cover must be what vLLM did."""
-    path = checkpoints(layout, **MATRIX[layout])
+    path, batch = checkpoints(layout, **MATRIX[layout]), matrix_paths(checkpoints)
     prediction = report(path, *([] if plugin else ["--stock"]))["prediction"]
-    load = vllm_load(path) if plugin else vllm_load(path, plugin=False)
+    load = vllm_load(path, batch=batch) if plugin else vllm_load(path, plugin=False, batch=batch)
     got = observed(load)
     predicted = prediction["load_outcome"]
     context = (prediction["summary"], load.log[-3000:])

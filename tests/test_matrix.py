@@ -22,13 +22,31 @@ LAYOUTS = {
     "ct-fused-w4a16-router": {"num_experts": 32},
     "autoround-int4": {"num_experts": 32},
     "fp8-router": {"num_experts": 32},
+    "autoround-int4-mixed": {"num_experts": 32},
+    "gptq-int4-g64": {},
+    "modelopt-nvfp4": {},
+    "modelopt-nvfp4-moe": {},
 }
+
+
+def matrix_paths(checkpoints) -> list:
+    """Every row's checkpoint: each release loads them all in one vLLM process per mode
+    (stock, plugin), shared with test_doctor's verdicts (``vllm_load(..., batch=...)``)."""
+    return [checkpoints(layout, **LAYOUTS[layout]) for layout in sorted(LAYOUTS)]
+
 
 _OUTCOMES = (
     (r"KeyError: '([^']+)'", "KeyError `{0}`"),
     (r"No WNA16 MoE backend supports", "no CPU int4 MoE kernel"),
     (r"Failed to find a kernel that can implement the (\w+) linear", "no CPU {0} linear kernel"),
     (r"Only symmetric quantization is supported for MoE", "MoE method is symmetric-only"),
+    (r"No NvFp4 MoE backend supports", "no CPU NVFP4 MoE kernel"),
+    (r"INC on CPU", "INC on CPU: int4 only"),
+    (
+        r"requires consistent quant config|Detected some but not all shards",
+        "k_eq_v qkv_proj: mixed schemes",
+    ),
+    (r"no module or parameter named '([^']+)'", "no parameter `{0}`"),
     (r"has no parameter '(\w+)'", "no expert parameter `{0}`"),
     (r"Gemma 4 checkpoint left \d+ parameter", "load guard: unfilled parameters"),
     (r"expanded size of the tensor", "RuntimeError: expanded size"),
@@ -48,8 +66,8 @@ def outcome(load) -> str:
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_matrix_row(checkpoints, vllm_load, compat_record, layout):
-    path = checkpoints(layout, **LAYOUTS[layout])
-    stock, plugin = vllm_load(path, plugin=False), vllm_load(path)
+    path, batch = checkpoints(layout, **LAYOUTS[layout]), matrix_paths(checkpoints)
+    stock, plugin = vllm_load(path, plugin=False, batch=batch), vllm_load(path, batch=batch)
     compat_record(layout, outcome(stock), outcome(plugin))
     if layout == "bf16" or plugin.ok:
         assert plugin.ok, plugin.log[-3000:]
