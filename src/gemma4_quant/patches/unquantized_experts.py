@@ -172,20 +172,30 @@ def detect() -> Detection:
 
 
 def apply(detection: Detection) -> None:
-    add_stream_stage()
+    add_stream_stage(("inc",))
 
 
-def add_stream_stage() -> None:
-    """Dequantize streamed GPTQ experts wherever the model being loaded built them
-    unquantized (also registered by dequant_fallback for GPTQ experts without a kernel)."""
+# The quantization configs (by vLLM's name) whose unquantized experts the stage
+# dequantizes: INC's (this patch), GPTQ's (dequant_fallback, which builds them unquantized
+# where no MoE kernel takes them). Each patch adds its own, so that leaving one patch out
+# leaves its configs alone.
+_CONFIGS: set[str] = set()
+
+
+def add_stream_stage(configs: Iterable[str]) -> None:
+    """Dequantize streamed GPTQ experts wherever the model being loaded, quantized with
+    one of ``configs``, built them unquantized."""
     from . import load_stream
 
+    _CONFIGS.update(configs)
     load_stream.add_stage("dequantize", stream_stage)
 
 
 def stream_stage(model: torch.nn.Module, weights: Iterable, _state: dict) -> Iterable:
     plan = ExpertPlan.from_model(model)
-    return weights if plan is None else dequantize_stream(weights, plan)
+    if plan is None or plan.config not in _CONFIGS:
+        return weights
+    return dequantize_stream(weights, plan)
 
 
 # --------------------------------------------------------------------- the plan

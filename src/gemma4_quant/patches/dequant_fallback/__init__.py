@@ -277,7 +277,7 @@ def apply(detection: Detection) -> None:
         from .gptq_moe import patch_gptq_moe
 
         when_imported(found.gptq_moe, patch_gptq_moe)
-        unquantized_experts.add_stream_stage()
+        unquantized_experts.add_stream_stage(unquantized_experts.GPTQ_CONFIGS)
     if found.nvfp4_moe:
         from .nvfp4 import MODELOPT_MODULE, patch_modelopt
 
