@@ -36,8 +36,28 @@ install_project() {  # editable: the tests and vLLM's plugin entry point see thi
   else install --no-deps --no-build-isolation -e "$ROOT"; fi
 }
 
+# Releases that read Gemma 4's config flat (<= 0.27) get a second transformers, one that
+# keeps head_dim per layer (>= 5.15), beside the environment for tests/test_per_layer_config.py
+# to put first on PYTHONPATH (no dependencies: the environment's own huggingface-hub and
+# torch serve it; about 15 MB).
+second_transformers() {
+  case "$V" in
+    0.19.*|0.2[0-7].*) ;;
+    *) return 0 ;;
+  esac
+  local dir="$D/transformers-5.17"
+  [ -d "$dir/transformers" ] && return 0
+  if [ -n "$UV" ]; then
+    "$UV" pip install -q --python "$D/bin/python" --no-deps --target "$dir" \
+      transformers==5.17.0 tokenizers==0.23.3
+  else
+    "$D/bin/pip" install -q --no-deps --target "$dir" transformers==5.17.0 tokenizers==0.23.3
+  fi
+}
+
 if [ -f "$D/.ready-$V" ]; then
   install_project
+  second_transformers
   exit 0
 fi
 rm -rf "$D"
@@ -90,4 +110,5 @@ fi
   || true
 install_project
 "$D/bin/python" -c "import vllm, torch, transformers, compressed_tensors as ct; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'compressed-tensors', ct.__version__)"
+second_transformers
 touch "$D/.ready-$V"

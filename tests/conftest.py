@@ -89,6 +89,7 @@ def run_vllm_loads(
     out_dir: Path,
     *,
     plugin: bool = True,
+    process: bool = False,
     env: dict[str, str] | None = None,
     timeout: int = 900,
 ) -> dict[Path, Load]:
@@ -103,6 +104,8 @@ def run_vllm_loads(
     cmd = [sys.executable, str(LOAD_MODEL), str(checkpoints[0]), str(outs[0])]
     for checkpoint, out in zip(checkpoints[1:], outs[1:], strict=True):
         cmd += ["--more", str(checkpoint), str(out)]
+    if process:
+        cmd.append("--process")
     # one log in the order it was written: vLLM logs to stdout, tracebacks go to stderr
     run_env = {**_load_env(plugin, env), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
@@ -320,8 +323,12 @@ class LoadCache:
     def _key(checkpoint: Path, kwargs: dict) -> tuple[str, str]:
         return str(checkpoint), json.dumps(kwargs, sort_keys=True, default=str)
 
-    def __call__(self, checkpoint: Path, **kwargs) -> Load:
+    def __call__(self, checkpoint: Path, batch: list[Path] | None = None, **kwargs) -> Load:
+        """``batch``: checkpoints to load in the same vLLM process, with the same
+        switches, where this one is not cached yet (``many``)."""
         key = self._key(checkpoint, kwargs)
+        if key not in self.cache and batch:
+            self.many([checkpoint, *(p for p in dict.fromkeys(batch) if p != checkpoint)], **kwargs)
         if key not in self.cache:
             out_dir = self.tmp_path_factory.mktemp("load")
             self.cache[key] = run_vllm_load(checkpoint, out_dir, **kwargs)

@@ -16,7 +16,7 @@ import pytest
 import torch
 import unpack
 from safetensors.torch import load_file
-from unpack import ct_int4, gptq_int4
+from unpack import ct_int4, gptq, nvfp4
 
 from gemma4_quant import checkpoints as ck
 from gemma4_quant import int4
@@ -25,6 +25,7 @@ from gemma4_quant.layout import LAYER_NORMS, TEXT_PREFIX
 P = TEXT_PREFIX
 E, H, I_MOE, I_DENSE, V, HEADS, LAYERS = 8, 256, 256, 256, 512, 4, 4
 BF16, I32, I64, F16 = torch.bfloat16, torch.int32, torch.int64, torch.float16
+U8, F8, F32 = torch.uint8, torch.float8_e4m3fn, torch.float32
 CT_INT4 = [
     "ct-fused-w4a16",
     "ct-fused-w4a16-asym",
@@ -36,6 +37,8 @@ CT_INT4 = [
 # Google's QAT layouts: the dense E2B-like config (layout.LAYOUT_CONFIGS)
 E2B = ("qat-unquantized", "qat-w4a16-ct")
 QUANTIZED = [name for name in ck.LAYOUTS if name not in ("bf16", "qat-unquantized")]
+GPTQ = ["autoround-int4", "autoround-int4-mixed", "gptq-int4-g64"]
+MODELOPT = ["modelopt-nvfp4", "modelopt-nvfp4-moe"]
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -110,7 +113,7 @@ def e2b_spec() -> Spec:
     return spec
 
 
-def _nvfp4_module(out: int, inp: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def _ct_nvfp4_module(out: int, inp: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     return {
         "weight_packed": ((out, inp // 2), torch.uint8),
         "weight_scale": ((out, inp // 16), torch.float8_e4m3fn),
@@ -132,11 +135,25 @@ def _ct_module(
     return spec
 
 
-def _gptq_module(out: int, inp: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def _gptq_module(
+    out: int, inp: int, bits: int = 4, group: int = 128
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    pack = 32 // bits
     return {
-        "qweight": ((inp // 8, out), I32),
-        "qzeros": ((inp // 128, out // 8), I32),
-        "scales": ((inp // 128, out), F16),
+        "qweight": ((inp // pack, out), I32),
+        "qzeros": ((inp // group, out // pack), I32),
+        "scales": ((inp // group, out), F16),
+    }
+
+
+def _nvfp4_module(out: int, inp: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """ModelOpt NVFP4: two E2M1 codes a byte, an E4M3 scale per 16 columns, float32
+    scalars for the tensor and its input."""
+    return {
+        "weight": ((out, inp // 2), U8),
+        "weight_scale": ((out, inp // 16), F8),
+        "weight_scale_2": ((), F32),
+        "input_scale": ((), F32),
     }
 
 
@@ -170,10 +187,12 @@ def layout_spec(layout: str) -> Spec:
     modules: dict[str, tuple[int, int]] = {}  # 2D modules quantized in this layout
     fused = layout in (*CT_INT4, "ct-fused-w8a16") and layout != "ct-per-expert-w4a16"
     bits = 8 if layout == "ct-fused-w8a16" else 4
+    widths: dict[str, int] = {}  # autoround-int4-mixed: modules at 8 bits
     for i in range(LAYERS):
         p = f"{P}layers.{i}."
-        modules.update({f"{p}self_attn.{m}": s for m, s in _attention(i).items()})
-        if layout in ("ct-fused-w4a16-router", "autoround-int4", "fp8-router"):
+        if layout != "modelopt-nvfp4":  # nvidia's NVFP4 leaves attention bf16
+            modules.update({f"{p}self_attn.{m}": s for m, s in _attention(i).items()})
+        if layout in ("ct-fused-w4a16-router", "autoround-int4", "fp8-router", *GPTQ[1:2]):
             modules[p + "router.proj"] = (E, H)
         if layout in (
             "autoround-int4",
@@ -181,13 +200,18 @@ def layout_spec(layout: str) -> Spec:
             "ct-fused-w4a16-dense",
             "ct-fp8-dynamic",
             "ct-nvfp4",
+            *GPTQ[1:],
+            "modelopt-nvfp4-moe",
         ):
             modules[p + "mlp.gate_proj"] = (I_DENSE, H)
             modules[p + "mlp.up_proj"] = (I_DENSE, H)
             modules[p + "mlp.down_proj"] = (H, I_DENSE)
+        if layout == "autoround-int4-mixed":
+            widths.update({m: 8 for m in modules if m.startswith(p)})
         gate_up, down = spec.pop(p + "experts.gate_up_proj"), spec.pop(p + "experts.down_proj")
         if not fused:
-            modules.update(_expert_modules(p))
+            moe = p + "moe." if layout == "modelopt-nvfp4-moe" else p
+            modules.update(_expert_modules(moe))
             continue
         asym = layout == "ct-fused-w4a16-asym"
         for name, ((e, out, inp), _) in (("gate_up_proj", gate_up), ("down_proj", down)):
@@ -199,12 +223,15 @@ def layout_spec(layout: str) -> Spec:
                 spec[f"{p}experts.{name}_shape"] = ((3,), I64)
     for module, (out, inp) in modules.items():
         spec.pop(module + ".weight", None)  # per-expert modules replace the fused 3D ones
-        if layout == "autoround-int4":
-            parts = _gptq_module(out, inp)
+        if layout in GPTQ:
+            group = 64 if layout == "gptq-int4-g64" else 128
+            parts = _gptq_module(out, inp, widths.get(module, 4), group)
+        elif layout in MODELOPT:
+            parts = _nvfp4_module(out, inp)
         elif layout in ("fp8-router", "ct-fp8-dynamic"):
             parts = _fp8_module(out, inp)
         elif layout == "ct-nvfp4":
-            parts = _nvfp4_module(out, inp)
+            parts = _ct_nvfp4_module(out, inp)
         else:
             parts = _ct_module(out, inp, asym=layout == "ct-fused-w4a16-asym", bits=bits)
         spec.update({f"{module}.{k}": v for k, v in parts.items()})
@@ -247,6 +274,8 @@ def test_layout_names_are_fixed():
         "ct-nvfp4",
         "qat-unquantized",
         "qat-w4a16-ct",
+        *GPTQ[1:],
+        *MODELOPT,
     ]
 
 
@@ -328,13 +357,54 @@ def test_quantization_config(checkpoints, layout):
     if layout in ("bf16", "qat-unquantized"):
         assert q is None
         return
-    if layout == "autoround-int4":
+    if layout.startswith("autoround-int4"):
         assert q["quant_method"] == "auto-round"
         assert (q["bits"], q["group_size"], q["sym"]) == (4, 128, True)
         assert q["packing_format"] == "auto_round:auto_gptq"
         assert q["block_name_to_quantize"] == P + "layers"
         saved = json.loads((checkpoints(layout) / "quantization_config.json").read_text())
         assert saved == q
+        if layout == "autoround-int4-mixed":
+            # exact module names, none for the k_eq_v layer's (absent) v_proj
+            eight = {"bits": 8, "group_size": 128, "sym": True}
+            names = [
+                f"{P}layers.{i}.{m}"
+                for i in range(LAYERS)
+                for m in (
+                    *(f"self_attn.{a}" for a in _attention(i)),
+                    "mlp.gate_proj",
+                    "mlp.up_proj",
+                    "mlp.down_proj",
+                    "router.proj",
+                )
+            ]
+            assert q["extra_config"] == {name: eight for name in sorted(names)}
+            assert f"{P}layers.3.self_attn.v_proj" not in q["extra_config"]
+        else:
+            assert "extra_config" not in q
+        return
+    if layout == "gptq-int4-g64":
+        assert q["quant_method"] == "gptq"
+        assert (q["bits"], q["group_size"], q["sym"], q["desc_act"]) == (4, 64, True, False)
+        assert q["checkpoint_format"] == "gptq"
+        saved = json.loads((checkpoints(layout) / "quantize_config.json").read_text())
+        assert saved == q
+        return
+    if layout in MODELOPT:
+        assert (q["quant_method"], q["quant_algo"]) == ("modelopt", "NVFP4")
+        assert q["producer"]["name"] == "modelopt"
+        routers = [f"{P}layers.{i}.router.proj" for i in range(LAYERS)]
+        left = set(routers) | {"lm_head"}
+        if layout == "modelopt-nvfp4":
+            for i in range(LAYERS):
+                left |= {f"{P}layers.{i}.self_attn.{a}" for a in _attention(i)}
+                left |= {f"{P}layers.{i}.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")}
+        assert set(q["ignore"]) == left
+        legacy = json.loads((checkpoints(layout) / "hf_quant_config.json").read_text())
+        quantization = legacy["quantization"]
+        assert (quantization["quant_algo"], quantization["group_size"]) == ("NVFP4", 16)
+        assert quantization["exclude_modules"] == q["ignore"]
+        assert quantization["kv_cache_quant_algo"] is None
         return
     assert q["quant_method"] == "compressed-tensors"
     assert q["version"] == compressed_tensors.__version__
@@ -727,7 +797,9 @@ def _expected_twin(
     def deq(stem: str) -> torch.Tensor:
         packed = tensors.get(stem + "_packed")
         if packed is not None and packed.dtype == torch.uint8:  # NVFP4
-            return unpack.nvfp4(packed, tensors[stem + "_scale"], tensors[stem + "_global_scale"])
+            return unpack.ct_nvfp4(
+                packed, tensors[stem + "_scale"], tensors[stem + "_global_scale"]
+            )
         if packed is not None and bits == 8:
             return unpack.ct_int8(packed, tensors[stem + "_scale"], 32)
         if packed is not None:  # compressed-tensors int4
@@ -739,13 +811,19 @@ def _expected_twin(
             )
         base = stem.removesuffix("weight")
         if base + "qweight" in tensors:
-            return gptq_int4(*(tensors[base + k] for k in ("qweight", "qzeros", "scales")))
+            parts = [tensors[base + k] for k in ("qweight", "qzeros", "scales")]
+            return gptq(*parts, 32 * parts[1].shape[1] // parts[2].shape[1])
+        if stem in tensors and tensors[stem].dtype == torch.uint8:
+            return nvfp4(tensors[stem], tensors[stem + "_scale"], tensors[stem + "_scale_2"])
         if stem in tensors and tensors[stem].dtype == torch.float8_e4m3fn:
             return tensors[stem].float() * tensors[stem + "_scale"].float()
         return None
 
     m = re.match(r"(.*\.experts)\.(gate_up|down)_proj$", name)
     if m and name not in tensors and name + "_packed" not in tensors:  # per-expert layout
+        moe = m[1].replace(".experts", ".moe.experts")
+        if f"{moe}.0.down_proj.weight" in tensors:  # experts exported under `.moe`
+            m = re.match(r"(.*)\.(gate_up|down)_proj$", f"{moe}.{m[2]}_proj")
         parts = []
         for e in range(E):
             if m[2] == "down":
@@ -786,8 +864,10 @@ def test_twin(checkpoints, base, e2b_base, layout):
             continue
         n_dequantized += 1
         assert torch.equal(t, expected.to(BF16)), name
-        # and it is the original up to quantization error (an int4 step is max / 7.5)
+        # and it is the original up to quantization error (an int4 step is max / 7.5; the
+        # E2M1 step below 6 is 2, so NVFP4 rounds by up to a block's max / 6)
         err = (t.float() - base[name].float()).abs().max()
+        bound = 0.2 if layout in MODELOPT else 0.1
         assert err <= bound * base[name].float().abs().max(), name
     assert n_dequantized > 0 or layout in ("bf16", "qat-unquantized")
 

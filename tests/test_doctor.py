@@ -307,6 +307,27 @@ EXPECTED_DESCRIPTION = {
         router=False,
         extra={},
     ),
+    "autoround-int4-mixed": dict(
+        method="auto-round",
+        experts="per-expert",
+        quantized={
+            "attention": ["int8 g128 sym weight-only"],
+            "dense_mlp": ["int8 g128 sym weight-only"],
+            "experts": ["int4 g128 sym weight-only"],
+            "router": ["int8 g128 sym weight-only"],
+        },
+        router=True,
+        extra={},
+    ),
+    "gptq-int4-g64": dict(
+        method="gptq",
+        experts="per-expert",
+        quantized={
+            kind: ["int4 g64 sym weight-only"] for kind in ("attention", "dense_mlp", "experts")
+        },
+        router=False,
+        extra={},
+    ),
     # Google's QAT: a dense E2B-like model whose KV-shared layers store no K/V weights
     "qat-unquantized": dict(
         method=None,
@@ -325,6 +346,20 @@ EXPECTED_DESCRIPTION = {
         router=False,
         extra={},
         kv_shared={"layers": 2, "first": 2, "kv_weights_stored": False},
+    ),
+    "modelopt-nvfp4": dict(
+        method="modelopt",
+        experts="per-expert",
+        quantized={"experts": ["nvfp4 g16 a:nvfp4"]},
+        router=False,
+        extra={},
+    ),
+    "modelopt-nvfp4-moe": dict(
+        method="modelopt",
+        experts="per-expert",
+        quantized={kind: ["nvfp4 g16 a:nvfp4"] for kind in ("attention", "dense_mlp", "experts")},
+        router=False,
+        extra={},
     ),
 }
 
@@ -671,6 +706,7 @@ def test_switches_change_the_prediction(checkpoints, monkeypatch: pytest.MonkeyP
 
 NO_KERNEL_ERRORS = (
     "No WNA16 MoE backend supports the deployment configuration",
+    "No NvFp4 MoE backend supports the deployment configuration",
     "Failed to find a kernel that can implement",
     "Only symmetric quantization is supported for MoE",
     "INC on CPU",

@@ -33,7 +33,17 @@ LAYOUTS = {
     "ct-nvfp4": {},
     "qat-unquantized": {},
     "qat-w4a16-ct": {},
+    "autoround-int4-mixed": {"num_experts": 32},
+    "gptq-int4-g64": {},
+    "modelopt-nvfp4": {},
+    "modelopt-nvfp4-moe": {},
 }
+
+
+def matrix_paths(checkpoints) -> list:
+    """Every row's checkpoint (``vllm_load(..., batch=...)`` loads them in one process)."""
+    return [checkpoints(layout, **LAYOUTS[layout]) for layout in sorted(LAYOUTS)]
+
 
 # a bare NotImplementedError raised by tie_weights (vLLM prefixes a worker's lines)
 TIE_ERROR = r"in tie_weights\s+(?:\[rank\d+\]:\s+)?raise NotImplementedError"
@@ -42,6 +52,13 @@ _OUTCOMES = (
     (r"No WNA16 MoE backend supports", "no CPU int4 MoE kernel"),
     (r"Failed to find a kernel that can implement the (\w+) linear", "no CPU {0} linear kernel"),
     (r"Only symmetric quantization is supported for MoE", "MoE method is symmetric-only"),
+    (r"No NvFp4 MoE backend supports", "no CPU NVFP4 MoE kernel"),
+    (r"INC on CPU", "INC on CPU: int4 only"),
+    (
+        r"requires consistent quant config|Detected some but not all shards",
+        "k_eq_v qkv_proj: mixed schemes",
+    ),
+    (r"no module or parameter named '([^']+)'", "no parameter `{0}`"),
     (r"has no parameter '(\w+)'", "no expert parameter `{0}`"),
     (r"Gemma 4 checkpoint left \d+ parameter", "load guard: unfilled parameters"),
     (r"expanded size of the tensor", "RuntimeError: expanded size"),
@@ -78,13 +95,23 @@ def outcome(load) -> str:
     return "fails"
 
 
-def checked_outcome(path: Path, load, layout: str) -> str:
+def checked_outcome(path: Path, load, layout: str, checkpoints) -> str:
     """``outcome``, and for a load that succeeded whether its values are the checkpoint's:
     "loads", "loads wrong values (`module`, ...)", or "loads (values not compared: why)"
     for a format the comparison does not read."""
     if not load.ok:
         return outcome(load)
     from test_ct_formats import LAYOUTS as CT_FORMATS
+    from test_formats import FORMATS
+
+    if layout in FORMATS:  # AutoRound mixed, GPTQ, ModelOpt: as stored, experts decoded
+        from test_formats import assert_loaded_tensors
+
+        try:
+            assert_loaded_tensors(load, path, checkpoints.twin(layout, **LAYOUTS[layout]))
+        except (AssertionError, KeyError) as exc:
+            return f"loads wrong values ({(str(exc) or type(exc).__name__).splitlines()[0][:80]})"
+        return "loads"
 
     if layout in CT_FORMATS:  # int8, FP8, NVFP4, QAT: compared as the checkpoint stores them
         from test_ct_formats import assert_loaded_equals_checkpoint
@@ -92,7 +119,7 @@ def checked_outcome(path: Path, load, layout: str) -> str:
         try:
             assert_loaded_equals_checkpoint(load, path, None)
         except AssertionError as exc:
-            return f"loads wrong values ({str(exc).splitlines()[0][:80]})"
+            return f"loads wrong values ({(str(exc) or type(exc).__name__).splitlines()[0][:80]})"
         return "loads"
     from test_tensor_parallel import differing_shards
 
@@ -107,11 +134,11 @@ def checked_outcome(path: Path, load, layout: str) -> str:
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_matrix_row(matrix_loads, compat_record, layout):
+def test_matrix_row(matrix_loads, checkpoints, compat_record, layout):
     path, stock, plugin = matrix_loads[layout]
     got_stock, got_plugin = (
-        checked_outcome(path, stock, layout),
-        checked_outcome(path, plugin, layout),
+        checked_outcome(path, stock, layout, checkpoints),
+        checked_outcome(path, plugin, layout, checkpoints),
     )
     compat_record(layout, got_stock, got_plugin)
     if layout == "bf16" or plugin.ok:

@@ -1,6 +1,6 @@
 """The plugin's one codec for quantized weights: compressed-tensors pack-quantized (int4
 and int8), GPTQ (``auto_gptq`` packing, as AutoRound's ``auto_round:auto_gptq`` exports
-it), and compressed-tensors' float formats (FP8 per-channel, NVFP4).
+it), compressed-tensors' float formats (FP8 per-channel, NVFP4) and ModelOpt's NVFP4.
 
 Both formats pack ``32 // bits`` values to an int32 word, value k of a word in bits
 ``[bits * k, bits * (k + 1))``, and mean ``value = (q - zero) * scale``:
@@ -34,6 +34,13 @@ zeros" (``_synthesize_rdna3_qzeros``, vLLM 0.32). A symmetric int4 checkpoint th
 stores 7 in every nibble (``0x77777777``), whose zero 8 is also the storage offset, so a
 decoder that ignores symmetric qzeros agrees. A zero point of 0 has no v1 encoding
 (``-1`` wraps to 15, read back as 16): ``pack_gptq`` refuses it.
+
+ModelOpt NVFP4: ``weight`` uint8 [N, K / 2] holds two E2M1 (FP4) codes per byte, column
+2j in the low nibble and 2j + 1 in the high one; a code is a sign bit (8) and an index
+into the magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6. ``weight_scale`` float8_e4m3fn [N, K / 16]
+scales each block of 16 columns, ``weight_scale_2`` (float32, one per tensor) all of them:
+``value = (e2m1 * weight_scale) * weight_scale_2``. The first product is exact in float32
+(2 + 4 significant bits), so the value is the exact product rounded once to float32.
 
 Dequantization is exact: ``q - zero`` is a small integer, its product with a 16-bit float
 scale is exact in float32, so the result rounded once to the target dtype is the
@@ -194,9 +201,7 @@ def unpack_int4(
 
 # --------------------------------------------------------------------------- float formats
 
-# FP4 E2M1: the magnitude of codes 0..7 (bit 3 is the sign).
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-NVFP4_GROUP = 16
+# --------------------------------------------------------------------------- float formats
 
 
 def dequantize_fp8(
@@ -220,12 +225,7 @@ def dequantize_nvfp4(
     """compressed-tensors NVFP4 weights [..., N, K / 2] uint8 -> [..., N, K] in ``dtype``
     (see the module docstring); ``global_scale`` is one per matrix ([1], or [..., 1] for
     stacked experts)."""
-    if packed.dtype != torch.uint8:
-        raise TypeError(f"expected uint8 FP4 codes, got {packed.dtype}")
-    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2).long()
-    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=packed.device)
-    values = table[codes & 0x7]
-    values = torch.where(codes >= 8, -values, values)
+    values = unpack_e2m1(packed)
     rows, cols = values.shape[-2:]
     if scale.shape[-1] * NVFP4_GROUP != cols:
         raise ValueError(f"packed {tuple(packed.shape)} vs scale {tuple(scale.shape)}")
@@ -279,3 +279,55 @@ def pack_gptq(
         "qzeros": pack_bits(zeros - 1, bits, 1),
         "scales": scales.contiguous(),
     }
+
+
+# --------------------------------------------------------------------------- NVFP4
+
+NVFP4_GROUP = 16
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def pack_e2m1(values: torch.Tensor) -> torch.Tensor:
+    """Round ``values`` [..., K] to the nearest E2M1 number (ties to the smaller
+    magnitude) and pack two codes per byte: uint8 [..., K / 2], column 2j low nibble."""
+    if values.shape[-1] % 2:
+        raise ValueError(f"{values.shape[-1]} values do not fill bytes of two")
+    table = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32, device=values.device)
+    v = values.float()
+    index = (v.abs().unsqueeze(-1) - table).abs().argmin(-1)
+    codes = index | torch.where(v < 0, 8, 0)
+    pairs = codes.reshape(*codes.shape[:-1], -1, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
+
+
+def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
+    """The E2M1 values (float32) of bytes holding two codes each: [..., K / 2] -> [..., K]."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 bytes, got {packed.dtype}")
+    table = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32, device=packed.device)
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2).long()
+    magnitude = table[codes & 7]
+    return torch.where(codes >= 8, -magnitude, magnitude)
+
+
+def dequantize_modelopt_nvfp4(
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_scale_2: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """ModelOpt NVFP4 ``weight`` [..., N, K / 2], ``weight_scale`` [..., N, K / 16] and
+    ``weight_scale_2`` (a scalar, or one per leading index) -> [..., N, K] in ``dtype``."""
+    values = unpack_e2m1(weight)
+    *lead, rows, cols = values.shape
+    if weight_scale.shape[-1] * NVFP4_GROUP != cols or weight_scale.shape[-2] != rows:
+        raise ValueError(
+            f"weight {tuple(weight.shape)} (K = {cols}) vs weight_scale "
+            f"{tuple(weight_scale.shape)}: expected [..., {rows}, {cols // NVFP4_GROUP}]"
+        )
+    blocks = values.reshape(*lead, rows, -1, NVFP4_GROUP) * weight_scale.float().unsqueeze(-1)
+    global_scale = weight_scale_2.float()
+    global_scale = global_scale.reshape(()) if global_scale.numel() == 1 else global_scale
+    if global_scale.dim():  # one per leading index (experts)
+        global_scale = global_scale.reshape(*lead, 1, 1, 1)
+    return (blocks * global_scale).reshape(*lead, rows, cols).to(dtype)

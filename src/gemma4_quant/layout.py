@@ -46,6 +46,16 @@ LAYOUTS: dict[str, str] = {
     "qat-w4a16-ct": "Google QAT W4A16 (gemma-4-E2B/E4B-it-qat-w4a16-ct): a dense Gemma 4 "
     "with per-layer inputs and KV-shared layers that store no k_proj/v_proj/k_norm; every "
     "decoder linear int4 g32 sym pack-quantized",
+    "autoround-int4-mixed": "Intel AutoRound int4-mixed: as autoround-int4, with an "
+    "extra_config raising every non-expert linear (attention, dense MLP, router) to int8 by "
+    "exact module name; k_eq_v layers have no v_proj, so none is listed for them",
+    "gptq-int4-g64": "GPTQ (quant_method gptq, GPTQModel export) int4 g64 sym, desc_act "
+    "false: per-expert qweight/qzeros/scales, attention and dense MLP quantized, router bf16",
+    "modelopt-nvfp4": "ModelOpt NVFP4 (nvidia's export): per-expert "
+    "experts.{e}.{proj}.weight/weight_scale/weight_scale_2/input_scale; attention, dense "
+    "MLP and router bf16; hf_quant_config.json + config.json quantization_config",
+    "modelopt-nvfp4-moe": "ModelOpt NVFP4 (community export, bg-digitalservices): experts "
+    "already under .moe.experts.{e}.{proj}, attention and dense MLP NVFP4 too, router bf16",
 }
 
 # Text-config overrides a layout implies (applied under the size preset and the caller's
@@ -154,6 +164,7 @@ QUANT_SUFFIXES = (
     "weight_global_scale",
     "input_global_scale",
     "input_scale",
+    "weight_scale_2",  # ModelOpt NVFP4's per-tensor scale
     *GPTQ_SUFFIXES,
     "weight",
     "bias",

@@ -41,6 +41,8 @@ from .multimodal import (
 from .quantizers import (
     AUTOROUND_GROUP_SIZE,
     CT_GROUP_SIZE,
+    GPTQ_GROUP_SIZE,
+    MODELOPT_VERSION,
     NVFP4_GROUP_SIZE,
     ct_compress_fp8,
     ct_compress_int,
@@ -50,7 +52,9 @@ from .quantizers import (
     ct_int_args,
     ct_nvfp4_args,
     ct_quantization_config,
+    gptq_compress,
     gptq_compress_int4,
+    nvfp4_compress,
     nvfp4_global_scale,
     nvfp4_input_global_scale,
 )
@@ -135,6 +139,14 @@ def _quantize_experts(
         n, rows, cols = w.shape
         if rows % 8:
             raise ValueError(f"expert output dim {rows} is not a multiple of 8")
+        if getattr(quantize, "per_tensor_scale", False):
+            # one scale per whole tensor (NVFP4's weight_scale_2): expert by expert, one
+            # for gate and up together (vLLM fuses them; ModelOpt exports one value)
+            for e in range(n):
+                shared = gate_up[e].abs().amax() if proj != "down_proj" else None
+                for suffix, t in quantize(w[e], global_amax=shared).items():
+                    out[f"{layer}experts.{e}.{proj}.{suffix}"] = t.contiguous().clone()
+            continue
         for suffix, t in quantize(w.reshape(n * rows, cols)).items():
             if suffix == "weight_shape":
                 parts = [torch.tensor([rows, cols], dtype=torch.int64) for _ in range(n)]
@@ -342,21 +354,148 @@ QAT_TOWER_IGNORE = [
 ]
 
 
+# As Intel's Gemma 4 AutoRound exports write it (quantization_config.json too).
+AUTOROUND_CONFIG: dict[str, Any] = {
+    "bits": 4,
+    "data_type": "int",
+    "group_size": AUTOROUND_GROUP_SIZE,
+    "sym": True,
+    "autoround_version": "0.13.0",
+    "block_name_to_quantize": TEXT_PREFIX + "layers",
+    "quant_method": "auto-round",
+    "packing_format": "auto_round:auto_gptq",
+}
+
+
 def _layout_autoround(base: dict[str, torch.Tensor], cfg: dict[str, Any]) -> Layout:
     # Every linear of the decoder blocks, router included (the tiny dims divide 128).
     out = _quantize_modules(base, gptq_compress_int4, _is_any_linear, unfuse_experts=True)
-    # As Intel's Gemma 4 AutoRound exports write it (quantization_config.json too).
+    return out, dict(AUTOROUND_CONFIG)
+
+
+# Which non-expert linears Intel's "int4-mixed" recipe keeps at 8 bits. Not certain: the
+# model card's recipe ("non-expert layers fall back to 8 bits") is what this follows;
+# vLLM's reports (#47473, #43227) establish only that q_proj/k_proj of the k_eq_v
+# full-attention layers are listed at another width than the default, with no v_proj
+# entry (transformers builds no v_proj module there, and AutoRound lists modules it
+# quantized). Change this table to match the real extra_config.
+MIXED_BITS = {"attention": 8, "dense_mlp": 8, "router": 8}
+
+
+def _layout_autoround_mixed(base: dict[str, torch.Tensor], cfg: dict[str, Any]) -> Layout:
+    """AutoRound int4 with per-module widths: int4 experts, ``MIXED_BITS`` for the rest,
+    written as AutoRound writes per-layer overrides: ``extra_config`` keyed by the exact
+    (checkpoint) module name, with bits, group size and symmetry."""
+    out = _quantize_modules(base, gptq_compress_int4, lambda _: False, unfuse_experts=True)
+    extra: dict[str, dict[str, Any]] = {}
+    for kind, bits in MIXED_BITS.items():
+        names = [n for n in out if _weight_of(n, kind)]
+        out = _quantize_modules(
+            out, lambda w, bits=bits: gptq_compress(w, bits), names.__contains__,
+            unfuse_experts=False,
+        )  # fmt: skip
+        for name in names:
+            module = name.removesuffix(".weight")
+            extra[module] = {"bits": bits, "group_size": AUTOROUND_GROUP_SIZE, "sym": True}
+    return out, {**AUTOROUND_CONFIG, "extra_config": dict(sorted(extra.items()))}
+
+
+def _layout_gptq(base: dict[str, torch.Tensor], cfg: dict[str, Any]) -> Layout:
+    """A GPTQModel export: every decoder linear but the router (GPTQModel's Gemma 4
+    module tree quantizes attention, dense MLP and experts; not certain for every
+    community export: some keep the dense MLP bf16), int4, group 64, symmetric, no
+    activation order (``desc_act`` false: no ``g_idx`` permutation, though GPTQModel
+    writes a trivial ``g_idx``; these tiny checkpoints leave it out, as vLLM derives the
+    same order). The config is GPTQModel's; quantize_config.json repeats it."""
+    select = lambda n: _weight_of(n, "attention", "dense_mlp")  # noqa: E731
+    out = _quantize_modules(
+        base, lambda w: gptq_compress(w, 4, GPTQ_GROUP_SIZE), select, unfuse_experts=True
+    )
     qcfg = {
         "bits": 4,
-        "data_type": "int",
-        "group_size": AUTOROUND_GROUP_SIZE,
+        "group_size": GPTQ_GROUP_SIZE,
+        "desc_act": False,
         "sym": True,
-        "autoround_version": "0.13.0",
-        "block_name_to_quantize": TEXT_PREFIX + "layers",
-        "quant_method": "auto-round",
-        "packing_format": "auto_round:auto_gptq",
+        "lm_head": False,
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+        "pack_dtype": "int32",
+        "true_sequential": True,
+        "damp_percent": 0.05,
+        "static_groups": False,
+        "meta": {
+            "quantizer": ["gptqmodel:4.2.5"],
+            "uri": "https://github.com/modelcloud/gptqmodel",
+        },
     }
     return out, qcfg
+
+
+def _modelopt_config(ignore: list[str]) -> dict[str, Any]:
+    """config.json's quantization_config as ModelOpt's ``export_hf_checkpoint`` writes
+    it for NVFP4 (hf_quant_config.json carries the same in its legacy form, see
+    ``_side_files``). Not certain in every key: ModelOpt versions differ in the
+    ``config_groups`` they add; vLLM reads ``quant_method``, ``quant_algo``, ``ignore``
+    (wildcards) and ``group_size``."""
+    args = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": NVFP4_GROUP_SIZE}
+    return {
+        "config_groups": {
+            "group_0": {"input_activations": args, "weights": args, "targets": ["Linear"]}
+        },
+        "ignore": ignore,
+        "quant_algo": "NVFP4",
+        "kv_cache_scheme": None,
+        "producer": {"name": "modelopt", "version": MODELOPT_VERSION},
+        "quant_method": "modelopt",
+    }
+
+
+# Modules vLLM fuses into one layer, by their last name component.
+_FUSED_GROUPS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up",
+                 "up_proj": "gate_up"}  # fmt: skip
+
+
+def _fused_amax(base: dict[str, torch.Tensor], kinds: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The amax of every 2D weight of ``kinds``, taken over the modules vLLM fuses with it."""
+    names = [n for n in base if _weight_of(n, *kinds)]
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        parent, leaf = name.removesuffix(".weight").rsplit(".", 1)
+        groups.setdefault(f"{parent}.{_FUSED_GROUPS.get(leaf, leaf)}", []).append(name)
+    return {
+        name: torch.stack([base[n].float().abs().amax() for n in members]).amax()
+        for members in groups.values()
+        for name in members
+    }
+
+
+def _layout_modelopt_nvfp4(
+    base: dict[str, torch.Tensor], cfg: dict[str, Any], *, linears: bool = False,
+    moe_prefix: bool = False,
+) -> Layout:  # fmt: skip
+    """ModelOpt NVFP4, per-expert (ModelOpt quantizes ``nn.Linear`` modules only, so
+    the fused 3D experts are unfused into ``experts.{e}.{gate,up,down}_proj`` first).
+
+    nvidia/Gemma-4-26B-A4B-NVFP4 quantizes the experts only (its size, 20.07 GB against
+    17.81 GB for an export that also quantizes attention and dense MLP, fits exactly
+    attention and dense MLP in bf16); ``linears`` quantizes attention and dense MLP too,
+    as bg-digitalservices/Gemma-4-26B-A4B-it-NVFP4 does. ``moe_prefix`` writes the
+    experts under ``layers.N.moe.experts`` (that checkpoint's spelling, per vLLM PR
+    #41206). ModelOpt lists every linear it left alone in ``ignore`` /
+    ``exclude_modules`` (the router, lm_head, and the rest here).
+    """
+    out = _quantize_modules(base, nvfp4_compress, lambda _: False, unfuse_experts=True)
+    if linears:
+        shared = _fused_amax(base, ("attention", "dense_mlp"))
+        for name, amax in shared.items():
+            module = name.removesuffix(".weight")
+            out.update(_prefixed(module, nvfp4_compress(out.pop(name), global_amax=amax)))
+    if moe_prefix:
+        out = {n.replace(".experts.", ".moe.experts.", 1): t for n, t in out.items()}
+    left = [
+        n.removesuffix(".weight") for n in out if _is_any_linear(n) and out[n].is_floating_point()
+    ]
+    return out, _modelopt_config([*left, "lm_head"])
 
 
 def _layout_fp8_router(base: dict[str, torch.Tensor], cfg: dict[str, Any]) -> Layout:
@@ -383,16 +522,30 @@ _LAYOUT_BUILDERS: dict[str, Callable[[dict[str, torch.Tensor], dict[str, Any]], 
     "ct-nvfp4": _layout_nvfp4,
     "qat-unquantized": _layout_bf16,
     "qat-w4a16-ct": _layout_qat,
+    "autoround-int4-mixed": _layout_autoround_mixed,
+    "gptq-int4-g64": _layout_gptq,
+    "modelopt-nvfp4": _layout_modelopt_nvfp4,
+    "modelopt-nvfp4-moe": lambda b, c: _layout_modelopt_nvfp4(b, c, linears=True, moe_prefix=True),
 }
+
+# The quantization group each quantized layout's dims must hold whole.
+_GROUP_SIZES = {
+    "autoround-int4": AUTOROUND_GROUP_SIZE,
+    "autoround-int4-mixed": AUTOROUND_GROUP_SIZE,
+    "gptq-int4-g64": GPTQ_GROUP_SIZE,
+    "modelopt-nvfp4": NVFP4_GROUP_SIZE,
+    "modelopt-nvfp4-moe": NVFP4_GROUP_SIZE,
+    "ct-nvfp4": NVFP4_GROUP_SIZE,
+}
+# Layouts whose every decoder linear (router included) is GPTQ-quantized.
+_GPTQ_EVERYWHERE = ("autoround-int4", "autoround-int4-mixed")
 
 
 def _check_dims(cfg: dict[str, Any], layout: str) -> None:
     """Quantized layouts need whole groups and whole packed words."""
     if layout in ("bf16", "qat-unquantized", "ct-fp8-dynamic"):  # FP8: per channel
         return
-    group = {"autoround-int4": AUTOROUND_GROUP_SIZE, "ct-nvfp4": NVFP4_GROUP_SIZE}.get(
-        layout, CT_GROUP_SIZE
-    )
+    group = _GROUP_SIZES.get(layout, CT_GROUP_SIZE)
     dims = {
         "hidden_size": cfg["hidden_size"],
         "num_attention_heads*head_dim": cfg["num_attention_heads"] * cfg["head_dim"],
@@ -400,11 +553,11 @@ def _check_dims(cfg: dict[str, Any], layout: str) -> None:
     }
     if cfg.get("moe_intermediate_size"):
         dims["moe_intermediate_size"] = cfg["moe_intermediate_size"]
-    if layout in ("autoround-int4", "ct-nvfp4", "qat-w4a16-ct"):  # the dense MLP too
+    if layout in (*_GROUP_SIZES, "qat-w4a16-ct", "ct-fused-w4a16-dense"):  # the dense MLP too
         dims["intermediate_size"] = cfg["intermediate_size"]
     if per_layer_input_size(cfg):
         dims["hidden_size_per_layer_input"] = per_layer_input_size(cfg)
-    if layout == "autoround-int4":
+    if layout in _GPTQ_EVERYWHERE:
         # the router is quantized too; its qzeros pack 8 outputs (experts) to a word
         if cfg["num_experts"] % 8:
             raise ValueError(f"num_experts={cfg['num_experts']} is not a multiple of 8")
@@ -443,6 +596,26 @@ def _quantize_embedder(
     qcfg["ignore"] = [p for p in qcfg["ignore"] if p != "re:.*embed_vision.*"]
 
 
+def _side_files(qcfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The files besides config.json that each tool writes its quantization config to."""
+    method = qcfg.get("quant_method")
+    if method == "auto-round":
+        return {"quantization_config.json": qcfg}
+    if method == "gptq":
+        return {"quantize_config.json": qcfg}
+    if method == "modelopt":  # the legacy form, which older vLLM reads
+        quantization = {
+            "quant_algo": qcfg["quant_algo"],
+            "kv_cache_quant_algo": None,
+            "group_size": NVFP4_GROUP_SIZE,
+            "exclude_modules": qcfg["ignore"],
+        }
+        return {
+            "hf_quant_config.json": {"producer": qcfg["producer"], "quantization": quantization}
+        }
+    return {}
+
+
 def _known(kind: str, name: str, known: dict[str, Any]) -> None:
     if name not in known:
         raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(known)}")
@@ -478,8 +651,8 @@ def build_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     if qcfg is not None:
         cfg["quantization_config"] = qcfg
-        if qcfg.get("quant_method") == "auto-round":
-            write_json(out / "quantization_config.json", qcfg)
+        for name, content in _side_files(qcfg).items():
+            write_json(out / name, content)
     write_json(out / "config.json", cfg)
     if form != "causal-lm":
         write_json(out / PROCESSOR_FILE, PROCESSOR_CONFIG)

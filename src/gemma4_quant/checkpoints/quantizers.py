@@ -3,9 +3,10 @@
 compressed-tensors int4 / int8, FP8 and NVFP4 tensors are made by compressed-tensors
 itself (its ``calculate_qparams`` / ``generate_gparam`` and its pack-quantized,
 float-quantized and nvfp4-pack-quantized compressors on 2D weights), and the
-``quantization_config`` is written by its ``ModelCompressor``. The AutoRound
-layout has no library here: round-to-nearest int4, packed by ``gemma4_quant.int4`` in
-the GPTQ (``auto_gptq``) format.
+``quantization_config`` is written by its ``ModelCompressor``. The AutoRound and GPTQ
+layouts have no library here: round-to-nearest int4 / int8, packed by ``gemma4_quant.int4``
+in the GPTQ (``auto_gptq``) format; nor has ModelOpt's NVFP4 (the same two-level scaling
+as ModelOpt, packed by ``gemma4_quant.int4``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from .. import int4
 
 CT_GROUP_SIZE = 32
 AUTOROUND_GROUP_SIZE = 128
+GPTQ_GROUP_SIZE = 64
+NVFP4_GROUP_SIZE = int4.NVFP4_GROUP
+MODELOPT_VERSION = "0.37.0"
 
 
 def ct_int_args(symmetric: bool = True, group_size: int = CT_GROUP_SIZE, bits: int = 4) -> Any:
@@ -113,7 +117,6 @@ def ct_compress_fp8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-NVFP4_GROUP_SIZE = 16
 # What the NVFP4 exports calibrate their activations to: the input global scale maps this
 # absolute maximum to FP8's and FP4's largest values (448 * 6), as llm-compressor's
 # observer does for the largest activation it sees. The tiny models' activations stay
@@ -174,22 +177,68 @@ def ct_compress_nvfp4(weight: torch.Tensor, global_scale: torch.Tensor) -> dict[
     return {k: out[k].contiguous() for k in ("weight_packed", "weight_scale")}
 
 
-def gptq_compress_int4(
-    weight: torch.Tensor, group_size: int = AUTOROUND_GROUP_SIZE
+def gptq_compress(
+    weight: torch.Tensor, bits: int = 4, group_size: int = AUTOROUND_GROUP_SIZE
 ) -> dict[str, torch.Tensor]:
-    """Symmetric RTN int4 in the GPTQ (auto_gptq) format AutoRound exports.
+    """Symmetric RTN in the GPTQ (auto_gptq) format AutoRound and GPTQ exports write.
 
-    qweight int32 [in/8, out] (packed along the input dim), qzeros int32
-    [in/group, out/8] (packed along the output dim, stored as zero - 1), scales fp16
-    [in/group, out].
+    qweight int32 [in / pack, out] (packed along the input dim), qzeros int32
+    [in / group, out / pack] (packed along the output dim, stored as zero - 1), scales
+    fp16 [in / group, out]; pack = 32 / bits. Symmetric: every zero point is
+    2**(bits - 1), the storage offset.
     """
+    half = 1 << (bits - 1)
     w = weight.float().t()  # [in, out]
     cols, rows = w.shape
     groups = w.reshape(cols // group_size, group_size, rows)
-    scales = (groups.abs().amax(1) / 7.5).clamp_min(1e-8).to(torch.float16)
-    q = torch.round(groups / scales.float().unsqueeze(1)).clamp(-8, 7) + 8
-    zeros = torch.full_like(scales, 8, dtype=torch.int64)  # symmetric: the offset
-    return int4.pack_gptq(q.reshape(cols, rows), zeros, scales)
+    scales = (groups.abs().amax(1) / (half - 0.5)).clamp_min(1e-8).to(torch.float16)
+    q = torch.round(groups / scales.float().unsqueeze(1)).clamp(-half, half - 1) + half
+    zeros = torch.full_like(scales, half, dtype=torch.int64)  # symmetric: the offset
+    return int4.pack_gptq(q.reshape(cols, rows), zeros, scales, bits)
+
+
+def gptq_compress_int4(
+    weight: torch.Tensor, group_size: int = AUTOROUND_GROUP_SIZE
+) -> dict[str, torch.Tensor]:
+    """``gptq_compress`` with 4 bits."""
+    return gptq_compress(weight, 4, group_size)
+
+
+def nvfp4_compress(
+    weight: torch.Tensor, input_amax: float = 4.0, global_amax: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """One 2D weight in ModelOpt's NVFP4 export format (``NVFP4_DEFAULT_CFG``).
+
+    Two-level scaling, as ModelOpt computes it: ``weight_scale_2`` (float32 scalar) =
+    amax(W) / (6 * 448), so that the per-block scales fit E4M3; ``weight_scale``
+    (float8_e4m3fn [out, in / 16]) = amax(block) / 6 / weight_scale_2; the values are
+    rounded to the nearest E2M1 number and packed two to a byte (``weight`` uint8
+    [out, in / 2], see ``gemma4_quant.int4``). ``input_scale`` (float32 scalar) =
+    activation amax / (6 * 448): a random model has no calibration, so ``input_amax``
+    stands for it (it plays no part in a weight-only dequantization). ``global_amax``:
+    the amax the global scale is taken from, where modules that vLLM fuses (q/k/v,
+    gate/up) share one, as ModelOpt's export makes them (default: this weight's).
+    """
+    w = weight.float()
+    rows, cols = w.shape
+    if cols % int4.NVFP4_GROUP:
+        raise ValueError(f"in features {cols} are not a multiple of {int4.NVFP4_GROUP}")
+    amax = w.abs().amax() if global_amax is None else global_amax.float()
+    global_scale = (amax / (6.0 * 448.0)).clamp_min(1e-12)
+    blocks = w.reshape(rows, cols // int4.NVFP4_GROUP, int4.NVFP4_GROUP)
+    block_scale = (blocks.abs().amax(-1) / 6.0 / global_scale).to(torch.float8_e4m3fn)
+    divisor = (block_scale.float() * global_scale).unsqueeze(-1)
+    scaled = torch.where(divisor > 0, blocks / divisor, torch.zeros_like(blocks))
+    return {
+        "weight": int4.pack_e2m1(scaled.reshape(rows, cols)),
+        "weight_scale": block_scale,
+        "weight_scale_2": global_scale.reshape(()).to(torch.float32),
+        "input_scale": torch.tensor(input_amax / (6.0 * 448.0), dtype=torch.float32),
+    }
+
+
+# Its scales depend on the whole tensor: experts are quantized one by one.
+nvfp4_compress.per_tensor_scale = True  # type: ignore[attr-defined]
 
 
 def ct_quantization_config(

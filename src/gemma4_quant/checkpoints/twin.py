@@ -66,13 +66,17 @@ def dequantize_tensors(
                 t, take(stem + "_scale"), take(stem + "_zero_point"), num_bits=num_bits
             )
             take(stem + "_shape")
-        elif name.endswith(".qweight"):  # GPTQ / AutoRound
+        elif name.endswith(".qweight"):  # GPTQ / AutoRound, 4 or 8 bits
             base = name[: -len("qweight")]
             stem = base + "weight"
-            w = int4.unpack_gptq_int4(
-                t, take(base + "qzeros"), take(base + "scales"), take(base + "g_idx")
-            )
-        elif t.dtype == torch.float8_e4m3fn and name.endswith(".weight"):  # compressed-tensors FP8
+            qzeros, scales = take(base + "qzeros"), take(base + "scales")
+            bits = 32 * qzeros.shape[-1] // scales.shape[-1]  # qzeros pack 32 / bits outputs
+            w = int4.dequantize_gptq(t, qzeros, scales, take(base + "g_idx"), bits)
+        elif t.dtype == torch.uint8 and name[: -len("weight")] + "weight_scale_2" in tensors:
+            stem = name  # ModelOpt NVFP4
+            w = int4.dequantize_modelopt_nvfp4(t, take(name + "_scale"), take(name + "_scale_2"))
+            take(name[: -len("weight")] + "input_scale")
+        elif t.dtype == torch.float8_e4m3fn and name + "_scale" in tensors:  # ct FP8
             stem = name
             w = int4.dequantize_fp8(t, take(name + "_scale"))
         else:
@@ -82,6 +86,9 @@ def dequantize_tensors(
     for name, t in tensors.items():
         if name not in used:
             out[name] = t
+    # experts exported under the MoE block's name (`layers.N.moe.experts`) are the
+    # base layout's `layers.N.experts`
+    out = {n.replace(".moe.experts.", ".experts.", 1): t for n, t in out.items()}
     return _fuse_per_expert(out)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from typing import Any
 
 from ..layout import (
@@ -57,6 +58,8 @@ def _stored_format(suffixes: dict[str, TensorInfo]) -> str:
     weight = suffixes.get("weight")
     if weight is None:
         return "unknown"
+    if weight.dtype == "U8" and "weight_scale_2" in suffixes:  # ModelOpt NVFP4
+        return "nvfp4"
     if weight.dtype.startswith("F8"):
         return "fp8"
     if weight.dtype in ("I8", "U8"):
@@ -254,6 +257,8 @@ def _assign_scheme(module: Module, analysis: Analysis) -> None:
         _assign_ct_scheme(module, analysis, qcfg)
     elif method in ("auto-round", "gptq", "awq"):
         _assign_gptq_scheme(module, analysis, qcfg, method)
+    elif method == "modelopt":
+        _assign_modelopt_scheme(module, analysis, qcfg)
     elif method == "fp8":
         ignored = qcfg.get("ignored_layers") or qcfg.get("modules_to_not_convert") or []
         if module.kind in (*LINEAR_KINDS, "experts") and not any(
@@ -341,10 +346,72 @@ def _assign_ct_scheme(module: Module, analysis: Analysis, qcfg: dict[str, Any]) 
     module.scheme_note = f"target {target!r}"
 
 
+def scheme_of_name(analysis: Analysis, name: str, like: Module) -> Scheme | None:
+    """The scheme the config gives a module of ``name`` that the checkpoint does not
+    store (a fused shard vLLM builds anyway), kind and layer as ``like``."""
+    ghost = Module(name, like.kind, like.layer, "none")
+    _assign_scheme(ghost, analysis)
+    return ghost.scheme
+
+
+def _modelopt_excluded(name: str, vllm_name: str, patterns: list[str]) -> str | None:
+    """The ModelOpt ``exclude_modules`` / ``ignore`` entry that excludes a module, as
+    vLLM's ``is_layer_excluded`` matches them: exactly, as a substring, or as a
+    wildcard; against the checkpoint name or vLLM's."""
+    for pattern in patterns:
+        for candidate in (name, vllm_name):
+            if pattern == candidate or pattern in candidate or fnmatch(candidate, pattern):
+                return pattern
+    return None
+
+
+def _assign_modelopt_scheme(module: Module, analysis: Analysis, qcfg: dict[str, Any]) -> None:
+    """ModelOpt's config (config.json ``quantization_config`` or hf_quant_config.json's
+    ``quantization``): ``quant_algo``, and the modules it left alone."""
+    if module.kind not in (*LINEAR_KINDS, "experts"):
+        return
+    legacy = qcfg.get("quantization") if isinstance(qcfg.get("quantization"), dict) else {}
+    algo = str(qcfg.get("quant_algo") or legacy.get("quant_algo") or "").upper()
+    patterns = [str(p) for p in qcfg.get("ignore") or legacy.get("exclude_modules") or []]
+    shards = shard_names(module, analysis)
+    excluded = [_modelopt_excluded(s, _vllm_name(s, analysis), patterns) for s in shards]
+    if any(excluded) and not all(excluded):
+        covered = [short_name(s) for s, e in zip(shards, excluded, strict=True) if e]
+        left = [short_name(s) for s, e in zip(shards, excluded, strict=True) if not e]
+        module.shard_conflict = (
+            f"exclude_modules covers {', '.join(covered)} but not {', '.join(left)}"
+        )
+    if all(excluded):
+        module.scheme_note = f"excluded ({excluded[0]})"
+        return
+    group = qcfg.get("group_size") or legacy.get("group_size") or 16
+    inputs = ((qcfg.get("config_groups") or {}).get("group_0") or {}).get("input_activations")
+    if algo == "NVFP4":
+        activations = "nvfp4" if inputs or not qcfg.get("config_groups") else None
+        module.scheme = Scheme("modelopt", "nvfp4", 4, int(group), None, "group", None,
+                               activations, "modelopt")  # fmt: skip
+    elif algo.startswith("FP8"):
+        module.scheme = Scheme("modelopt", "float", 8, None, True, "tensor", None, "fp8-static")
+    else:
+        module.scheme = Scheme("modelopt", "unknown", None, None, None)
+        module.scheme_note = f"ModelOpt quant_algo {algo!r}: not modelled"
+        return
+    module.scheme_note = f"quant_algo {algo}"
+
+
 def _assign_gptq_scheme(
     module: Module, analysis: Analysis, qcfg: dict[str, Any], method: str
 ) -> None:
     if module.kind not in (*LINEAR_KINDS, "experts"):
+        return
+    if (
+        method == "gptq"
+        and module.stored != "gptq"
+        and not qcfg.get("modules_in_block_to_quantize")
+    ):
+        # vLLM's GPTQ config quantizes the modules the checkpoint stores packed
+        # (AutoGPTQConfig.maybe_update_config reads the safetensors dtypes)
+        module.scheme_note = "not packed in the checkpoint"
         return
     bits = qcfg.get("bits") or qcfg.get("w_bit")
     group_size = qcfg.get("group_size") or qcfg.get("q_group_size")

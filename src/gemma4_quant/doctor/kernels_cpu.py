@@ -88,6 +88,9 @@ def check_wna16_moe_cpu(module: Module, ctx: Ctx) -> Hit | None:
     if ctx.env.platform != "cpu" or not is_wna16(scheme):
         return None
     selection = ctx.env.features.get("wna16_moe_selection")
+    if scheme.method == "gptq":
+        # GPTQ configs build every release's experts through the backend oracle
+        return _oracle_moe_on_cpu(module, scheme, ctx)
     if scheme.method != "compressed-tensors":
         # AutoRound experts that vLLM does quantize on CPU (0.33+) go through the same
         # backend oracle; the plugin's fallback covers compressed-tensors only
@@ -108,6 +111,11 @@ def check_wna16_moe_cpu(module: Module, ctx: Ctx) -> Hit | None:
         # oracle (as 0.30+ do); elsewhere the Triton method, as before
         if selection != "hybrid" or not _marlin_moe_fits(scheme, ctx):
             return _legacy_moe_on_cpu(module, scheme, ctx)
+    return _oracle_moe_on_cpu(module, scheme, ctx)
+
+
+def _oracle_moe_on_cpu(module: Module, scheme: Scheme, ctx: Ctx) -> Hit | None:
+    """The WNA16 MoE backend oracle on CPU (select_wna16_moe_backend)."""
     refusals = cpu_int4_moe_refusals(scheme, ctx)
     if not refusals:
         return forced(module, scheme, ctx, linear=False)
@@ -199,12 +207,14 @@ def check_fp8_moe_cpu(module: Module, ctx: Ctx) -> Hit | None:
     )
 
 
-def check_nvfp4_cpu(module: Module, ctx: Ctx) -> Hit | None:
-    """NVFP4 (FP4 E2M1 weights, W4A4 or W4A16) on CPU: vLLM's NVFP4 linear kernel table
-    has no CPU entry, so the first NVFP4 linear fails at construction (experts would fail
-    after it, at their own method's kernel selection)."""
+def check_ct_nvfp4_cpu(module: Module, ctx: Ctx) -> Hit | None:
+    """compressed-tensors NVFP4 (FP4 E2M1 weights, W4A4 or W4A16) on CPU: vLLM's NVFP4
+    linear kernel table has no CPU entry, so the first NVFP4 linear fails at construction
+    (experts would fail after it, at their own method's kernel selection)."""
     scheme = built_scheme(module, ctx)
     if ctx.env.platform != "cpu" or scheme is None or scheme.storage != "nvfp4":
+        return None
+    if scheme.method == "modelopt":  # check_modelopt_nvfp4_cpu
         return None
     if not is_representative(module, ctx) or ctx.env.features.get("cpu_nvfp4_kernels"):
         return None
@@ -245,6 +255,24 @@ def cpu_wna16_linear_refusal(module: Module, scheme: Scheme, ctx: Ctx) -> str | 
     return None
 
 
+def check_modelopt_nvfp4_cpu(module: Module, ctx: Ctx) -> Hit | None:
+    """ModelOpt NVFP4 on CPU: every NVFP4 MoE backend and linear kernel vLLM has is a GPU
+    kernel (the CPU lists are empty), so the model cannot be built."""
+    scheme = built_scheme(module, ctx)
+    if ctx.env.platform != "cpu" or scheme is None or scheme.weight_type != "nvfp4":
+        return None
+    if scheme.method != "modelopt" or not is_representative(module, ctx):
+        return None
+    linear = module.kind != "experts"
+    if linear:
+        message = "no CPU kernel for NVFP4 linears (vLLM's are GPU kernels)"
+        error = "ValueError: Failed to find a kernel that can implement the NVFP4 linear layer"
+    else:
+        message = "no NVFP4 MoE backend on CPU (vLLM's are GPU kernels)"
+        error = "NotImplementedError: No NvFp4 MoE backend supports the deployment configuration"
+    return served_by_fallback(module, scheme, ctx, linear, message, error)
+
+
 def check_wna16_linear_cpu(module: Module, ctx: Ctx) -> Hit | None:
     scheme = built_scheme(module, ctx)
     if ctx.env.platform != "cpu" or not is_wna16(scheme) or not is_representative(module, ctx):
@@ -254,6 +282,9 @@ def check_wna16_linear_cpu(module: Module, ctx: Ctx) -> Hit | None:
         return forced(module, scheme, ctx, linear=True)
     layer, _ = vllm_layer(module, ctx)
     message = "no CPU kernel for the WNA16 linear layer"
+    routed = _inc_int8_routed(scheme, ctx)
+    if refusal.startswith("INC") and routed:
+        return routed
     if refusal.startswith("INC"):
         error = f"NotImplementedError: {refusal}"
     else:
@@ -262,6 +293,33 @@ def check_wna16_linear_cpu(module: Module, ctx: Ctx) -> Hit | None:
             f"CPUWNA16LinearKernel: {refusal}"
         )
     return served_by_fallback(module, scheme, ctx, True, message, f"{short_name(layer)}: {error}")
+
+
+def _inc_int8_routed(scheme: Scheme, ctx: Ctx) -> Hit | None:
+    """0.20 - 0.29 with the plugin: INC's int8 linears get the GPTQ method INC builds for
+    int4 (dequant_fallback/inc.py); there is no CPU kernel for either afterwards."""
+    from ..patches import dequant_fallback
+    from ..patches.dequant_fallback import inc
+
+    found = dequant_fallback.detect().findings
+    if (
+        scheme.method != "auto-round"
+        or scheme.bits != 8
+        or not scheme.symmetric
+        or not ctx.patched(dequant_fallback.NAME)
+        or ctx.env.fallback_mode == "off"
+        or found is None
+        or found.inc_int8 != inc.GENERATION_CONFIG
+    ):
+        return None
+    return Hit(
+        Outcome.PATCHED,
+        "INC refuses int8 linears on CPU; the plugin builds them with vLLM's GPTQ linear "
+        "method, as INC builds int4 ones (this vLLM has no CPU kernel for GPTQ linears of "
+        "either width: they load, weight processing needs CUDA ops)",
+        "",
+        dequant_fallback.NAME,
+    )
 
 
 def check_cpu_int4_gemm_op(module: Module, ctx: Ctx) -> Hit | None:

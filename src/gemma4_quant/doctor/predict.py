@@ -35,10 +35,14 @@ DOCTOR_RULES: tuple[Rule, ...] = (
     Rule("fp8-linear-cpu", LINEAR_KINDS, Stage.BUILD, kernels_cpu.check_fp8_linear_cpu,
          per_layer=True),
     # kernels/linear init_nvfp4_linear_kernel, _POSSIBLE_NVFP4_KERNELS
-    Rule("nvfp4-cpu", _LINEARS_AND_EXPERTS, Stage.BUILD, kernels_cpu.check_nvfp4_cpu,
+    Rule("ct-nvfp4-cpu", _LINEARS_AND_EXPERTS, Stage.BUILD, kernels_cpu.check_ct_nvfp4_cpu,
          per_layer=True),
     # kernels/linear/mixed_precision/cpu.py CPUWNA16LinearKernel
     Rule("wna16-linear-cpu", LINEAR_KINDS, Stage.BUILD, kernels_cpu.check_wna16_linear_cpu,
+         per_layer=True),
+    # fused_moe/oracle/nvfp4.py select_nvfp4_moe_backend, init_nvfp4_linear_kernel
+    Rule("modelopt-nvfp4-cpu", _LINEARS_AND_EXPERTS, Stage.BUILD,
+         kernels_cpu.check_modelopt_nvfp4_cpu,
          per_layer=True),
     # mixed_precision/{machete,marlin,triton_w4a16}.py; checkpoint-layouts.md
     Rule("wna16-linear-cuda", LINEAR_KINDS, Stage.BUILD, kernels_cuda.check_wna16_linear_cuda,

@@ -264,6 +264,8 @@ def check_platform_known(module: Module, ctx: Ctx) -> Hit | None:
         return Hit(Outcome.UNKNOWN, f"kernels on platform {ctx.env.platform} are not modelled")
     if scheme.weight_type == "unknown":
         return Hit(Outcome.UNKNOWN, f"{module.scheme_note}")
+    if ctx.env.platform == "cpu" and scheme.method == "modelopt" and scheme.storage == "nvfp4":
+        return None  # kernels_cpu.check_modelopt_nvfp4_cpu
     modelled = ("fp8", "nvfp4") if ctx.env.platform == "cpu" else ("fp8",)
     if not is_wna16(scheme) and scheme.storage not in modelled:
         return Hit(Outcome.UNKNOWN, f"kernels for {scheme.describe()} are not modelled")

@@ -37,9 +37,12 @@ from typing import Any
 # The order of the log line and of `gemma4-quant patches`; the order in which patches
 # touch the checkpoint stream is load_stream.STAGES.
 PATCH_MODULES: tuple[str, ...] = (
+    "per_layer_config",
     "amx_permission",
     "expert_names",
+    "moe_prefix",
     "router",
+    "k_eq_v_scheme",
     "load_guard",
     "kv_shared_layers",
     "kv_spec_merge",

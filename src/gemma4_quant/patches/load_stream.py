@@ -1,14 +1,18 @@
 """The one wrapper around ``Gemma4ForCausalLM.load_weights`` that every patch working on
 the checkpoint's tensor stream goes through.
 
-Three patches change what Gemma 4's loader sees, and one checks what it did. Wrapping
+Four patches change what Gemma 4's loader sees, and one checks what it did. Wrapping
 ``load_weights`` once per patch would make their order the order of registration; here
 the order is written down once, in ``STAGES``, as the stream flows:
 
-1. ``dequantize`` (``unquantized_experts``): GPTQ experts that vLLM built unquantized
-   become float tensors under the names vLLM's expert mapping reads;
-2. ``record`` (``load_guard``): the names the loader is handed, for the check below;
-3. ``rename`` (``expert_names``): fused expert names become what this release's
+1. ``normalize`` (``moe_prefix``): experts stored under ``layers.N.moe.experts`` get
+   transformers' ``layers.N.experts`` spelling, which the stages below and every
+   release's mapping read;
+2. ``dequantize`` (``unquantized_experts``, and ``dequant_fallback`` for GPTQ experts
+   without a kernel): GPTQ experts that vLLM built unquantized become float tensors
+   under the names vLLM's expert mapping reads;
+3. ``record`` (``load_guard``): the names the loader is handed, for the check below;
+4. ``rename`` (``expert_names``): fused expert names become what this release's
    mapping reads, and `_shape`/`_g_idx` are split per expert.
 
 After vLLM's loader returns the names of the parameters it filled, every ``fill`` runs
@@ -34,7 +38,7 @@ if TYPE_CHECKING:
 from . import when_imported, wrap_once
 
 GEMMA4 = "vllm.model_executor.models.gemma4"
-STAGES = ("dequantize", "record", "rename")
+STAGES = ("normalize", "dequantize", "record", "rename")
 _MARK = "__gemma4_quant_load_stream__"
 
 Weights = Iterable[tuple[str, "torch.Tensor"]]

@@ -211,13 +211,30 @@ def detect() -> Detection:
 
 
 def apply(detection: Detection) -> None:
+    add_stream_stage(("inc",))
+
+
+# The quantization configs (by vLLM's name) whose unquantized experts the stage
+# dequantizes: INC's (this patch), GPTQ's (dequant_fallback, which builds them unquantized
+# where no MoE kernel takes them). Each patch adds its own, so that leaving one patch out
+# leaves its configs alone.
+_CONFIGS: set[str] = set()
+
+
+def add_stream_stage(configs: Iterable[str]) -> None:
+    """Dequantize streamed GPTQ experts wherever the model being loaded, quantized with
+    one of ``configs``, built them unquantized."""
     from . import load_stream
 
-    def dequantize(model: torch.nn.Module, weights, _state) -> Iterable:
-        plan = ExpertPlan.from_model(model)
-        return weights if plan is None else dequantize_stream(weights, plan)
+    _CONFIGS.update(configs)
+    load_stream.add_stage("dequantize", stream_stage)
 
-    load_stream.add_stage("dequantize", dequantize)
+
+def stream_stage(model: torch.nn.Module, weights: Iterable, _state: dict) -> Iterable:
+    plan = ExpertPlan.from_model(model)
+    if plan is None or plan.config not in _CONFIGS:
+        return weights
+    return dequantize_stream(weights, plan)
 
 
 # --------------------------------------------------------------------- the plan
@@ -247,10 +264,12 @@ class ExpertPlan:
     bits: int
     packed_bytes: int = 0
     dequantized_bytes: int = 0
+    config: str = "inc"  # the quantization config's name (why the experts are float)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> ExpertPlan | None:
-        bits = gptq_bits(getattr(model, "quant_config", None))
+        quant_config = getattr(model, "quant_config", None)
+        bits = gptq_bits(quant_config)
         if bits is None:
             return None
         layers: dict[int, FloatExperts] = {}
@@ -261,7 +280,7 @@ class ExpertPlan:
                 layers[int(match.group(1))] = experts
         if not layers:
             return None
-        plan = cls(layers, bits)
+        plan = cls(layers, bits, config=quant_config.get_name())
         for experts in layers.values():
             numel = 3 * experts.num_experts * experts.hidden * experts.intermediate
             plan.dequantized_bytes += numel * experts.dtype.itemsize
@@ -269,20 +288,27 @@ class ExpertPlan:
         return plan
 
 
+# vLLM's GPTQ configs (GPTQ-packed by definition)
+GPTQ_CONFIGS = ("gptq", "gptq_marlin", "auto_gptq")
+
+
 def gptq_bits(quant_config: object) -> int | None:
-    """Bits of an INC (AutoRound) config with GPTQ packing, or None for any other config."""
+    """Bits of a GPTQ config, or of an INC (AutoRound) config with GPTQ packing; None for
+    any other config."""
     if quant_config is None:
         return None
     try:
         name = quant_config.get_name()  # type: ignore[attr-defined]
     except Exception:
         return None
+    bits = getattr(quant_config, "weight_bits", None)
+    if name in GPTQ_CONFIGS:
+        return int(bits) if bits in (2, 4, 8) else None
     if name != "inc":
         return None
     formats = (
         f"{getattr(quant_config, 'packing_format', '')} {getattr(quant_config, 'backend', '')}"
     )
-    bits = getattr(quant_config, "weight_bits", None)
     if "gptq" not in formats or getattr(quant_config, "data_type", "int") != "int":
         return None
     if bits not in (2, 4, 8):
@@ -510,11 +536,17 @@ def _warn_once(plan: ExpertPlan) -> None:
         return
     _warned = True
     dtype = next(iter(plan.layers.values())).dtype
+    why = (
+        "vLLM builds AutoRound (INC) MoE experts unquantized on this platform ('CPU does "
+        "not support quantized MoE yet')"
+        if plan.config == "inc"
+        else "vLLM has no WNA16 MoE kernel for these GPTQ experts here; they are built unquantized"
+    )
     logger.warning(
-        "gemma4_quant: vLLM builds AutoRound (INC) MoE experts unquantized on this platform "
-        "('CPU does not support quantized MoE yet'). Dequantizing the checkpoint's GPTQ "
-        "%d-bit experts of %d layers to %s at load time: %.4f GiB of expert weights instead "
-        "of %.4f GiB packed (+%.4f GiB).",
+        "gemma4_quant: %s. Dequantizing the checkpoint's GPTQ %d-bit experts of %d layers "
+        "to %s at load time: %.4f GiB of expert weights instead of %.4f GiB packed "
+        "(+%.4f GiB).",
+        why,
         plan.bits,
         len(plan.layers),
         str(dtype).removeprefix("torch."),
@@ -524,7 +556,7 @@ def _warn_once(plan: ExpertPlan) -> None:
     )
 
 
-__all__ = ["NAME", "SUMMARY", "detect", "apply", "dequantize_stream"]
+__all__ = ["NAME", "SUMMARY", "detect", "apply", "add_stream_stage", "dequantize_stream"]
 
 
 # --- what stock vLLM does to a checkpoint that needs this patch (read by doctor)

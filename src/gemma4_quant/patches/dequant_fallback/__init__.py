@@ -229,13 +229,27 @@ class Found:
     moe_generation: str
     linear: bool
     gptq_linear: bool
+    inc_int8: str | None = None  # how INC refuses int8 linears on CPU (inc.py)
+    gptq_moe: str | None = None  # the module building GPTQ experts (gptq_moe.py)
+    nvfp4_moe: bool = False  # ModelOpt NVFP4 experts (nvfp4.py)
 
 
 def detect() -> Detection:
+    from .gptq_moe import gptq_moe_module
+    from .inc import inc_int8_generation
+    from .nvfp4 import nvfp4_moe_recognized
+
     generation, why = _moe_generation()
     if generation is None:
         return Detection.unrecognized(why)
-    found = Found(generation, _linear_recognized(), _gptq_linear_recognized())
+    found = Found(
+        generation,
+        _linear_recognized(),
+        _gptq_linear_recognized(),
+        inc_int8_generation(),
+        gptq_moe_module(),
+        nvfp4_moe_recognized(),
+    )
     linear = ""
     if found.linear:
         linear = (
@@ -243,11 +257,17 @@ def detect() -> Detection:
             if found.gptq_linear
             else "and WNA16 linears "
         )
-    return Detection.needed(f"{why}; dequantize experts {linear}where no kernel fits", found)
+    inc = "; INC int8 linears get vLLM's GPTQ method on CPU" if found.inc_int8 else ""
+    gptq = "; GPTQ experts without a kernel load dequantized" if found.gptq_moe else ""
+    nvfp4 = "; so do ModelOpt NVFP4 experts" if found.nvfp4_moe else ""
+    return Detection.needed(
+        f"{why}; dequantize experts {linear}where no kernel fits{inc}{gptq}{nvfp4}", found
+    )
 
 
 def apply(detection: Detection) -> None:
     found: Found = detection.findings
+    from . import inc
     from .linear import patch_linear_scheme
     from .moe import patch_moe_factory
 
@@ -258,11 +278,26 @@ def apply(detection: Detection) -> None:
         when_imported(LINEAR_SCHEME_MODULE, patch_linear_scheme)
     if found.gptq_linear:
         # AutoGPTQLinearMethod builds symmetric configs only (zero_points=False); its
-        # kernels never read qzeros, and neither does the fallback.
+        # kernels never read qzeros, and neither does the fallback. int8 too: INC's int8
+        # linears (inc.py) and GPTQ int8 exports come this way.
         when_imported(
             GPTQ_LINEAR_MODULE,
-            functools.partial(patch_linear_scheme, zero_points=False, bits=(4,)),
+            functools.partial(patch_linear_scheme, zero_points=False, widths=(4, 8)),
         )
+    if found.gptq_moe:
+        from .. import unquantized_experts
+        from .gptq_moe import patch_gptq_moe
+
+        when_imported(found.gptq_moe, patch_gptq_moe)
+        unquantized_experts.add_stream_stage(unquantized_experts.GPTQ_CONFIGS)
+    if found.nvfp4_moe:
+        from .nvfp4 import MODELOPT_MODULE, patch_modelopt
+
+        when_imported(MODELOPT_MODULE, patch_modelopt)
+    if found.inc_int8 == inc.GENERATION_SCHEME:
+        when_imported(inc.SCHEME_MODULE, inc.patch_inc_scheme)
+    elif found.inc_int8 == inc.GENERATION_CONFIG:
+        when_imported(inc.CONFIG_MODULE, inc.patch_inc_config)
 
 
 # --- what stock vLLM does to a checkpoint that needs this patch (read by doctor)
@@ -295,14 +330,32 @@ def fallback_refusal(scheme: Scheme, ctx: Ctx, linear: bool) -> str | None:
         return f"{NAME} {status[0]} here ({status[1]})"
     if ctx.env.fallback_mode == "off":
         return "GEMMA4_QUANT_FALLBACK=off"
-    if scheme.method == "auto-round" and linear:
+    found: Found | None = detect().findings
+    if scheme.method == "modelopt":
+        if scheme.weight_type != "nvfp4":
+            return "the fallback covers ModelOpt NVFP4 only"
+        if found is None or not found.nvfp4_moe:
+            return "the fallback does not recognize this vLLM's ModelOpt NVFP4 code"
+        return None
+    if scheme.method == "gptq" and not linear:
+        if found is None or not found.gptq_moe:
+            return "the fallback does not recognize this vLLM's GPTQ MoE code"
+        return None if scheme.bits in (2, 4, 8) else f"{scheme.bits}-bit GPTQ experts"
+    if scheme.method in ("auto-round", "gptq") and linear:
         if not _gptq_linear_recognized():
             return "the fallback does not recognize this vLLM's AutoGPTQ linear code"
-        if not ctx.analysis.gptq_packed():
+        if scheme.method == "auto-round" and not ctx.analysis.gptq_packed():
             return "the fallback covers GPTQ-packed AutoRound linears only"
-        return None if scheme.bits == 4 and scheme.symmetric else "not symmetric int4"
+        if not scheme.symmetric or scheme.bits not in (4, 8):
+            return "not symmetric int4 or int8"
+        if scheme.bits == 8 and scheme.method == "auto-round" and not (found and found.inc_int8):
+            return "INC refuses int8 on CPU in code the fallback does not recognize"
+        return None
     if scheme.method != "compressed-tensors":
-        return "the fallback covers compressed-tensors layers and AutoRound linears only"
+        return (
+            "the fallback covers compressed-tensors layers, GPTQ and AutoRound linears and "
+            "experts, and ModelOpt NVFP4 only"
+        )
     if linear:
         if not _linear_recognized():
             return "the fallback does not recognize this vLLM's WNA16 linear code"

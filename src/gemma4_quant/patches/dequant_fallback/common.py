@@ -26,6 +26,19 @@ def _drop_params(layer: torch.nn.Module, names: tuple[str, ...]) -> None:
             del layer._parameters[name]
 
 
+def keep_checkpoint_sizes(
+    method: object, hidden_size: int, intermediate_size_per_partition: int, *args: object
+) -> tuple[int, int]:
+    """``maybe_roundup_sizes`` of a MoE fallback: its packed buffers take the
+    checkpoint's sizes, as the quantized method's would; an unquantized backend's padding
+    would not match them."""
+    from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+
+    return FusedMoEMethodBase.maybe_roundup_sizes(
+        method, hidden_size, intermediate_size_per_partition, *args
+    )
+
+
 # --------------------------------------------------------------------- the one warning
 
 

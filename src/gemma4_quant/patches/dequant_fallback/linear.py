@@ -19,11 +19,11 @@ from .moe import PACKED_BITS
 
 
 def patch_linear_scheme(
-    module: ModuleType, zero_points: bool = True, bits: tuple[int, ...] = PACKED_BITS
+    module: ModuleType, zero_points: bool = True, widths: tuple[int, ...] = PACKED_BITS
 ) -> None:
     """Wrap ``module.choose_mp_linear_kernel`` (the name the scheme's module calls);
-    ``zero_points=False``: configs with zero points keep vLLM's kernel choice, and so do
-    widths not in ``bits``."""
+    ``zero_points=False``: configs with zero points keep vLLM's kernel choice; ``widths``:
+    the integer widths this scheme's layers are dequantized at."""
     original = module.choose_mp_linear_kernel
     if getattr(original, _MARK, False):
         return
@@ -31,7 +31,7 @@ def patch_linear_scheme(
     def supported(config: Any) -> bool:
         return (
             _linear_supported(config)
-            and config.weight_type.size_bits in bits
+            and config.weight_type.size_bits in widths
             and (zero_points or not config.zero_points)
         )
 

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 from ... import envs
 from . import _MARK, GENERATION_BY_KERNEL, GENERATION_LEGACY, NO_MOE_KERNEL, SYMMETRIC_ONLY
-from .common import COST_REPORT, _data, _drop_params, _nbytes, logger
+from .common import COST_REPORT, _data, _drop_params, _nbytes, keep_checkpoint_sizes, logger
 
 # --------------------------------------------------------------------- MoE
 
@@ -262,14 +262,7 @@ def _dequantized_moe_method_class() -> type:
             method.input_dtype = None
             return method
 
-        def maybe_roundup_sizes(
-            self, hidden_size: int, intermediate_size_per_partition: int, *args: Any
-        ) -> tuple[int, int]:
-            # The packed buffers take the checkpoint's sizes, as the WNA16 method's
-            # would; an unquantized backend's padding would not match them.
-            return FusedMoEMethodBase.maybe_roundup_sizes(
-                self, hidden_size, intermediate_size_per_partition, *args
-            )
+        maybe_roundup_sizes = keep_checkpoint_sizes
 
         def create_weights(
             self,
