@@ -25,6 +25,8 @@
 #   fallback layer probes of the layers vLLM has no kernel for and of the real dimensions
 #            (tests/gpu/correctness.py FALLBACK_CASES, plus the tiny asymmetric layout):
 #            0.20.2 and 0.26.0, plugin and stock, one GPU
+#   formats  the same for the public formats past cyankiwi's (correctness.FORMAT_CASES)
+#   multimodal the same for Gemma4ForConditionalGeneration (ct-fused-w4a16-multimodal)
 # This project must be installed in the python3 that runs it (pip install -e .).
 set -uo pipefail
 PROJ=$(cd "$(dirname "$0")/.." && pwd)
@@ -154,29 +156,44 @@ if has moebench; then
   log "moebench tp2 shapes: rc=$?"
 fi
 
-if has fallback; then
-  F=$WORK/fallback
-  cases=$(python3 -c "import sys; sys.path.insert(0, '$PROJ/tests/gpu'); \
-import correctness as c; print(','.join(['ct-fused-w4a16-asym', *c.FALLBACK_CASES]))")
+probe_cases() {  # name cases: layer probes of these cases, 0.20.2 and 0.26.0, one GPU
+  local name=$1 cases=$2 F=$WORK/$1
   install 0.26.0 "$T026" --deps-only || exit 1
   if [ ! -f "$F/ckpts/.built" ]; then
-    log "fallback checkpoints: build $cases"
-    PYTHONPATH=$T026 $CORR build "$F/ckpts" --layouts "$cases" --jobs 8 > "$R/fallback-build.log" \
-      2>&1 && touch "$F/ckpts/.built" || { log "build failed"; tail -30 "$R/fallback-build.log"; }
+    log "$name checkpoints: build $cases"
+    PYTHONPATH=$T026 $CORR build "$F/ckpts" --layouts "$cases" --jobs 8 > "$R/$name-build.log" \
+      2>&1 && touch "$F/ckpts/.built" || { log "build failed"; tail -30 "$R/$name-build.log"; }
   fi
   install 0.20.2 "$T020" || exit 1
   install 0.26.0 "$T026" || exit 1
   for rel in 0.20.2 0.26.0; do
     tgt=$T020; [ "$rel" = 0.26.0 ] && tgt=$T026
-    log "fallback probes $rel: start"
+    log "$name probes $rel: start"
     $PROBE run "$F/ckpts" "$F/results" --release "$rel=$tgt" --variants plugin,stock \
-      --layouts "$cases" --gpus 0 --jobs "${PROBE_JOBS:-4}" > "$R/fallback-$rel.log" 2>&1
-    log "fallback probes $rel: rc=$?"
+      --layouts "$cases" --gpus 0 --jobs "${PROBE_JOBS:-4}" > "$R/$name-$rel.log" 2>&1
+    log "$name probes $rel: rc=$?"
   done
   $PROBE report "$F/results" > /dev/null
-  cp "$F/results/probe-table.md" "$R/fallback-table.md"
-  cp "$F/results/probe-results.json" "$R/fallback-results.json"
-  log "fallback: done"
+  cp "$F/results/probe-table.md" "$R/$name-table.md"
+  cp "$F/results/probe-results.json" "$R/$name-results.json"
+  log "$name: done"
+}
+
+cases_of() {  # a dict of tests/gpu/correctness.py -> comma-separated case names
+  python3 -c "import sys; sys.path.insert(0, '$PROJ/tests/gpu'); \
+import correctness as c; print(','.join($1))"
+}
+
+if has fallback; then
+  probe_cases fallback "$(cases_of "['ct-fused-w4a16-asym', *c.FALLBACK_CASES]")"
+fi
+
+if has formats; then
+  probe_cases formats "$(cases_of "c.FORMAT_CASES")"
+fi
+
+if has multimodal; then
+  probe_cases multimodal ct-fused-w4a16-multimodal
 fi
 
 if has bench; then

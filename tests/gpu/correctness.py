@@ -71,6 +71,20 @@ FALLBACK_CASES: dict[str, dict] = {
     "ct-fused-w4a16-multimodal": {"layout": "ct-fused-w4a16", "form": "multimodal"},
 }
 CASES.update(FALLBACK_CASES)
+# The public formats past cyankiwi's AWQ-4bit (int8, FP8-Dynamic, NVFP4 of both exporters,
+# Google's dense QAT, AutoRound int4-mixed, GPTQ g64): the layouts of tests/test_matrix.py.
+FORMAT_CASES: dict[str, dict] = {
+    "ct-fused-w8a16": {},
+    "ct-fp8-dynamic": {},
+    "ct-nvfp4": {},
+    "qat-w4a16-ct": {},
+    # int8 router: Marlin needs N (the expert count) % 64 == 0
+    "autoround-int4-mixed": {"num_experts": ROUTER_EXPERTS},
+    "gptq-int4-g64": {},
+    "modelopt-nvfp4": {},
+    "modelopt-nvfp4-moe": {},
+}
+CASES.update(FORMAT_CASES)
 VARIANTS = ("plugin", "stock", "twin", "tp2", "tp2-ep")
 FIRST_STEPS = 8
 # Verdicts. These tiny random models are numerically touchy: two correct runs of the
