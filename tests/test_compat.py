@@ -23,6 +23,7 @@ EXPECTED = {
         # INC refuses every quantized layer on CPU: AutoRound cannot load at all
         "unquantized_experts": "not needed",
         "tied_lm_head": "not needed",
+        "text_mapper": "not needed",
         "cpu_gate_dtype": "needed",
     },
     "0.20.2": {
@@ -33,6 +34,7 @@ EXPECTED = {
         "kv_spec_merge": "not needed",
         "unquantized_experts": "needed",
         "tied_lm_head": "not needed",
+        "text_mapper": "not needed",
         "cpu_gate_dtype": "needed",
     },
     "0.23.0": {
@@ -42,6 +44,7 @@ EXPECTED = {
         "kv_spec_merge": "not needed",
         "unquantized_experts": "needed",
         "tied_lm_head": "not needed",
+        "text_mapper": "not needed",
         "cpu_gate_dtype": "needed",
     },
     "0.30.0": {
@@ -52,6 +55,7 @@ EXPECTED = {
         "kv_spec_merge": "not needed",
         "unquantized_experts": "needed",
         "tied_lm_head": "not needed",
+        "text_mapper": "not needed",
         "cpu_gate_dtype": "needed",
     },
     "0.32.0": {
@@ -62,6 +66,7 @@ EXPECTED = {
         "kv_spec_merge": "not needed",
         "unquantized_experts": "needed",
         "tied_lm_head": "not needed",
+        "text_mapper": "not needed",
         "cpu_gate_dtype": "not needed",
     },
 }

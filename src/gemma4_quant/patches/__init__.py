@@ -38,6 +38,7 @@ from typing import Any
 # touch the checkpoint stream is load_stream.STAGES.
 PATCH_MODULES: tuple[str, ...] = (
     "per_layer_config",
+    "text_mapper",
     "amx_permission",
     "expert_names",
     "moe_prefix",
