@@ -92,8 +92,10 @@ def test_register_is_idempotent_and_cheap():
 
     code = (
         "import sys, time, vllm, gemma4_quant as g\n"
-        "t = time.perf_counter(); g.register(); g.register()\n"
-        "assert time.perf_counter() - t < 2.0\n"
+        # CPU seconds of this process: what registration costs, whatever else the
+        # machine runs meanwhile
+        "t = time.process_time(); g.register(); g.register()\n"
+        "assert time.process_time() - t < 2.0, time.process_time() - t\n"
         "assert 'vllm.model_executor.models.gemma4' not in sys.modules\n"
         "from vllm.model_executor.models import gemma4\n"
         "chain, w = [], gemma4.Gemma4ForCausalLM.load_weights\n"

@@ -28,6 +28,7 @@ import pytest
 from test_cpu_gate_dtype import LAYOUT as ROUTER_LAYOUT
 from test_cpu_gate_dtype import router_errors
 from test_matrix import LAYOUTS as MATRIX
+from test_matrix import plugin_gap
 
 from gemma4_quant import doctor as dr
 from gemma4_quant.checkpoints import LAYOUTS, make_text_config
@@ -711,6 +712,7 @@ NO_KERNEL_ERRORS = (
     "Only symmetric quantization is supported for MoE",
     "INC on CPU",
     "INC quantization is not supported during xpu kernel migration",  # 0.19 on CPU
+    "No NVFP4 GEMM backend selected",  # 0.19
 )
 
 
@@ -729,6 +731,9 @@ def test_verdict_matches_vllm(matrix_loads, layout: str, plugin: bool) -> None:
     """The same loads as the compatibility matrix (shared within a session): doctor's
     prediction for the stage they cover must be what vLLM did."""
     path, stock, with_plugin = matrix_loads[layout]
+    gap = plugin_gap(layout)
+    if gap is not None:
+        pytest.xfail(f"not modelled where the plugin does not serve the format: {gap}")
     prediction = report(path, *([] if plugin else ["--stock"]))["prediction"]
     load = with_plugin if plugin else stock
     got = observed(load)

@@ -53,6 +53,7 @@ _OUTCOMES = (
     (r"Failed to find a kernel that can implement the (\w+) linear", "no CPU {0} linear kernel"),
     (r"Only symmetric quantization is supported for MoE", "MoE method is symmetric-only"),
     (r"No NvFp4 MoE backend supports", "no CPU NVFP4 MoE kernel"),
+    (r"No NVFP4 GEMM backend selected", "no CPU NVFP4 linear kernel"),  # 0.19
     (r"INC on CPU", "INC on CPU: int4 only"),
     (
         r"requires consistent quant config|Detected some but not all shards",
@@ -83,6 +84,30 @@ VLLM_LIMITS = (
     "INC refuses quantized layers on CPU",
     "no CPU NVFP4 linear kernel",
 )
+
+
+# Formats the plugin does not serve on a release yet, each with vLLM's reason. The rows
+# are recorded as they are; a plugin load that succeeds there fails the test, so that the
+# entry goes once it is fixed.
+PLUGIN_GAPS = {
+    ("0.19.", "gptq-int4-g64"): "0.19's GPTQ MoE method builds a Marlin workspace at "
+    "construction (NotImplementedError: num_compute_units on CPU)",
+    ("0.19.", "modelopt-nvfp4"): "0.19's NVFP4 MoE oracle imports flashinfer while it "
+    "picks a backend (ModuleNotFoundError on CPU)",
+    ("0.23.", "autoround-int4-mixed"): "INC int8 linears: 0.23's GPTQ route checks Marlin "
+    "support (NotImplementedError on CPU)",
+}
+
+
+def plugin_gap(layout: str) -> str | None:
+    """Why the plugin does not serve ``layout`` on the installed release, if it does not."""
+    from gemma4_quant import vllm_version
+
+    release = vllm_version()
+    for (prefix, gap), why in PLUGIN_GAPS.items():
+        if gap == layout and release.startswith(prefix):
+            return why
+    return None
 
 
 def outcome(load) -> str:
@@ -141,6 +166,10 @@ def test_matrix_row(matrix_loads, checkpoints, compat_record, layout):
         checked_outcome(path, plugin, layout, checkpoints),
     )
     compat_record(layout, got_stock, got_plugin)
+    gap = plugin_gap(layout)
+    if gap is not None:
+        assert not plugin.ok, f"{layout} loads with the plugin now: drop it from PLUGIN_GAPS"
+        pytest.xfail(gap)
     if layout == "bf16" or plugin.ok:
         assert got_plugin == "loads", plugin.log[-3000:] if not plugin.ok else got_plugin
         return

@@ -37,9 +37,14 @@ def patch_moe_factory(module: ModuleType, generation: str | None) -> None:
         try:
             method = original(quant_config, layer, layer_name)
         except (NotImplementedError, AssertionError) as exc:
-            if NO_MOE_KERNEL not in str(exc) and SYMMETRIC_ONLY not in str(exc):
-                raise
-            fallback = _moe_fallback(quant_config, layer, layer_name, str(exc), generation)
+            reason = str(exc)
+            if NO_MOE_KERNEL not in reason and SYMMETRIC_ONLY not in reason:
+                # 0.23 - 0.29: the Marlin method's constructor asserts what its GPU kernel
+                # takes (int8 experts: per-channel only); on CPU no such kernel runs
+                if not (isinstance(exc, AssertionError) and _on_cpu()):
+                    raise
+                reason = f"vLLM's WNA16 MoE method refuses this scheme (AssertionError {reason})"
+            fallback = _moe_fallback(quant_config, layer, layer_name, reason, generation)
             if fallback is None:
                 raise
             return fallback
