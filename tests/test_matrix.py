@@ -94,8 +94,6 @@ PLUGIN_GAPS = {
     "construction (NotImplementedError: num_compute_units on CPU)",
     ("0.19.", "modelopt-nvfp4"): "0.19's NVFP4 MoE oracle imports flashinfer while it "
     "picks a backend (ModuleNotFoundError on CPU)",
-    ("0.23.", "autoround-int4-mixed"): "INC int8 linears: 0.23's GPTQ route checks Marlin "
-    "support (NotImplementedError on CPU)",
 }
 
 

@@ -8,9 +8,10 @@ The refusal is replaced by the method vLLM builds for a 4-bit layer, at the laye
 width: 0.30+ ``AutoGPTQLinearMethod`` (what ``INCWNA16LinearScheme`` wraps; its kernel
 choice the linear fallback covers: CPUWNA16 takes no int8, so the layer is dequantized at
 load),
-0.20 - 0.29 ``apply_gptq_quant_layer`` (loads; those releases have no CPU kernel for GPTQ
-linears, at any width). Only symmetric GPTQ-packed int8 is routed; anything else keeps
-vLLM's error.
+0.20 - 0.29 ``apply_gptq_quant_layer`` (0.20: loads, and that release has no CPU kernel for
+GPTQ linears at any width; 0.21 - 0.29 build only Marlin there and refuse the layer on CPU,
+which then gets 0.30's ``AutoGPTQLinearMethod`` as above). Only symmetric GPTQ-packed int8
+is routed; anything else keeps vLLM's error.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ _CONFIG_FILE = "model_executor/layers/quantization/inc.py"
 # vLLM's refusals (0.30+, 0.20 - 0.29)
 REFUSAL_SCHEME = "INC on CPU: unsupported config"
 REFUSAL_CONFIG = "INC on CPU only supports 4-bit quantization"
+MARLIN_ONLY = "quantization is supported with Marlin kernels"
 _INT8_TYPE = ("(8, True)", "scalar_types.uint8b128")
 _MARK = "__gemma4_quant_inc_int8__"
 INT8 = 8
@@ -128,11 +130,18 @@ def patch_inc_config(module: ModuleType) -> None:
             except NotImplementedError as exc:
                 if REFUSAL_CONFIG not in str(exc):
                     raise
-                bits, _, sym = self.get_layer_config(layer, prefix)
+                bits, group_size, sym = self.get_layer_config(layer, prefix)
                 gptq = "gptq" in f"{self.packing_format} {self.backend}"
                 if not _routable(bits, sym, gptq):
                     raise
-            return self.apply_gptq_quant_layer(layer, prefix)
+            try:
+                return self.apply_gptq_quant_layer(layer, prefix)
+            except NotImplementedError as exc:
+                # 0.21 - 0.29 build GPTQ linears with Marlin only, and Marlin's check
+                # fails on CPU: the method it would have built, at this width
+                if MARLIN_ONLY not in str(exc):
+                    raise
+            return gptq_linear_method(bits, group_size)
 
         return apply_cpu_w4a16_quant_layer
 
