@@ -46,6 +46,7 @@ def run_vllm_load(
     *,
     plugin: bool = True,
     process: bool = False,
+    capture: bool = False,
     env: dict[str, str] | None = None,
     probe_router: bool = False,
     hf_overrides: dict | None = None,
@@ -62,6 +63,8 @@ def run_vllm_load(
     cmd = [sys.executable, str(LOAD_MODEL), str(checkpoint), str(out)]
     if process:
         cmd.append("--process")
+    if capture:
+        cmd.append("--capture")
     if probe_router:
         cmd.append("--probe-router")
     if hf_overrides:
@@ -90,6 +93,7 @@ def run_vllm_loads(
     *,
     plugin: bool = True,
     process: bool = False,
+    capture: bool = False,
     env: dict[str, str] | None = None,
     timeout: int = 900,
 ) -> dict[Path, Load]:
@@ -106,6 +110,8 @@ def run_vllm_loads(
         cmd += ["--more", str(checkpoint), str(out)]
     if process:
         cmd.append("--process")
+    if capture:
+        cmd.append("--capture")
     # one log in the order it was written: vLLM logs to stdout, tracebacks go to stderr
     run_env = {**_load_env(plugin, env), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(

@@ -2,7 +2,7 @@
 
 Runs as a subprocess of the tests (vLLM's distributed state is per process):
 
-    python tests/load_model.py CKPT OUT.safetensors [--process] [--hf-overrides JSON]
+    python tests/load_model.py CKPT OUT.safetensors [--process [--capture]] [--hf-overrides JSON]
         [--rank R --world-size N --init-method tcp://HOST:PORT [--expert-parallel]]
         [--more CKPT OUT ...] [--job-options OUT JSON ...]
 
@@ -17,9 +17,10 @@ per rank, share ``--init-method`` and each dumps the shards vLLM gave its rank.
 ``--job-options OUT JSON`` changes one job of several: ``{"env": {...}}`` (variables set
 while that checkpoint loads; the plugin reads its switches at the call), ``"process":
 true`` and ``"capture_experts": true`` (with ``process``: every MoE layer's
-``w13_weight`` / ``w2_weight`` as they enter vLLM's unquantized MoE processing, dumped
-as ``captured.<layer>.<param>``: what a dequantizing method hands over, before the
-CPU's own prepacking).
+``w13_weight`` / ``w2_weight`` as they enter vLLM's unquantized MoE processing, and
+every linear's ``weight`` as it enters vLLM's unquantized linear processing, dumped as
+``captured.<module>.<param>``: what a dequantizing method hands over, before the CPU's
+own prepacking). ``--capture`` does that for every job.
 """
 
 from __future__ import annotations
@@ -152,6 +153,9 @@ def main() -> int:
     parser.add_argument("checkpoint")
     parser.add_argument("out")
     parser.add_argument("--process", action="store_true")
+    parser.add_argument(
+        "--capture", action="store_true", help='with --process: "capture_experts" for every job'
+    )
     parser.add_argument("--hf-overrides", default=None)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--rank", type=int, default=0)
@@ -222,30 +226,41 @@ def job_env(options: dict):
 
 
 @contextlib.contextmanager
-def captured_experts(model, enabled: bool):
-    """Every MoE layer's ``w13_weight`` / ``w2_weight`` as vLLM's unquantized MoE method
-    starts processing them (``captured.<layer>.<param>``): after a dequantizing method
-    has produced them, before the platform's prepacking."""
+def captured_weights(model, enabled: bool):
+    """Every MoE layer's ``w13_weight`` / ``w2_weight`` and every linear's ``weight`` as
+    vLLM's unquantized MoE / linear method starts processing them
+    (``captured.<module>.<param>``): after a dequantizing method has produced them, before
+    the platform's prepacking."""
     captured: dict = {}
     if not enabled:
         yield captured
         return
     from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
     names = {id(module): name for name, module in model.named_modules()}
-    original = UnquantizedFusedMoEMethod.process_weights_after_loading
+    methods = {
+        UnquantizedFusedMoEMethod: ("w13_weight", "w2_weight"),
+        UnquantizedLinearMethod: ("weight",),
+    }
+    originals = {method: method.process_weights_after_loading for method in methods}
 
-    def process_weights_after_loading(self, layer):
-        for param in ("w13_weight", "w2_weight"):
-            tensor = getattr(layer, param).detach().contiguous().clone()
-            captured[f"captured.{names[id(layer)]}.{param}"] = tensor
-        return original(self, layer)
+    def capturing(original, params):
+        def process_weights_after_loading(self, layer):
+            for param in params:
+                tensor = getattr(layer, param).detach().contiguous().clone()
+                captured[f"captured.{names[id(layer)]}.{param}"] = tensor
+            return original(self, layer)
 
-    UnquantizedFusedMoEMethod.process_weights_after_loading = process_weights_after_loading
+        return process_weights_after_loading
+
+    for method, params in methods.items():
+        method.process_weights_after_loading = capturing(originals[method], params)
     try:
         yield captured
     finally:
-        UnquantizedFusedMoEMethod.process_weights_after_loading = original
+        for method, original in originals.items():
+            method.process_weights_after_loading = original
 
 
 def load_and_dump(
@@ -267,7 +282,8 @@ def load_and_dump(
         model_config,
     ):
         loader.load_weights(model, model_config)
-        with captured_experts(model, options.get("capture_experts", False)) as captured:
+        capture = args.capture or options.get("capture_experts", False)
+        with captured_weights(model, capture) as captured:
             if args.process or options.get("process"):
                 process_weights_after_loading(model, model_config, torch.device("cpu"))
         tensors = {

@@ -7,7 +7,9 @@ Each layout is loaded once stock and once with the plugin (one vLLM process each
 with ``test_matrix`` and ``test_doctor`` through the session's load cache). Every
 parameter a load filled is compared with the checkpoint, and the quantized ones, decoded
 by ``tests/unpack.py``, with the dequantized bf16 twin (which the plugin's codec writes).
-One generation run compares each quantized model with its twin, token for token.
+One generation run compares each quantized model with its twin, token for token. The
+NVFP4 model, which vLLM has no CPU kernel for (the plugin dequantizes it at load), is
+processed too: its dequantized weights are the twin's, bit for bit.
 """
 
 from __future__ import annotations
@@ -86,12 +88,22 @@ def expected(ckpt: dict[str, torch.Tensor], config: dict, loaded: set[str]) -> d
                     else:
                         out[f"{p}self_attn.qkv_proj.{suffix}"] = ("head", t)
         for target, parts in groups.items():
-            for suffix in ("weight", "weight_packed", "weight_scale"):
+            for suffix in _FUSED_SUFFIXES:
                 names = [f"{p}{part}.{suffix}" for part in parts]
                 if all(n in tensors for n in names):
                     out[f"{p}{target}.{suffix}"] = torch.cat([tensors[n] for n in names])
         out.update(expected_experts(tensors, p, config))
     return out
+
+
+# what vLLM fuses along the output rows; NVFP4 global scales: one per shard
+_FUSED_SUFFIXES = (
+    "weight",
+    "weight_packed",
+    "weight_scale",
+    "weight_global_scale",
+    "input_global_scale",
+)
 
 
 def expected_experts(tensors: dict, p: str, config: dict) -> dict:
@@ -102,7 +114,7 @@ def expected_experts(tensors: dict, p: str, config: dict) -> dict:
             name = f"{p}experts.{fused}_{suffix}"
             if name in tensors:
                 out[f"{p}experts.{stem}_weight_{suffix}"] = tensors[name]
-    for suffix in ("weight", "weight_scale", "weight_packed"):  # per expert
+    for suffix in ("weight", "weight_scale", "weight_packed", "weight_global_scale"):
         per = {
             stem: [
                 torch.cat([tensors[f"{p}experts.{e}.{proj}.{suffix}"] for proj in projs])
@@ -113,7 +125,10 @@ def expected_experts(tensors: dict, p: str, config: dict) -> dict:
         }
         for stem, stacked in per.items():
             if stacked:
-                out[f"{p}experts.{stem}_{suffix}"] = torch.stack(stacked)
+                stacked = torch.stack(stacked)
+                if suffix == "weight_global_scale" and stem == "w2":
+                    stacked = stacked.reshape(-1)  # one per expert: [E]; w13's [E, 2]
+                out[f"{p}experts.{stem}_{suffix}"] = stacked
     return out
 
 
@@ -131,6 +146,8 @@ def decoded(tensors: dict[str, torch.Tensor], stem: str, bits: int) -> torch.Ten
     """A quantized weight among ``tensors`` (short names) decoded by tests/unpack.py."""
     if f"{stem}_packed" in tensors and f"{stem}_scale" in tensors:
         packed, scale = tensors[f"{stem}_packed"], tensors[f"{stem}_scale"]
+        if packed.dtype == torch.uint8:  # NVFP4
+            return nvfp4_decoded(packed, scale, tensors[f"{stem}_global_scale"])
         if bits == 8:
             return unpack.ct_int8(packed, scale, GROUP)
         return unpack.ct_int4(packed, scale, GROUP)
@@ -138,6 +155,20 @@ def decoded(tensors: dict[str, torch.Tensor], stem: str, bits: int) -> torch.Ten
     if weight is not None and weight.dtype == torch.float8_e4m3fn:
         return unpack.fp8(weight, tensors[f"{stem}_scale"])
     return None
+
+
+def nvfp4_decoded(
+    packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor
+) -> torch.Tensor:
+    """compressed-tensors NVFP4, 2D or stacked experts, by tests/unpack.py. Fused shards
+    (q/k/v, gate/up) carry one global scale each, equal: llm-compressor (and the builder)
+    give them a common one."""
+    shards = global_scale.reshape(*packed.shape[:-2], -1)
+    assert torch.equal(shards, shards[..., :1].expand_as(shards)), global_scale
+    common = shards[..., :1].unsqueeze(-1)  # [..., 1, 1]
+    if packed.dim() == 2:
+        return unpack.ct_nvfp4(packed, scale, common)
+    return torch.stack([unpack.ct_nvfp4(*t) for t in zip(packed, scale, common, strict=True)])
 
 
 def twin_weight(twin: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -226,9 +257,9 @@ def test_codec_matches_the_independent_decoders() -> None:
 # --------------------------------------------------------------------- loads
 
 
-OUTCOMES = {
-    # (layout): what stock vLLM and the plugin do on any CPU, where it does not depend on
-    # the release (the others are asserted in the tests below)
+STOCK_OUTCOMES = {
+    # (layout): what stock vLLM does on any CPU, where it does not depend on the release
+    # (the others are asserted in the tests below)
     "ct-nvfp4": "Failed to find a kernel that can implement the NVFP4 linear layer",
 }
 
@@ -237,9 +268,9 @@ OUTCOMES = {
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_loaded_parameters(paths, vllm_load, checkpoints, layout: str, plugin: bool) -> None:
     load = vllm_load(paths[layout]) if plugin else vllm_load(paths[layout], plugin=False)
-    if layout == "ct-nvfp4":
+    if layout in STOCK_OUTCOMES and not plugin:
         # no CPU kernel for NVFP4 linears on any release: the load stops at construction
-        assert not load.ok and OUTCOMES[layout] in load.log, load.log[-3000:]
+        assert not load.ok and STOCK_OUTCOMES[layout] in load.log, load.log[-3000:]
         return
     if layout == "ct-fused-w8a16" and not plugin:
         # vLLM's CPU WNA16 linear kernel takes 4-bit weights only
@@ -266,7 +297,7 @@ def test_loaded_parameters(paths, vllm_load, checkpoints, layout: str, plugin: b
     assert load.ok, load.log[-3000:]
     twin = None if layout == "qat-unquantized" else checkpoints.twin(layout, **MATRIX[layout])
     assert_loaded_equals_checkpoint(load, paths[layout], twin)
-    if plugin and layout == "ct-fused-w8a16":
+    if plugin and layout in ("ct-fused-w8a16", "ct-nvfp4"):
         assert "dequant_fallback applied" in load.log
     if plugin and layout.startswith("qat") and KV_SHARED:
         assert "kv_shared_layers applied" in load.log
@@ -283,7 +314,39 @@ def test_kv_shared_layers_build_no_k_norm_upstream(paths, vllm_load) -> None:
     assert not [n for n in names if re.match(r"layers\.[23]\.self_attn\.(k_norm|qkv_proj)", n)]
 
 
-def test_fp8_experts_verdict_past_loading(paths, vllm_load) -> None:
+def processed(paths, vllm_load, checkpoints, layout: str):
+    """The plugin's load of ``layout`` with its weights processed, the weights that enter
+    vLLM's unquantized methods captured (``load_model.py --capture``): the NVFP4 model,
+    its twin and the FP8 model in one vLLM process."""
+    batch = [paths["ct-nvfp4"], checkpoints.twin("ct-nvfp4"), paths["ct-fp8-dynamic"]]
+    path = checkpoints.twin("ct-nvfp4") if layout == "ct-nvfp4-twin" else paths[layout]
+    return vllm_load(path, batch=batch, process=True, capture=True)
+
+
+def test_nvfp4_processed_equals_the_twin(paths, vllm_load, checkpoints) -> None:
+    """No CPU kernel for NVFP4 linears or experts: the plugin dequantizes them when vLLM
+    processes the weights. What enters vLLM's unquantized linear and MoE methods is the
+    twin's bf16 weights, bit for bit, and so is everything vLLM holds afterwards; no
+    NVFP4 tensor is left; one warning for the model says what it costs."""
+    load = processed(paths, vllm_load, checkpoints, "ct-nvfp4")
+    twin = processed(paths, vllm_load, checkpoints, "ct-nvfp4-twin")
+    assert load.ok, load.log[-3000:]
+    assert twin.ok, twin.log[-3000:]
+    captured = sorted(n for n in twin.tensors if n.startswith("captured."))
+    linears = [n for n in captured if n.endswith(".weight")]
+    experts = [n for n in captured if re.search(r"\.w(13|2)_weight$", n)]
+    assert linears and experts, captured[:20]
+    # the same modules enter vLLM's unquantized methods in both models
+    assert set(captured) <= set(load.tensors), sorted(set(captured) - set(load.tensors))[:10]
+    for name in [*captured, *(n for n in twin.tensors if ".attn._" not in n)]:
+        assert same(load.tensors[name], twin.tensors[name]), name
+    left = [n for n in load.tensors if re.search(r"_(packed|global_scale|scale_2)$", n)]
+    assert not left, left[:10]
+    (warning,) = [line for line in load.log.splitlines() if "Dequantizing" in line]
+    assert "NVFP4" in warning and re.search(r"\d+ MoE layers and \d+ linear layers", warning)
+
+
+def test_fp8_experts_verdict_past_loading(paths, vllm_load, checkpoints) -> None:
     """FP8 experts load on CPU and fail when vLLM converts them for its MoE kernel: doctor
     says where (weight processing) and with which error, and that the plugin does not
     serve them; checked against vLLM processing the weights."""
@@ -293,15 +356,15 @@ def test_fp8_experts_verdict_past_loading(paths, vllm_load) -> None:
     if not load.ok:
         pytest.skip("vLLM does not construct this FP8 model on this CPU (test_loaded_parameters)")
     prediction = report(paths["ct-fp8-dynamic"])["prediction"]
-    processed = vllm_load(paths["ct-fp8-dynamic"], process=True)
+    processed_load = processed(paths, vllm_load, checkpoints, "ct-fp8-dynamic")
     if prediction["stage"] != "weight processing":
-        assert processed.ok, (prediction["summary"], processed.log[-3000:])
+        assert processed_load.ok, (prediction["summary"], processed_load.log[-3000:])
         return
     assert prediction["outcome"] == "no kernel", prediction["summary"]
     finding = next(f for f in prediction["findings"] if f["outcome"] == "no kernel")
     assert "cannot be served here" in finding["message"]
-    assert not processed.ok
-    assert finding["detail"] in processed.log, (finding, processed.log[-3000:])
+    assert not processed_load.ok
+    assert finding["detail"] in processed_load.log, (finding, processed_load.log[-3000:])
 
 
 # --------------------------------------------------------------------- generation

@@ -7,7 +7,7 @@ that "succeeds" with a module left unfilled (0.24 - 0.30 skip names they do not 
 recorded as wrong values, not as "loads". Each row is recorded for the README's table
 (``scripts/compat_table.py``; ``scripts/matrix.sh`` runs this on every release). The
 assertions pin what the plugin must achieve; vLLM's own CPU limits (no FP8 kernels on some
-releases, no NVFP4 kernel on any, symmetric-only int4 MoE on old ones) are named as such.
+releases, symmetric-only int4 MoE on old ones) are named as such.
 """
 
 from __future__ import annotations
@@ -82,7 +82,6 @@ VLLM_LIMITS = (
     "no CPU FP8ScaledMM linear kernel",
     "no CPU ScaledMM linear kernel",
     "INC refuses quantized layers on CPU",
-    "no CPU NVFP4 linear kernel",
 )
 
 

@@ -209,8 +209,9 @@ def check_fp8_moe_cpu(module: Module, ctx: Ctx) -> Hit | None:
 
 def check_ct_nvfp4_cpu(module: Module, ctx: Ctx) -> Hit | None:
     """compressed-tensors NVFP4 (FP4 E2M1 weights, W4A4 or W4A16) on CPU: vLLM's NVFP4
-    linear kernel table has no CPU entry, so the first NVFP4 linear fails at construction
-    (experts would fail after it, at their own method's kernel selection)."""
+    linear kernel table and MoE backends have no CPU entry, so the first NVFP4 linear
+    fails at construction (experts would fail after it, at their own method's backend
+    selection); the plugin's fallback dequantizes them where it recognizes the code."""
     scheme = built_scheme(module, ctx)
     if ctx.env.platform != "cpu" or scheme is None or scheme.storage != "nvfp4":
         return None
@@ -218,19 +219,17 @@ def check_ct_nvfp4_cpu(module: Module, ctx: Ctx) -> Hit | None:
         return None
     if not is_representative(module, ctx) or ctx.env.features.get("cpu_nvfp4_kernels"):
         return None
-    message = (
-        "vLLM's CPU platform has none, and the plugin does not dequantize FP4; this "
-        "checkpoint cannot be served on CPU"
-    )
     if module.kind == "experts":
-        return Hit(Outcome.NO_KERNEL, f"no CPU kernel for NVFP4 experts: {message}")
+        message = "no NVFP4 MoE backend on CPU (vLLM's are GPU kernels)"
+        error = "NotImplementedError: No NvFp4 MoE backend supports the deployment configuration"
+        return served_by_fallback(module, scheme, ctx, False, message, error)
     layer, _ = vllm_layer(module, ctx)
-    return Hit(
-        Outcome.NO_KERNEL,
-        f"no CPU kernel for NVFP4 linears: {message}",
+    message = "no CPU kernel for NVFP4 linears (vLLM's are GPU kernels)"
+    error = (
         f"{short_name(layer)}: ValueError: Failed to find a kernel that can implement the "
-        "NVFP4 linear layer",
+        "NVFP4 linear layer"
     )
+    return served_by_fallback(module, scheme, ctx, True, message, error)
 
 
 def cpu_wna16_linear_refusal(module: Module, scheme: Scheme, ctx: Ctx) -> str | None:

@@ -194,15 +194,19 @@ _FINDER = _PostImportFinder()
 
 
 def wrap_once(
-    owner: type | ModuleType, attr: str, mark: str, make_wrapper: Callable[[Callable], Callable]
+    owner: type | ModuleType,
+    attr: str,
+    mark: str,
+    make_wrapper: Callable[[Callable], Callable],
+    static: bool = False,
 ) -> None:
     """Replace ``owner.attr`` (of a class or a module) by ``make_wrapper(original)``,
     unless a wrapper carrying ``mark`` is already in place (plugins are registered once
     per process, but a second copy of the package or a second registration must not wrap
-    twice)."""
+    twice). ``static``: the attribute is a class's staticmethod, and stays one."""
     original = getattr(owner, attr)
     if getattr(original, mark, False):
         return
     wrapper = functools.wraps(original)(make_wrapper(original))
     setattr(wrapper, mark, True)
-    setattr(owner, attr, wrapper)
+    setattr(owner, attr, staticmethod(wrapper) if static else wrapper)

@@ -43,6 +43,10 @@ How:
       returns ``DequantizedLinearKernel``, which keeps the method's packed parameters
       (N-first ``weight_packed`` or K-first GPTQ ``qweight``, read from their layout
       attributes), dequantizes them into ``weight`` and runs ``UnquantizedLinearMethod``.
+    - NVFP4 (ModelOpt; compressed-tensors W4A4 linears and experts): where vLLM's NVFP4
+      kernel or MoE backend selection raises its no-kernel error, vLLM's own buffers are
+      dequantized at load and run unquantized, activations in the model dtype
+      (``nvfp4.py``).
     Values are ``(q - zero_point) * scale`` in float32, rounded once to the model dtype:
     the checkpoint's exact values, for 4- and 8-bit integers alike (AutoGPTQ linears:
     4-bit). One warning per loaded model says why and what it costs (bytes of dequantized
@@ -232,12 +236,14 @@ class Found:
     inc_int8: str | None = None  # how INC refuses int8 linears on CPU (inc.py)
     gptq_moe: str | None = None  # the module building GPTQ experts (gptq_moe.py)
     nvfp4_moe: bool = False  # ModelOpt NVFP4 experts (nvfp4.py)
+    ct_nvfp4_linear: bool = False  # compressed-tensors NVFP4 linears (nvfp4.py)
+    ct_nvfp4_moe: str | None = None  # the module of compressed-tensors' NVFP4 MoE method
 
 
 def detect() -> Detection:
     from .gptq_moe import gptq_moe_module
     from .inc import inc_int8_generation
-    from .nvfp4 import nvfp4_moe_recognized
+    from .nvfp4 import ct_nvfp4_linear_recognized, ct_nvfp4_moe_module, nvfp4_moe_recognized
 
     generation, why = _moe_generation()
     if generation is None:
@@ -249,6 +255,8 @@ def detect() -> Detection:
         inc_int8_generation(),
         gptq_moe_module(),
         nvfp4_moe_recognized(),
+        ct_nvfp4_linear_recognized(),
+        ct_nvfp4_moe_module(),
     )
     linear = ""
     if found.linear:
@@ -260,8 +268,15 @@ def detect() -> Detection:
     inc = "; INC int8 linears get vLLM's GPTQ method on CPU" if found.inc_int8 else ""
     gptq = "; GPTQ experts without a kernel load dequantized" if found.gptq_moe else ""
     nvfp4 = "; so do ModelOpt NVFP4 experts" if found.nvfp4_moe else ""
+    ct_parts = {"linears": found.ct_nvfp4_linear, "experts": bool(found.ct_nvfp4_moe)}
+    covered = " and ".join(part for part, ok in ct_parts.items() if ok)
+    unknown = " and ".join(part for part, ok in ct_parts.items() if not ok)
+    ct_nvfp4 = f"; so do compressed-tensors NVFP4 {covered}" if covered else ""
+    if unknown:
+        ct_nvfp4 += f"; compressed-tensors NVFP4 {unknown}: code not recognized, left to vLLM"
     return Detection.needed(
-        f"{why}; dequantize experts {linear}where no kernel fits{inc}{gptq}{nvfp4}", found
+        f"{why}; dequantize experts {linear}where no kernel fits{inc}{gptq}{nvfp4}{ct_nvfp4}",
+        found,
     )
 
 
@@ -290,10 +305,15 @@ def apply(detection: Detection) -> None:
 
         when_imported(found.gptq_moe, patch_gptq_moe)
         unquantized_experts.add_stream_stage(unquantized_experts.GPTQ_CONFIGS)
-    if found.nvfp4_moe:
-        from .nvfp4 import MODELOPT_MODULE, patch_modelopt
+    from . import nvfp4
 
-        when_imported(MODELOPT_MODULE, patch_modelopt)
+    if found.nvfp4_moe:
+        when_imported(nvfp4.MODELOPT_MODULE, nvfp4.patch_modelopt)
+    if found.ct_nvfp4_linear:
+        when_imported(nvfp4.CT_LINEAR_MODULE, nvfp4.patch_ct_linear)
+    if found.ct_nvfp4_moe:
+        patch = functools.partial(nvfp4.patch_ct_moe_factory, method_module=found.ct_nvfp4_moe)
+        when_imported(_moe_location()[1], patch)
     if found.inc_int8 == inc.GENERATION_SCHEME:
         when_imported(inc.SCHEME_MODULE, inc.patch_inc_scheme)
     elif found.inc_int8 == inc.GENERATION_CONFIG:
@@ -356,6 +376,8 @@ def fallback_refusal(scheme: Scheme, ctx: Ctx, linear: bool) -> str | None:
             "the fallback covers compressed-tensors layers, GPTQ and AutoRound linears and "
             "experts, and ModelOpt NVFP4 only"
         )
+    if scheme.weight_type == "nvfp4":
+        return _ct_nvfp4_refusal(scheme, found, linear)
     if linear:
         if not _linear_recognized():
             return "the fallback does not recognize this vLLM's WNA16 linear code"
@@ -374,3 +396,14 @@ def fallback_refusal(scheme: Scheme, ctx: Ctx, linear: bool) -> str | None:
     from .moe import unsupported_reason
 
     return unsupported_reason(weights, scheme.activations)
+
+
+def _ct_nvfp4_refusal(scheme: Scheme, found: Found | None, linear: bool) -> str | None:
+    """compressed-tensors NVFP4: W4A4 layers, where the fallback recognizes vLLM's code
+    (weight-only NVFP4 linears have a scheme of their own on some releases)."""
+    if found is None or not (found.ct_nvfp4_linear if linear else found.ct_nvfp4_moe):
+        what = "linear scheme" if linear else "MoE method"
+        return f"the fallback does not recognize this vLLM's compressed-tensors NVFP4 {what}"
+    if scheme.activations is None and linear:
+        return "weight-only NVFP4 linears (W4A16) are not covered"
+    return None

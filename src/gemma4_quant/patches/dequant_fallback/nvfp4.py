@@ -1,25 +1,43 @@
-"""ModelOpt NVFP4 experts without a MoE kernel: dequantized once at load.
+"""NVFP4 layers without a kernel, ModelOpt's and compressed-tensors': dequantized once at load.
 
-vLLM's NVFP4 MoE backends are GPU kernels (CUTLASS, FlashInfer, Marlin FP4, emulation
-through Triton); on CPU ``select_nvfp4_moe_backend`` raises ``NotImplementedError: No
-NvFp4 MoE backend supports the deployment configuration`` while the model is built, so
-no ModelOpt NVFP4 MoE checkpoint (nvidia's Gemma 4 export) can be built there.
+vLLM's NVFP4 kernels are GPU kernels (CUTLASS, FlashInfer, Marlin FP4, emulation through
+Triton), for linears and experts alike. On CPU ``init_nvfp4_linear_kernel`` raises
+``ValueError: Failed to find a kernel that can implement the NVFP4 linear layer`` and
+``select_nvfp4_moe_backend`` raises ``NotImplementedError: No NvFp4 MoE backend supports
+the deployment configuration`` while the model is built, so no NVFP4 checkpoint can be
+built there: neither ModelOpt's (nvidia's Gemma 4 export) nor compressed-tensors'
+(llm-compressor NVFP4 W4A4, RedHatAI's ``gemma-4-26B-A4B-it-NVFP4``).
 
-Where exactly that error is raised, the experts get ``ModelOptNvFp4DequantizedMoEMethod``: its
-buffers are vLLM's own (``ModelOptNvFp4FusedMoE.create_weights``, on an instance that
-skipped the backend selection), so vLLM's loader places weights, block scales, global
-scales and input scales as it always does; ``process_weights_after_loading`` turns them
-into ``(e2m1 * weight_scale) * weight_scale_2`` (``gemma4_quant.int4``: exact, rounded
-once to the model dtype), frees them and hands over to ``UnquantizedFusedMoEMethod``.
-The activations stay in the model dtype: the weight-only semantics of vLLM's own Marlin
-NVFP4 path (GPUs without FP4 tensor cores); the checkpoint's ``input_scale`` (activation
-quantization on Blackwell) is loaded and unused.
+Where exactly those errors are raised, the layer keeps vLLM's own parameters, placed by
+vLLM's loader as always, and ``process_weights_after_loading`` dequantizes them once to the
+model dtype (``gemma4_quant.int4``: exact, rounded once):
+
+- Experts get ``ModelOptNvFp4DequantizedMoEMethod`` (``ModelOptNvFp4Config.
+  get_quant_method``) or ``CompressedTensorsNvFp4DequantizedMoEMethod``
+  (``CompressedTensorsMoEMethod.get_moe_method``). Their buffers are registered by vLLM's
+  own ``ModelOptNvFp4FusedMoE.create_weights`` / ``CompressedTensorsW4A4Nvfp4MoEMethod.
+  create_weights``, on an instance that skipped the backend selection; once loaded they
+  become ``w13_weight`` / ``w2_weight`` and ``UnquantizedFusedMoEMethod`` takes over.
+- Linears get ``DequantizedNvFp4LinearKernel`` from the ``init_nvfp4_linear_kernel`` that
+  ModelOpt's linear method and compressed-tensors' ``CompressedTensorsW4A4Fp4`` scheme
+  call; it turns their tensors into ``weight`` for ``UnquantizedLinearMethod``.
+
+Values: ModelOpt ``(e2m1 * weight_scale) * weight_scale_2``; compressed-tensors
+``e2m1 * (weight_scale / weight_global_scale)`` (it stores the global scale as a divisor),
+every fused shard (q/k/v, gate/up) with its own global scale (vLLM's kernels use their
+maximum for all shards; llm-compressor gives fused shards one value).
+The activations stay in the model dtype: the weight-only semantics of vLLM's own Marlin FP4
+path (GPUs without FP4 tensor cores, such as Hopper). The checkpoints' input scales
+(activation quantization to FP4 on Blackwell) are loaded and unused. One warning per
+model says so.
 """
 
 from __future__ import annotations
 
 import ast
 import functools
+import importlib
+from itertools import accumulate, pairwise
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -33,9 +51,19 @@ from .common import COST_REPORT, _drop_params, _nbytes, keep_checkpoint_sizes
 MODELOPT_MODULE = "vllm.model_executor.layers.quantization.modelopt"
 _MODELOPT_FILE = "model_executor/layers/quantization/modelopt.py"
 _ORACLE_FILE = "model_executor/layers/fused_moe/oracle/nvfp4.py"
+_CT = "model_executor/layers/quantization/compressed_tensors/"
+_CT_LINEAR_FILE = _CT + "schemes/compressed_tensors_w4a4_nvfp4.py"
+CT_LINEAR_MODULE = "vllm." + _CT_LINEAR_FILE.removesuffix(".py").replace("/", ".")
+# compressed-tensors' NVFP4 MoE method: in a module of its own (0.20+), or the factory's
+_CT_MOE = "CompressedTensorsW4A4Nvfp4MoEMethod"
+_CT_MOE_FILES = (
+    _CT + "compressed_tensors_moe/compressed_tensors_moe_w4a4_nvfp4.py",
+    _CT + "compressed_tensors_moe.py",
+)
 NO_NVFP4_MOE_KERNEL = "No NvFp4 MoE backend supports the deployment configuration"
 NO_NVFP4_LINEAR_KERNEL = "Failed to find a kernel that can implement the NVFP4 linear layer"
 _MARK = "__gemma4_quant_nvfp4_fallback__"
+_WHY = "activations stay in the model dtype, as on vLLM's Marlin FP4 path"
 _PARAMS = (
     "w13_weight",
     "w2_weight",
@@ -46,6 +74,25 @@ _PARAMS = (
     "w13_input_scale",
     "w2_input_scale",
 )
+_CT_MOE_PARAMS = (
+    "w13_weight_packed",
+    "w2_weight_packed",
+    "w13_weight_scale",
+    "w2_weight_scale",
+    "w13_weight_global_scale",
+    "w2_weight_global_scale",
+    "w13_input_global_scale",
+    "w2_input_global_scale",
+)
+
+
+def _self_attributes(node: ast.AST) -> set[str]:
+    """The attributes of ``self`` that ``node`` reads or writes."""
+    return {
+        child.attr
+        for child in ast.walk(node)
+        if isinstance(child, ast.Attribute) and vllm_code.is_name(child.value, "self")
+    }
 
 
 def nvfp4_moe_recognized() -> bool:
@@ -60,11 +107,6 @@ def nvfp4_moe_recognized() -> bool:
     if method is None or init is None or create is None or oracle is None:
         return False
     registered = set(vllm_code.strings(create))
-    used = {
-        node.attr
-        for node in ast.walk(create)
-        if isinstance(node, ast.Attribute) and vllm_code.is_name(node.value, "self")
-    }
     from . import _EXPERT_LOADERS
 
     loaders = (vllm_code.find_function(vllm_source(f), name) for f, name in _EXPERT_LOADERS)
@@ -75,7 +117,64 @@ def nvfp4_moe_recognized() -> bool:
         and any(vllm_code.calls(init, "select_nvfp4_moe_backend"))
         and vllm_code.has_string(oracle, NO_NVFP4_MOE_KERNEL)
         and set(_PARAMS) <= registered
-        and used <= {"quant_config", "moe", "use_global_sf"}
+        and _self_attributes(create) <= {"quant_config", "moe", "use_global_sf"}
+    )
+
+
+def ct_nvfp4_moe_module() -> str | None:
+    """The module of compressed-tensors' NVFP4 MoE method where the fallback reproduces its
+    buffers (None: it does not): the factory builds it, it asks the backend oracle in
+    ``__init__`` and registers the checkpoint's tensors (packed weights, group scales,
+    global scales, input global scales) in ``create_weights`` from ``moe`` and
+    ``group_size`` alone."""
+    from . import _moe_location
+
+    factory = vllm_code.find_function(
+        _moe_location()[0], "CompressedTensorsMoEMethod.get_moe_method"
+    )
+    oracle = vllm_code.parse(vllm_source(_ORACLE_FILE) or "")
+    if factory is None or not any(vllm_code.calls(factory, _CT_MOE)):
+        return None
+    if not vllm_code.has_string(oracle, NO_NVFP4_MOE_KERNEL):
+        return None
+    for relpath in _CT_MOE_FILES:
+        text = vllm_source(relpath)
+        init = vllm_code.find_function(text, f"{_CT_MOE}.__init__")
+        create = vllm_code.find_function(text, f"{_CT_MOE}.create_weights")
+        if init is None or create is None:
+            continue
+        recognized = (
+            any(vllm_code.calls(init, "select_nvfp4_moe_backend"))
+            and set(_CT_MOE_PARAMS) <= set(vllm_code.strings(create))
+            and _self_attributes(create) <= {"moe", "group_size"}
+        )
+        return "vllm." + relpath.removesuffix(".py").replace("/", ".") if recognized else None
+    return None
+
+
+def ct_nvfp4_linear_recognized() -> bool:
+    """compressed-tensors' NVFP4 linear scheme picks its kernel with
+    ``init_nvfp4_linear_kernel`` (which raises the no-kernel error) in ``__init__``,
+    registers ``weight_packed`` / ``weight_scale`` / ``weight_global_scale`` per shard of
+    ``logical_widths`` and runs the kernel's ``apply_weights``."""
+    from . import _LINEAR_KERNELS_FILE
+
+    text = vllm_source(_CT_LINEAR_FILE)
+    scheme = "CompressedTensorsW4A4Fp4"
+    init = vllm_code.find_function(text, f"{scheme}.__init__")
+    create = vllm_code.find_function(text, f"{scheme}.create_weights")
+    apply = vllm_code.find_function(text, f"{scheme}.apply_weights")
+    process = vllm_code.find_function(text, f"{scheme}.process_weights_after_loading")
+    kernels = vllm_code.parse(vllm_source(_LINEAR_KERNELS_FILE) or "")
+    if init is None or create is None or apply is None or process is None:
+        return False
+    return (
+        any(vllm_code.calls(init, "init_nvfp4_linear_kernel"))
+        and vllm_code.has_string(kernels, NO_NVFP4_LINEAR_KERNEL)
+        and {"weight_packed", "weight_scale", "weight_global_scale"}
+        <= set(vllm_code.strings(create))
+        and vllm_code.has_code(create, "layer.logical_widths = output_partition_sizes")
+        and any(vllm_code.calls(apply, "apply_weights"))
     )
 
 
@@ -85,7 +184,7 @@ def patch_modelopt(module: ModuleType) -> None:
             try:
                 return original(self, layer, prefix)
             except NotImplementedError as exc:
-                if NO_NVFP4_MOE_KERNEL not in str(exc) or envs.fallback_mode() == "off":
+                if not _falls_back(exc, NO_NVFP4_MOE_KERNEL):
                     raise
                 if getattr(layer, "moe_config", None) is None:
                     raise
@@ -99,12 +198,74 @@ def patch_modelopt(module: ModuleType) -> None:
         wrap_once(module, "init_nvfp4_linear_kernel", _MARK, _make_linear_kernel_choice)
 
 
+def patch_ct_linear(module: ModuleType) -> None:
+    """``CompressedTensorsW4A4Fp4``: the fallback kernel where vLLM has none; its layers'
+    cost goes into the model's one warning as they are built, and the kernel processes
+    the tensors as loaded (vLLM's scheme would rename them and keep one global scale for
+    all shards)."""
+    wrap_once(module, "init_nvfp4_linear_kernel", _MARK, _make_linear_kernel_choice)
+
+    def fallback_kernel(scheme: Any) -> Any:
+        kernel = getattr(scheme, "kernel", None)
+        return kernel if isinstance(kernel, dequantized_nvfp4_linear_kernel_class()) else None
+
+    def make_create(original: Any) -> Any:
+        def create_weights(self, layer: torch.nn.Module, *args: Any, **kwargs: Any) -> None:  # noqa: ANN001
+            original(self, layer, *args, **kwargs)
+            kernel = fallback_kernel(self)
+            if kernel is not None:
+                kernel.announce(layer, layer.weight_packed, layer.weight_scale)
+
+        return create_weights
+
+    def make_process(original: Any) -> Any:
+        def process_weights_after_loading(self, layer: torch.nn.Module) -> None:  # noqa: ANN001
+            kernel = fallback_kernel(self)
+            if kernel is None:
+                return original(self, layer)
+            return kernel.process_compressed_tensors(layer)
+
+        return process_weights_after_loading
+
+    scheme = module.CompressedTensorsW4A4Fp4
+    wrap_once(scheme, "create_weights", _MARK, make_create)
+    wrap_once(scheme, "process_weights_after_loading", _MARK, make_process)
+
+
+def patch_ct_moe_factory(module: ModuleType, method_module: str) -> None:
+    """``CompressedTensorsMoEMethod.get_moe_method`` (``method_module``: where vLLM's NVFP4
+    MoE method lives)."""
+
+    def make(original: Any) -> Any:
+        def get_moe_method(quant_config, layer: torch.nn.Module, layer_name: str):  # noqa: ANN001
+            try:
+                return original(quant_config, layer, layer_name)
+            except NotImplementedError as exc:
+                if not _falls_back(exc, NO_NVFP4_MOE_KERNEL):
+                    raise
+                reason = str(exc)
+            from .moe import _moe_scheme
+
+            _, input_quant = _moe_scheme(quant_config, layer, layer_name)
+            method = dequantized_ct_nvfp4_moe_method_class(method_module)
+            return method(layer.moe_config, reason, input_quant is None, layer_name)
+
+        return get_moe_method
+
+    wrap_once(module.CompressedTensorsMoEMethod, "get_moe_method", _MARK, make, static=True)
+
+
+def _falls_back(exc: Exception, no_kernel: str) -> bool:
+    """Whether this error is vLLM's ``no_kernel`` refusal, and the fallback is on."""
+    return no_kernel in str(exc) and envs.fallback_mode() != "off"
+
+
 def _make_linear_kernel_choice(original: Any) -> Any:
     def init_nvfp4_linear_kernel(*args: Any, **kwargs: Any) -> Any:
         try:
             return original(*args, **kwargs)
         except ValueError as exc:
-            if NO_NVFP4_LINEAR_KERNEL not in str(exc) or envs.fallback_mode() == "off":
+            if not _falls_back(exc, NO_NVFP4_LINEAR_KERNEL):
                 raise
         return dequantized_nvfp4_linear_kernel_class()()
 
@@ -113,46 +274,78 @@ def _make_linear_kernel_choice(original: Any) -> Any:
 
 @functools.cache
 def dequantized_nvfp4_linear_kernel_class() -> type:
-    """The NVFP4 linear kernel interface ModelOpt's linear method drives (process, apply,
-    the input key fusion asks for), over vLLM's unquantized linear method."""
+    """The NVFP4 linear kernel interface ModelOpt's linear method and compressed-tensors'
+    scheme drive (process, apply, the input key fusion asks for), over vLLM's unquantized
+    linear method."""
     import torch
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
     from ... import int4
 
     class DequantizedNvFp4LinearKernel:
-        """ModelOpt's NVFP4 linear tensors in, vLLM's unquantized linear out."""
+        """NVFP4 linear tensors in, vLLM's unquantized linear out."""
 
         supports_pre_processed_weights = False
 
         def __init__(self) -> None:
             self.unquantized = UnquantizedLinearMethod()
+            self.announced = False
+
+        def announce(self, layer: torch.nn.Module, *packed: torch.Tensor) -> None:
+            """Adds the layer to the model's one warning, before any layer is processed."""
+            rows, cols = packed[0].shape
+            COST_REPORT.add(
+                "linear layers",
+                sum(_nbytes(t) for t in packed),
+                rows * cols * 2 * layer.params_dtype.itemsize,
+                f"{NO_NVFP4_LINEAR_KERNEL} (NVFP4 weights dequantized, {_WHY})",
+            )
+            self.announced = True
 
         def input_quant_key(self) -> None:
             return None  # activations stay in the model dtype
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+            """ModelOpt's tensors, as its linear method hands them over."""
             # vLLM's method has turned weight_scale_2 (one per fused shard) into one
             # weight_global_scale, their maximum, which its own kernels use for every
             # shard; ModelOpt exports one value for shards that share an input
             global_scale = getattr(layer, "weight_global_scale", None)
             if global_scale is None:
                 global_scale = layer.weight_scale_2.max()
-            dtype = layer.params_dtype  # the model dtype (LinearBase keeps it)
             weight = int4.dequantize_modelopt_nvfp4(
-                layer.weight.data, layer.weight_scale.data, global_scale.data, dtype
+                layer.weight.data, layer.weight_scale.data, global_scale.data, layer.params_dtype
             )
-            COST_REPORT.add(
-                "linear layers",
-                _nbytes(layer.weight) + _nbytes(layer.weight_scale),
-                weight.numel() * weight.element_size(),
-                f"{NO_NVFP4_LINEAR_KERNEL} (NVFP4 weights dequantized, activations stay in "
-                "the model dtype)",
+            if not self.announced:
+                self.announce(layer, layer.weight, layer.weight_scale)
+            self._install(layer, weight)
+
+        def process_compressed_tensors(self, layer: torch.nn.Module) -> None:
+            """compressed-tensors' tensors as loaded: every shard of ``logical_widths`` with
+            its own global scale."""
+            packed, scale = layer.weight_packed.data, layer.weight_scale.data
+            global_scale = layer.weight_global_scale.data.reshape(-1)
+            rows = list(pairwise(accumulate(layer.logical_widths, initial=0)))
+            if len(rows) != global_scale.numel() or rows[-1][1] != packed.shape[0]:
+                raise ValueError(
+                    f"weight_packed {tuple(packed.shape)} with weight_global_scale "
+                    f"{tuple(global_scale.shape)}: expected one global scale per shard of "
+                    f"{layer.logical_widths} rows"
+                )
+            weight = torch.cat(
+                [
+                    int4.dequantize_nvfp4(
+                        packed[a:b], scale[a:b], global_scale[i : i + 1], dtype=layer.params_dtype
+                    )
+                    for i, (a, b) in enumerate(rows)
+                ]
             )
-            COST_REPORT.flush(dtype)
-            for name in list(layer._parameters):
-                if name in _LINEAR_PARAMS:
-                    del layer._parameters[name]
+            self._install(layer, weight)
+
+        def _install(self, layer: torch.nn.Module, weight: torch.Tensor) -> None:
+            """``weight`` replaces the NVFP4 tensors; vLLM's unquantized method takes over."""
+            COST_REPORT.flush(weight.dtype)
+            _drop_params(layer, _LINEAR_PARAMS)
             layer.register_parameter("weight", torch.nn.Parameter(weight, requires_grad=False))
             self.unquantized.process_weights_after_loading(layer)
 
@@ -164,9 +357,11 @@ def dequantized_nvfp4_linear_kernel_class() -> type:
     return DequantizedNvFp4LinearKernel
 
 
-# ModelOpt's NVFP4 linear parameters, as loaded and as its method renames them
+# The NVFP4 linear parameters: ModelOpt's, as loaded and as its method renames them, and
+# compressed-tensors'
 _LINEAR_PARAMS = (
     "weight",
+    "weight_packed",
     "weight_scale",
     "weight_scale_2",
     "weight_global_scale",
@@ -178,31 +373,44 @@ _LINEAR_PARAMS = (
 
 
 @functools.cache
-def dequantized_nvfp4_moe_method_class() -> type:
+def _dequantized_moe_method_base() -> type:
     """Built on first use: vLLM's MoE classes are only imported where a layer needs them."""
     import torch
     from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
     from vllm.model_executor.layers.fused_moe.fused_moe_method_base import (
         FusedMoEMethodBase,
     )
-    from vllm.model_executor.layers.quantization.modelopt import ModelOptNvFp4FusedMoE
 
-    from ... import int4
+    class DequantizedNvFp4MoEMethod(UnquantizedFusedMoEMethod):
+        """vLLM's NVFP4 expert buffers in (``packed_class.create_weights``), vLLM's
+        unquantized MoE out."""
 
-    class ModelOptNvFp4DequantizedMoEMethod(UnquantizedFusedMoEMethod):
-        """vLLM's NVFP4 expert buffers in, vLLM's unquantized MoE out. The experts'
-        weight loader takes ModelOpt's scale paths for methods whose class name says
-        "ModelOpt", so this one's does."""
+        packed_class: type  # vLLM's NVFP4 MoE method
+        params: tuple[str, ...]  # the buffers its create_weights registers
+        weight = "weight"  # w13_<weight> / w2_<weight>: the packed E2M1 codes
+        global_scale = "weight_scale_2"  # [E, shards] (w13) or [E] (w2)
 
-        def __init__(self, quant_config: Any, moe: Any, reason: str) -> None:
+        def __init__(self, moe: Any, reason: str, layer_name: str = "") -> None:
             super().__init__(moe)
-            self.quant_config = quant_config
             self.reason = reason
+            self.layer_name = layer_name
 
-        def uses_weight_scale_2_pattern(self) -> bool:
-            return True  # the loader maps `weight_scale_2` names as for NVFP4 experts
+        @staticmethod
+        def codec(
+            weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor, dtype: Any
+        ) -> torch.Tensor:
+            """[E, N, K / 2] codes, [E, N, K / 16] block scales, [E] global scales ->
+            [E, N, K] in ``dtype``."""
+            raise NotImplementedError
 
         maybe_roundup_sizes = keep_checkpoint_sizes
+
+        def packed_method(self) -> Any:
+            """vLLM's method minus its backend selection (the step that fails): only its
+            ``create_weights`` runs, with the attributes that reads."""
+            packed = self.packed_class.__new__(self.packed_class)
+            FusedMoEMethodBase.__init__(packed, self.moe)
+            return packed
 
         def create_weights(
             self,
@@ -213,12 +421,8 @@ def dequantized_nvfp4_moe_method_class() -> type:
             params_dtype: torch.dtype,
             **extra_weight_attrs: Any,
         ) -> None:
-            packed = ModelOptNvFp4FusedMoE.__new__(ModelOptNvFp4FusedMoE)
-            FusedMoEMethodBase.__init__(packed, self.moe)
-            packed.quant_config = self.quant_config
-            packed.use_global_sf = False  # one input scale per local expert
-            ModelOptNvFp4FusedMoE.create_weights(
-                packed,
+            self.packed_class.create_weights(
+                self.packed_method(),
                 layer,
                 num_experts,
                 hidden_size,
@@ -226,55 +430,108 @@ def dequantized_nvfp4_moe_method_class() -> type:
                 params_dtype,
                 **extra_weight_attrs,
             )
-            numel = 2 * (layer.w13_weight.numel() + layer.w2_weight.numel())
+            self.params_dtype = params_dtype
+            codes = self._tensor(layer, "w13", self.weight), self._tensor(layer, "w2", self.weight)
             COST_REPORT.add(
                 "MoE layers",
-                sum(_nbytes(p) for n, p in layer.named_parameters() if n in _PARAMS),
-                numel * params_dtype.itemsize,
-                f"{self.reason} (NVFP4 experts: weights dequantized, activations stay in the "
-                "model dtype, as on vLLM's Marlin FP4 path)",
+                sum(_nbytes(p) for n, p in layer.named_parameters() if n in self.params),
+                2 * sum(c.numel() for c in codes) * params_dtype.itemsize,
+                f"{self.reason} (NVFP4 experts: weights dequantized, {_WHY})",
+                self.layer_name,
             )
 
+        @staticmethod
+        def _tensor(layer: torch.nn.Module, stem: str, name: str) -> torch.Tensor:
+            return getattr(layer, f"{stem}_{name}").data
+
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-            if layer.w13_weight.dtype == torch.uint8:
-                dtype = layer.params_dtype
-                COST_REPORT.flush(dtype)
-                weights = {"w13": self._w13(layer, dtype), "w2": self._w2(layer, dtype)}
-                _drop_params(layer, _PARAMS)
+            if self._tensor(layer, "w13", self.weight).dtype == torch.uint8:
+                COST_REPORT.flush(self.params_dtype)
+                weights = {stem: self._dequantize(layer, stem) for stem in ("w13", "w2")}
+                _drop_params(layer, self.params)
                 for stem, weight in weights.items():
                     layer.register_parameter(
                         f"{stem}_weight", torch.nn.Parameter(weight, requires_grad=False)
                     )
             super().process_weights_after_loading(layer)
 
-        @staticmethod
-        def _w13(layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
-            """[E, 2I, H]: gate rows [0, I) and up rows [I, 2I), each with its own global
-            scale (``w13_weight_scale_2`` [E, 2])."""
-            weight, scale = layer.w13_weight.data, layer.w13_weight_scale.data
-            global_scale = layer.w13_weight_scale_2.data.reshape(weight.shape[0], -1)
+        def _dequantize(self, layer: torch.nn.Module, stem: str) -> torch.Tensor:
+            """[E, N, K]: each shard of rows (w13: gate [0, I) and up [I, 2I)) with its
+            own global scale."""
+            weight = self._tensor(layer, stem, self.weight)
+            scale = self._tensor(layer, stem, "weight_scale")
+            global_scale = self._tensor(layer, stem, self.global_scale)
+            global_scale = global_scale.reshape(weight.shape[0], -1)
             shards = global_scale.shape[1]
             rows = weight.shape[1] // shards
             return torch.cat(
                 [
-                    int4.dequantize_modelopt_nvfp4(
+                    self.codec(
                         weight[:, s * rows : (s + 1) * rows],
                         scale[:, s * rows : (s + 1) * rows],
                         global_scale[:, s],
-                        dtype,
+                        dtype=self.params_dtype,
                     )
                     for s in range(shards)
                 ],
                 dim=1,
             )
 
-        @staticmethod
-        def _w2(layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
-            return int4.dequantize_modelopt_nvfp4(
-                layer.w2_weight.data,
-                layer.w2_weight_scale.data,
-                layer.w2_weight_scale_2.data.reshape(-1),
-                dtype,
-            )
+    return DequantizedNvFp4MoEMethod
+
+
+@functools.cache
+def dequantized_nvfp4_moe_method_class() -> type:
+    from vllm.model_executor.layers.quantization.modelopt import ModelOptNvFp4FusedMoE
+
+    from ... import int4
+
+    class ModelOptNvFp4DequantizedMoEMethod(_dequantized_moe_method_base()):
+        """ModelOpt's NVFP4 experts. The experts' weight loader takes ModelOpt's scale
+        paths for methods whose class name says "ModelOpt", so this one's does."""
+
+        packed_class = ModelOptNvFp4FusedMoE
+        params = _PARAMS
+        codec = staticmethod(int4.dequantize_modelopt_nvfp4)
+
+        def __init__(self, quant_config: Any, moe: Any, reason: str) -> None:
+            super().__init__(moe, reason)
+            self.quant_config = quant_config
+
+        def uses_weight_scale_2_pattern(self) -> bool:
+            return True  # the loader maps `weight_scale_2` names as for NVFP4 experts
+
+        def packed_method(self) -> Any:
+            packed = super().packed_method()
+            packed.quant_config = self.quant_config
+            packed.use_global_sf = False  # one input scale per local expert
+            return packed
 
     return ModelOptNvFp4DequantizedMoEMethod
+
+
+@functools.cache
+def dequantized_ct_nvfp4_moe_method_class(method_module: str) -> type:
+    from ... import int4
+
+    class CompressedTensorsNvFp4DequantizedMoEMethod(_dequantized_moe_method_base()):
+        """compressed-tensors' NVFP4 experts (``weight_packed``, ``weight_scale``,
+        ``weight_global_scale`` as a divisor, ``input_global_scale`` unused)."""
+
+        packed_class = getattr(importlib.import_module(method_module), _CT_MOE)
+        params = _CT_MOE_PARAMS
+        weight = "weight_packed"
+        global_scale = "weight_global_scale"
+        codec = staticmethod(int4.dequantize_nvfp4)
+
+        def __init__(self, moe: Any, reason: str, use_a16: bool, layer_name: str) -> None:
+            super().__init__(moe, reason, layer_name)
+            self.use_a16 = use_a16
+
+        def packed_method(self) -> Any:
+            packed = super().packed_method()
+            packed.group_size = int4.NVFP4_GROUP
+            packed.use_a16 = self.use_a16
+            return packed
+
+    return CompressedTensorsNvFp4DequantizedMoEMethod
