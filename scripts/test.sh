@@ -73,6 +73,9 @@ $RUFF check $lint_dirs && $RUFF format --check $lint_dirs || status=1
 # The suites run side by side: each vLLM process pins itself to one core.
 export GEMMA4_QUANT_COMPAT_DIR="$ROOT/.cache/compat"
 rm -rf "$GEMMA4_QUANT_COMPAT_DIR"
+# releases whose builder libraries agree build each test checkpoint once between them
+export GEMMA4_QUANT_SHARED_CHECKPOINTS="$ROOT/.cache/checkpoints"
+rm -rf "$GEMMA4_QUANT_SHARED_CHECKPOINTS"
 declare -A pids started
 for v in "${RELEASES[@]}"; do
   [ -f ".venvs/vllm-$v/.ready-$v" ] || continue

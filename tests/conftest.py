@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -292,9 +293,17 @@ class CheckpointFactory:
             path = self.root / key
             if not self.shared:
                 write(path)
-            elif not (path / self.DONE).exists():
-                write(path)
-                (path / self.DONE).touch()
+            else:
+                # sessions running side by side (one per release) build each once
+                import fcntl
+
+                self.root.mkdir(parents=True, exist_ok=True)
+                with open(self.root / f"{key}.lock", "w") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    if not (path / self.DONE).exists():
+                        shutil.rmtree(path, ignore_errors=True)  # a build that died
+                        write(path)
+                        (path / self.DONE).touch()
             self._built[key] = path
         return self._built[key]
 
@@ -310,10 +319,19 @@ class CheckpointFactory:
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFactory:
     """The test checkpoints. ``GEMMA4_QUANT_TEST_CHECKPOINTS=DIR`` keeps them in DIR for
     later sessions, other releases' too (``scripts/matrix.sh``): a checkpoint is data
-    that does not depend on the vLLM that serves it."""
+    that does not depend on the vLLM that serves it. ``GEMMA4_QUANT_SHARED_CHECKPOINTS=DIR``
+    shares them between sessions that build with the same compressed-tensors and
+    tokenizers (the test runner's releases, side by side)."""
     shared = os.environ.get("GEMMA4_QUANT_TEST_CHECKPOINTS")
     if shared:
         return CheckpointFactory(Path(shared), shared=True)
+    by_builder = os.environ.get("GEMMA4_QUANT_SHARED_CHECKPOINTS")
+    if by_builder:  # shared by sessions whose builder libraries are the same versions
+        import compressed_tensors
+        import tokenizers
+
+        tools = f"ct-{compressed_tensors.__version__}-tokenizers-{tokenizers.__version__}"
+        return CheckpointFactory(Path(by_builder) / tools, shared=True)
     return CheckpointFactory(tmp_path_factory.mktemp("checkpoints"))
 
 
