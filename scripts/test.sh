@@ -9,9 +9,11 @@
 #
 # One release of every generation of Gemma 4's expert loader (docs/facts/vllm-releases.md):
 # 0.19.1 (dotted mapping, torch 2.10), 0.20.2 (dotted, torch 2.11), 0.23.0 (underscore
-# remap, strict), 0.30.0 (RoutedExperts, silent skip), 0.32.0 (generic loader). 0.20.2,
-# 0.30.0 and 0.32.0 run the whole suite; 0.19.1 and 0.23.0 run the loader's tests (the
-# compatibility matrix, expert names, detection, doctor's verdicts on the same loads).
+# remap, strict), 0.30.0 (RoutedExperts, silent skip), 0.32.0 (generic loader). 0.20.2
+# and 0.32.0 run the whole suite; 0.30.0 all but the builder's tests (0.32.0 builds with
+# the same compressed-tensors) and the real-dimension and tensor-parallel loads (0.32.0
+# shards as 0.30 does); 0.19.1 and 0.23.0 run the loader's tests (the compatibility
+# matrix, expert names, detection, doctor's verdicts on the same loads).
 # Environments live in .venvs/ and are reused when already complete.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,7 +22,9 @@ RELEASES=("$@")
 [ ${#RELEASES[@]} -gt 0 ] || RELEASES=(0.19.1 0.20.2 0.23.0 0.30.0 0.32.0)
 LOADER_TESTS="tests/test_matrix.py tests/test_expert_names.py tests/test_detection.py
   tests/test_compat.py tests/test_doctor.py::test_verdict_matches_vllm"
-declare -A SELECTION=([0.19.1]=$LOADER_TESTS [0.23.0]=$LOADER_TESTS)
+declare -A SELECTION=([0.19.1]=$LOADER_TESTS [0.23.0]=$LOADER_TESTS
+  [0.30.0]="tests --ignore=tests/test_checkpoints.py --ignore=tests/test_shapes.py
+    --ignore=tests/test_tensor_parallel.py")
 export VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p .cache/test-logs
 
