@@ -303,6 +303,7 @@ def test_router_without_cpu_gate_dtype_is_not_the_checkpoints(checkpoints, tmp_p
 # bf16 twin: the same weights and the same bf16 kernels, so equal up to float32 summation
 # order inside those kernels; a wrong group, nibble or expert moves them by more than 1.
 FORCED_LOGPROB_ATOL = 1e-3
+REAL_LOGPROB_ATOL = 2 * LOGPROB_ATOL
 
 
 @pytest.mark.skipif(FALLBACK.status is not Status.NEEDED, reason=FALLBACK.reason)
@@ -318,14 +319,18 @@ def test_real_dims_generate_as_the_twin(checkpoints, tmp_path: Path) -> None:
         assert worst <= FORCED_LOGPROB_ATOL, worst
     # As served (fallback auto): vLLM keeps its own CPU int4 kernel for the attention
     # where it has one, at K = 2816 / N = 4096 and 8192 here, so bf16 summation order
-    # differs from the twin's GEMM: test_server's bound.
-    auto = run_greedy([quantized], tmp_path / "auto")
+    # differs from the twin's GEMM. Sums over K = 2816 flip more bf16 ulps than the tiny
+    # models' K = 64 (test_server's bound): 0.125 measured on AVX-512 (0.32.0), hence
+    # twice that bound; a wrong group, nibble or expert moves logprobs by more than 1.
+    # W4A8 (AMX's default) rounds activations to int8, another computation than the
+    # twin's, so the int4 kernel runs W4A16 here.
+    auto = run_greedy([quantized], tmp_path / "auto", env={"VLLM_CPU_INT4_W4A8": "0"})
     assert auto.returncode == 0, auto.log[-4000:]
     for got, want in zip(auto.first_logprobs[str(quantized)], reference, strict=True):
         shared = got.keys() & want.keys()
         assert len(shared) >= FIRST_LOGPROBS // 2, (got, want)
         worst = max(abs(got[t] - want[t]) for t in shared)
-        assert worst <= LOGPROB_ATOL, worst
+        assert worst <= REAL_LOGPROB_ATOL, worst
 
 
 def test_cli_builds_forms_and_sizes(tmp_path: Path, checkpoints, capsys) -> None:

@@ -43,7 +43,9 @@ DETECTION = dequant_fallback.detect()
 TP = 2
 GROUP = 32  # compressed-tensors layouts; AutoRound's groups are read from its scales
 # The compressed-tensors family of test_ct_formats (int8, FP8-Dynamic, NVFP4, the dense
-# KV-shared QAT layouts) is checked at TP=1 only.
+# KV-shared QAT layouts), and the formats with int8 GPTQ or NVFP4 linears, whose values
+# this check does not read, are checked at TP=1 only (test_ct_formats, test_formats).
+TP1_ONLY = (*TP1_ONLY, "autoround-int4-mixed", "modelopt-nvfp4-moe")
 QUANTIZED = {
     layout: overrides
     for layout, overrides in MATRIX.items()
