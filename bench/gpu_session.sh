@@ -27,6 +27,8 @@
 #            0.20.2 and 0.26.0, plugin and stock, one GPU
 #   formats  the same for the public formats past cyankiwi's (correctness.FORMAT_CASES)
 #   multimodal the same for Gemma4ForConditionalGeneration (ct-fused-w4a16-multimodal)
+#   qat      the same for Google's QAT form alone (qat-w4a16-ct)
+# PROBE_RELEASES (default "0.20.2 0.26.0") picks the releases of the probe phases.
 # This project must be installed in the python3 that runs it (pip install -e .).
 set -uo pipefail
 PROJ=$(cd "$(dirname "$0")/.." && pwd)
@@ -164,10 +166,9 @@ probe_cases() {  # name cases: layer probes of these cases, 0.20.2 and 0.26.0, o
     PYTHONPATH=$T026 $CORR build "$F/ckpts" --layouts "$cases" --jobs 8 > "$R/$name-build.log" \
       2>&1 && touch "$F/ckpts/.built" || { log "build failed"; tail -30 "$R/$name-build.log"; }
   fi
-  install 0.20.2 "$T020" || exit 1
-  install 0.26.0 "$T026" || exit 1
-  for rel in 0.20.2 0.26.0; do
-    tgt=$T020; [ "$rel" = 0.26.0 ] && tgt=$T026
+  for rel in ${PROBE_RELEASES:-0.20.2 0.26.0}; do
+    tgt=$WORK/vllm-$rel
+    install "$rel" "$tgt" || exit 1
     log "$name probes $rel: start"
     $PROBE run "$F/ckpts" "$F/results" --release "$rel=$tgt" --variants plugin,stock \
       --layouts "$cases" --gpus 0 --jobs "${PROBE_JOBS:-4}" > "$R/$name-$rel.log" 2>&1
@@ -194,6 +195,10 @@ fi
 
 if has multimodal; then
   probe_cases multimodal ct-fused-w4a16-multimodal
+fi
+
+if has qat; then
+  probe_cases qat qat-w4a16-ct
 fi
 
 if has bench; then

@@ -263,7 +263,9 @@ def make_jobs(args: argparse.Namespace) -> list[dict]:
                     devices = ",".join(gpus[:2]) if len(gpus) >= 2 else "0,1"
                 else:
                     devices = gpus[len(jobs) % len(gpus)]
-                plugin = not variant.startswith(("stock", "twin"))
+                plugin = not variant.startswith(("stock", "twin")) or (
+                    variant == "twin" and layout in correctness.TWIN_NEEDS_PLUGIN
+                )
                 jobs.append(
                     {
                         "stage": stage,
