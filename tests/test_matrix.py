@@ -91,12 +91,6 @@ VLLM_LIMITS = (
 PLUGIN_GAPS = {
     ("0.19.", "gptq-int4-g64"): "0.19's GPTQ MoE method builds a Marlin workspace at "
     "construction (NotImplementedError: num_compute_units on CPU)",
-    ("0.19.", "modelopt-nvfp4"): "0.19's NVFP4 MoE oracle imports flashinfer while it "
-    "picks a backend (ModuleNotFoundError on CPU)",
-    # 0.19 refuses NVFP4 linears from other code (No NVFP4 GEMM backend selected), which
-    # the NVFP4 linear fallbacks do not recognize
-    ("0.19.", "ct-nvfp4"): "0.19's NVFP4 linear refusal: no CPU NVFP4 linear kernel",
-    ("0.19.", "modelopt-nvfp4-moe"): "0.19's NVFP4 linear refusal: no CPU NVFP4 linear kernel",
 }
 
 

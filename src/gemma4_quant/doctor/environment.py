@@ -131,6 +131,8 @@ def vllm_features() -> dict[str, Any]:
 
     Each entry is one fact a rule depends on.
     """
+    from ..patches.dequant_fallback.nvfp4 import unimportable_moe_backend
+
     single_file = "model_executor/layers/quantization/compressed_tensors/compressed_tensors_moe.py"
     wna16_moe = _source(_CT_MOE_DIR + "compressed_tensors_moe_wna16.py", single_file)
     marlin_moe = _source(_CT_MOE_DIR + "compressed_tensors_moe_wna16_marlin.py", single_file)
@@ -184,6 +186,9 @@ def vllm_features() -> dict[str, Any]:
         "cpu_fp8_route": "w8a8" if "return not match_exact" in ct_config else "w8a16",
         # NVFP4 linears on CPU: vLLM's kernel table has no CPU entry (0.20 - 0.32)
         "cpu_nvfp4_kernels": _kernel_list(kernels, "CPU", "_POSSIBLE_NVFP4_KERNELS"),
+        # a package an NVFP4 MoE backend's kernel module imports at its top and this
+        # environment lacks (0.19: flashinfer): the backend selection stops on it
+        "nvfp4_moe_missing_package": unimportable_moe_backend(),
         "cpu_fp8_kernels": {
             "w8a8": _kernel_list(kernels, "CPU", "_POSSIBLE_FP8_KERNELS"),
             "w8a16": _kernel_list(kernels, "CPU", "_POSSIBLE_WFP8A16_KERNELS"),

@@ -220,9 +220,7 @@ def check_ct_nvfp4_cpu(module: Module, ctx: Ctx) -> Hit | None:
     if not is_representative(module, ctx) or ctx.env.features.get("cpu_nvfp4_kernels"):
         return None
     if module.kind == "experts":
-        message = "no NVFP4 MoE backend on CPU (vLLM's are GPU kernels)"
-        error = "NotImplementedError: No NvFp4 MoE backend supports the deployment configuration"
-        return served_by_fallback(module, scheme, ctx, False, message, error)
+        return _nvfp4_experts_cpu(module, scheme, ctx)
     layer, _ = vllm_layer(module, ctx)
     message = "no CPU kernel for NVFP4 linears (vLLM's are GPU kernels)"
     error = (
@@ -262,14 +260,29 @@ def check_modelopt_nvfp4_cpu(module: Module, ctx: Ctx) -> Hit | None:
         return None
     if scheme.method != "modelopt" or not is_representative(module, ctx):
         return None
-    linear = module.kind != "experts"
-    if linear:
-        message = "no CPU kernel for NVFP4 linears (vLLM's are GPU kernels)"
-        error = "ValueError: Failed to find a kernel that can implement the NVFP4 linear layer"
-    else:
-        message = "no NVFP4 MoE backend on CPU (vLLM's are GPU kernels)"
-        error = "NotImplementedError: No NvFp4 MoE backend supports the deployment configuration"
-    return served_by_fallback(module, scheme, ctx, linear, message, error)
+    if module.kind == "experts":
+        return _nvfp4_experts_cpu(module, scheme, ctx)
+    message = "no CPU kernel for NVFP4 linears (vLLM's are GPU kernels)"
+    error = "ValueError: Failed to find a kernel that can implement the NVFP4 linear layer"
+    return served_by_fallback(module, scheme, ctx, True, message, error)
+
+
+def _nvfp4_experts_cpu(module: Module, scheme: Scheme, ctx: Ctx) -> Hit:
+    """NVFP4 experts on CPU: no MoE backend; where a backend's kernel module needs a
+    package this environment lacks, vLLM's selection stops on that import first, unless
+    the plugin's fallback counts such a backend as unsupported."""
+    message = "no NVFP4 MoE backend on CPU (vLLM's are GPU kernels)"
+    error = "NotImplementedError: No NvFp4 MoE backend supports the deployment configuration"
+    hit = served_by_fallback(module, scheme, ctx, False, message, error)
+    missing = ctx.env.features.get("nvfp4_moe_missing_package")
+    oracle_patched = ctx.patched("dequant_fallback") and ctx.env.fallback_mode != "off"
+    if hit.outcome is Outcome.PATCHED or missing is None or oracle_patched:
+        return hit
+    return Hit(
+        Outcome.FAILS,
+        f"{message}; vLLM's backend selection imports a kernel module that needs {missing}",
+        f"ModuleNotFoundError: No module named '{missing}'",
+    )
 
 
 def check_wna16_linear_cpu(module: Module, ctx: Ctx) -> Hit | None:
