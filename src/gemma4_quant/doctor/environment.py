@@ -131,6 +131,10 @@ def vllm_features() -> dict[str, Any]:
 
     Each entry is one fact a rule depends on.
     """
+    from ..patches.dequant_fallback.gptq_moe import gptq_moe_module, marlin_workspace_methods
+    from ..patches.dequant_fallback.nvfp4 import unimportable_moe_backend
+
+    gptq_moe = gptq_moe_module()
     single_file = "model_executor/layers/quantization/compressed_tensors/compressed_tensors_moe.py"
     wna16_moe = _source(_CT_MOE_DIR + "compressed_tensors_moe_wna16.py", single_file)
     marlin_moe = _source(_CT_MOE_DIR + "compressed_tensors_moe_wna16_marlin.py", single_file)
@@ -184,6 +188,13 @@ def vllm_features() -> dict[str, Any]:
         "cpu_fp8_route": "w8a8" if "return not match_exact" in ct_config else "w8a16",
         # NVFP4 linears on CPU: vLLM's kernel table has no CPU entry (0.20 - 0.32)
         "cpu_nvfp4_kernels": _kernel_list(kernels, "CPU", "_POSSIBLE_NVFP4_KERNELS"),
+        # a package an NVFP4 MoE backend's kernel module imports at its top and this
+        # environment lacks (0.19: flashinfer): the backend selection stops on it
+        "nvfp4_moe_missing_package": unimportable_moe_backend(),
+        # GPTQ's MoE method is Marlin's, which sizes its workspace by the device's
+        # compute units at construction (0.19); vLLM's CPU platform counts none
+        "gptq_moe_marlin_workspace": bool(gptq_moe and marlin_workspace_methods(gptq_moe))
+        and "def num_compute_units" not in _source("platforms/cpu.py"),
         "cpu_fp8_kernels": {
             "w8a8": _kernel_list(kernels, "CPU", "_POSSIBLE_FP8_KERNELS"),
             "w8a16": _kernel_list(kernels, "CPU", "_POSSIBLE_WFP8A16_KERNELS"),

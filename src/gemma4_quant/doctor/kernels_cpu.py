@@ -88,8 +88,15 @@ def check_wna16_moe_cpu(module: Module, ctx: Ctx) -> Hit | None:
     if ctx.env.platform != "cpu" or not is_wna16(scheme):
         return None
     selection = ctx.env.features.get("wna16_moe_selection")
+    if scheme.method == "gptq" and ctx.env.features.get("gptq_moe_marlin_workspace"):
+        message = (
+            "GPTQ experts are built with Marlin's MoE method, whose workspace is sized by "
+            "the device's compute units, which vLLM's CPU platform does not count"
+        )
+        error = "NotImplementedError: num_compute_units is not implemented for the current platform"
+        return _failing_unless_served(module, scheme, ctx, message, error)
     if scheme.method == "gptq":
-        # GPTQ configs build every release's experts through the backend oracle
+        # GPTQ configs build the other releases' experts through the backend oracle
         return _oracle_moe_on_cpu(module, scheme, ctx)
     if scheme.method != "compressed-tensors":
         # AutoRound experts that vLLM does quantize on CPU (0.33+) go through the same
@@ -220,9 +227,7 @@ def check_ct_nvfp4_cpu(module: Module, ctx: Ctx) -> Hit | None:
     if not is_representative(module, ctx) or ctx.env.features.get("cpu_nvfp4_kernels"):
         return None
     if module.kind == "experts":
-        message = "no NVFP4 MoE backend on CPU (vLLM's are GPU kernels)"
-        error = "NotImplementedError: No NvFp4 MoE backend supports the deployment configuration"
-        return served_by_fallback(module, scheme, ctx, False, message, error)
+        return _nvfp4_experts_cpu(module, scheme, ctx)
     layer, _ = vllm_layer(module, ctx)
     message = "no CPU kernel for NVFP4 linears (vLLM's are GPU kernels)"
     error = (
@@ -262,14 +267,37 @@ def check_modelopt_nvfp4_cpu(module: Module, ctx: Ctx) -> Hit | None:
         return None
     if scheme.method != "modelopt" or not is_representative(module, ctx):
         return None
-    linear = module.kind != "experts"
-    if linear:
-        message = "no CPU kernel for NVFP4 linears (vLLM's are GPU kernels)"
-        error = "ValueError: Failed to find a kernel that can implement the NVFP4 linear layer"
-    else:
-        message = "no NVFP4 MoE backend on CPU (vLLM's are GPU kernels)"
-        error = "NotImplementedError: No NvFp4 MoE backend supports the deployment configuration"
-    return served_by_fallback(module, scheme, ctx, linear, message, error)
+    if module.kind == "experts":
+        return _nvfp4_experts_cpu(module, scheme, ctx)
+    message = "no CPU kernel for NVFP4 linears (vLLM's are GPU kernels)"
+    error = "ValueError: Failed to find a kernel that can implement the NVFP4 linear layer"
+    return served_by_fallback(module, scheme, ctx, True, message, error)
+
+
+def _nvfp4_experts_cpu(module: Module, scheme: Scheme, ctx: Ctx) -> Hit:
+    """NVFP4 experts on CPU: no MoE backend; where a backend's kernel module needs a
+    package this environment lacks, vLLM's selection stops on that import first, unless
+    the plugin's fallback counts such a backend as unsupported."""
+    message = "no NVFP4 MoE backend on CPU (vLLM's are GPU kernels)"
+    error = "NotImplementedError: No NvFp4 MoE backend supports the deployment configuration"
+    missing = ctx.env.features.get("nvfp4_moe_missing_package")
+    oracle_patched = ctx.patched("dequant_fallback") and ctx.env.fallback_mode != "off"
+    if missing is None or oracle_patched:
+        return served_by_fallback(module, scheme, ctx, False, message, error)
+    message += f"; vLLM's backend selection imports a kernel module that needs {missing}"
+    error = f"ModuleNotFoundError: No module named '{missing}'"
+    return _failing_unless_served(module, scheme, ctx, message, error)
+
+
+def _failing_unless_served(
+    module: Module, scheme: Scheme, ctx: Ctx, message: str, error: str
+) -> Hit:
+    """Experts that vLLM fails on (``error``) before it could say it has no kernel for
+    them, unless the plugin's fallback serves them."""
+    hit = served_by_fallback(module, scheme, ctx, False, message, error)
+    if hit.outcome is Outcome.PATCHED:
+        return hit
+    return Hit(Outcome.FAILS, hit.message, hit.example, stage=hit.stage)
 
 
 def check_wna16_linear_cpu(module: Module, ctx: Ctx) -> Hit | None:

@@ -46,7 +46,9 @@ How:
     - NVFP4 (ModelOpt; compressed-tensors W4A4 linears and experts): where vLLM's NVFP4
       kernel or MoE backend selection raises its no-kernel error, vLLM's own buffers are
       dequantized at load and run unquantized, activations in the model dtype
-      (``nvfp4.py``).
+      (``nvfp4.py``); so where the linear methods pick a backend enum that vLLM
+      refuses (``No NVFP4 GEMM backend selected``), and where the MoE oracle stops on a
+      backend whose kernel module needs a missing GPU library.
     Values are ``(q - zero_point) * scale`` in float32, rounded once to the model dtype:
     the checkpoint's exact values, for 4- and 8-bit integers alike (AutoGPTQ linears:
     4-bit). One warning per loaded model says why and what it costs (bytes of dequantized
@@ -238,12 +240,14 @@ class Found:
     nvfp4_moe: bool = False  # ModelOpt NVFP4 experts (nvfp4.py)
     ct_nvfp4_linear: bool = False  # compressed-tensors NVFP4 linears (nvfp4.py)
     ct_nvfp4_moe: str | None = None  # the module of compressed-tensors' NVFP4 MoE method
+    modelopt_nvfp4_linear: bool = False  # ModelOpt NVFP4 linears (nvfp4.py)
+    nvfp4_moe_oracle: bool = False  # unimportable NVFP4 MoE backends count as unsupported
 
 
 def detect() -> Detection:
+    from . import nvfp4
     from .gptq_moe import gptq_moe_module
     from .inc import inc_int8_generation
-    from .nvfp4 import ct_nvfp4_linear_recognized, ct_nvfp4_moe_module, nvfp4_moe_recognized
 
     generation, why = _moe_generation()
     if generation is None:
@@ -254,9 +258,11 @@ def detect() -> Detection:
         _gptq_linear_recognized(),
         inc_int8_generation(),
         gptq_moe_module(),
-        nvfp4_moe_recognized(),
-        ct_nvfp4_linear_recognized(),
-        ct_nvfp4_moe_module(),
+        nvfp4.nvfp4_moe_recognized(),
+        nvfp4.ct_nvfp4_linear_recognized(),
+        nvfp4.ct_nvfp4_moe_module(),
+        nvfp4.modelopt_nvfp4_linear_recognized(),
+        nvfp4.oracle_imports_backends(),
     )
     linear = ""
     if found.linear:
@@ -267,7 +273,9 @@ def detect() -> Detection:
         )
     inc = "; INC int8 linears get vLLM's GPTQ method on CPU" if found.inc_int8 else ""
     gptq = "; GPTQ experts without a kernel load dequantized" if found.gptq_moe else ""
-    nvfp4 = "; so do ModelOpt NVFP4 experts" if found.nvfp4_moe else ""
+    modelopt_parts = {"linears": found.modelopt_nvfp4_linear, "experts": found.nvfp4_moe}
+    modelopt = " and ".join(part for part, ok in modelopt_parts.items() if ok)
+    nvfp4 = f"; so do ModelOpt NVFP4 {modelopt}" if modelopt else ""
     ct_parts = {"linears": found.ct_nvfp4_linear, "experts": bool(found.ct_nvfp4_moe)}
     covered = " and ".join(part for part, ok in ct_parts.items() if ok)
     unknown = " and ".join(part for part, ok in ct_parts.items() if not ok)
@@ -307,8 +315,13 @@ def apply(detection: Detection) -> None:
         unquantized_experts.add_stream_stage(unquantized_experts.GPTQ_CONFIGS)
     from . import nvfp4
 
-    if found.nvfp4_moe:
-        when_imported(nvfp4.MODELOPT_MODULE, nvfp4.patch_modelopt)
+    if found.nvfp4_moe or found.modelopt_nvfp4_linear:
+        patch = functools.partial(
+            nvfp4.patch_modelopt, moe=found.nvfp4_moe, linear=found.modelopt_nvfp4_linear
+        )
+        when_imported(nvfp4.MODELOPT_MODULE, patch)
+    if found.nvfp4_moe_oracle and (found.nvfp4_moe or found.ct_nvfp4_moe):
+        when_imported(nvfp4.ORACLE_MODULE, nvfp4.patch_moe_oracle)
     if found.ct_nvfp4_linear:
         when_imported(nvfp4.CT_LINEAR_MODULE, nvfp4.patch_ct_linear)
     if found.ct_nvfp4_moe:
@@ -354,8 +367,9 @@ def fallback_refusal(scheme: Scheme, ctx: Ctx, linear: bool) -> str | None:
     if scheme.method == "modelopt":
         if scheme.weight_type != "nvfp4":
             return "the fallback covers ModelOpt NVFP4 only"
-        if found is None or not found.nvfp4_moe:
-            return "the fallback does not recognize this vLLM's ModelOpt NVFP4 code"
+        if found is None or not (found.modelopt_nvfp4_linear if linear else found.nvfp4_moe):
+            what = "linear method" if linear else "MoE method"
+            return f"the fallback does not recognize this vLLM's ModelOpt NVFP4 {what}"
         return None
     if scheme.method == "gptq" and not linear:
         if found is None or not found.gptq_moe:

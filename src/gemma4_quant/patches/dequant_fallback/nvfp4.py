@@ -22,6 +22,15 @@ model dtype (``gemma4_quant.int4``: exact, rounded once):
   ModelOpt's linear method and compressed-tensors' ``CompressedTensorsW4A4Fp4`` scheme
   call; it turns their tensors into ``weight`` for ``UnquantizedLinearMethod``.
 
+Where the linear methods pick an ``NvFp4LinearBackend`` instead
+(``select_nvfp4_linear_backend``, which raises ``ValueError: No NVFP4 GEMM backend
+selected`` on CPU) and vLLM's ``nvfp4_utils`` functions dispatch on it in
+``process_weights_after_loading`` and ``apply``, the same kernel object stands in for
+the backend, and the methods hand the layer to it. Where the NVFP4 MoE oracle imports
+a backend's kernel module that needs a missing GPU library (FlashInfer's TRT-LLM experts
+``import flashinfer`` at their top), that backend counts as unsupported, so that the
+oracle reaches its no-backend error instead of ``ModuleNotFoundError``.
+
 Values: ModelOpt ``(e2m1 * weight_scale) * weight_scale_2``; compressed-tensors
 ``e2m1 * (weight_scale / weight_global_scale)`` (it stores the global scale as a divisor),
 every fused shard (q/k/v, gate/up) with its own global scale (vLLM's kernels use their
@@ -62,6 +71,14 @@ _CT_MOE_FILES = (
 )
 NO_NVFP4_MOE_KERNEL = "No NvFp4 MoE backend supports the deployment configuration"
 NO_NVFP4_LINEAR_KERNEL = "Failed to find a kernel that can implement the NVFP4 linear layer"
+# How NVFP4 linear methods get their kernel: a kernel object that processes and applies
+# (``init_nvfp4_linear_kernel``), or a backend enum that vLLM's ``nvfp4_utils`` functions
+# dispatch on (``select_nvfp4_linear_backend``, 0.19), each with its refusal.
+PICK_KERNEL = "init_nvfp4_linear_kernel"
+PICK_BACKEND = "select_nvfp4_linear_backend"
+NO_NVFP4_GEMM_BACKEND = "No NVFP4 GEMM backend selected"
+_NO_LINEAR = {PICK_KERNEL: NO_NVFP4_LINEAR_KERNEL, PICK_BACKEND: NO_NVFP4_GEMM_BACKEND}
+_NVFP4_UTILS_FILE = "model_executor/layers/quantization/utils/nvfp4_utils.py"
 _MARK = "__gemma4_quant_nvfp4_fallback__"
 _WHY = "activations stay in the model dtype, as on vLLM's Marlin FP4 path"
 _PARAMS = (
@@ -152,33 +169,80 @@ def ct_nvfp4_moe_module() -> str | None:
     return None
 
 
-def ct_nvfp4_linear_recognized() -> bool:
-    """compressed-tensors' NVFP4 linear scheme picks its kernel with
-    ``init_nvfp4_linear_kernel`` (which raises the no-kernel error) in ``__init__``,
-    registers ``weight_packed`` / ``weight_scale`` / ``weight_global_scale`` per shard of
-    ``logical_widths`` and runs the kernel's ``apply_weights``."""
+def nvfp4_linear_choice() -> str | None:
+    """The function NVFP4 linear methods pick their kernel with (``PICK_KERNEL`` or
+    ``PICK_BACKEND``), where it raises the refusal the fallback catches; None: neither."""
     from . import _LINEAR_KERNELS_FILE
 
-    text = vllm_source(_CT_LINEAR_FILE)
-    scheme = "CompressedTensorsW4A4Fp4"
-    init = vllm_code.find_function(text, f"{scheme}.__init__")
-    create = vllm_code.find_function(text, f"{scheme}.create_weights")
-    apply = vllm_code.find_function(text, f"{scheme}.apply_weights")
-    process = vllm_code.find_function(text, f"{scheme}.process_weights_after_loading")
-    kernels = vllm_code.parse(vllm_source(_LINEAR_KERNELS_FILE) or "")
-    if init is None or create is None or apply is None or process is None:
+    if vllm_code.has_string(
+        vllm_code.parse(vllm_source(_LINEAR_KERNELS_FILE) or ""), NO_NVFP4_LINEAR_KERNEL
+    ):
+        return PICK_KERNEL
+    utils = vllm_source(_NVFP4_UTILS_FILE)
+    dispatch = ("convert_to_nvfp4_linear_kernel_format", "apply_nvfp4_linear")
+    if vllm_code.has_string(
+        vllm_code.find_function(utils, PICK_BACKEND), NO_NVFP4_GEMM_BACKEND
+    ) and all(vllm_code.find_function(utils, name) is not None for name in dispatch):
+        return PICK_BACKEND
+    return None
+
+
+def _linear_method_recognized(text: str | None, method: str, apply: str) -> bool:
+    """``method`` picks its NVFP4 kernel in ``__init__`` the way ``nvfp4_linear_choice``
+    found, and runs it from ``apply`` (and, with a backend enum, converts the tensors with
+    it in ``process_weights_after_loading``)."""
+    init = vllm_code.find_function(text, f"{method}.__init__")
+    create = vllm_code.find_function(text, f"{method}.create_weights")
+    process = vllm_code.find_function(text, f"{method}.process_weights_after_loading")
+    run = vllm_code.find_function(text, f"{method}.{apply}")
+    choice = nvfp4_linear_choice()
+    if None in (init, create, process, run, choice):
         return False
-    return (
-        any(vllm_code.calls(init, "init_nvfp4_linear_kernel"))
-        and vllm_code.has_string(kernels, NO_NVFP4_LINEAR_KERNEL)
-        and {"weight_packed", "weight_scale", "weight_global_scale"}
-        <= set(vllm_code.strings(create))
-        and vllm_code.has_code(create, "layer.logical_widths = output_partition_sizes")
-        and any(vllm_code.calls(apply, "apply_weights"))
+    if not any(vllm_code.calls(init, choice)):
+        return False
+    if choice == PICK_KERNEL:
+        return any(vllm_code.calls(run, "apply_weights"))
+    return any(vllm_code.calls(process, "convert_to_nvfp4_linear_kernel_format")) and any(
+        vllm_code.calls(run, "apply_nvfp4_linear")
     )
 
 
-def patch_modelopt(module: ModuleType) -> None:
+def ct_nvfp4_linear_recognized() -> bool:
+    """compressed-tensors' NVFP4 linear scheme picks its kernel in ``__init__`` (where
+    vLLM refuses), registers ``weight_packed`` / ``weight_scale`` / ``weight_global_scale``
+    per shard of ``logical_widths`` and runs the kernel from ``apply_weights``."""
+    text = vllm_source(_CT_LINEAR_FILE)
+    scheme = "CompressedTensorsW4A4Fp4"
+    create = vllm_code.find_function(text, f"{scheme}.create_weights")
+    return (
+        _linear_method_recognized(text, scheme, "apply_weights")
+        and {"weight_packed", "weight_scale", "weight_global_scale"}
+        <= set(vllm_code.strings(create))
+        and vllm_code.has_code(create, "layer.logical_widths = output_partition_sizes")
+    )
+
+
+def modelopt_nvfp4_linear_recognized() -> bool:
+    """ModelOpt's NVFP4 linears get their kernel object from ``init_nvfp4_linear_kernel``,
+    which processes the tensors as vLLM's method hands them over; or its NVFP4 linear
+    method picks a backend in ``__init__`` and registers ``weight`` / ``weight_scale`` /
+    ``weight_scale_2``."""
+    text = vllm_source(_MODELOPT_FILE)
+    if nvfp4_linear_choice() == PICK_KERNEL:
+        return any(vllm_code.calls(vllm_code.parse(text or ""), PICK_KERNEL))
+    method = "ModelOptNvFp4LinearMethod"
+    create = vllm_code.find_function(text, f"{method}.create_weights")
+    return _linear_method_recognized(text, method, "apply") and {
+        "weight",
+        "weight_scale",
+        "weight_scale_2",
+    } <= set(vllm_code.strings(create))
+
+
+def patch_modelopt(module: ModuleType, moe: bool, linear: bool) -> None:
+    """ModelOpt's NVFP4 experts (``get_quant_method``) and its NVFP4 linears, those the
+    fallback recognizes."""
+
     def make(original: Any) -> Any:
         def get_quant_method(self, layer, prefix: str):  # noqa: ANN001
             try:
@@ -193,9 +257,15 @@ def patch_modelopt(module: ModuleType) -> None:
 
         return get_quant_method
 
-    wrap_once(module.ModelOptNvFp4Config, "get_quant_method", _MARK, make)
-    if callable(getattr(module, "init_nvfp4_linear_kernel", None)):
-        wrap_once(module, "init_nvfp4_linear_kernel", _MARK, _make_linear_kernel_choice)
+    if moe:
+        wrap_once(module.ModelOptNvFp4Config, "get_quant_method", _MARK, make)
+    if not linear:
+        return
+    if callable(getattr(module, PICK_KERNEL, None)):
+        # the kernel object processes the tensors as vLLM's method hands them over
+        wrap_once(module, PICK_KERNEL, _MARK, _linear_kernel_choice(PICK_KERNEL))
+        return
+    _patch_linear_method(module, module.ModelOptNvFp4LinearMethod, "apply", "weight")
 
 
 def patch_ct_linear(module: ModuleType) -> None:
@@ -203,10 +273,19 @@ def patch_ct_linear(module: ModuleType) -> None:
     cost goes into the model's one warning as they are built, and the kernel processes
     the tensors as loaded (vLLM's scheme would rename them and keep one global scale for
     all shards)."""
-    wrap_once(module, "init_nvfp4_linear_kernel", _MARK, _make_linear_kernel_choice)
+    _patch_linear_method(module, module.CompressedTensorsW4A4Fp4, "apply_weights", "weight_packed")
 
-    def fallback_kernel(scheme: Any) -> Any:
-        kernel = getattr(scheme, "kernel", None)
+
+def _patch_linear_method(module: ModuleType, method: type, apply: str, packed: str) -> None:
+    """An NVFP4 linear method of ``module`` gets the fallback kernel where vLLM picks
+    none; on such a layer the kernel announces it when built (``packed``: its codes),
+    processes the tensors as loaded and runs it (``apply``: the method's entry)."""
+    choice = PICK_KERNEL if callable(getattr(module, PICK_KERNEL, None)) else PICK_BACKEND
+    wrap_once(module, choice, _MARK, _linear_kernel_choice(choice))
+
+    def fallback_kernel(method: Any) -> Any:
+        # the kernel object, or what vLLM keeps as its backend enum
+        kernel = getattr(method, "kernel", getattr(method, "backend", None))
         return kernel if isinstance(kernel, dequantized_nvfp4_linear_kernel_class()) else None
 
     def make_create(original: Any) -> Any:
@@ -214,7 +293,7 @@ def patch_ct_linear(module: ModuleType) -> None:
             original(self, layer, *args, **kwargs)
             kernel = fallback_kernel(self)
             if kernel is not None:
-                kernel.announce(layer, layer.weight_packed, layer.weight_scale)
+                kernel.announce(layer, getattr(layer, packed), layer.weight_scale)
 
         return create_weights
 
@@ -223,13 +302,99 @@ def patch_ct_linear(module: ModuleType) -> None:
             kernel = fallback_kernel(self)
             if kernel is None:
                 return original(self, layer)
-            return kernel.process_compressed_tensors(layer)
+            if packed == "weight_packed":
+                return kernel.process_compressed_tensors(layer)
+            return kernel.process_weights_after_loading(layer)
 
         return process_weights_after_loading
 
-    scheme = module.CompressedTensorsW4A4Fp4
-    wrap_once(scheme, "create_weights", _MARK, make_create)
-    wrap_once(scheme, "process_weights_after_loading", _MARK, make_process)
+    def make_apply(original: Any) -> Any:
+        def run(self, layer: torch.nn.Module, x: torch.Tensor, bias: Any = None) -> Any:  # noqa: ANN001
+            kernel = fallback_kernel(self)
+            if kernel is None:
+                return original(self, layer, x, bias)
+            return kernel.apply_weights(layer, x, bias)
+
+        return run
+
+    wrap_once(method, "create_weights", _MARK, make_create)
+    wrap_once(method, "process_weights_after_loading", _MARK, make_process)
+    wrap_once(method, apply, _MARK, make_apply)
+
+
+ORACLE_MODULE = "vllm." + _ORACLE_FILE.removesuffix(".py").replace("/", ".")
+
+
+def oracle_imports_backends() -> bool:
+    """The NVFP4 MoE oracle imports a backend's kernel module when it asks that backend
+    whether it supports the layer (``backend_to_kernel_cls``), and goes on to the next
+    one, up to its no-backend error, where the answer is no. A kernel module that imports
+    a GPU library at its top (FlashInfer's TRT-LLM experts on some releases) then fails
+    the selection with ``ModuleNotFoundError`` before that error."""
+    text = vllm_source(_ORACLE_FILE)
+    kernels = vllm_code.find_function(text, "backend_to_kernel_cls")
+    select = vllm_code.find_function(text, "select_nvfp4_moe_backend")
+    return (
+        kernels is not None
+        and any(isinstance(node, ast.ImportFrom) for node in ast.walk(kernels))
+        and any(vllm_code.calls(select, "backend_to_kernel_cls"))
+        and any(vllm_code.calls(select, "is_supported_config"))
+        and vllm_code.has_string(select, NO_NVFP4_MOE_KERNEL)
+    )
+
+
+def unimportable_moe_backend() -> str | None:
+    """The first package that a kernel module the NVFP4 MoE oracle imports needs at its
+    top and this environment lacks (None: every one imports): vLLM's backend selection
+    stops on it with ``ModuleNotFoundError`` where ``patch_moe_oracle`` is not applied."""
+    import importlib.util
+
+    kernels = vllm_code.find_function(vllm_source(_ORACLE_FILE), "backend_to_kernel_cls")
+    imports = [n for n in ast.walk(kernels or ast.Module()) if isinstance(n, ast.ImportFrom)]
+    for node in sorted(imports, key=lambda n: n.lineno):
+        if not (node.module or "").startswith("vllm."):
+            continue
+        relpath = node.module.removeprefix("vllm.").replace(".", "/") + ".py"
+        tree = vllm_code.parse(vllm_source(relpath) or "")
+        for top in tree.body if tree is not None else ():
+            names = [alias.name for alias in top.names] if isinstance(top, ast.Import) else []
+            if isinstance(top, ast.ImportFrom) and not top.level and top.module:
+                names = [top.module]
+            for name in names:
+                package = name.split(".")[0]
+                if importlib.util.find_spec(package) is None:
+                    return package
+    return None
+
+
+def patch_moe_oracle(module: ModuleType) -> None:
+    """A backend whose kernel module cannot be imported supports no layer: the oracle
+    says so and tries the next one, and raises its no-backend error (which the MoE
+    fallbacks catch) where none is left."""
+
+    def make(original: Any) -> Any:
+        def backend_to_kernel_cls(backend: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return original(backend, *args, **kwargs)
+            except ModuleNotFoundError as exc:
+                if envs.fallback_mode() == "off":
+                    raise
+                return [_unimportable_kernel(f"its kernel module needs {exc.name}: {exc}")]
+
+        return backend_to_kernel_cls
+
+    wrap_once(module, "backend_to_kernel_cls", _MARK, make)
+
+
+def _unimportable_kernel(reason: str) -> type:
+    """A stand-in for the kernel classes of a backend that cannot be imported."""
+
+    class UnimportableNvFp4MoEKernel:
+        @staticmethod
+        def is_supported_config(cls: type, *args: Any, **kwargs: Any) -> tuple[bool, str]:
+            return False, reason
+
+    return UnimportableNvFp4MoEKernel
 
 
 def patch_ct_moe_factory(module: ModuleType, method_module: str) -> None:
@@ -260,16 +425,23 @@ def _falls_back(exc: Exception, no_kernel: str) -> bool:
     return no_kernel in str(exc) and envs.fallback_mode() != "off"
 
 
-def _make_linear_kernel_choice(original: Any) -> Any:
-    def init_nvfp4_linear_kernel(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return original(*args, **kwargs)
-        except ValueError as exc:
-            if not _falls_back(exc, NO_NVFP4_LINEAR_KERNEL):
-                raise
-        return dequantized_nvfp4_linear_kernel_class()()
+def _linear_kernel_choice(choice: str) -> Any:
+    """A wrapper maker for vLLM's ``choice`` function: the fallback kernel where it
+    refuses."""
+    no_kernel = _NO_LINEAR[choice]
 
-    return init_nvfp4_linear_kernel
+    def make(original: Any) -> Any:
+        def pick(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return original(*args, **kwargs)
+            except ValueError as exc:
+                if not _falls_back(exc, no_kernel):
+                    raise
+            return dequantized_nvfp4_linear_kernel_class()(no_kernel)
+
+        return pick
+
+    return make
 
 
 @functools.cache
@@ -287,9 +459,10 @@ def dequantized_nvfp4_linear_kernel_class() -> type:
 
         supports_pre_processed_weights = False
 
-        def __init__(self) -> None:
+        def __init__(self, reason: str = NO_NVFP4_LINEAR_KERNEL) -> None:
             self.unquantized = UnquantizedLinearMethod()
             self.announced = False
+            self.reason = reason  # vLLM's refusal
 
         def announce(self, layer: torch.nn.Module, *packed: torch.Tensor) -> None:
             """Adds the layer to the model's one warning, before any layer is processed."""
@@ -298,7 +471,7 @@ def dequantized_nvfp4_linear_kernel_class() -> type:
                 "linear layers",
                 sum(_nbytes(t) for t in packed),
                 rows * cols * 2 * layer.params_dtype.itemsize,
-                f"{NO_NVFP4_LINEAR_KERNEL} (NVFP4 weights dequantized, {_WHY})",
+                f"{self.reason} (NVFP4 weights dequantized, {_WHY})",
             )
             self.announced = True
 
