@@ -184,6 +184,13 @@ class Hit:
     patch: str = ""  # the patch that removes the problem (outcome PATCHED)
     stage: Stage | None = None  # when it is not the rule's own stage
     extra_bytes: int = 0  # memory the dequantizing fallback adds
+    # where vLLM meets it within the stage, when not at the module's own place
+    # (AFTER_LAYERS: once every decoder layer is built)
+    position: str | None = None
+
+
+# a position past every decoder layer's (predict._position: zero-padded layer numbers)
+AFTER_LAYERS = "999999"
 
 
 @dataclass(frozen=True)

@@ -190,7 +190,8 @@ def check_fp8_linear_cpu(module: Module, ctx: Ctx) -> Hit | None:
 
 def check_fp8_moe_cpu(module: Module, ctx: Ctx) -> Hit | None:
     """vLLM's CPU FP8 MoE experts need AMX and SiLU; otherwise the oracle returns NONE and
-    converting the weights fails (construction and loading pass)."""
+    converting the weights fails (construction and loading pass), unless the plugin's
+    fallback dequantizes them (dequant_fallback/fp8.py)."""
     scheme = built_scheme(module, ctx)
     if ctx.env.platform != "cpu" or scheme is None or scheme.storage != "fp8":
         return None
@@ -204,13 +205,14 @@ def check_fp8_moe_cpu(module: Module, ctx: Ctx) -> Hit | None:
     elif activation not in supported:
         reason = f"CPU FP8 MoE runs {'/'.join(supported)}, Gemma 4 uses {activation}"
     else:
-        return None
-    return Hit(
-        Outcome.NO_KERNEL,
-        f"no FP8 MoE backend on this CPU: {reason}; these experts cannot be served here "
-        "(the plugin dequantizes integer experts only)",
+        return forced(module, scheme, ctx, linear=False)
+    return served_by_fallback(
+        module,
+        scheme,
+        ctx,
+        False,
+        f"no FP8 MoE backend on this CPU: {reason}",
         "ValueError: Unsupported FP8 MoE backend: NONE",
-        stage=Stage.PROCESS,
     )
 
 

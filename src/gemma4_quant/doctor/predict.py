@@ -167,7 +167,7 @@ def evaluate(analysis: Analysis, env: Environment, active: frozenset[str]) -> Pr
                     hit = dataclasses.replace(hit, extra_bytes=0)
                 dequantized.add(module.name)
             stage = hit.stage or rule.stage
-            order = (stage.value, _position(module, stage))
+            order = (stage.value, hit.position or _position(module, stage))
             key = (rule.name, hit.outcome, hit.message, hit.patch)
             where = short_name(rules.vllm_layer(module, ctx)[0]) if rule.per_layer else module.short
             found = grouped.get(key)

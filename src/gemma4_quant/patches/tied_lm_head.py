@@ -46,6 +46,7 @@ SUMMARY = "0.24.0: a tied lm_head ties whatever its quantization method (AutoRou
 BASE_CONFIG = "vllm.model_executor.layers.quantization.base_config"
 _BASE_FILE = "model_executor/layers/quantization/base_config.py"
 _HEAD_FILE = "model_executor/layers/vocab_parallel_embedding.py"
+_MODEL_FILE = "model_executor/models/gemma4.py"
 _MARK = "__gemma4_quant_tied_lm_head__"
 
 
@@ -112,7 +113,7 @@ def doctor_rules() -> tuple[Rule, ...]:
 def _doctor_tied_head(module: Module, ctx: Ctx) -> Hit | None:
     """An AutoRound (INC) checkpoint with tied embeddings: INC gives the head
     ``UnquantizedLinearMethod``, whose inherited ``tie_weights`` raises here."""
-    from ..doctor.core import Hit, Outcome
+    from ..doctor.core import AFTER_LAYERS, Hit, Outcome
 
     analysis = ctx.analysis
     if not ctx.needed(NAME) or analysis.quant_method != "auto-round":
@@ -125,4 +126,27 @@ def _doctor_tied_head(module: Module, ctx: Ctx) -> Hit | None:
     )
     if ctx.patched(NAME):
         return Hit(Outcome.PATCHED, message, "", NAME)
-    return Hit(Outcome.FAILS, message, "NotImplementedError in ParallelLMHead.tie_weights")
+    # the head is tied once the decoder layers are built: a layer that vLLM refuses stops
+    # construction first (0.24.0: INC's int8 linears on CPU)
+    position = AFTER_LAYERS if _tied_after_layers() else None
+    error = "NotImplementedError in ParallelLMHead.tie_weights"
+    return Hit(Outcome.FAILS, message, error, position=position)
+
+
+def _tied_after_layers() -> bool:
+    """Whether ``Gemma4ForCausalLM.__init__`` ties the head after it builds the model
+    (``self.model = ...`` before the ``tie_weights`` call)."""
+    init = vllm_code.find_function(vllm_source(_MODEL_FILE), "Gemma4ForCausalLM.__init__")
+    if init is None:
+        return False
+    builds = [
+        node.lineno
+        for node in ast.walk(init)
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Attribute)
+        and target.attr == "model"
+        and vllm_code.is_name(target.value, "self")
+    ]
+    ties = [call.lineno for call in vllm_code.calls(init, "tie_weights")]
+    return bool(builds and ties) and min(builds) < min(ties)

@@ -49,6 +49,11 @@ How:
       (``nvfp4.py``); so where the linear methods pick a backend enum that vLLM
       refuses (``No NVFP4 GEMM backend selected``), and where the MoE oracle stops on a
       backend whose kernel module needs a missing GPU library.
+    - FP8 experts (compressed-tensors, RedHatAI's FP8-Dynamic): where vLLM's FP8 MoE
+      method got ``Fp8MoeBackend.NONE`` from its oracle (CPUs without AMX), which would
+      stop weight processing with ``Unsupported FP8 MoE backend: NONE``, its buffers are
+      dequantized at load and run unquantized (``fp8.py``); vLLM's FP8 path stays
+      wherever it has a backend.
     Values are ``(q - zero_point) * scale`` in float32, rounded once to the model dtype:
     the checkpoint's exact values, for 4- and 8-bit integers alike (AutoGPTQ linears:
     4-bit). One warning per loaded model says why and what it costs (bytes of dequantized
@@ -65,8 +70,10 @@ Releases:
     0.30.0 (layout chosen from the kernel: the fallback pins the N-first layout and
     allocates N-first zero points itself). Earlier releases build compressed-tensors MoE
     layers differently: UNRECOGNIZED. AutoGPTQ linears wherever ``AutoGPTQLinearMethod``
-    picks a mixed-precision kernel for K-first ``qweight`` (0.30.0 - 0.32.0). Detected from
-    the code, never from the version.
+    picks a mixed-precision kernel for K-first ``qweight`` (0.30.0 - 0.32.0). FP8 experts
+    wherever the FP8 MoE method keeps the oracle's backend and the oracle can return
+    ``NONE`` (0.19.0 - 0.32.0; on 0.19 the FP8 linears fail first, on 0.20 - 0.27 at
+    construction). Detected from the code, never from the version.
 
 Removal:
     When every supported release falls back by itself where no WNA16 kernel fits.
@@ -148,6 +155,14 @@ def _moe_location() -> tuple[str | None, str, str]:
         if factory is not None:
             return factory, module, wna16_file
     return None, "", ""
+
+
+def factory_builds(method: str) -> bool:
+    """Whether the compressed-tensors MoE factory builds ``method`` (a class name)."""
+    factory = vllm_code.find_function(
+        _moe_location()[0], "CompressedTensorsMoEMethod.get_moe_method"
+    )
+    return factory is not None and any(vllm_code.calls(factory, method))
 
 
 def _moe_generation() -> tuple[str | None, str]:
@@ -242,10 +257,12 @@ class Found:
     ct_nvfp4_moe: str | None = None  # the module of compressed-tensors' NVFP4 MoE method
     modelopt_nvfp4_linear: bool = False  # ModelOpt NVFP4 linears (nvfp4.py)
     nvfp4_moe_oracle: bool = False  # unimportable NVFP4 MoE backends count as unsupported
+    ct_fp8_moe: bool = False  # compressed-tensors FP8 experts without a backend (fp8.py)
 
 
 def detect() -> Detection:
     from . import nvfp4
+    from .fp8 import ct_fp8_moe_recognized
     from .gptq_moe import gptq_moe_module
     from .inc import inc_int8_generation
 
@@ -263,6 +280,7 @@ def detect() -> Detection:
         nvfp4.ct_nvfp4_moe_module(),
         nvfp4.modelopt_nvfp4_linear_recognized(),
         nvfp4.oracle_imports_backends(),
+        ct_fp8_moe_recognized(),
     )
     linear = ""
     if found.linear:
@@ -282,8 +300,9 @@ def detect() -> Detection:
     ct_nvfp4 = f"; so do compressed-tensors NVFP4 {covered}" if covered else ""
     if unknown:
         ct_nvfp4 += f"; compressed-tensors NVFP4 {unknown}: code not recognized, left to vLLM"
+    fp8 = "; so do compressed-tensors FP8 experts without a backend" if found.ct_fp8_moe else ""
     return Detection.needed(
-        f"{why}; dequantize experts {linear}where no kernel fits{inc}{gptq}{nvfp4}{ct_nvfp4}",
+        f"{why}; dequantize experts {linear}where no kernel fits{inc}{gptq}{nvfp4}{ct_nvfp4}{fp8}",
         found,
     )
 
@@ -327,6 +346,10 @@ def apply(detection: Detection) -> None:
     if found.ct_nvfp4_moe:
         patch = functools.partial(nvfp4.patch_ct_moe_factory, method_module=found.ct_nvfp4_moe)
         when_imported(_moe_location()[1], patch)
+    if found.ct_fp8_moe:
+        from .fp8 import patch_ct_fp8_moe_factory
+
+        when_imported(_moe_location()[1], patch_ct_fp8_moe_factory)
     if found.inc_int8 == inc.GENERATION_SCHEME:
         when_imported(inc.SCHEME_MODULE, inc.patch_inc_scheme)
     elif found.inc_int8 == inc.GENERATION_CONFIG:
@@ -392,6 +415,14 @@ def fallback_refusal(scheme: Scheme, ctx: Ctx, linear: bool) -> str | None:
         )
     if scheme.weight_type == "nvfp4":
         return _ct_nvfp4_refusal(scheme, found, linear)
+    if scheme.storage == "fp8":
+        if linear:
+            return "the fallback covers FP8 experts, not FP8 linears"
+        if found is None or not found.ct_fp8_moe:
+            return "the fallback does not recognize this vLLM's compressed-tensors FP8 MoE code"
+        from .fp8 import unsupported_reason as fp8_unsupported
+
+        return fp8_unsupported(scheme.strategy, scheme.bits)
     if linear:
         if not _linear_recognized():
             return "the fallback does not recognize this vLLM's WNA16 linear code"

@@ -144,13 +144,10 @@ def ct_nvfp4_moe_module() -> str | None:
     ``__init__`` and registers the checkpoint's tensors (packed weights, group scales,
     global scales, input global scales) in ``create_weights`` from ``moe`` and
     ``group_size`` alone."""
-    from . import _moe_location
+    from . import factory_builds
 
-    factory = vllm_code.find_function(
-        _moe_location()[0], "CompressedTensorsMoEMethod.get_moe_method"
-    )
     oracle = vllm_code.parse(vllm_source(_ORACLE_FILE) or "")
-    if factory is None or not any(vllm_code.calls(factory, _CT_MOE)):
+    if not factory_builds(_CT_MOE):
         return None
     if not vllm_code.has_string(oracle, NO_NVFP4_MOE_KERNEL):
         return None
@@ -556,12 +553,16 @@ def _dequantized_moe_method_base() -> type:
 
     class DequantizedNvFp4MoEMethod(UnquantizedFusedMoEMethod):
         """vLLM's NVFP4 expert buffers in (``packed_class.create_weights``), vLLM's
-        unquantized MoE out."""
+        unquantized MoE out. The FP8 fallback (``fp8.py``) takes the same course."""
 
         packed_class: type  # vLLM's NVFP4 MoE method
         params: tuple[str, ...]  # the buffers its create_weights registers
         weight = "weight"  # w13_<weight> / w2_<weight>: the packed E2M1 codes
         global_scale = "weight_scale_2"  # [E, shards] (w13) or [E] (w2)
+        format_name = "NVFP4"  # in the model's one warning
+        packed_dtype = torch.uint8  # the codes as loaded (not dequantized yet)
+        values_per_code = 2  # weights per element of the codes
+        why = _WHY
 
         def __init__(self, moe: Any, reason: str, layer_name: str = "") -> None:
             super().__init__(moe)
@@ -608,8 +609,8 @@ def _dequantized_moe_method_base() -> type:
             COST_REPORT.add(
                 "MoE layers",
                 sum(_nbytes(p) for n, p in layer.named_parameters() if n in self.params),
-                2 * sum(c.numel() for c in codes) * params_dtype.itemsize,
-                f"{self.reason} (NVFP4 experts: weights dequantized, {_WHY})",
+                self.values_per_code * sum(c.numel() for c in codes) * params_dtype.itemsize,
+                f"{self.reason} ({self.format_name} experts: weights dequantized, {self.why})",
                 self.layer_name,
             )
 
@@ -618,7 +619,7 @@ def _dequantized_moe_method_base() -> type:
             return getattr(layer, f"{stem}_{name}").data
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-            if self._tensor(layer, "w13", self.weight).dtype == torch.uint8:
+            if self._tensor(layer, "w13", self.weight).dtype == self.packed_dtype:
                 COST_REPORT.flush(self.params_dtype)
                 weights = {stem: self._dequantize(layer, stem) for stem in ("w13", "w2")}
                 _drop_params(layer, self.params)
