@@ -165,6 +165,20 @@ def factory_builds(method: str) -> bool:
     return factory is not None and any(vllm_code.calls(factory, method))
 
 
+def method_functions(
+    files: tuple[str, ...], method: str
+) -> tuple[str, vllm_code.FunctionNode, vllm_code.FunctionNode] | None:
+    """The first of ``files`` (paths under ``vllm/``) that defines ``method.__init__`` and
+    ``method.create_weights``: that path and the two function nodes (None: no file does)."""
+    for relpath in files:
+        text = vllm_source(relpath)
+        init = vllm_code.find_function(text, f"{method}.__init__")
+        create = vllm_code.find_function(text, f"{method}.create_weights")
+        if init is not None and create is not None:
+            return relpath, init, create
+    return None
+
+
 def _moe_generation() -> tuple[str | None, str]:
     """Which compressed-tensors WNA16 MoE code the installed vLLM has, and how we know."""
     factory, _, wna16_file = _moe_location()

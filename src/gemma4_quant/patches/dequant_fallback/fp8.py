@@ -62,26 +62,22 @@ def ct_fp8_moe_recognized() -> bool:
     """The factory builds vLLM's FP8 MoE method, whose constructor stores the oracle's
     backend (``NONE`` where none fits: the oracle's "Unsupported" error comes at weight
     processing) and whose ``create_weights`` registers FP8 weights and their scales."""
-    from . import factory_builds
+    from . import factory_builds, method_functions
 
     oracle = vllm_source(_ORACLE_FILE)
     if not factory_builds(METHOD) or vllm_code.find_class(oracle, "Fp8MoeBackend") is None:
         return False
     if not vllm_code.has_string(vllm_code.parse(oracle or ""), NO_FP8_MOE_BACKEND):
         return False
-    for relpath in _METHOD_FILES:
-        text = vllm_source(relpath)
-        init = vllm_code.find_function(text, f"{METHOD}.__init__")
-        create = vllm_code.find_function(text, f"{METHOD}.create_weights")
-        if init is None or create is None:
-            continue
-        registered = set(vllm_code.strings(create))
-        return (
-            any(vllm_code.calls(init, "select_fp8_moe_backend"))
-            and _assigns_self(init, "fp8_backend")
-            and set(_PARAMS[:4]) <= registered
-        )
-    return False
+    found = method_functions(_METHOD_FILES, METHOD)
+    if found is None:
+        return False
+    _, init, create = found
+    return (
+        any(vllm_code.calls(init, "select_fp8_moe_backend"))
+        and _assigns_self(init, "fp8_backend")
+        and set(_PARAMS[:4]) <= set(vllm_code.strings(create))
+    )
 
 
 def _assigns_self(node: ast.AST, attr: str) -> bool:

@@ -144,26 +144,23 @@ def ct_nvfp4_moe_module() -> str | None:
     ``__init__`` and registers the checkpoint's tensors (packed weights, group scales,
     global scales, input global scales) in ``create_weights`` from ``moe`` and
     ``group_size`` alone."""
-    from . import factory_builds
+    from . import factory_builds, method_functions
 
     oracle = vllm_code.parse(vllm_source(_ORACLE_FILE) or "")
     if not factory_builds(_CT_MOE):
         return None
     if not vllm_code.has_string(oracle, NO_NVFP4_MOE_KERNEL):
         return None
-    for relpath in _CT_MOE_FILES:
-        text = vllm_source(relpath)
-        init = vllm_code.find_function(text, f"{_CT_MOE}.__init__")
-        create = vllm_code.find_function(text, f"{_CT_MOE}.create_weights")
-        if init is None or create is None:
-            continue
-        recognized = (
-            any(vllm_code.calls(init, "select_nvfp4_moe_backend"))
-            and set(_CT_MOE_PARAMS) <= set(vllm_code.strings(create))
-            and _self_attributes(create) <= {"moe", "group_size"}
-        )
-        return "vllm." + relpath.removesuffix(".py").replace("/", ".") if recognized else None
-    return None
+    found = method_functions(_CT_MOE_FILES, _CT_MOE)
+    if found is None:
+        return None
+    relpath, init, create = found
+    recognized = (
+        any(vllm_code.calls(init, "select_nvfp4_moe_backend"))
+        and set(_CT_MOE_PARAMS) <= set(vllm_code.strings(create))
+        and _self_attributes(create) <= {"moe", "group_size"}
+    )
+    return "vllm." + relpath.removesuffix(".py").replace("/", ".") if recognized else None
 
 
 def nvfp4_linear_choice() -> str | None:
