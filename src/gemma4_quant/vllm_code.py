@@ -91,6 +91,17 @@ def is_name(node: ast.AST, name: str) -> bool:
     return isinstance(node, ast.Name) and node.id == name
 
 
+def assigns_self(node: ast.AST | None, attr: str) -> bool:
+    """Whether ``node`` stores ``self.<attr>`` (any assignment form, tuple targets too)."""
+    return node is not None and any(
+        isinstance(child, ast.Attribute)
+        and child.attr == attr
+        and is_name(child.value, "self")
+        and isinstance(child.ctx, ast.Store)
+        for child in ast.walk(node)
+    )
+
+
 @cache
 def _snippet(code: str) -> tuple[type, str]:
     node: ast.AST = ast.parse(code).body[0]

@@ -33,7 +33,6 @@ Removal:
 
 from __future__ import annotations
 
-import ast
 import re
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -57,16 +56,6 @@ GENERATION_DOUBLE = "double-prefix"
 GENERATION_NO_MOE = "no-moe-module"
 
 
-def _assigns_self_moe(init: ast.AST | None) -> bool:
-    return init is not None and any(
-        isinstance(node, ast.Attribute)
-        and node.attr == "moe"
-        and vllm_code.is_name(node.value, "self")
-        and isinstance(node.ctx, ast.Store)
-        for node in ast.walk(init)
-    )
-
-
 def detect() -> Detection:
     text = vllm_source(_MODEL_FILE)
     tree = vllm_code.parse(text or "")
@@ -76,12 +65,12 @@ def detect() -> Detection:
     patterns = [s for s in vllm_code.strings(tree) if "experts" in s]
     if any(_LOOKBEHIND in s for s in patterns):
         return Detection.not_needed("the loader maps experts already under .moe.experts")
-    if _UNCONDITIONAL in patterns and _assigns_self_moe(init):
+    if _UNCONDITIONAL in patterns and vllm_code.assigns_self(init, "moe"):
         return Detection.needed(
             "the loader prefixes every per-expert name with .moe (.moe.moe.experts)",
             GENERATION_DOUBLE,
         )
-    if not _assigns_self_moe(init) and vllm_code.find_class(text, "Gemma4DecoderLayer"):
+    if not vllm_code.assigns_self(init, "moe") and vllm_code.find_class(text, "Gemma4DecoderLayer"):
         return Detection.needed(
             "Gemma 4 layers have no .moe module: .moe.experts names match nothing",
             GENERATION_NO_MOE,

@@ -21,7 +21,6 @@ stays; ``GEMMA4_QUANT_FALLBACK=force`` dequantizes there too, ``off`` never.
 
 from __future__ import annotations
 
-import ast
 import functools
 from typing import TYPE_CHECKING, Any
 
@@ -75,24 +74,9 @@ def ct_fp8_moe_recognized() -> bool:
     _, init, create = found
     return (
         any(vllm_code.calls(init, "select_fp8_moe_backend"))
-        and _assigns_self(init, "fp8_backend")
+        and vllm_code.assigns_self(init, "fp8_backend")
         and set(_PARAMS[:4]) <= set(vllm_code.strings(create))
     )
-
-
-def _assigns_self(node: ast.AST, attr: str) -> bool:
-    """Whether ``node`` assigns ``self.<attr>`` (alone or in a tuple)."""
-    for child in ast.walk(node):
-        if isinstance(child, ast.Assign):
-            for target in child.targets:
-                for leaf in ast.walk(target):
-                    if (
-                        isinstance(leaf, ast.Attribute)
-                        and leaf.attr == attr
-                        and vllm_code.is_name(leaf.value, "self")
-                    ):
-                        return True
-    return False
 
 
 def backend_refusal(method: Any) -> str | None:
