@@ -15,8 +15,21 @@ from gemma4_quant.patches import load_patch_modules
 
 # release -> patch -> detection status on that release's code
 EXPECTED = {
+    "0.19.0": {
+        "expert_names": "needed",
+        # the substring mapping that loads every match as a 2-D `.weight`
+        "expert_loader": "needed",
+        "router": "needed",
+        "load_guard": "not needed",
+        "kv_spec_merge": "not needed",
+        "unquantized_experts": "not needed",
+        "tied_lm_head": "not needed",
+        "text_mapper": "needed",
+        "cpu_gate_dtype": "needed",
+    },
     "0.19.1": {
         "expert_names": "needed",
+        "expert_loader": "not needed",
         "router": "needed",
         "load_guard": "not needed",
         "kv_spec_merge": "not needed",
@@ -28,6 +41,7 @@ EXPECTED = {
     },
     "0.20.2": {
         "expert_names": "needed",
+        "expert_loader": "not needed",
         "kv_shared_layers": "needed",
         "router": "needed",
         "load_guard": "not needed",
@@ -39,6 +53,7 @@ EXPECTED = {
     },
     "0.23.0": {
         "expert_names": "needed",
+        "expert_loader": "not needed",
         "router": "needed",
         "load_guard": "not needed",
         "kv_spec_merge": "not needed",
@@ -49,6 +64,7 @@ EXPECTED = {
     },
     "0.30.0": {
         "expert_names": "needed",
+        "expert_loader": "not needed",
         "kv_shared_layers": "not needed",
         "router": "needed",
         "load_guard": "needed",
@@ -60,6 +76,7 @@ EXPECTED = {
     },
     "0.32.0": {
         "expert_names": "needed",
+        "expert_loader": "not needed",
         "kv_shared_layers": "not needed",
         "router": "needed",
         "load_guard": "not needed",

@@ -18,6 +18,7 @@ from gemma4_quant.patches import (
     Status,
     cpu_gate_dtype,
     dequant_fallback,
+    expert_loader,
     expert_names,
     kv_shared_layers,
     load_guard,
@@ -46,6 +47,12 @@ CASES = {
     ),
     "expert_names": (
         expert_names,
+        [("model_executor/models/gemma4.py", "Gemma4ForCausalLM.load_weights")],
+    ),
+    # Gemma4ForCausalLM.load_weights decides first on every release (the generic loader
+    # of 0.31+ needs no Gemma4Model.load_weights)
+    "expert_loader": (
+        expert_loader,
         [("model_executor/models/gemma4.py", "Gemma4ForCausalLM.load_weights")],
     ),
     "unquantized_experts": (

@@ -88,21 +88,7 @@ VLLM_LIMITS = (
 # Formats the plugin does not serve on a release yet, each with vLLM's reason. The rows
 # are recorded as they are; a plugin load that succeeds there fails the test, so that the
 # entry goes once it is fixed.
-# 0.19.0's expert mapping (``experts.{e}.{proj}`` by substring, every tensor loaded as a 2-D
-# ``.weight`` of ``moe.experts``) takes only the 3-D fused experts it explodes itself.
-_PER_EXPERT_0190 = "0.19.0's expert mapping: per-expert names raise KeyError"
-PLUGIN_GAPS = {
-    ("0.19.0", layout): _PER_EXPERT_0190
-    for layout in (
-        "ct-fp8-dynamic",
-        "ct-nvfp4",
-        "ct-per-expert-w4a16",
-        "fp8-router",
-        "gptq-int4-g64",
-        "modelopt-nvfp4",
-        "modelopt-nvfp4-moe",
-    )
-} | {("0.19.0", "ct-fused-w4a16-shape"): "0.19.0's expert mapping: `_shape` tensors raise KeyError"}
+PLUGIN_GAPS: dict[tuple[str, str], str] = {}
 
 
 def plugin_gap(layout: str) -> str | None:

@@ -41,6 +41,7 @@ PATCH_MODULES: tuple[str, ...] = (
     "text_mapper",
     "amx_permission",
     "expert_names",
+    "expert_loader",
     "moe_prefix",
     "router",
     "k_eq_v_scheme",

@@ -78,9 +78,10 @@ _MAPPINGS = (
 )
 
 
-def _generation() -> tuple[str | None, str]:
-    """Which Gemma 4 expert loader the installed vLLM has, and how we know."""
-    text = vllm_source(_MODEL_FILE)
+def _generation(text: str | None = None) -> tuple[str | None, str]:
+    """Which Gemma 4 expert loader the installed vLLM has (or ``text``, its model file),
+    and how we know."""
+    text = vllm_source(_MODEL_FILE) if text is None else text
     load_weights = vllm_code.find_function(text, "Gemma4ForCausalLM.load_weights")
     if load_weights is None:
         return None, f"no Gemma4ForCausalLM.load_weights in vllm/{_MODEL_FILE}"
@@ -115,12 +116,10 @@ def apply(detection: Detection) -> None:
     load_stream.add_stage("rename", rename)
 
 
-def per_expert_name(prefix: str, expert: int, proj: str, suffix: str, gen: str) -> str:
-    # 0.19.0's substring mapping turns `experts.{e}.gate_proj` into `w13_weight`, so
-    # the suffix must follow with an underscore there; every later mapping reads
-    # the per-expert checkpoints' `.weight_<suffix>`.
-    sep = "_" if gen == "substring" else ".weight_"
-    return f"{prefix}.{expert}.{proj}{sep}{suffix}"
+def per_expert_name(prefix: str, expert: int, proj: str, suffix: str) -> str:
+    # the per-expert checkpoints' spelling: every release's mapping reads it (0.19.0
+    # through expert_loader, since its own mapping takes 2-D weights only)
+    return f"{prefix}.{expert}.{proj}.weight_{suffix}"
 
 
 def rewrite(
@@ -138,7 +137,7 @@ def rewrite(
         if checker is not None:
             checker.check(name, proj, suffix, tensor)
         if suffix in _SPLIT_SUFFIXES:
-            yield from _split_per_expert(pre, proj, suffix, tensor, generation)
+            yield from _split_per_expert(pre, proj, suffix, tensor)
         elif generation == "dotted":
             yield f"{pre}.{proj}.weight_{suffix}", tensor
         else:
@@ -148,11 +147,10 @@ def rewrite(
 
 
 def _split_per_expert(
-    pre: str, proj: str, suffix: str, tensor: torch.Tensor, gen: str | None
+    pre: str, proj: str, suffix: str, tensor: torch.Tensor
 ) -> Iterator[tuple[str, torch.Tensor]]:
     import torch
 
-    gen = gen or "generic"
     if suffix == "shape":
         # [E, rows, cols] of the fused weight -> [rows, cols] of each expert's 2D weight
         num_experts, rows, cols = (int(v) for v in tensor.tolist())
@@ -163,13 +161,13 @@ def _split_per_expert(
         for expert in range(num_experts):
             for shard, shape in shards.items():
                 value = torch.tensor(shape, dtype=tensor.dtype)
-                yield per_expert_name(pre, expert, shard, suffix, gen), value
+                yield per_expert_name(pre, expert, shard, suffix), value
         return
     # g_idx [E, in_features]: gate and up read the same input columns
     shards_names = ("gate_proj", "up_proj") if proj == "gate_up_proj" else ("down_proj",)
     for expert in range(tensor.shape[0]):
         for shard in shards_names:
-            yield per_expert_name(pre, expert, shard, suffix, gen), tensor[expert]
+            yield per_expert_name(pre, expert, shard, suffix), tensor[expert]
 
 
 class FusedExpertChecker:
@@ -296,10 +294,16 @@ if TYPE_CHECKING:
     from ..doctor.core import Ctx, Hit, Module, Rule
 
 
-def generation() -> tuple[str | None, str]:
+def generation(text: str | None = None) -> tuple[str | None, str]:
     """Which Gemma 4 expert loader the installed vLLM has (substring, dotted, underscore,
-    generic; None: one this patch does not know), and how we know."""
-    return _generation()
+    generic; None: one this patch does not know), and how we know. ``text``: the model
+    file to read instead of the installed one."""
+    return _generation(text)
+
+
+def mapping_template(generation: str) -> str | None:
+    """The checkpoint-name f-string of ``generation``'s expert mapping (None: generic)."""
+    return next((template for gen, template, _ in _MAPPINGS if gen == generation), None)
 
 
 def doctor_rules() -> tuple[Rule, ...]:

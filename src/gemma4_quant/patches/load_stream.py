@@ -1,7 +1,7 @@
 """The one wrapper around ``Gemma4ForCausalLM.load_weights`` that every patch working on
 the checkpoint's tensor stream goes through.
 
-Four patches change what Gemma 4's loader sees, and one checks what it did. Wrapping
+Five patches change what Gemma 4's loader sees, and one checks what it did. Wrapping
 ``load_weights`` once per patch would make their order the order of registration; here
 the order is written down once, in ``STAGES``, as the stream flows:
 
@@ -13,7 +13,10 @@ the order is written down once, in ``STAGES``, as the stream flows:
    under the names vLLM's expert mapping reads;
 3. ``record`` (``load_guard``): the names the loader is handed, for the check below;
 4. ``rename`` (``expert_names``): fused expert names become what this release's
-   mapping reads, and `_shape`/`_g_idx` are split per expert.
+   mapping reads, and `_shape`/`_g_idx` are split per expert;
+5. ``load_experts`` (``expert_loader``, 0.19.0 only): per-expert tensors, the checkpoint's
+   and those split above, go straight into the experts' parameters, past a mapping
+   that takes only 2-D weights.
 
 After vLLM's loader returns the names of the parameters it filled, every ``fill`` runs
 (``kv_shared_layers``: parameters the model builds that no checkpoint holds get a value
@@ -38,7 +41,7 @@ if TYPE_CHECKING:
 from . import when_imported, wrap_once
 
 GEMMA4 = "vllm.model_executor.models.gemma4"
-STAGES = ("normalize", "dequantize", "record", "rename")
+STAGES = ("normalize", "dequantize", "record", "rename", "load_experts")
 _MARK = "__gemma4_quant_load_stream__"
 
 Weights = Iterable[tuple[str, "torch.Tensor"]]
