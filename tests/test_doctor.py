@@ -725,13 +725,8 @@ def observed(load) -> str:
     return "fails"
 
 
-# Stock outcomes doctor does not model yet: (release prefix, layout) -> why.
-STOCK_VERDICT_GAPS = {
-    # the text-only model's quantization config keeps `model.language_model.` names, so
-    # the ignored dense MLP is built NVFP4 and fails first (`No NVFP4 GEMM backend
-    # selected`); doctor does not apply that ignore-list miss (text_mapper) to kernels
-    ("0.19.0", "modelopt-nvfp4"): "0.19.0's unmapped ignore list builds ignored linears NVFP4",
-}
+# Stock outcomes doctor does not model yet: (release prefix, layout) -> why. None today.
+STOCK_VERDICT_GAPS: dict[tuple[str, str], str] = {}
 
 
 @pytest.mark.parametrize("plugin", [False, True], ids=["stock", "plugin"])

@@ -354,6 +354,19 @@ def scheme_of_name(analysis: Analysis, name: str, like: Module) -> Scheme | None
     return ghost.scheme
 
 
+def scheme_unmapped(module: Module, analysis: Analysis) -> Scheme | None:
+    """The scheme the config gives ``module`` where vLLM matches the config's module lists
+    (block names, ignore and exclude lists, extra_config keys, all in checkpoint names)
+    against its own name alone: a vLLM that does not map the checkpoint's names for the
+    quantization config."""
+    ghost = Module(
+        _vllm_name(module.name, analysis), module.kind, module.layer, module.stored,
+        module.tensors, module.fused_experts, module.in_features, module.out_features,
+    )  # fmt: skip
+    _assign_scheme(ghost, analysis)
+    return ghost.scheme
+
+
 def _modelopt_excluded(name: str, vllm_name: str, patterns: list[str]) -> str | None:
     """The ModelOpt ``exclude_modules`` / ``ignore`` entry that excludes a module, as
     vLLM's ``is_layer_excluded`` matches them: exactly, as a substring, or as a

@@ -8,27 +8,38 @@ fallback serves a layer vLLM has no kernel for.
 
 from __future__ import annotations
 
-from .analysis import shard_names
+from .analysis import scheme_unmapped, shard_names
 from .core import Ctx, Hit, Module, Outcome, Scheme, Stage, short_name
+
+
+def config_scheme(module: Module, ctx: Ctx) -> Scheme | None:
+    """What the config asks for ``module``, as this vLLM reads the config: 0.19.0's
+    text-only model leaves its module lists in checkpoint names (patch text_mapper)."""
+    from ..patches import text_mapper
+
+    if text_mapper.lists_unmapped(ctx):
+        return scheme_unmapped(module, ctx.analysis)
+    return module.scheme
 
 
 def built_scheme(module: Module, ctx: Ctx) -> Scheme | None:
     """The quantization vLLM builds ``module`` with (None: unquantized), which is not
     always what the config asks for."""
     env = ctx.env
-    if module.kind == "router" and module.scheme is not None:
+    scheme = config_scheme(module, ctx)
+    if module.kind == "router" and scheme is not None:
         if env.features.get("router_passes_quant_config") or ctx.patched("router"):
-            return module.scheme
+            return scheme
         return None  # Gemma4Router builds GateLinear without quant_config (D4)
     if (
         module.kind == "experts"
-        and module.scheme is not None
-        and module.scheme.method == "auto-round"
+        and scheme is not None
+        and scheme.method == "auto-round"
         and env.platform == "cpu"
         and env.features.get("inc_cpu_moe_unquantized")
     ):
         return None  # "CPU does not support quantized MoE yet"
-    return module.scheme
+    return scheme
 
 
 def is_wna16(scheme: Scheme | None) -> bool:
@@ -109,7 +120,7 @@ def _vllm_param(name: str, ctx: Ctx) -> str:
     """Gemma4Model.load_weights' view of a checkpoint name (its errors show this one):
     before the 0.31 loader, experts live under ``moe.experts``."""
     short = short_name(name)
-    if ctx.env.generation in ("substring", "dotted", "underscore"):
+    if ctx.env.generation in ("dotted", "underscore"):  # 0.19.0's has no such rename
         short = short.replace(".experts.", ".moe.experts.")
     return short
 
@@ -128,7 +139,7 @@ def first_tensor(module: Module, *suffixes: str) -> str:
 def check_config_vs_checkpoint(module: Module, ctx: Ctx) -> Hit | None:
     """vLLM builds each layer from the config; the checkpoint must store it that way."""
     built = built_scheme(module, ctx)
-    if built is None and module.scheme is not None:
+    if built is None and config_scheme(module, ctx) is not None:
         # the config quantizes it, vLLM does not: the router rule (patch router) and the
         # unquantized-experts rule (patch unquantized_experts) speak for these
         return None

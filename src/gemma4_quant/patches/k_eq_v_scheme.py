@@ -169,10 +169,13 @@ def _doctor_k_eq_v(module: Module, ctx: Ctx) -> Hit | None:
     a v_proj (which is not stored: vLLM loads k_proj into it)."""
     from ..doctor.analysis import scheme_of_name
     from ..doctor.core import Hit, Outcome
+    from ..doctor.rules import built_scheme
 
     analysis = ctx.analysis
     if not module.name.endswith(".q_proj") or module.layer is None:
         return None
+    if built_scheme(module, ctx) is None:
+        return None  # vLLM builds the layer unquantized: no shard schemes to compare
     if not is_k_eq_v_layer(_Config(analysis.text_config), module.layer):
         return None
     stem = module.name.removesuffix("q_proj")

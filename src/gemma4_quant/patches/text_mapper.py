@@ -107,6 +107,12 @@ def doctor_rules() -> tuple[Rule, ...]:
     return (Rule("text-mapper", ("dense_mlp", "router", "attention"), Stage.LOAD, _doctor),)
 
 
+def lists_unmapped(ctx: Ctx) -> bool:
+    """vLLM matches the config's module lists (kept in checkpoint names) against its own
+    names: the text-only model of a vLLM that needs this patch, without it."""
+    return ctx.needed(NAME) and not ctx.patched(NAME) and not ctx.analysis.multimodal
+
+
 def _doctor(module: Module, ctx: Ctx) -> Hit | None:
     """A module the config ignores by its checkpoint name, on the text-only model of a
     vLLM that does not map that name: built quantized, and its bf16 weight has no place."""
