@@ -28,6 +28,8 @@
 #   formats  the same for the public formats past cyankiwi's (correctness.FORMAT_CASES)
 #   multimodal the same for Gemma4ForConditionalGeneration (ct-fused-w4a16-multimodal)
 #   qat      the same for Google's QAT form alone (qat-w4a16-ct)
+#   densebench the bf16 dense MLP kernels against vLLM's path, and the dense MLP beside the
+#            MoE on two streams, real shapes, 0.26.0 (bench/dense_decode.py --tune --overlap)
 # PROBE_RELEASES (default "0.20.2 0.26.0") picks the releases of the probe phases.
 # This project must be installed in the python3 that runs it (pip install -e .).
 set -uo pipefail
@@ -199,6 +201,14 @@ fi
 
 if has qat; then
   probe_cases qat qat-w4a16-ct
+fi
+
+if has densebench; then
+  install 0.26.0 "$T026" || exit 1
+  log "densebench: start"
+  CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$T026 python3 "$PROJ/bench/dense_decode.py" --tune --overlap \
+    --out "$R/dense_decode.json" > "$R/dense_decode.log" 2>&1
+  log "densebench: rc=$?"
 fi
 
 if has bench; then

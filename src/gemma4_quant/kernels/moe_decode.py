@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 PACK = 8  # int4 values per int32 word
-_ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 # Tile defaults, measured on an H200 at the 26B-A4B's shapes (bench/moe_decode.py --tune).
 DEFAULT_TILES = {
     "block_n13": 16,
@@ -88,6 +88,22 @@ def _rows_dot(
 
 
 @triton.jit
+def act_and_mul(gate, up, dtype: tl.constexpr, ACT: tl.constexpr):
+    """act(gate) * up in float32, gate and up rounded to ``dtype`` first, as vLLM's GEMM
+    writes them (ACT: 0 SiLU, 1 GELU, 2 GELU(tanh))."""
+    gate = gate.to(dtype).to(tl.float32)
+    up = up.to(dtype).to(tl.float32)
+    if ACT == 0:
+        act = gate / (1.0 + tl.exp(-gate))
+    elif ACT == 1:
+        act = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))
+    else:
+        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        act = gate - gate / (1.0 + tl.exp(2.0 * inner))  # 0.5 * g * (1 + tanh(inner))
+    return act * up
+
+
+@triton.jit
 def _w13_act_kernel(
     x_ptr,  # [M, K] activations
     ids_ptr,  # [M, TOPK] expert ids
@@ -125,17 +141,9 @@ def _w13_act_kernel(
     )
     gate, up = tl.split(tl.reshape(both, (BLOCK_N, 2)))
     # rounded to the activation dtype first, as vLLM's W13 GEMM writes them
-    gate = gate.to(out_ptr.dtype.element_ty).to(tl.float32)
-    up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
-    if ACT == 0:
-        act = gate / (1.0 + tl.exp(-gate))
-    elif ACT == 1:
-        act = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))
-    else:
-        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        act = gate - gate / (1.0 + tl.exp(2.0 * inner))  # 0.5 * g * (1 + tanh(inner))
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(out_ptr + pair.to(tl.int64) * inter + cols, act * up, mask=cols < inter)
+    act = act_and_mul(gate, up, out_ptr.dtype.element_ty, ACT)
+    tl.store(out_ptr + pair.to(tl.int64) * inter + cols, act, mask=cols < inter)
 
 
 @triton.jit
@@ -231,7 +239,7 @@ def w13_act(
         x.shape[1],
         TOPK=topk_ids.shape[1],
         GROUP=group_size,
-        ACT=_ACTIVATIONS[activation],
+        ACT=ACTIVATIONS[activation],
         BLOCK_N=block_n13,
         BLOCK_W=block_w13,
         num_warps=warps13,

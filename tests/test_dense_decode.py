@@ -1,0 +1,60 @@
+"""The small-batch bf16 dense MLP kernels (``gemma4_quant.kernels.dense_decode``) against
+an exact float32 product with vLLM's roundings.
+
+Runs Triton's interpreter on CPU (``TRITON_INTERPRET=1``, set before Triton is imported),
+so indexing, masking and numerics are checked without a GPU; speed is
+``bench/dense_decode.py``'s job, on a GPU. Skips where Triton is not installed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+# test_moe_decode skips this module with its own where Triton cannot run
+from test_moe_decode import DEVICE, _gelu_tanh, to_bf16
+
+from gemma4_quant.kernels.dense_decode import dense_decode
+
+
+def reference(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """float32 products; gate and up, the activation product and the output rounded to
+    bf16, as vLLM's GEMM - GeluAndMul - GEMM path writes them."""
+    inter = down.shape[1]
+    h = to_bf16(x.float() @ gate_up.float().T)
+    a = to_bf16(_gelu_tanh(h[:, :inter]) * h[:, inter:])
+    return to_bf16(a @ down.float().T)
+
+
+@pytest.mark.parametrize(
+    ("m", "hidden", "inter", "tiles"),
+    [
+        (1, 2816, 2112, {}),  # 26B-A4B's dense MLP
+        (2, 2816, 1056, {"block_n1": 16, "block_k1": 512}),  # one TP=2 rank, partial tiles
+        (3, 200, 72, {"block_n2": 16, "block_k2": 64}),  # nothing divides any tile
+    ],
+)
+def test_matches_exact_product(m: int, hidden: int, inter: int, tiles: dict) -> None:
+    gen = torch.Generator().manual_seed(m * 1000 + inter)
+    x = torch.randn(m, hidden, generator=gen).to(torch.bfloat16)
+    gate_up = (torch.randn(2 * inter, hidden, generator=gen) / math.sqrt(hidden)).to(torch.bfloat16)
+    down = (torch.randn(hidden, inter, generator=gen) / math.sqrt(inter)).to(torch.bfloat16)
+    got = dense_decode(*(t.to(DEVICE) for t in (x, gate_up, down)), **tiles).float().cpu()
+    want = reference(x, gate_up, down)
+    # Same roundings in the same places; the float32 accumulation order differs, which can
+    # move a value across a bf16 rounding boundary (one ulp, 2^-8 relative). A wrong row,
+    # column, token or gate/up pairing is off by far more than 1%.
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < 2e-3, rel
+    flipped = (got - want).abs() > 2**-6 * want.abs() + 1e-3 * want.abs().max()
+    assert flipped.float().mean().item() < 0.01
+
+
+def test_rejects_mismatched_shapes() -> None:
+    x = torch.randn(1, 128).to(torch.bfloat16)
+    gate_up = torch.zeros(2 * 64, 128, dtype=torch.bfloat16)
+    down = torch.zeros(256, 64, dtype=torch.bfloat16)  # hidden 256 != 128
+    with pytest.raises(ValueError, match=r"down \(256, 64\) must be a contiguous \[128, 64\]"):
+        dense_decode(x, gate_up, down)
