@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ...layout import number_spans
 
@@ -24,6 +24,18 @@ def _drop_params(layer: torch.nn.Module, names: tuple[str, ...]) -> None:
     for name in names:
         if name in layer._parameters:
             del layer._parameters[name]
+
+
+def install_unquantized(
+    layer: torch.nn.Module, weight: torch.Tensor, drop: tuple[str, ...], unquantized: Any
+) -> None:
+    """``weight`` replaces the linear layer's quantized parameters ``drop``; vLLM's
+    unquantized linear method (``unquantized``) processes and serves it from here on."""
+    import torch
+
+    _drop_params(layer, drop)
+    layer.register_parameter("weight", torch.nn.Parameter(weight, requires_grad=False))
+    unquantized.process_weights_after_loading(layer)
 
 
 def keep_checkpoint_sizes(

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 from ... import envs
 from . import _KERNEL_OPS, _MARK, NO_LINEAR_KERNEL
-from .common import COST_REPORT, _data, _drop_params
+from .common import COST_REPORT, _data, install_unquantized
 from .moe import PACKED_BITS
 
 # --------------------------------------------------------------------- linear
@@ -135,18 +135,9 @@ def _dequantized_linear_kernel(reason: str) -> type:
                 packed, scale = packed.t().contiguous(), scale.t().contiguous()
             bits = self.config.weight_type.size_bits
             weight = int4.dequantize_packed(packed, scale, zero_point, num_bits=bits, dtype=dtype)
-            _drop_params(
-                layer,
-                (
-                    self.w_q_name,
-                    self.w_s_name,
-                    self.w_zp_name or "",
-                    "weight_shape",
-                    "weight_g_idx",
-                ),
-            )
-            layer.register_parameter("weight", torch.nn.Parameter(weight, requires_grad=False))
-            self.unquantized.process_weights_after_loading(layer)
+            quantized = (self.w_q_name, self.w_s_name, self.w_zp_name or "")
+            drop = (*quantized, "weight_shape", "weight_g_idx")
+            install_unquantized(layer, weight, drop, self.unquantized)
 
         def apply_weights(
             self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None

@@ -55,7 +55,13 @@ if TYPE_CHECKING:
 
 from ... import envs, vllm_code
 from .. import vllm_source, wrap_once
-from .common import COST_REPORT, _drop_params, _nbytes, keep_checkpoint_sizes
+from .common import (
+    COST_REPORT,
+    _drop_params,
+    _nbytes,
+    install_unquantized,
+    keep_checkpoint_sizes,
+)
 
 MODELOPT_MODULE = "vllm.model_executor.layers.quantization.modelopt"
 _MODELOPT_FILE = "model_executor/layers/quantization/modelopt.py"
@@ -512,9 +518,7 @@ def dequantized_nvfp4_linear_kernel_class() -> type:
         def _install(self, layer: torch.nn.Module, weight: torch.Tensor) -> None:
             """``weight`` replaces the NVFP4 tensors; vLLM's unquantized method takes over."""
             COST_REPORT.flush(weight.dtype)
-            _drop_params(layer, _LINEAR_PARAMS)
-            layer.register_parameter("weight", torch.nn.Parameter(weight, requires_grad=False))
-            self.unquantized.process_weights_after_loading(layer)
+            install_unquantized(layer, weight, _LINEAR_PARAMS, self.unquantized)
 
         def apply_weights(
             self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
