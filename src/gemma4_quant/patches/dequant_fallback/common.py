@@ -38,6 +38,18 @@ def install_unquantized(
     unquantized.process_weights_after_loading(layer)
 
 
+def install_unquantized_experts(
+    layer: torch.nn.Module, weights: dict[str, torch.Tensor], drop: tuple[str, ...]
+) -> None:
+    """``weights`` (``w13``, ``w2``: [E, N, K]) replace the experts' quantized parameters
+    ``drop`` as the ``w13_weight`` / ``w2_weight`` vLLM's unquantized MoE method reads."""
+    import torch
+
+    _drop_params(layer, drop)
+    for stem, weight in weights.items():
+        layer.register_parameter(f"{stem}_weight", torch.nn.Parameter(weight, requires_grad=False))
+
+
 def keep_checkpoint_sizes(
     method: object, hidden_size: int, intermediate_size_per_partition: int, *args: object
 ) -> tuple[int, int]:

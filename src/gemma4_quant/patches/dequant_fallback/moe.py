@@ -14,7 +14,14 @@ if TYPE_CHECKING:
 
 from ... import envs
 from . import _MARK, GENERATION_BY_KERNEL, GENERATION_LEGACY, NO_MOE_KERNEL, SYMMETRIC_ONLY
-from .common import COST_REPORT, _data, _drop_params, _nbytes, keep_checkpoint_sizes, logger
+from .common import (
+    COST_REPORT,
+    _data,
+    _nbytes,
+    install_unquantized_experts,
+    keep_checkpoint_sizes,
+    logger,
+)
 
 # --------------------------------------------------------------------- MoE
 
@@ -435,10 +442,6 @@ def _dequantized_moe_method_class() -> type:
                     )
                 else:
                     weights[stem] = int4.dequantize_packed(*args, num_bits=bits, dtype=dtype)
-            _drop_params(layer, _PACKED_EXPERT_PARAMS)
-            for stem, weight in weights.items():
-                layer.register_parameter(
-                    f"{stem}_weight", torch.nn.Parameter(weight, requires_grad=False)
-                )
+            install_unquantized_experts(layer, weights, _PACKED_EXPERT_PARAMS)
 
     return DequantizedWNA16MoEMethod

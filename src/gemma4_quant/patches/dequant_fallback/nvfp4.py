@@ -57,9 +57,9 @@ from ... import envs, vllm_code
 from .. import vllm_source, wrap_once
 from .common import (
     COST_REPORT,
-    _drop_params,
     _nbytes,
     install_unquantized,
+    install_unquantized_experts,
     keep_checkpoint_sizes,
 )
 
@@ -187,24 +187,25 @@ def nvfp4_linear_choice() -> str | None:
     return None
 
 
-def _linear_method_recognized(text: str | None, method: str, apply: str) -> bool:
-    """``method`` picks its NVFP4 kernel in ``__init__`` the way ``nvfp4_linear_choice``
-    found, and runs it from ``apply`` (and, with a backend enum, converts the tensors with
-    it in ``process_weights_after_loading``)."""
+def _recognized_linear_method(text: str | None, method: str, apply: str) -> ast.AST | None:
+    """``method``'s ``create_weights``, where ``method`` picks its NVFP4 kernel in
+    ``__init__`` the way ``nvfp4_linear_choice`` found and runs it from ``apply`` (and,
+    with a backend enum, converts the tensors with it in ``process_weights_after_loading``);
+    None where it does not."""
     init = vllm_code.find_function(text, f"{method}.__init__")
     create = vllm_code.find_function(text, f"{method}.create_weights")
     process = vllm_code.find_function(text, f"{method}.process_weights_after_loading")
     run = vllm_code.find_function(text, f"{method}.{apply}")
     choice = nvfp4_linear_choice()
-    if None in (init, create, process, run, choice):
-        return False
-    if not any(vllm_code.calls(init, choice)):
-        return False
+    if None in (init, create, process, run, choice) or not any(vllm_code.calls(init, choice)):
+        return None
     if choice == PICK_KERNEL:
-        return any(vllm_code.calls(run, "apply_weights"))
-    return any(vllm_code.calls(process, "convert_to_nvfp4_linear_kernel_format")) and any(
-        vllm_code.calls(run, "apply_nvfp4_linear")
-    )
+        recognized = any(vllm_code.calls(run, "apply_weights"))
+    else:
+        recognized = any(vllm_code.calls(process, "convert_to_nvfp4_linear_kernel_format")) and any(
+            vllm_code.calls(run, "apply_nvfp4_linear")
+        )
+    return create if recognized else None
 
 
 def ct_nvfp4_linear_recognized() -> bool:
@@ -212,10 +213,9 @@ def ct_nvfp4_linear_recognized() -> bool:
     vLLM refuses), registers ``weight_packed`` / ``weight_scale`` / ``weight_global_scale``
     per shard of ``logical_widths`` and runs the kernel from ``apply_weights``."""
     text = vllm_source(_CT_LINEAR_FILE)
-    scheme = "CompressedTensorsW4A4Fp4"
-    create = vllm_code.find_function(text, f"{scheme}.create_weights")
+    create = _recognized_linear_method(text, "CompressedTensorsW4A4Fp4", "apply_weights")
     return (
-        _linear_method_recognized(text, scheme, "apply_weights")
+        create is not None
         and {"weight_packed", "weight_scale", "weight_global_scale"}
         <= set(vllm_code.strings(create))
         and vllm_code.has_code(create, "layer.logical_widths = output_partition_sizes")
@@ -230,13 +230,10 @@ def modelopt_nvfp4_linear_recognized() -> bool:
     text = vllm_source(_MODELOPT_FILE)
     if nvfp4_linear_choice() == PICK_KERNEL:
         return any(vllm_code.calls(vllm_code.parse(text or ""), PICK_KERNEL))
-    method = "ModelOptNvFp4LinearMethod"
-    create = vllm_code.find_function(text, f"{method}.create_weights")
-    return _linear_method_recognized(text, method, "apply") and {
-        "weight",
-        "weight_scale",
-        "weight_scale_2",
-    } <= set(vllm_code.strings(create))
+    create = _recognized_linear_method(text, "ModelOptNvFp4LinearMethod", "apply")
+    return create is not None and {"weight", "weight_scale", "weight_scale_2"} <= set(
+        vllm_code.strings(create)
+    )
 
 
 def patch_modelopt(module: ModuleType, moe: bool, linear: bool) -> None:
@@ -623,11 +620,7 @@ def _dequantized_moe_method_base() -> type:
             if self._tensor(layer, "w13", self.weight).dtype == self.packed_dtype:
                 COST_REPORT.flush(self.params_dtype)
                 weights = {stem: self._dequantize(layer, stem) for stem in ("w13", "w2")}
-                _drop_params(layer, self.params)
-                for stem, weight in weights.items():
-                    layer.register_parameter(
-                        f"{stem}_weight", torch.nn.Parameter(weight, requires_grad=False)
-                    )
+                install_unquantized_experts(layer, weights, self.params)
             super().process_weights_after_loading(layer)
 
         def _dequantize(self, layer: torch.nn.Module, stem: str) -> torch.Tensor:
