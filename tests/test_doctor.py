@@ -33,7 +33,7 @@ from test_matrix import plugin_gap
 from gemma4_quant import doctor as dr
 from gemma4_quant.checkpoints import LAYOUTS, make_text_config
 from gemma4_quant.cli import main
-from gemma4_quant.patches import Status, dequant_fallback, load_patch_modules
+from gemma4_quant.patches import Status, dequant_fallback, k_eq_v_scheme, load_patch_modules
 
 TEXT = "model.language_model."
 PATCHES = {m.NAME: m.detect().status for m in load_patch_modules()}
@@ -619,6 +619,28 @@ def test_gpu_dense_down_proj_k2112(tmp_path: Path) -> None:
         assert (finding["outcome"], finding["modules"]) == ("patched", dense)
     else:
         assert _outcome(plugin) == "no kernel"
+
+
+def test_gpu_k_eq_v_shards_differ(checkpoints) -> None:
+    """ModelOpt NVFP4 exports exclude q_proj and k_proj of the k_eq_v layers by name, not
+    the v_proj they do not store (vLLM loads k_proj into it): on a GPU, where NVFP4 has
+    kernels, stock vLLM stops at the fused qkv_proj; the plugin gives v_proj k_proj's
+    scheme. Seen first on CPU only after the no-kernel findings, so checked here."""
+    if k_eq_v_scheme.detect().status is not Status.NEEDED:
+        pytest.skip("this vLLM gives a k_eq_v layer's v_proj k_proj's scheme itself")
+    path = checkpoints("modelopt-nvfp4")
+    findings = {
+        variant: [f for f in data["prediction"]["findings"] if f["rule"] == "k-eq-v-scheme"]
+        for variant, data in (
+            ("stock", report(path, "--cuda-capability", "9.0", "--stock")),
+            ("plugin", report(path, "--cuda-capability", "9.0")),
+        )
+    }
+    (stock,) = findings["stock"]
+    assert stock["outcome"] == "fails"
+    assert "Detected some but not all shards of layers.3.self_attn.qkv_proj" in stock["detail"]
+    (plugin,) = findings["plugin"]
+    assert plugin["outcome"] == "patched"
 
 
 def test_gpu_serves_the_public_layout(tmp_path: Path) -> None:

@@ -169,13 +169,15 @@ def _doctor_k_eq_v(module: Module, ctx: Ctx) -> Hit | None:
     a v_proj (which is not stored: vLLM loads k_proj into it)."""
     from ..doctor.analysis import scheme_of_name
     from ..doctor.core import Hit, Outcome
-    from ..doctor.rules import built_scheme
+    from ..doctor.rules import config_scheme
 
     analysis = ctx.analysis
     if not module.name.endswith(".q_proj") or module.layer is None:
         return None
-    if built_scheme(module, ctx) is None:
-        return None  # vLLM builds the layer unquantized: no shard schemes to compare
+    if module.scheme is not None and config_scheme(module, ctx) is None:
+        # this vLLM reads the config's lists in checkpoint names against its own (0.19.0's
+        # text-only model): no shard of the layer is quantized, so none can differ
+        return None
     if not is_k_eq_v_layer(_Config(analysis.text_config), module.layer):
         return None
     stem = module.name.removesuffix("q_proj")
