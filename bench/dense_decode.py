@@ -32,10 +32,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from moe_decode import (  # noqa: E402  (bench/moe_decode.py)
+    fastest_tiles,
     graph_time_us,
-    kernels_per_call,
     make_experts,
     marlin_path,
+    measure,
+    print_ab_table,
 )
 
 from gemma4_quant.kernels.dense_decode import (  # noqa: E402
@@ -81,25 +83,19 @@ def tune(gate_up: torch.Tensor, down_w: torch.Tensor, rows: list) -> dict:
     x = torch.randn(1, h, device="cuda").to(torch.bfloat16)
     act = torch.empty(1, i, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(x)
-    best: dict = {}
+
+    def gate_up_tile(t: dict) -> Callable:
+        return lambda: gate_up_act(x, gate_up, act, activation="gelu_tanh", **t)
+
+    def down_tile(t: dict) -> Callable:
+        return lambda: down(act, down_w, out, **t)
+
     grid = list(itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4, 8)))
-    for kernel in ("1", "2"):
-        for n, k, warps in grid:
-            t = {f"block_n{kernel}": n, f"block_k{kernel}": k, f"warps{kernel}": warps}
-            if kernel == "1":
-                fn = lambda t=t: gate_up_act(x, gate_up, act, activation="gelu_tanh", **t)  # noqa: E731
-            else:
-                fn = lambda t=t: down(act, down_w, out, **t)  # noqa: E731
-            try:
-                us = graph_time_us(fn, 10, 10)
-            except Exception as exc:  # a tile that does not compile is skipped
-                print(f"tile {t}: {type(exc).__name__}: {exc}"[:200], file=sys.stderr)
-                continue
-            rows.append({"tune": t, "us": round(us, 2)})
-            if kernel not in best or us < best[kernel][0]:
-                best[kernel] = (us, t)
-        print(json.dumps({"kernel": kernel, "best": best[kernel]}), flush=True)
-    return {**best["1"][1], **best["2"][1]}
+    keys1, keys2 = ("block_n1", "block_k1", "warps1"), ("block_n2", "block_k2", "warps2")
+    return {
+        **fastest_tiles("1", (dict(zip(keys1, v, strict=True)) for v in grid), gate_up_tile, rows),
+        **fastest_tiles("2", (dict(zip(keys2, v, strict=True)) for v in grid), down_tile, rows),
+    }
 
 
 def two_streams(first: Callable, second: Callable) -> Callable:
@@ -199,29 +195,23 @@ def main() -> int:
         x = torch.randn(m, h, device="cuda", generator=gen).to(torch.bfloat16)
         want = exact(x, gate_up, down_w)
         for name, path in paths.items():
-            fn = lambda x=x, f=path: f(x)  # noqa: E731
-            got = fn().float()
-            us = graph_time_us(fn, args.graph_calls, args.replays)
+            us, measured = measure(lambda x=x, f=path: f(x), want, args)
             row = {
                 "path": name,
                 "batch": m,
-                "us": round(us, 2),
-                "rel_err": (got - want).norm().item() / want.norm().item(),
-                "kernels": kernels_per_call(fn),
+                **measured,
                 "bandwidth_fraction": nbytes / (us * 1e-6) / args.bandwidth,
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
 
-    print("\n| batch | vLLM path us | Triton us | vLLM / Triton | kernels | err vLLM | err T |")
-    print("|---|---|---|---|---|---|---|")
-    by = {(r["path"], r["batch"]): r for r in rows if "path" in r}
-    for m in map(int, args.batches.split(",")):
-        a, b = by[("vllm", m)], by[("triton", m)]
-        print(
-            f"| {m} | {a['us']:.1f} | {b['us']:.1f} | {a['us'] / b['us']:.2f} | "
-            f"{a['kernels']}/{b['kernels']} | {a['rel_err']:.4f} | {b['rel_err']:.4f} |"
-        )
+    print_ab_table(
+        rows,
+        args.batches,
+        "vllm",
+        "triton",
+        "| batch | vLLM path us | Triton us | vLLM / Triton | kernels | err vLLM | err T |",
+    )
     if args.overlap:
         overlap(args, gate_up, down_w, tiles, rows)
         print("\n| batch | pair | dense us | MoE us | one stream us | two streams us | saved us |")

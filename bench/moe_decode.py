@@ -29,6 +29,7 @@ import itertools
 import json
 import math
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -158,6 +159,49 @@ def kernels_per_call(fn) -> int:
     return round(len(kernels) / 10)
 
 
+def fastest_tiles(kernel: str, candidates: Iterable[dict], make: Callable, rows: list) -> dict:
+    """The tiles of ``candidates`` whose call ``make(tiles)`` is fastest inside a CUDA
+    graph; every timing goes into ``rows``, a tile that does not compile is skipped."""
+    best: tuple[float, dict] | None = None
+    for t in candidates:
+        try:
+            us = graph_time_us(make(t), 10, 10)
+        except Exception as exc:
+            print(f"tile {t}: {type(exc).__name__}: {exc}"[:200], file=sys.stderr)
+            continue
+        rows.append({"tune": t, "us": round(us, 2)})
+        if best is None or us < best[0]:
+            best = (us, t)
+    print(json.dumps({"kernel": kernel, "best": best}), flush=True)
+    if best is None:
+        raise RuntimeError(f"no tile of kernel {kernel} ran")
+    return best[1]
+
+
+def measure(fn: Callable, want: torch.Tensor, args) -> tuple[float, dict]:
+    """GPU time per call inside a CUDA graph (``--graph-calls``, ``--replays``), and the
+    row fields every path reports: time, error against ``want``, kernels per call."""
+    got = fn().float()
+    us = graph_time_us(fn, args.graph_calls, args.replays)
+    return us, {
+        "us": round(us, 2),
+        "rel_err": (got - want).norm().item() / want.norm().item(),
+        "kernels": kernels_per_call(fn),
+    }
+
+
+def print_ab_table(rows: list, batches: str, a: str, b: str, header: str) -> None:
+    """The markdown table of paths ``a`` and ``b`` per batch: times, a / b, kernels, errors."""
+    print(f"\n{header}\n|---|---|---|---|---|---|---|")
+    by = {(r["path"], r["batch"]): r for r in rows if "path" in r}
+    for m in map(int, batches.split(",")):
+        ra, rb = by[(a, m)], by[(b, m)]
+        print(
+            f"| {m} | {ra['us']:.1f} | {rb['us']:.1f} | {ra['us'] / rb['us']:.2f} | "
+            f"{ra['kernels']}/{rb['kernels']} | {ra['rel_err']:.4f} | {rb['rel_err']:.4f} |"
+        )
+
+
 def tune(args, w13, s13, w2, s2, rows: list) -> dict:
     """Each kernel's tiles at batch 1 (CUDA-graph time), the two kernels separately."""
     dev, h, e, k = "cuda", args.hidden, args.experts, args.topk
@@ -168,32 +212,20 @@ def tune(args, w13, s13, w2, s2, rows: list) -> dict:
     weights = torch.softmax(torch.randn(1, k, device=dev, generator=gen), -1)
     act = torch.empty(k, inter, device=dev, dtype=torch.bfloat16)
     out = torch.empty_like(x)
-    best: dict = {}
-    candidates = {
-        "13": itertools.product((4, 8, 16, 32), (32, 64, 128), (2, 4, 8)),
-        "2": itertools.product((2, 4, 8, 16), (16, 32, 64, 128), (2, 4, 8)),
+
+    def w13_tile(t: dict) -> Callable:
+        return lambda: w13_act(x, ids, w13, s13, act, group_size=GROUP, activation="gelu_tanh", **t)
+
+    def w2_tile(t: dict) -> Callable:
+        return lambda: w2_sum(act, ids, weights, w2, s2, out, group_size=GROUP, **t)
+
+    grid13 = itertools.product((4, 8, 16, 32), (32, 64, 128), (2, 4, 8))
+    grid2 = itertools.product((2, 4, 8, 16), (16, 32, 64, 128), (2, 4, 8))
+    keys13, keys2 = ("block_n13", "block_w13", "warps13"), ("block_n2", "block_w2", "warps2")
+    return {
+        **fastest_tiles("13", (dict(zip(keys13, v, strict=True)) for v in grid13), w13_tile, rows),
+        **fastest_tiles("2", (dict(zip(keys2, v, strict=True)) for v in grid2), w2_tile, rows),
     }
-    for kernel, grid in candidates.items():
-        for n, w, warps in grid:
-            t = {f"block_n{kernel}": n, f"block_w{kernel}": w, f"warps{kernel}": warps}
-            if kernel == "13":
-                fn = lambda t=t: w13_act(  # noqa: E731
-                    x, ids, w13, s13, act, group_size=GROUP, activation="gelu_tanh", **t
-                )
-            else:
-                fn = lambda t=t: w2_sum(  # noqa: E731
-                    act, ids, weights, w2, s2, out, group_size=GROUP, **t
-                )
-            try:
-                us = graph_time_us(fn, 10, 10)
-            except Exception as exc:  # a tile that does not compile is skipped
-                print(f"tile {t}: {type(exc).__name__}: {exc}"[:200], file=sys.stderr)
-                continue
-            rows.append({"tune": t, "us": round(us, 2)})
-            if kernel not in best or us < best[kernel][0]:
-                best[kernel] = (us, t)
-        print(json.dumps({"kernel": kernel, "best": best[kernel]}), flush=True)
-    return {**best["13"][1], **best["2"][1]}
 
 
 def main() -> int:
@@ -239,14 +271,11 @@ def main() -> int:
             "marlin": lambda x=x, ids=ids, w=weights: marlin(x, ids, w),
         }
         for name, fn in paths.items():
-            got = fn().float()
-            us = graph_time_us(fn, args.graph_calls, args.replays)
+            us, measured = measure(fn, want, args)
             row = {
                 "path": name,
                 "batch": m,
-                "us": round(us, 2),
-                "rel_err": (got - want).norm().item() / want.norm().item(),
-                "kernels": kernels_per_call(fn),
+                **measured,
                 "bytes": int(nbytes),
                 "bandwidth_fraction": nbytes / (us * 1e-6) / args.bandwidth,
                 "tiles": tiles if name == "triton" else None,
@@ -254,15 +283,13 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
 
-    print("\n| batch | Marlin us | Triton us | b/a (Marlin/Triton) | kernels M/T | err M | err T |")
-    print("|---|---|---|---|---|---|---|")
-    by = {(r["path"], r["batch"]): r for r in rows if "path" in r}
-    for m in map(int, args.batches.split(",")):
-        a, b = by[("marlin", m)], by[("triton", m)]
-        print(
-            f"| {m} | {a['us']:.1f} | {b['us']:.1f} | {a['us'] / b['us']:.2f} | "
-            f"{a['kernels']}/{b['kernels']} | {a['rel_err']:.4f} | {b['rel_err']:.4f} |"
-        )
+    print_ab_table(
+        rows,
+        args.batches,
+        "marlin",
+        "triton",
+        "| batch | Marlin us | Triton us | b/a (Marlin/Triton) | kernels M/T | err M | err T |",
+    )
     if args.out:
         args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}))
     return 0 if math.isfinite(sum(r.get("us", 0) for r in rows)) else 1
