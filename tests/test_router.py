@@ -21,6 +21,7 @@ from gemma4_quant import doctor
 from gemma4_quant.checkpoints import CT_GROUP_SIZE, load_tensors
 from gemma4_quant.layout import TEXT_PREFIX
 from gemma4_quant.patches import Status, expert_names, load_guard
+from gemma4_quant.patches.dequant_fallback import fp8_linear
 
 LAYOUT, EXPERTS = "ct-fused-w4a16-router", 32
 GENERATION, _ = expert_names._generation()
@@ -160,9 +161,15 @@ def test_stock_router_fails_as_matrix_says(checkpoints, tmp_path, twin_logits):
 FP8_LAYOUT = "fp8-router"
 _FEATURES = doctor.vllm_features()
 CPU_FP8_KERNELS = _FEATURES["cpu_fp8_kernels"].get(_FEATURES["cpu_fp8_route"])
+# no CPU kernel for the weight-only FP8 scheme (0.20 - 0.23): the plugin dequantizes
+DEQUANTIZED_FP8 = (
+    not CPU_FP8_KERNELS
+    and _FEATURES["cpu_fp8_route"] == "w8a16"
+    and fp8_linear.ct_fp8_linear_recognized()
+)
 needs_cpu_fp8 = pytest.mark.skipif(
-    not CPU_FP8_KERNELS,
-    reason="this vLLM has no CPU ScaledMM FP8 linear kernel at all",
+    not CPU_FP8_KERNELS and not DEQUANTIZED_FP8,
+    reason="this vLLM has no CPU ScaledMM FP8 linear kernel, and no fallback for it",
 )
 # Kernels whose activation quantization fp8_router_emulation reproduces: dynamic per-token
 # e4m3 with scale amax / 448, float32 GEMM on the dequantized values, per-channel weight
@@ -247,7 +254,9 @@ def test_fp8_router_logits(checkpoints, tmp_path, fp8_twin):
     """The FP8 router routes with its checkpoint weights and scales: its logits are what
     the CPU kernel's activation quantization implies (emulated), and they lie within the
     rigorous bound of e4m3 activation rounding from the bf16 twin's (top experts may
-    differ where two logits are that close)."""
+    differ where two logits are that close). Where vLLM has no CPU kernel for the
+    weight-only FP8 scheme (0.20 - 0.23) the plugin dequantizes the router: its logits
+    are then the twin's, exactly."""
     path, load = fp8_probe(checkpoints, tmp_path)
     assert load.ok, load.log[-3000:]
     assert "router applied" in load.log
@@ -255,6 +264,12 @@ def test_fp8_router_logits(checkpoints, tmp_path, fp8_twin):
     ckpt = load_tensors(path)
     got, twin = router_logits(load), router_logits(fp8_twin)
     assert got.keys() == twin.keys() and len(got) == 4
+    if DEQUANTIZED_FP8:
+        # weight-only: the router holds weight * scale, as the twin does, and routes alike
+        assert "FP8 linears: weights dequantized" in load.log, load.log[-3000:]
+        for name, want in twin.items():
+            assert torch.equal(got[name], want), (name, (got[name] - want).abs().max())
+        return
     emulated = {}
     for layer in range(4):
         name = f"probe.model.layers.{layer}.router"

@@ -180,12 +180,14 @@ def check_fp8_linear_cpu(module: Module, ctx: Ctx) -> Hit | None:
             stage=Stage.PROCESS,
         )
     kind = "ScaledMM" if route == "w8a16" else "FP8ScaledMM"
-    return Hit(
-        Outcome.NO_KERNEL,
+    message = (
         f"no CPU kernel for FP8 linears: this vLLM runs FP8 on CPU as {route.upper()}, and "
-        f"its CPU {route.upper()} kernel list is empty",
-        f"ValueError: Failed to find a kernel that can implement the {kind} linear layer",
+        f"its CPU {route.upper()} kernel list is empty"
     )
+    error = f"ValueError: Failed to find a kernel that can implement the {kind} linear layer"
+    if route == "w8a16":  # the weight-only scheme: the plugin's fallback takes its layers
+        return served_by_fallback(module, scheme, ctx, True, message, error)
+    return Hit(Outcome.NO_KERNEL, message, error)
 
 
 def check_fp8_moe_cpu(module: Module, ctx: Ctx) -> Hit | None:

@@ -54,6 +54,10 @@ How:
       stop weight processing with ``Unsupported FP8 MoE backend: NONE``, its buffers are
       dequantized at load and run unquantized (``fp8.py``); vLLM's FP8 path stays
       wherever it has a backend.
+    - FP8 linears (compressed-tensors): where the weight-only FP8 scheme finds no kernel
+      (``Failed to find a kernel that can implement the ScaledMM linear layer``: the CPU
+      on 0.20 - 0.23, whose W8A16 FP8 kernel list is empty), weight times scale goes to
+      vLLM's unquantized linear method (``fp8_linear.py``).
     Values are ``(q - zero_point) * scale`` in float32, rounded once to the model dtype:
     the checkpoint's exact values, for 4- and 8-bit integers alike (AutoGPTQ linears:
     4-bit). One warning per loaded model says why and what it costs (bytes of dequantized
@@ -73,7 +77,9 @@ Releases:
     picks a mixed-precision kernel for K-first ``qweight`` (0.30.0 - 0.32.0). FP8 experts
     wherever the FP8 MoE method keeps the oracle's backend and the oracle can return
     ``NONE`` (0.19.0 - 0.32.0; on 0.19 the FP8 linears fail first, on 0.20 - 0.27 at
-    construction). Detected from the code, never from the version.
+    construction). FP8 linears wherever the W8A16 FP8 scheme takes its kernel from
+    ``init_wfp8_a16_linear_kernel`` (0.20.0 - 0.32.0; vLLM routes CPU FP8 there on
+    0.20 - 0.23 only). Detected from the code, never from the version.
 
 Removal:
     When every supported release falls back by itself where no WNA16 kernel fits.
@@ -272,11 +278,13 @@ class Found:
     modelopt_nvfp4_linear: bool = False  # ModelOpt NVFP4 linears (nvfp4.py)
     nvfp4_moe_oracle: bool = False  # unimportable NVFP4 MoE backends count as unsupported
     ct_fp8_moe: bool = False  # compressed-tensors FP8 experts without a backend (fp8.py)
+    ct_fp8_linear: bool = False  # compressed-tensors W8A16 FP8 linears (fp8_linear.py)
 
 
 def detect() -> Detection:
     from . import nvfp4
     from .fp8 import ct_fp8_moe_recognized
+    from .fp8_linear import ct_fp8_linear_recognized
     from .gptq_moe import gptq_moe_module
     from .inc import inc_int8_generation
 
@@ -295,6 +303,7 @@ def detect() -> Detection:
         nvfp4.modelopt_nvfp4_linear_recognized(),
         nvfp4.oracle_imports_backends(),
         ct_fp8_moe_recognized(),
+        ct_fp8_linear_recognized(),
     )
     linear = ""
     if found.linear:
@@ -314,7 +323,9 @@ def detect() -> Detection:
     ct_nvfp4 = f"; so do compressed-tensors NVFP4 {covered}" if covered else ""
     if unknown:
         ct_nvfp4 += f"; compressed-tensors NVFP4 {unknown}: code not recognized, left to vLLM"
-    fp8 = "; so do compressed-tensors FP8 experts without a backend" if found.ct_fp8_moe else ""
+    fp8_parts = {"experts": found.ct_fp8_moe, "weight-only linears": found.ct_fp8_linear}
+    fp8 = " and ".join(part for part, ok in fp8_parts.items() if ok)
+    fp8 = f"; so do compressed-tensors FP8 {fp8} without a kernel" if fp8 else ""
     return Detection.needed(
         f"{why}; dequantize experts {linear}where no kernel fits{inc}{gptq}{nvfp4}{ct_nvfp4}{fp8}",
         found,
@@ -364,6 +375,10 @@ def apply(detection: Detection) -> None:
         from .fp8 import patch_ct_fp8_moe_factory
 
         when_imported(_moe_location()[1], patch_ct_fp8_moe_factory)
+    if found.ct_fp8_linear:
+        from .fp8_linear import SCHEME_MODULE, patch_ct_fp8_linear
+
+        when_imported(SCHEME_MODULE, patch_ct_fp8_linear)
     if found.inc_int8 == inc.GENERATION_SCHEME:
         when_imported(inc.SCHEME_MODULE, inc.patch_inc_scheme)
     elif found.inc_int8 == inc.GENERATION_CONFIG:
@@ -431,7 +446,11 @@ def fallback_refusal(scheme: Scheme, ctx: Ctx, linear: bool) -> str | None:
         return _ct_nvfp4_refusal(scheme, found, linear)
     if scheme.storage == "fp8":
         if linear:
-            return "the fallback covers FP8 experts, not FP8 linears"
+            if found is None or not found.ct_fp8_linear:
+                return "the fallback does not recognize this vLLM's W8A16 FP8 linear code"
+            if scheme.strategy not in ("channel", "tensor"):
+                return f"FP8 {scheme.strategy} scales (channel or tensor only)"
+            return None
         if found is None or not found.ct_fp8_moe:
             return "the fallback does not recognize this vLLM's compressed-tensors FP8 MoE code"
         from .fp8 import unsupported_reason as fp8_unsupported
