@@ -359,13 +359,20 @@ NO_FP8_MOE_BACKEND = "ValueError: Unsupported FP8 MoE backend: NONE"
 NO_SCALED_MM_KERNEL = "Failed to find a kernel that can implement the ScaledMM linear layer"
 
 
+def no_fp8_linear_kernel(log: str) -> bool:
+    """Whether a load stopped for want of an FP8 linear kernel: none in the weight-only
+    scheme's list (0.20 - 0.23), or its Marlin FP8 repacking without CUDA (0.19)."""
+    return NO_SCALED_MM_KERNEL in log or "in prepare_fp8_layer_for_marlin" in log
+
+
 def test_fp8_linears_processed(paths, vllm_load, checkpoints) -> None:
     """FP8 linears: where vLLM's weight-only FP8 scheme finds no kernel (the CPU on 0.20 -
-    0.23), stock construction stops; the plugin dequantizes them at load. What enters
+    0.23), stock construction stops; where it runs Marlin FP8 itself (0.19), processing
+    stops on the CPU. The plugin dequantizes them at load. What enters
     vLLM's unquantized linear method is the bf16 twin's linears, bit for bit; no FP8
     linear weight is left; one warning for the model names them. Where vLLM has an FP8
     linear kernel the plugin leaves the linears alone."""
-    stock = vllm_load(paths["ct-fp8-dynamic"], plugin=False)
+    stock = vllm_load(paths["ct-fp8-dynamic"], plugin=False, process=True)
     load = processed(paths, vllm_load, checkpoints, "ct-fp8-dynamic")
     twin = processed(paths, vllm_load, checkpoints, "ct-fp8-dynamic-twin")
     assert twin.ok, twin.log[-3000:]
@@ -374,7 +381,7 @@ def test_fp8_linears_processed(paths, vllm_load, checkpoints) -> None:
     quantized = [n for n in quantized if not n.endswith("router.proj.weight")]  # left bf16
     assert quantized, sorted(twin.tensors)[:20]
     warnings = [line for line in load.log.splitlines() if "Dequantizing" in line]
-    if NO_SCALED_MM_KERNEL not in stock.log:
+    if not no_fp8_linear_kernel(stock.log):
         assert not [w for w in warnings if "FP8 linears" in w], warnings
         assert not [n for n in quantized if n in load.tensors], "vLLM's FP8 linears replaced"
         return
@@ -406,15 +413,15 @@ def test_fp8_experts_processed(paths, vllm_load, checkpoints) -> None:
     for run, args in ((stock, ["--stock"]), (load, [])):
         assert_processed_verdict(report(path, *args)["prediction"], run)
     refused = NO_FP8_MOE_BACKEND in stock.log
-    if NO_SCALED_MM_KERNEL in stock.log:
-        # stock stops at its FP8 linears first (0.20 - 0.23): whether its experts would
+    if no_fp8_linear_kernel(stock.log):
+        # stock stops at its FP8 linears first (0.19 - 0.23): whether its experts would
         # have had a backend is doctor's verdict (rule fp8-moe-cpu), which the releases
         # that reach the experts hold to vLLM's
         refused = "fp8-moe-cpu" in {
             f["rule"] for f in report(path, "--stock")["prediction"]["findings"]
         }
     elif not stock.ok and not refused:
-        # vLLM stops at something else first (0.19: its FP8 linears repack with CUDA ops)
+        # vLLM stops at something else first
         assert not load.ok, load.log[-3000:]
         pytest.skip(f"stock vLLM stops before the experts here: {stock.log[-300:]}")
     warnings = [line for line in load.log.splitlines() if "Dequantizing" in line]
@@ -446,8 +453,8 @@ def assert_processed_verdict(prediction: dict, run) -> None:
         return
     assert not run.ok, prediction["summary"]
     finding = next(f for f in prediction["findings"] if f["outcome"] == prediction["outcome"])
-    if finding["rule"] == "fp8-linear-cpu":  # stock 0.20 - 0.23: at construction
-        assert NO_SCALED_MM_KERNEL in finding["detail"] and NO_SCALED_MM_KERNEL in run.log
+    if finding["rule"] == "fp8-linear-cpu":  # 0.20 - 0.23: at construction; 0.19: Marlin
+        assert no_fp8_linear_kernel(run.log), run.log[-3000:]
         return
     assert prediction["stage"] == "weight processing", prediction["summary"]
     if finding["rule"] == "fp8-moe-cpu":  # the error doctor names is the one vLLM raised
@@ -484,12 +491,12 @@ def test_generation_equals_the_twin(paths, checkpoints, vllm_load, tmp_path: Pat
     (loaded through kv_shared_layers where vLLM builds k_norm there), against its twin
     with random K/V weights on those layers, as the original E2B checkpoints store them:
     what the patch leaves unread changes nothing. Where vLLM has no CPU kernel for FP8
-    linears (0.20 - 0.23), the FP8 model too: all of it then runs dequantized."""
+    linears (0.19 - 0.23), the FP8 model too: all of it then runs dequantized."""
     w8 = paths["ct-fused-w8a16"], checkpoints.twin("ct-fused-w8a16", **MATRIX["ct-fused-w8a16"])
     twin = checkpoints.twin("qat-w4a16-ct", **MATRIX["qat-w4a16-ct"])
     qat = paths["qat-w4a16-ct"], with_unused_kv(twin, tmp_path / "qat-twin-with-kv")
     pairs = [w8, qat]
-    if NO_SCALED_MM_KERNEL in vllm_load(paths["ct-fp8-dynamic"], plugin=False).log:
+    if no_fp8_linear_kernel(vllm_load(paths["ct-fp8-dynamic"], plugin=False, process=True).log):
         fp8_twin = checkpoints.twin("ct-fp8-dynamic", **MATRIX["ct-fp8-dynamic"])
         pairs.append((paths["ct-fp8-dynamic"], fp8_twin))
     run = run_greedy(

@@ -165,7 +165,7 @@ CPU_FP8_KERNELS = _FEATURES["cpu_fp8_kernels"].get(_FEATURES["cpu_fp8_route"])
 DEQUANTIZED_FP8 = (
     not CPU_FP8_KERNELS
     and _FEATURES["cpu_fp8_route"] == "w8a16"
-    and fp8_linear.ct_fp8_linear_recognized()
+    and fp8_linear.ct_fp8_linear_generation() is not None
 )
 needs_cpu_fp8 = pytest.mark.skipif(
     not CPU_FP8_KERNELS and not DEQUANTIZED_FP8,

@@ -172,8 +172,11 @@ def check_fp8_linear_cpu(module: Module, ctx: Ctx) -> Hit | None:
     if features.get("cpu_fp8_kernels", {}).get(route):
         return None
     if route == "w8a16" and features.get("fp8_w8a16_marlin_only"):
-        return Hit(
-            Outcome.NO_KERNEL,
+        return served_by_fallback(
+            module,
+            scheme,
+            ctx,
+            True,
             "no CPU kernel for FP8 linears: this vLLM runs FP8 on CPU as W8A16 with Marlin "
             "FP8 (a CUDA kernel): construction and loading pass, repacking needs CUDA ops",
             "prepare_fp8_layer_for_marlin needs CUDA ops",

@@ -56,8 +56,9 @@ How:
       wherever it has a backend.
     - FP8 linears (compressed-tensors): where the weight-only FP8 scheme finds no kernel
       (``Failed to find a kernel that can implement the ScaledMM linear layer``: the CPU
-      on 0.20 - 0.23, whose W8A16 FP8 kernel list is empty), weight times scale goes to
-      vLLM's unquantized linear method (``fp8_linear.py``).
+      on 0.20 - 0.23, whose W8A16 FP8 kernel list is empty), or where its Marlin FP8
+      cannot run (0.19, no CUDA), weight times scale goes to vLLM's unquantized linear
+      method (``fp8_linear.py``).
     Values are ``(q - zero_point) * scale`` in float32, rounded once to the model dtype:
     the checkpoint's exact values, for 4- and 8-bit integers alike (AutoGPTQ linears:
     4-bit). One warning per loaded model says why and what it costs (bytes of dequantized
@@ -76,10 +77,11 @@ Releases:
     layers differently: UNRECOGNIZED. AutoGPTQ linears wherever ``AutoGPTQLinearMethod``
     picks a mixed-precision kernel for K-first ``qweight`` (0.30.0 - 0.32.0). FP8 experts
     wherever the FP8 MoE method keeps the oracle's backend and the oracle can return
-    ``NONE`` (0.19.0 - 0.32.0; on 0.19 the FP8 linears fail first, on 0.20 - 0.27 at
-    construction). FP8 linears wherever the W8A16 FP8 scheme takes its kernel from
-    ``init_wfp8_a16_linear_kernel`` (0.20.0 - 0.32.0; vLLM routes CPU FP8 there on
-    0.20 - 0.23 only). Detected from the code, never from the version.
+    ``NONE`` (0.19.0 - 0.32.0; on 0.19 - 0.23 stock vLLM's FP8 linears fail first, at
+    weight processing on 0.19, at construction on 0.20 - 0.23). FP8 linears wherever the
+    W8A16 FP8 scheme takes its kernel from ``init_wfp8_a16_linear_kernel`` (0.20.0 -
+    0.32.0; vLLM routes CPU FP8 there on 0.20 - 0.23 only), or runs Marlin FP8 itself
+    (0.19.x). Detected from the code, never from the version.
 
 Removal:
     When every supported release falls back by itself where no WNA16 kernel fits.
@@ -278,13 +280,13 @@ class Found:
     modelopt_nvfp4_linear: bool = False  # ModelOpt NVFP4 linears (nvfp4.py)
     nvfp4_moe_oracle: bool = False  # unimportable NVFP4 MoE backends count as unsupported
     ct_fp8_moe: bool = False  # compressed-tensors FP8 experts without a backend (fp8.py)
-    ct_fp8_linear: bool = False  # compressed-tensors W8A16 FP8 linears (fp8_linear.py)
+    ct_fp8_linear: str | None = None  # how the W8A16 FP8 scheme runs (fp8_linear.py)
 
 
 def detect() -> Detection:
     from . import nvfp4
     from .fp8 import ct_fp8_moe_recognized
-    from .fp8_linear import ct_fp8_linear_recognized
+    from .fp8_linear import ct_fp8_linear_generation
     from .gptq_moe import gptq_moe_module
     from .inc import inc_int8_generation
 
@@ -303,7 +305,7 @@ def detect() -> Detection:
         nvfp4.modelopt_nvfp4_linear_recognized(),
         nvfp4.oracle_imports_backends(),
         ct_fp8_moe_recognized(),
-        ct_fp8_linear_recognized(),
+        ct_fp8_linear_generation(),
     )
     linear = ""
     if found.linear:
@@ -323,7 +325,7 @@ def detect() -> Detection:
     ct_nvfp4 = f"; so do compressed-tensors NVFP4 {covered}" if covered else ""
     if unknown:
         ct_nvfp4 += f"; compressed-tensors NVFP4 {unknown}: code not recognized, left to vLLM"
-    fp8_parts = {"experts": found.ct_fp8_moe, "weight-only linears": found.ct_fp8_linear}
+    fp8_parts = {"experts": found.ct_fp8_moe, "weight-only linears": bool(found.ct_fp8_linear)}
     fp8 = " and ".join(part for part, ok in fp8_parts.items() if ok)
     fp8 = f"; so do compressed-tensors FP8 {fp8} without a kernel" if fp8 else ""
     return Detection.needed(
@@ -376,9 +378,14 @@ def apply(detection: Detection) -> None:
 
         when_imported(_moe_location()[1], patch_ct_fp8_moe_factory)
     if found.ct_fp8_linear:
-        from .fp8_linear import SCHEME_MODULE, patch_ct_fp8_linear
+        from . import fp8_linear
 
-        when_imported(SCHEME_MODULE, patch_ct_fp8_linear)
+        patch = (
+            fp8_linear.patch_ct_fp8_linear
+            if found.ct_fp8_linear == fp8_linear.GENERATION_KERNEL
+            else fp8_linear.patch_marlin_scheme
+        )
+        when_imported(fp8_linear.SCHEME_MODULE, patch)
     if found.inc_int8 == inc.GENERATION_SCHEME:
         when_imported(inc.SCHEME_MODULE, inc.patch_inc_scheme)
     elif found.inc_int8 == inc.GENERATION_CONFIG:

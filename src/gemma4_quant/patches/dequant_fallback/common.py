@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ...layout import number_spans
+from .. import wrap_once
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +50,42 @@ def install_unquantized_experts(
     _drop_params(layer, drop)
     for stem, weight in weights.items():
         layer.register_parameter(f"{stem}_weight", torch.nn.Parameter(weight, requires_grad=False))
+
+
+def route_to_kernel(
+    method: type,
+    apply: str,
+    mark: str,
+    kernel_of: Callable[[Any], Any],
+    process: Callable[[Any, torch.nn.Module], None] | None = None,
+) -> None:
+    """A linear method (or scheme) class whose instances may hold a fallback kernel
+    (``kernel_of(instance)``, None where they do not): its weight processing and its
+    ``apply`` go to that kernel (``process(kernel, layer)``, else the kernel's own
+    ``process_weights_after_loading``), vLLM's code stays everywhere else."""
+
+    def make_process(original: Callable) -> Callable:
+        def process_weights_after_loading(self: Any, layer: torch.nn.Module) -> None:
+            kernel = kernel_of(self)
+            if kernel is None:
+                return original(self, layer)
+            if process is not None:
+                return process(kernel, layer)
+            return kernel.process_weights_after_loading(layer)
+
+        return process_weights_after_loading
+
+    def make_apply(original: Callable) -> Callable:
+        def run(self: Any, layer: torch.nn.Module, x: torch.Tensor, bias: Any = None) -> Any:
+            kernel = kernel_of(self)
+            if kernel is None:
+                return original(self, layer, x, bias)
+            return kernel.apply_weights(layer, x, bias)
+
+        return run
+
+    wrap_once(method, "process_weights_after_loading", mark, make_process)
+    wrap_once(method, apply, mark, make_apply)
 
 
 def keep_checkpoint_sizes(

@@ -5,12 +5,14 @@ FP8 linears (RedHatAI's ``gemma-4-26B-A4B-it-FP8-Dynamic``) with the weight-only
 ``CompressedTensorsW8A16Fp8``, whose ``create_weights`` asks ``init_wfp8_a16_linear_kernel``
 for a kernel. That list has Marlin FP8 for CUDA and nothing for the CPU (nor ROCm), so
 construction stops: ``ValueError: Failed to find a kernel that can implement the ScaledMM
-linear layer``. 0.24+ route FP8 on CPU through their W8A8 kernels instead.
+linear layer``. 0.24+ route FP8 on CPU through their W8A8 kernels instead. On 0.19 the
+scheme runs Marlin FP8 itself, with no kernel choice: construction and loading pass on the
+CPU, and repacking for Marlin then needs CUDA ops.
 
-Where that selection raises exactly this error, the scheme instead gets
-``DequantizedFp8LinearKernel``: the scheme's own parameters load as always (FP8 ``weight``
-[N, K], per-channel or per-tensor ``weight_scale``; the scheme widens per-tensor scales to
-channels before it hands the layer over), and processing turns them into ``weight * scale``
+Where that selection raises exactly this error (0.19: on a platform without CUDA), the
+scheme instead gets ``DequantizedFp8LinearKernel``: the scheme's own parameters load as
+always (FP8 ``weight`` [N, K], per-channel or per-tensor ``weight_scale``, one per fused
+shard), and processing turns them into ``weight * scale``
 in the layer's dtype (exact in float32, rounded once: the values vLLM's Marlin FP8 path
 computes with on GPUs without FP8), then vLLM's unquantized linear method serves the layer.
 Activations stay in the model dtype: the scheme's own weight-only semantics. Block-scaled
@@ -24,8 +26,8 @@ import functools
 from typing import TYPE_CHECKING, Any
 
 from ... import envs, vllm_code
-from .. import vllm_source
-from .common import COST_REPORT, install_unquantized, logger
+from .. import vllm_source, wrap_once
+from .common import COST_REPORT, install_unquantized, logger, route_to_kernel
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -46,20 +48,37 @@ _MARK = "__gemma4_quant_fp8_linear_fallback__"
 _DROP = ("weight", "weight_scale", "input_scale")
 
 
-def ct_fp8_linear_recognized() -> bool:
-    """The W8A16 FP8 scheme registers ``weight`` and ``weight_scale``, takes its kernel from
-    ``init_wfp8_a16_linear_kernel`` (which raises the no-kernel error), and hands
-    processing and the forward to that kernel."""
+GENERATION_KERNEL = "kernel"  # the scheme takes a kernel from init_wfp8_a16_linear_kernel
+GENERATION_MARLIN = "marlin"  # the scheme repacks for and runs Marlin FP8 itself (0.19)
+_KERNEL_ATTR = "_gemma4_quant_fp8_kernel"
+
+
+def ct_fp8_linear_generation() -> str | None:
+    """How the W8A16 FP8 scheme, which registers ``weight`` and ``weight_scale``, runs its
+    layers: through a kernel from ``init_wfp8_a16_linear_kernel`` (which raises the
+    no-kernel error), or through Marlin FP8 calls of its own (None: neither)."""
     text = vllm_source(_SCHEME_FILE)
     create = vllm_code.find_function(text, f"{SCHEME}.create_weights")
     process = vllm_code.find_function(text, f"{SCHEME}.process_weights_after_loading")
     apply = vllm_code.find_function(text, f"{SCHEME}.apply_weights")
+    if create is None or not {"weight", "weight_scale"} <= set(vllm_code.strings(create)):
+        return None
+    if _kernel_generation(create, process, apply):
+        return GENERATION_KERNEL
+    if (
+        not vllm_code.assigns_self(create, "linear_kernel")
+        and any(vllm_code.calls(process, "prepare_fp8_layer_for_marlin"))
+        and any(vllm_code.calls(apply, "apply_fp8_marlin_linear"))
+    ):
+        return GENERATION_MARLIN
+    return None
+
+
+def _kernel_generation(create: Any, process: Any, apply: Any) -> bool:
     kernels = vllm_source(_KERNELS_FILE)
     return (
-        create is not None
-        and vllm_code.assigns_self(create, "linear_kernel")
+        vllm_code.assigns_self(create, "linear_kernel")
         and any(vllm_code.calls(create, _SELECT))
-        and {"weight", "weight_scale"} <= set(vllm_code.strings(create))
         and vllm_code.has_code(process, "self.linear_kernel.process_weights_after_loading(layer)")
         and vllm_code.has_code(apply, "self.linear_kernel.apply_weights")
         and vllm_code.find_function(kernels, _SELECT) is not None
@@ -108,6 +127,47 @@ def patch_ct_fp8_linear(module: ModuleType) -> None:
     setattr(module, _SELECT, init_wfp8_a16_linear_kernel)
 
 
+def patch_marlin_scheme(module: ModuleType) -> None:
+    """0.19: the scheme's own Marlin FP8 steps, replaced per layer where Marlin cannot run
+    (no CUDA) by the dequantizing kernel, chosen when the layer is built."""
+    scheme = getattr(module, SCHEME)
+
+    def make_create(original: Any) -> Any:
+        def create_weights(self: Any, layer: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
+            original(self, layer, *args, **kwargs)
+            reason = _marlin_refusal(self)
+            if reason is not None:
+                kernel = dequantized_fp8_linear_kernel_class()
+                setattr(self, _KERNEL_ATTR, kernel(reason, layer.weight.shape, layer.orig_dtype))
+
+        return create_weights
+
+    wrap_once(scheme, "create_weights", _MARK, make_create)
+    route_to_kernel(scheme, "apply_weights", _MARK, lambda s: getattr(s, _KERNEL_ATTR, None))
+
+
+def _marlin_refusal(scheme: Any) -> str | None:
+    """Why the 0.19 scheme's Marlin FP8 cannot serve its layer here (None: it can, or the
+    fallback does not reproduce the layer's weights)."""
+    mode = envs.fallback_mode()
+    if mode == "off":
+        return None
+    strategy = getattr(scheme.strategy, "value", scheme.strategy)
+    if str(strategy).lower() not in ("channel", "tensor"):
+        logger.info("gemma4_quant: no dequantizing fallback: FP8 %s scales", strategy)
+        return None
+    if mode == "force":
+        return "GEMMA4_QUANT_FALLBACK=force"
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda():
+        return None
+    return (
+        "vLLM's weight-only FP8 scheme runs Marlin FP8 only, which needs CUDA "
+        f"(platform: {current_platform.device_name})"
+    )
+
+
 @functools.cache
 def dequantized_fp8_linear_kernel_class() -> type:
     """Built on first use: vLLM's linear classes are only imported where a layer needs it."""
@@ -145,6 +205,11 @@ def dequantized_fp8_linear_kernel_class() -> type:
                     f"{name}.weight {tuple(weight.shape)}: expected ({rows}, {cols}), FP8 "
                     "rows of output channels"
                 )
+            widths = getattr(layer, "logical_widths", None) or [rows]
+            if scale.dim() == 1 and scale.numel() == len(widths) > 1:
+                # per-tensor scales of fused shards (0.19 leaves them for its kernel to widen)
+                scale = scale.repeat_interleave(torch.tensor(widths, device=scale.device))
+                scale = scale.unsqueeze(1)
             if scale.numel() == 1:
                 scale = scale.reshape(1, 1)
             if tuple(scale.shape) not in ((rows, 1), (1, 1)):

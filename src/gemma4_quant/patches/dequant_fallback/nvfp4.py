@@ -61,6 +61,7 @@ from .common import (
     install_unquantized,
     install_unquantized_experts,
     keep_checkpoint_sizes,
+    route_to_kernel,
 )
 
 MODELOPT_MODULE = "vllm.model_executor.layers.quantization.modelopt"
@@ -294,29 +295,13 @@ def _patch_linear_method(module: ModuleType, method: type, apply: str, packed: s
 
         return create_weights
 
-    def make_process(original: Any) -> Any:
-        def process_weights_after_loading(self, layer: torch.nn.Module) -> None:  # noqa: ANN001
-            kernel = fallback_kernel(self)
-            if kernel is None:
-                return original(self, layer)
-            if packed == "weight_packed":
-                return kernel.process_compressed_tensors(layer)
-            return kernel.process_weights_after_loading(layer)
-
-        return process_weights_after_loading
-
-    def make_apply(original: Any) -> Any:
-        def run(self, layer: torch.nn.Module, x: torch.Tensor, bias: Any = None) -> Any:  # noqa: ANN001
-            kernel = fallback_kernel(self)
-            if kernel is None:
-                return original(self, layer, x, bias)
-            return kernel.apply_weights(layer, x, bias)
-
-        return run
+    def process(kernel: Any, layer: torch.nn.Module) -> None:
+        if packed == "weight_packed":
+            return kernel.process_compressed_tensors(layer)
+        return kernel.process_weights_after_loading(layer)
 
     wrap_once(method, "create_weights", _MARK, make_create)
-    wrap_once(method, "process_weights_after_loading", _MARK, make_process)
-    wrap_once(method, apply, _MARK, make_apply)
+    route_to_kernel(method, apply, _MARK, fallback_kernel, process)
 
 
 ORACLE_MODULE = "vllm." + _ORACLE_FILE.removesuffix(".py").replace("/", ".")
