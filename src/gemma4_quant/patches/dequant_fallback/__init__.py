@@ -452,13 +452,9 @@ def fallback_refusal(scheme: Scheme, ctx: Ctx, linear: bool) -> str | None:
     if scheme.weight_type == "nvfp4":
         return _ct_nvfp4_refusal(scheme, found, linear)
     if scheme.storage == "fp8":
-        if linear:
-            if found is None or not found.ct_fp8_linear:
-                return "the fallback does not recognize this vLLM's W8A16 FP8 linear code"
-            if scheme.strategy not in ("channel", "tensor"):
-                return f"FP8 {scheme.strategy} scales (channel or tensor only)"
-            return None
-        if found is None or not found.ct_fp8_moe:
+        if linear and (found is None or not found.ct_fp8_linear):
+            return "the fallback does not recognize this vLLM's W8A16 FP8 linear code"
+        if not linear and (found is None or not found.ct_fp8_moe):
             return "the fallback does not recognize this vLLM's compressed-tensors FP8 MoE code"
         from .fp8 import unsupported_reason as fp8_unsupported
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from ... import envs, vllm_code
 from .. import vllm_source, wrap_once
 from .common import COST_REPORT, install_unquantized, logger, route_to_kernel
+from .fp8 import STRATEGIES
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -96,35 +97,33 @@ def unsupported_key(weight_quant_key: Any) -> str | None:
 
 def patch_ct_fp8_linear(module: ModuleType) -> None:
     """``init_wfp8_a16_linear_kernel`` as the W8A16 FP8 scheme's module calls it."""
-    original = getattr(module, _SELECT)
-    if getattr(original, _MARK, False):
-        return
 
-    @functools.wraps(original)
-    def init_wfp8_a16_linear_kernel(*args: Any, **kwargs: Any) -> Any:
-        mode = envs.fallback_mode()
-        if mode == "off":
-            return original(*args, **kwargs)
-        key = kwargs.get("weight_quant_key", args[0] if args else None)
-        try:
-            kernel = original(*args, **kwargs)
-        except ValueError as exc:
-            why_not = unsupported_key(key)
-            if NO_SCALED_MM_KERNEL not in str(exc) or why_not is not None:
-                if why_not is not None:
-                    logger.info("gemma4_quant: no dequantizing fallback: %s", why_not)
-                raise
-            reason = str(exc).split(" Reasons:")[0]
-        else:
-            if mode != "force" or unsupported_key(key) is not None:
-                return kernel
-            reason = "GEMMA4_QUANT_FALLBACK=force"
-        shape = kwargs.get("weight_shape", args[2] if len(args) > 2 else None)
-        dtype = kwargs.get("out_dtype", args[4] if len(args) > 4 else None)
-        return dequantized_fp8_linear_kernel_class()(reason, tuple(shape), dtype)
+    def make(original: Any) -> Any:
+        def init_wfp8_a16_linear_kernel(*args: Any, **kwargs: Any) -> Any:
+            mode = envs.fallback_mode()
+            if mode == "off":
+                return original(*args, **kwargs)
+            key = kwargs.get("weight_quant_key", args[0] if args else None)
+            try:
+                kernel = original(*args, **kwargs)
+            except ValueError as exc:
+                why_not = unsupported_key(key)
+                if NO_SCALED_MM_KERNEL not in str(exc) or why_not is not None:
+                    if why_not is not None:
+                        logger.info("gemma4_quant: no dequantizing fallback: %s", why_not)
+                    raise
+                reason = str(exc).split(" Reasons:")[0]
+            else:
+                if mode != "force" or unsupported_key(key) is not None:
+                    return kernel
+                reason = "GEMMA4_QUANT_FALLBACK=force"
+            shape = kwargs.get("weight_shape", args[2] if len(args) > 2 else None)
+            dtype = kwargs.get("out_dtype", args[4] if len(args) > 4 else None)
+            return dequantized_fp8_linear_kernel_class()(reason, tuple(shape), dtype)
 
-    setattr(init_wfp8_a16_linear_kernel, _MARK, True)
-    setattr(module, _SELECT, init_wfp8_a16_linear_kernel)
+        return init_wfp8_a16_linear_kernel
+
+    wrap_once(module, _SELECT, _MARK, make)
 
 
 def patch_marlin_scheme(module: ModuleType) -> None:
@@ -153,7 +152,7 @@ def _marlin_refusal(scheme: Any) -> str | None:
     if mode == "off":
         return None
     strategy = getattr(scheme.strategy, "value", scheme.strategy)
-    if str(strategy).lower() not in ("channel", "tensor"):
+    if str(strategy).lower() not in STRATEGIES:
         logger.info("gemma4_quant: no dequantizing fallback: FP8 %s scales", strategy)
         return None
     if mode == "force":
