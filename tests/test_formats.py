@@ -25,13 +25,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_logprobs
+from conftest import run_logprobs, run_vllm_load
 from test_fallback import bits, same_bytes
 from test_matrix import LAYOUTS as MATRIX
 from test_matrix import matrix_paths
+from test_router import assert_logits_match, router_logits
+from test_unquantized_experts import bf16_exact_scales
 from unpack import gptq, nvfp4
 
-from gemma4_quant.checkpoints import load_tensors
+from gemma4_quant.checkpoints import load_tensors, write_twin
 from gemma4_quant.layout import TEXT_PREFIX
 from gemma4_quant.patches import Status, dequant_fallback, moe_prefix
 
@@ -247,3 +249,25 @@ def test_nvfp4_serves_as_its_twin(checkpoints, tmp_path: Path) -> None:
         delta = max(abs(x - y) for x, y in zip(a, b, strict=True))
         assert delta <= PROMPT_TOLERANCE, delta
     assert "NVFP4" in result.log, result.log[-3000:]
+
+
+@pytest.mark.skipif(
+    FOUND is None or not FOUND.gptq_linear or not FOUND.inc_cpu,
+    reason=f"the fallback builds no INC linears here: {FALLBACK.reason}",
+)
+def test_autoround_mixed_router_matches_twin(checkpoints, tmp_path: Path) -> None:
+    """Intel's int4-mixed on CPU: INC refuses its int8 linears (every quantized layer on
+    0.19) or builds them with exllama's CUDA-only method (0.20 - 0.21, whose weight
+    processing stops at ``gptq_shuffle``); with the plugin every linear gets vLLM's GPTQ
+    linear method, its weights are processed for a kernel this CPU runs, and the int8
+    router computes its dequantized twin's logits (scales made bf16-exact, so that both
+    compute with the same weights)."""
+    quantized = bf16_exact_scales(
+        path_of(checkpoints, "autoround-int4-mixed"), tmp_path / "autoround-mixed"
+    )
+    twin = write_twin(quantized, tmp_path / "twin")
+    load = run_vllm_load(quantized, tmp_path / "quantized", process=True, probe_router=True)
+    assert load.ok, load.log[-4000:]
+    reference = run_vllm_load(twin, tmp_path / "reference", process=True, probe_router=True)
+    assert reference.ok, reference.log[-4000:]
+    assert_logits_match(router_logits(load), router_logits(reference))

@@ -80,7 +80,6 @@ _OUTCOMES = (
 VLLM_LIMITS = (
     "MoE method is symmetric-only",
     "no CPU FP8ScaledMM linear kernel",
-    "INC refuses quantized layers on CPU",
 )
 
 

@@ -27,25 +27,38 @@ from test_router import assert_logits_match, router_logits
 from unpack import gptq_int4, nibbles
 
 from gemma4_quant import doctor as dr
-from gemma4_quant import int4
+from gemma4_quant import int4, vllm_code
 from gemma4_quant.checkpoints import WEIGHTS_FILE, gptq_compress_int4, load_tensors, write_twin
 from gemma4_quant.layout import TEXT_PREFIX
 from gemma4_quant.patches import Status, dequant_fallback, expert_names, load_guard
 from gemma4_quant.patches import unquantized_experts as ue
+from gemma4_quant.patches.dequant_fallback import inc
 
 LAYOUT, EXPERTS = "autoround-int4", 32
 TEXT = TEXT_PREFIX
 DETECTION = ue.detect()
 GENERATION, _ = expert_names._generation()
 SILENT_SKIP = load_guard.detect().status is Status.NEEDED
-# 0.20.2's CPU linears cannot run GPTQ weights (no CPU kernel, and the fallback does not
-# recognize that release): there the experts are checked by their loaded values only.
-CAN_RUN = (
-    dequant_fallback.detect().status is Status.NEEDED and dequant_fallback._gptq_linear_recognized()
+# Where the fallback recognizes no GPTQ linear method, AutoRound's CPU linears cannot run
+# (no CPU kernel): there the experts would be checked by their loaded values only.
+CAN_RUN = dequant_fallback.detect().status is Status.NEEDED and bool(
+    dequant_fallback._gptq_linear_recognized()
 )
+# 0.19: INC refuses every quantized layer on CPU, so stock vLLM builds no experts at all
+REFUSES_EVERY_LAYER = dequant_fallback.detect().findings.inc_cpu == inc.GENERATION_REFUSES
 WARNING = "Dequantizing the checkpoint's GPTQ"
 # whether the vLLM kernel library this CPU loads has the int4 GEMM op (None: unknown)
 INT4_GEMM_OP = dr._cpu_info(dr.vllm_features()).int4_gemm_op
+
+
+def cpu_moe_runs_gemma4() -> bool:
+    """Whether vLLM's unquantized CPU MoE has Gemma 4's activation: 0.19's has SiLU and
+    SwiGLU-OAI only, so no Gemma 4 MoE (bf16 included) runs a forward pass there."""
+    text = vllm_code.source("model_executor/layers/fused_moe/cpu_fused_moe.py")
+    table = re.search(r"_CPU_MOE_ACT_FN\b[^=]*=\s*\{(.*?)\}", text or "", re.S)
+    activation = dr.vllm_features()["gemma4_moe_activation"]
+    return table is None or f"MoEActivation.{activation}:" in table.group(1)
+
 
 needs_patch = pytest.mark.skipif(
     DETECTION.status is not Status.NEEDED,
@@ -128,6 +141,13 @@ def test_detection_reads_the_code() -> None:
         edited = scheme.replace("UnquantizedFusedMoEMethod(layer.moe_config)", "CPUMoE(layer)")
         assert edited != scheme
         assert ue.inc_cpu_experts_unquantized(edited, None)[0] is None
+    elif REFUSES_EVERY_LAYER:
+        edited = old.replace(
+            "return self.apply_ipex_quant_layer(layer, prefix)",
+            "return self.apply_gptq_quant_layer(layer, prefix)",
+        )
+        assert edited != old
+        assert ue.inc_cpu_experts_unquantized(None, edited)[0] is None
     else:
         edited = old.replace(
             "        return None\n\n    def get_quant_method",
@@ -298,7 +318,14 @@ def test_stock_fails_as_before(checkpoints, tmp_path: Path) -> None:
     load = run_vllm_load(checkpoint, tmp_path, env=env)
     assert not load.ok
     assert WARNING not in load.log
-    if GENERATION == "generic":  # 0.31+: the experts loader has no GPTQ parameters
+    if REFUSES_EVERY_LAYER:  # 0.19: the fallback builds the experts unquantized
+        # 0.19.1's mapping KeyError; 0.19.0's expert_loader names the tensor
+        unmatched = (
+            r"KeyError: 'layers\.0\.moe\.experts\.0\.|"
+            r"ValueError: Checkpoint tensor '\S+experts\.0\.\S+' .* has no parameter"
+        )
+        assert re.search(unmatched, load.log), load.log[-3000:]
+    elif GENERATION == "generic":  # 0.31+: the experts loader has no GPTQ parameters
         assert re.search(r"AttributeError: .* has no parameter 'w\d+_qweight'", load.log), load.log[
             -3000:
         ]
@@ -375,6 +402,7 @@ def test_linears_without_fallback_have_no_kernel_here(exact_pair, tmp_path: Path
 
 @needs_patch
 @needs_forward
+@pytest.mark.skipif(not cpu_moe_runs_gemma4(), reason="vLLM's CPU MoE lacks Gemma 4's activation")
 def test_greedy_tokens_equal_the_twin(exact_pair, tmp_path: Path) -> None:
     """Every quantized layer dequantized (experts by this patch, linears by the fallback,
     forced where vLLM would keep a kernel of its own), so the model computes exactly what

@@ -316,7 +316,7 @@ def check_wna16_linear_cpu(module: Module, ctx: Ctx) -> Hit | None:
         return forced(module, scheme, ctx, linear=True)
     layer, _ = vllm_layer(module, ctx)
     message = "no CPU kernel for the WNA16 linear layer"
-    routed = _inc_int8_routed(scheme, ctx)
+    routed = _inc_routed(scheme, ctx)
     if refusal.startswith("INC") and routed:
         return routed
     if refusal.startswith("INC"):
@@ -329,28 +329,29 @@ def check_wna16_linear_cpu(module: Module, ctx: Ctx) -> Hit | None:
     return served_by_fallback(module, scheme, ctx, True, message, f"{short_name(layer)}: {error}")
 
 
-def _inc_int8_routed(scheme: Scheme, ctx: Ctx) -> Hit | None:
-    """0.20 - 0.29 with the plugin: INC's int8 linears get the GPTQ method INC builds for
-    int4 (dequant_fallback/inc.py); there is no CPU kernel for either afterwards."""
+def _inc_routed(scheme: Scheme, ctx: Ctx) -> Hit | None:
+    """With the plugin, the INC linears vLLM refuses on CPU get vLLM's GPTQ linear method
+    (dequant_fallback/inc.py): int8 on 0.20 - 0.29, every width on 0.19."""
     from ..patches import dequant_fallback
     from ..patches.dequant_fallback import inc
 
     found = dequant_fallback.detect().findings
+    generation = found.inc_cpu if found is not None else None
+    widths = {inc.GENERATION_CONFIG: (8,), inc.GENERATION_REFUSES: (4, 8)}.get(generation, ())
     if (
         scheme.method != "auto-round"
-        or scheme.bits != 8
+        or scheme.bits not in widths
         or not scheme.symmetric
         or not ctx.patched(dequant_fallback.NAME)
         or ctx.env.fallback_mode == "off"
-        or found is None
-        or found.inc_int8 != inc.GENERATION_CONFIG
     ):
         return None
+    refused = "every quantized layer" if generation == inc.GENERATION_REFUSES else "int8 linears"
     return Hit(
         Outcome.PATCHED,
-        "INC refuses int8 linears on CPU; the plugin builds them with vLLM's GPTQ linear "
-        "method, as INC builds int4 ones (this vLLM has no CPU kernel for GPTQ linears of "
-        "either width: they load, weight processing needs CUDA ops)",
+        f"INC refuses {refused} on CPU; the plugin builds them with vLLM's GPTQ linear "
+        "method, as INC builds int4 ones on a GPU (vLLM's CPU int4 kernel where it fits, "
+        "else dequantized at load)",
         "",
         dequant_fallback.NAME,
     )

@@ -36,10 +36,25 @@ def built_scheme(module: Module, ctx: Ctx) -> Scheme | None:
         and scheme is not None
         and scheme.method == "auto-round"
         and env.platform == "cpu"
-        and env.features.get("inc_cpu_moe_unquantized")
+        and (env.features.get("inc_cpu_moe_unquantized") or _inc_experts_routed(ctx))
     ):
         return None  # "CPU does not support quantized MoE yet"
     return scheme
+
+
+def _inc_experts_routed(ctx: Ctx) -> bool:
+    """0.19 with the plugin: INC refuses every quantized layer on CPU, and the fallback
+    gives the experts no method, as 0.20+ do (dequant_fallback/inc.py)."""
+    from ..patches import dequant_fallback
+    from ..patches.dequant_fallback import inc
+
+    found = dequant_fallback.detect().findings
+    return (
+        found is not None
+        and found.inc_cpu == inc.GENERATION_REFUSES
+        and ctx.patched(dequant_fallback.NAME)
+        and ctx.env.fallback_mode != "off"
+    )
 
 
 def is_wna16(scheme: Scheme | None) -> bool:

@@ -5,12 +5,14 @@ Why:
     *unquantized* on CPU: 0.24 - 0.32 ``INCWna16Scheme.get_moe_method`` returns
     ``UnquantizedFusedMoEMethod`` ("CPU does not support quantized MoE yet"), and 0.20.2's
     ``INCConfig.apply_cpu_w4a16_quant_layer`` returns None for every non-linear layer, which
-    ``FusedMoE`` turns into ``UnquantizedFusedMoEMethod``. The experts then hold float
-    ``w13_weight`` / ``w2_weight``, while the checkpoint streams per-expert GPTQ tensors
-    (``experts.{e}.{gate,up,down}_proj.qweight/qzeros/scales``, maybe ``g_idx``) that match
-    no parameter: ``KeyError: 'layers.0.moe.experts.0.down_proj.qweight'`` (0.20.2), skipped
-    without a word (0.24 - 0.30: the experts keep uninitialized memory; the load guard turns
-    that into an error), ``AttributeError: ... has no parameter 'w2_qweight'`` (0.31+).
+    ``FusedMoE`` turns into ``UnquantizedFusedMoEMethod``. 0.19 refuses every quantized
+    layer on CPU; ``dequant_fallback`` (its ``inc.py``) gives the experts None there too.
+    The experts then hold float ``w13_weight`` / ``w2_weight``, while the checkpoint
+    streams per-expert GPTQ tensors (``experts.{e}.{gate,up,down}_proj.qweight/qzeros/
+    scales``, maybe ``g_idx``) that match no parameter:
+    ``KeyError: 'layers.0.moe.experts.0.down_proj.qweight'`` (0.20.2), skipped without a
+    word (0.24 - 0.30: the experts keep uninitialized memory; the load guard turns that
+    into an error), ``AttributeError: ... has no parameter 'w2_qweight'`` (0.31+).
     No AutoRound MoE checkpoint (Intel's Gemma 4 int4 exports) loads on CPU.
 
 How:
@@ -37,8 +39,8 @@ Upstream PR:
     so there the patch is not needed.
 
 Releases:
-    0.19.x: not needed (INC raises NotImplementedError for every quantized layer on CPU,
-    linears included, so AutoRound checkpoints cannot load there at all).
+    0.19.x (INC raises NotImplementedError for every quantized layer on CPU;
+    ``dequant_fallback`` builds the linears and leaves the experts unquantized),
     0.20 - 0.23 (``apply_cpu_w4a16_quant_layer`` returns None for MoE layers; the experts
     load, its CPU linears cannot run GPTQ weights afterwards) and 0.24.0 - 0.32.0 (the
     ``is_cpu()`` branch of ``get_moe_method``, ``is_xpu() or is_cpu()`` up to 0.26);
@@ -62,6 +64,7 @@ if TYPE_CHECKING:
 
 from .. import vllm_code
 from . import Detection, vllm_source
+from .dequant_fallback.inc import cpu_refuses_every_layer
 
 NAME = "unquantized_experts"
 SUMMARY = "AutoRound (GPTQ) experts load where vLLM builds them unquantized (INC on CPU)"
@@ -103,9 +106,9 @@ def inc_cpu_experts_unquantized(
 ) -> tuple[bool | None, str]:
     """Whether vLLM's INC config builds MoE experts unquantized on CPU, read from its code.
 
-    True: one of the two known forms; False: the 0.33 form (experts quantized through
-    ``INCWNA16MoEScheme``) or the 0.19 one (every quantized layer refused on CPU); None:
-    code the rules do not know.
+    True: one of the known forms (0.19: every quantized layer refused on CPU, where the
+    fallback gives the experts no method); False: the 0.33 form (experts quantized
+    through ``INCWNA16MoEScheme``); None: code the rules do not know.
     """
     if scheme_text is None and old_text is None:
         scheme_text = vllm_source(_INC_SCHEME_FILE)
@@ -132,30 +135,12 @@ def inc_cpu_experts_unquantized(
         if _linear_only(method) and vllm_code.has_code(config, _CPU_GPTQ_DISPATCH) and moe:
             return True, "INC's CPU path quantizes linear layers only; FusedMoE falls back"
         return None, "unknown INCConfig.apply_cpu_w4a16_quant_layer"
-    if _cpu_refuses_quantized_layers(old_text):
-        return False, "INC refuses every quantized layer on CPU (NotImplementedError)"
+    if cpu_refuses_every_layer(old_text):
+        return True, (
+            "INC refuses every quantized layer on CPU; with dequant_fallback's INC methods "
+            "FusedMoE falls back"
+        )
     return None, "no INC quantization config found"
-
-
-def _cpu_refuses_quantized_layers(old_text: str | None) -> bool:
-    """0.19's INC: ``get_quant_method`` sends CPU layers to ``apply_ipex_quant_layer``,
-    which raises NotImplementedError for every quantized one (linears included): no
-    expert is ever built, so there is nothing to dequantize."""
-    dispatch = vllm_code.find_function(old_text, "INCConfig.get_quant_method")
-    ipex = vllm_code.find_function(old_text, "INCConfig.apply_ipex_quant_layer")
-    if dispatch is None or ipex is None:
-        return False
-    raises = any(
-        isinstance(node, ast.Raise)
-        and isinstance(node.exc, ast.Call)
-        and vllm_code.is_name(node.exc.func, "NotImplementedError")
-        for node in ipex.body
-    )
-    return (
-        raises
-        and any(vllm_code.calls(dispatch, "is_cpu"))
-        and any(vllm_code.calls(dispatch, "apply_ipex_quant_layer"))
-    )
 
 
 def _returns_unquantized_moe(node: ast.AST) -> bool:
@@ -537,8 +522,8 @@ def _warn_once(plan: ExpertPlan) -> None:
     _warned = True
     dtype = next(iter(plan.layers.values())).dtype
     why = (
-        "vLLM builds AutoRound (INC) MoE experts unquantized on this platform ('CPU does "
-        "not support quantized MoE yet')"
+        "vLLM has no quantized MoE method for AutoRound (INC) experts on this platform "
+        "('CPU does not support quantized MoE yet'); they are built unquantized"
         if plan.config == "inc"
         else "vLLM has no WNA16 MoE kernel for these GPTQ experts here; they are built unquantized"
     )

@@ -37,8 +37,10 @@ How:
       scales (and zero points) load, through a weight loader of their own, the whole
       groups the rank's columns lie in, dequantized from the right column offset.
     - Linear: ``choose_mp_linear_kernel`` as the compressed-tensors WNA16 scheme calls it
-      is wrapped, and as ``AutoGPTQLinearMethod`` calls it (the linears of AutoRound / INC
-      GPTQ checkpoints on 0.30+; symmetric only, where its kernels ignore ``qzeros``);
+      is wrapped, and as vLLM's GPTQ linear method calls it (``AutoGPTQLinearMethod``,
+      ``GPTQMarlinLinearMethod`` before 0.22: the linears of AutoRound / INC GPTQ
+      checkpoints, which ``inc.py`` sends there on CPU where INC refuses them or builds
+      them with a CUDA-only method; symmetric only, where its kernels ignore ``qzeros``);
       where it raises the no-kernel error (or picks a CPU kernel whose op is missing), it
       returns ``DequantizedLinearKernel``, which keeps the method's packed parameters
       (N-first ``weight_packed`` or K-first GPTQ ``qweight``, read from their layout
@@ -60,9 +62,8 @@ How:
       cannot run (0.19, no CUDA), weight times scale goes to vLLM's unquantized linear
       method (``fp8_linear.py``).
     Values are ``(q - zero_point) * scale`` in float32, rounded once to the model dtype:
-    the checkpoint's exact values, for 4- and 8-bit integers alike (AutoGPTQ linears:
-    4-bit). One warning per loaded model says why and what it costs (bytes of dequantized
-    weights vs packed).
+    the checkpoint's exact values, for 4- and 8-bit integers alike. One warning per loaded
+    model says why and what it costs (bytes of dequantized weights vs packed).
 
 Upstream PR:
     None yet. Upstream's nearest is the ``EMULATION`` WNA16 MoE backend (GPU only,
@@ -74,8 +75,8 @@ Releases:
     0.31.0 - 0.33.0 (packed expert buffers always in the checkpoint's N-first layout);
     0.30.0 (layout chosen from the kernel: the fallback pins the N-first layout and
     allocates N-first zero points itself). Earlier releases build compressed-tensors MoE
-    layers differently: UNRECOGNIZED. AutoGPTQ linears wherever ``AutoGPTQLinearMethod``
-    picks a mixed-precision kernel for K-first ``qweight`` (0.30.0 - 0.32.0). FP8 experts
+    layers differently: UNRECOGNIZED. GPTQ linears wherever vLLM's GPTQ linear method
+    picks a mixed-precision kernel for K-first ``qweight`` (0.19.0 - 0.34.0). FP8 experts
     wherever the FP8 MoE method keeps the oracle's backend and the oracle can return
     ``NONE`` (0.19.0 - 0.32.0; on 0.19 - 0.23 stock vLLM's FP8 linears fail first, at
     weight processing on 0.19, at construction on 0.20 - 0.23). FP8 linears wherever the
@@ -118,9 +119,14 @@ _MOE_LOCATIONS = (
     ),
 )
 LINEAR_SCHEME_MODULE = _CT_MODULE + "schemes.compressed_tensors_wNa16"
-GPTQ_LINEAR_MODULE = "vllm.model_executor.layers.quantization.auto_gptq"
+_QUANT = "model_executor/layers/quantization/"
+# vLLM's GPTQ linear method with a mixed-precision kernel (file, class): 0.22+, and the
+# same class under its old name before (0.19 - 0.21)
+GPTQ_LINEAR_LOCATIONS = (
+    (_QUANT + "auto_gptq.py", "AutoGPTQLinearMethod"),
+    (_QUANT + "gptq_marlin.py", "GPTQMarlinLinearMethod"),
+)
 _LINEAR_SCHEME_FILE = _CT + "schemes/compressed_tensors_wNa16.py"
-_GPTQ_LINEAR_FILE = "model_executor/layers/quantization/auto_gptq.py"
 _ORACLE_FILE = "model_executor/layers/fused_moe/oracle/int_wna16.py"
 _UNQUANTIZED_MOE_FILE = "model_executor/layers/fused_moe/unquantized_fused_moe_method.py"
 _LINEAR_KERNELS_FILE = "model_executor/kernels/linear/__init__.py"
@@ -246,23 +252,30 @@ def _linear_recognized() -> bool:
     )
 
 
-def _gptq_linear_recognized() -> bool:
-    """``AutoGPTQLinearMethod`` (AutoRound / INC GPTQ linears) picks a mixed-precision
-    kernel for K-first ``qweight`` [K / pack, N] and ``scales`` [G, N]."""
-    method = vllm_code.find_class(vllm_source(_GPTQ_LINEAR_FILE), "AutoGPTQLinearMethod")
-    if method is None or not _linear_recognized():
-        return False
+def _gptq_linear_recognized() -> tuple[str, str] | None:
+    """vLLM's GPTQ linear method (AutoRound / INC GPTQ linears) that picks a
+    mixed-precision kernel for K-first ``qweight`` [K / pack, N] and ``scales`` [G, N]:
+    (its module, its class), or None where none is recognized."""
+    if not _linear_recognized():
+        return None
     k_first = {"input_dim": 0, "output_dim": 1, "packed_dim": 0}
-    return vllm_code.has_code(method, _CHOOSE_KERNEL) and any(
-        all(
-            isinstance(kw.value, ast.Constant) and kw.value.value == k_first[kw.arg]
-            for kw in call.keywords
-            if kw.arg in k_first
-        )
-        and k_first.keys() <= vllm_code.keywords(call)
-        for call in ast.walk(method)
-        if isinstance(call, ast.Call)
-    )
+    for relpath, name in GPTQ_LINEAR_LOCATIONS:
+        method = vllm_code.find_class(vllm_source(relpath), name)
+        if method is None or not vllm_code.has_code(method, _CHOOSE_KERNEL):
+            continue
+        if any(
+            all(
+                isinstance(kw.value, ast.Constant) and kw.value.value == k_first[kw.arg]
+                for kw in call.keywords
+                if kw.arg in k_first
+            )
+            and k_first.keys() <= vllm_code.keywords(call)
+            for call in ast.walk(method)
+            if isinstance(call, ast.Call)
+        ):
+            module = "vllm." + relpath.removesuffix(".py").replace("/", ".")
+            return module, name
+    return None
 
 
 @dataclass(frozen=True)
@@ -271,8 +284,8 @@ class Found:
 
     moe_generation: str
     linear: bool
-    gptq_linear: bool
-    inc_int8: str | None = None  # how INC refuses int8 linears on CPU (inc.py)
+    gptq_linear: tuple[str, str] | None  # vLLM's GPTQ linear method: (module, class)
+    inc_cpu: str | None = None  # which INC code refuses or misbuilds CPU linears (inc.py)
     gptq_moe: str | None = None  # the module building GPTQ experts (gptq_moe.py)
     nvfp4_moe: bool = False  # ModelOpt NVFP4 experts (nvfp4.py)
     ct_nvfp4_linear: bool = False  # compressed-tensors NVFP4 linears (nvfp4.py)
@@ -288,7 +301,7 @@ def detect() -> Detection:
     from .fp8 import ct_fp8_moe_recognized
     from .fp8_linear import ct_fp8_linear_generation
     from .gptq_moe import gptq_moe_module
-    from .inc import inc_int8_generation
+    from .inc import inc_cpu_generation
 
     generation, why = _moe_generation()
     if generation is None:
@@ -297,7 +310,7 @@ def detect() -> Detection:
         generation,
         _linear_recognized(),
         _gptq_linear_recognized(),
-        inc_int8_generation(),
+        inc_cpu_generation(),
         gptq_moe_module(),
         nvfp4.nvfp4_moe_recognized(),
         nvfp4.ct_nvfp4_linear_recognized(),
@@ -314,7 +327,7 @@ def detect() -> Detection:
             if found.gptq_linear
             else "and WNA16 linears "
         )
-    inc = "; INC int8 linears get vLLM's GPTQ method on CPU" if found.inc_int8 else ""
+    inc = f"; INC linears get vLLM's GPTQ method on CPU ({found.inc_cpu})" if found.inc_cpu else ""
     gptq = "; GPTQ experts without a kernel load dequantized" if found.gptq_moe else ""
     modelopt_parts = {"linears": found.modelopt_nvfp4_linear, "experts": found.nvfp4_moe}
     modelopt = " and ".join(part for part, ok in modelopt_parts.items() if ok)
@@ -346,11 +359,11 @@ def apply(detection: Detection) -> None:
     if found.linear:
         when_imported(LINEAR_SCHEME_MODULE, patch_linear_scheme)
     if found.gptq_linear:
-        # AutoGPTQLinearMethod builds symmetric configs only (zero_points=False); its
+        # the GPTQ linear method builds symmetric configs only (zero_points=False); its
         # kernels never read qzeros, and neither does the fallback. int8 too: INC's int8
         # linears (inc.py) and GPTQ int8 exports come this way.
         when_imported(
-            GPTQ_LINEAR_MODULE,
+            found.gptq_linear[0],
             functools.partial(patch_linear_scheme, zero_points=False, widths=(4, 8)),
         )
     if found.gptq_moe:
@@ -386,10 +399,12 @@ def apply(detection: Detection) -> None:
             else fp8_linear.patch_marlin_scheme
         )
         when_imported(fp8_linear.SCHEME_MODULE, patch)
-    if found.inc_int8 == inc.GENERATION_SCHEME:
+    if found.inc_cpu == inc.GENERATION_SCHEME:
         when_imported(inc.SCHEME_MODULE, inc.patch_inc_scheme)
-    elif found.inc_int8 == inc.GENERATION_CONFIG:
+    elif found.inc_cpu == inc.GENERATION_CONFIG:
         when_imported(inc.CONFIG_MODULE, inc.patch_inc_config)
+    elif found.inc_cpu == inc.GENERATION_REFUSES:
+        when_imported(inc.CONFIG_MODULE, inc.patch_inc_refusal)
 
 
 # --- what stock vLLM does to a checkpoint that needs this patch (read by doctor)
@@ -436,12 +451,12 @@ def fallback_refusal(scheme: Scheme, ctx: Ctx, linear: bool) -> str | None:
         return None if scheme.bits in (2, 4, 8) else f"{scheme.bits}-bit GPTQ experts"
     if scheme.method in ("auto-round", "gptq") and linear:
         if not _gptq_linear_recognized():
-            return "the fallback does not recognize this vLLM's AutoGPTQ linear code"
+            return "the fallback does not recognize this vLLM's GPTQ linear code"
         if scheme.method == "auto-round" and not ctx.analysis.gptq_packed():
             return "the fallback covers GPTQ-packed AutoRound linears only"
         if not scheme.symmetric or scheme.bits not in (4, 8):
             return "not symmetric int4 or int8"
-        if scheme.bits == 8 and scheme.method == "auto-round" and not (found and found.inc_int8):
+        if scheme.bits == 8 and scheme.method == "auto-round" and not (found and found.inc_cpu):
             return "INC refuses int8 on CPU in code the fallback does not recognize"
         return None
     if scheme.method != "compressed-tensors":
