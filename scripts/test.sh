@@ -13,8 +13,9 @@
 # and 0.32.0 run the whole suite; 0.30.0 all but the builder's tests (0.32.0 builds with
 # the same compressed-tensors) and the real-dimension and tensor-parallel loads (0.32.0
 # shards as 0.30 does); 0.19.1 and 0.23.0 run the loader's tests (the compatibility
-# matrix, expert names, detection, doctor's verdicts on the same loads) and the FP8 model
-# processed (each generation of vLLM's CPU FP8 linears: Marlin-only, no kernel).
+# matrix, expert names, detection, doctor's verdicts on the same loads), the FP8 model
+# processed (each generation of vLLM's CPU FP8 linears: Marlin-only, no kernel) and
+# AutoRound's routers against their twins (each generation of INC on CPU).
 # Environments live in .venvs/ and are reused when already complete.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,7 +25,9 @@ RELEASES=("$@")
 LOADER_TESTS="tests/test_matrix.py tests/test_expert_names.py tests/test_detection.py
   tests/test_compat.py tests/test_doctor.py::test_verdict_matches_vllm
   tests/test_ct_formats.py::test_fp8_linears_processed
-  tests/test_ct_formats.py::test_fp8_experts_processed tests/test_router.py::test_fp8_router_logits"
+  tests/test_ct_formats.py::test_fp8_experts_processed tests/test_router.py::test_fp8_router_logits
+  tests/test_formats.py::test_autoround_mixed_router_matches_twin
+  tests/test_unquantized_experts.py::test_router_logits_equal_the_twin"
 declare -A SELECTION=([0.19.1]=$LOADER_TESTS [0.23.0]=$LOADER_TESTS
   [0.30.0]="tests --ignore=tests/test_checkpoints.py --ignore=tests/test_shapes.py
     --ignore=tests/test_tensor_parallel.py")
