@@ -79,6 +79,13 @@ RUFF=.venvs/vllm-${RELEASES[-1]}/bin/ruff
 lint_dirs=$(ls -d src tests bench 2>/dev/null)
 $RUFF check $lint_dirs && $RUFF format --check $lint_dirs || status=1
 
+# Releases without a CPU build (GPU wheels only): the suite reads their code instead
+# (tests/test_compat.py), from the wheels the upstream check also reads.
+echo "== sources of vLLM releases read, not run"
+export GEMMA4_QUANT_VLLM_SOURCES="$ROOT/.cache/vllm-src"
+python3 scripts/vllm_sources.py "$GEMMA4_QUANT_VLLM_SOURCES" \
+  "${UPSTREAM_CACHE:-$ROOT/upstream/.cache}/wheels" 0.33.0 0.34.0 || status=1
+
 # The suites run side by side: each vLLM process pins itself to one core.
 export GEMMA4_QUANT_COMPAT_DIR="$ROOT/.cache/compat"
 rm -rf "$GEMMA4_QUANT_COMPAT_DIR"
@@ -101,6 +108,9 @@ for v in "${!pids[@]}"; do
   grep -E "^(FAILED|ERROR|SKIPPED)" ".cache/test-logs/pytest-$v.log" || true
   tail -1 ".cache/test-logs/pytest-$v.log"
   count ".cache/test-logs/pytest-$v.log"
+  if grep -q "^SKIPPED.*no vLLM .* sources" ".cache/test-logs/pytest-$v.log"; then
+    echo "the code of the releases without a CPU build was not read"; status=1
+  fi
   if [ $rc -ne 0 ]; then
     status=1
     grep -B5 -A60 "^_\{5,\} " ".cache/test-logs/pytest-$v.log" | tail -200

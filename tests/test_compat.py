@@ -8,6 +8,12 @@ a patch (or that the patch no longer recognizes) shows up here first. A patch th
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from gemma4_quant import vllm_version
@@ -87,6 +93,20 @@ EXPECTED = {
         "cpu_gate_dtype": "not needed",
     },
 }
+# No CPU build of these two: their code is read, never run (scripts/vllm_sources.py). They
+# need what 0.32.0 needs, but INC builds AutoRound experts quantized on CPU there
+# (INCWNA16MoEScheme); the patches 0.32.0's row leaves out are pinned too.
+EXPECTED |= dict.fromkeys(
+    ("0.33.0", "0.34.0"),
+    {
+        **EXPECTED["0.32.0"],
+        "unquantized_experts": "not needed",
+        "moe_prefix": "needed",
+        "k_eq_v_scheme": "needed",
+        "dequant_fallback": "needed",
+        "per_layer_config": "not needed",
+    },
+)
 
 
 def test_detection_matches_release_table():
@@ -127,3 +147,35 @@ def test_register_is_idempotent_and_cheap():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK" in proc.stdout
+
+
+# Releases without a CPU build: scripts/test.sh lays out their sources in this folder
+SOURCES = os.environ.get("GEMMA4_QUANT_VLLM_SOURCES")
+READ_ONLY = ("0.33.0", "0.34.0")
+
+
+@pytest.mark.parametrize("release", READ_ONLY)
+def test_detection_of_releases_read_not_run(release: str) -> None:
+    """What every patch decides on a release the suite cannot run (GPU wheels only),
+    from that release's own sources: the table above, and no patch that meets code it
+    does not recognize."""
+    root = Path(SOURCES or "", release)
+    if not SOURCES or not (root / "vllm" / "__init__.py").is_file():
+        pytest.skip(f"no vLLM {release} sources (scripts/vllm_sources.py lays them out)")
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(src)])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "gemma4_quant", "patches", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["vllm"] == release, "the sources' own dist-info names the release"
+    statuses = {row["patch"]: row["status"] for row in report["patches"]}
+    unrecognized = {row["patch"]: row["reason"] for row in report["patches"]
+                    if row["status"] == "unrecognized"}  # fmt: skip
+    assert not unrecognized
+    assert {name: statuses[name] for name in EXPECTED[release]} == EXPECTED[release]
