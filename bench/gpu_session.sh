@@ -28,6 +28,8 @@
 #   formats  the same for the public formats past cyankiwi's (correctness.FORMAT_CASES)
 #   multimodal the same for Gemma4ForConditionalGeneration (ct-fused-w4a16-multimodal)
 #   qat      the same for Google's QAT form alone (qat-w4a16-ct)
+#   fastab   full size on GPU 0, 0.26.0: the plugin with fast_decode (b) against stock (a),
+#            one run at a time, decode at batch 1 - 64 and greedy agreement (FASTAB_ROUNDS)
 #   densebench the bf16 dense MLP kernels against vLLM's path, and the dense MLP beside the
 #            MoE on two streams, real shapes, 0.26.0 (bench/dense_decode.py --tune --overlap)
 # PROBE_RELEASES (default "0.20.2 0.26.0") picks the releases of the probe phases.
@@ -75,12 +77,20 @@ bench_run() {  # name gpu release-target plugin(on|off) [cache-name [file-suffix
   log "bench $name on GPU $gpu"
   env CUDA_VISIBLE_DEVICES="$gpu" PYTHONPATH="$tgt" VLLM_CACHE_ROOT="$WORK/vcache/$cache" \
     "${extra[@]}" python3 "$PROJ/bench/gpu_throughput.py" run "$FULL" \
-    "$R/fullsize/$file.json" --label "$name" > "$R/fullsize/$file.out" 2>&1
+    "$R/fullsize/$file.json" --label "$name" ${BENCH_ARGS:-} > "$R/fullsize/$file.out" 2>&1
   log "bench $name on GPU $gpu: rc=$?"
 }
 
 wait_full() {  # the background full-size checkpoint, once
   if [ -n "${FULL_PID:-}" ]; then wait "$FULL_PID"; FULL_PID=; fi
+}
+
+full_size_ready() {  # 0.26.0 installed, the full-size checkpoint and its bound measured
+  install 0.26.0 "$T026" || exit 1
+  wait_full
+  [ -f "$R/fullsize/bound.json" ] || CUDA_VISIBLE_DEVICES=0 python3 \
+    "$PROJ/bench/gpu_throughput.py" bound "$FULL" --measure-bandwidth \
+    --out "$R/fullsize/bound.json" > /dev/null 2>&1
 }
 
 log "session start: phases $PHASES"
@@ -231,16 +241,28 @@ fi
 if has ab1; then
   # one GPU, one run at a time, stock and plugin alternating (a b a b), one shared
   # compile cache (the plugin changes no forward code): decode without a neighbour
-  install 0.26.0 "$T026" || exit 1
-  wait_full
-  [ -f "$R/fullsize/bound.json" ] || CUDA_VISIBLE_DEVICES=0 python3 \
-    "$PROJ/bench/gpu_throughput.py" bound "$FULL" --measure-bandwidth \
-    --out "$R/fullsize/bound.json" > /dev/null 2>&1
+  full_size_ready
   for round in 1 2; do
     bench_run a-0.26.0-stock 0 "$T026" off ab-shared "-seq$round"
     bench_run b-0.26.0-plugin 0 "$T026" on ab-shared "-seq$round"
   done
   log "bench ab1: done"
+fi
+
+if has fastab; then
+  # one GPU, one run at a time: the plugin with its one-token dense MLP kernels (b, first:
+  # a failure shows early) and stock vLLM (a), FASTAB_ROUNDS rounds, each its own compile
+  # cache; decode at batch 1, 4, 16, 64 and the greedy tokens of one request compared
+  full_size_ready
+  export BENCH_ARGS="--batches 1,4,16,64 --decode-tokens ${FASTAB_TOKENS:-256} --repeats 3"
+  for round in $(seq "${FASTAB_ROUNDS:-1}"); do
+    bench_run b-0.26.0-fast 0 "$T026" on "" "-fast$round"
+    bench_run a-0.26.0-stock 0 "$T026" off "" "-fast$round"
+  done
+  unset BENCH_ARGS
+  python3 "$PROJ/bench/gpu_throughput.py" ratio --a "$R"/fullsize/a-0.26.0-stock-gpu0-fast*.json \
+    --b "$R"/fullsize/b-0.26.0-fast-gpu0-fast*.json > "$R/fullsize/fastab-ratio.json" 2>&1
+  log "fastab: done"
 fi
 
 if has loadab; then

@@ -80,6 +80,21 @@ def child(args: argparse.Namespace) -> int:
 
     counter = iter(range(1 << 30))
 
+    # Greedy tokens and their logprobs of one request (decode at batch 1), before any
+    # timing: `ratio` compares two configurations' (a fused one-token path against vLLM's)
+    check_rng = random.Random(1)
+    check_prompt = {"prompt_token_ids": [check_rng.randrange(10, vocab) for _ in range(PROMPT_LEN)]}
+    check_params = SamplingParams(temperature=0.0, max_tokens=args.check_tokens, logprobs=0)
+    (check,) = llm.generate([check_prompt], check_params, use_tqdm=False)
+    seq = check.outputs[0]
+    greedy = {
+        "tokens": list(seq.token_ids),
+        "logprobs": [
+            round(step[token].logprob, 5)
+            for step, token in zip(seq.logprobs or [], seq.token_ids, strict=False)
+        ],
+    }
+
     def decode_run(batch_prompts: list[dict], tokens: int) -> dict:
         """One batch through the engine's own loop, every output timed as it arrives.
 
@@ -141,6 +156,7 @@ def child(args: argparse.Namespace) -> int:
         "decode_tokens": args.decode_tokens,
         "prompt_len": PROMPT_LEN,
         "decode": decode,
+        "greedy_batch1": greedy,
         "plugin_loaded": "gemma4_quant" in sys.modules,
     }
     mod = sys.modules.get("gemma4_quant")
@@ -226,6 +242,8 @@ def run(args: argparse.Namespace) -> int:
         str(args.max_model_len),
         "--gpu-memory-utilization",
         str(args.gpu_memory_utilization),
+        "--check-tokens",
+        str(args.check_tokens),
         *(["--enforce-eager"] if args.enforce_eager else []),
     ]
     env = {**os.environ, "BENCH_T0": repr(time.time())}
@@ -420,7 +438,8 @@ def cmd_ratio(args: argparse.Namespace) -> int:
         a = st.mean(r[key] for r in sides["a"])
         b = st.mean(r[key] for r in sides["b"])
         out[key] = {"a_mean": round(a, 2), "b_mean": round(b, 2), "speed_b_over_a": round(a / b, 3)}
-    for batch in ("1", "16", "64"):
+    batches = set.intersection(*(set(r["decode"]) for rows in sides.values() for r in rows))
+    for batch in sorted(batches, key=int):
         per_run = {
             s: [r["decode"][batch]["decode_tok_s"] for r in rows] for s, rows in sides.items()
         }
@@ -433,8 +452,25 @@ def cmd_ratio(args: argparse.Namespace) -> int:
             "a_repeats_min_max": [min(reps["a"]), max(reps["a"])],
             "b_repeats_min_max": [min(reps["b"]), max(reps["b"])],
         }
+    checks = [r["greedy_batch1"] for rows in sides.values() for r in rows if "greedy_batch1" in r]
+    if len(checks) == sum(len(rows) for rows in sides.values()) and checks:
+        out["greedy_batch1"] = _agreement(checks[0], checks[len(sides["a"])])
     print(json.dumps(out, indent=1))
     return 0
+
+
+def _agreement(a: dict, b: dict) -> dict:
+    """Where two greedy runs of one request part (tokens), and how far their logprobs of
+    the tokens they share, up to there, differ."""
+    same = 0
+    while same < min(len(a["tokens"]), len(b["tokens"])) and a["tokens"][same] == b["tokens"][same]:
+        same += 1
+    deltas = [abs(x - y) for x, y in zip(a["logprobs"][:same], b["logprobs"][:same], strict=True)]
+    return {
+        "tokens": len(a["tokens"]),
+        "identical_prefix": same,
+        "max_abs_dlogprob_on_prefix": round(max(deltas), 5) if deltas else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -462,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             help="no torch.compile / CUDA graphs (a quick load-time run; decode is slower)",
         )
         p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+        p.add_argument("--check-tokens", type=int, default=32)
         p.set_defaults(func=run if name == "run" else child)
     b = sub.add_parser("bound")
     b.add_argument("model")

@@ -58,3 +58,59 @@ def test_rejects_mismatched_shapes() -> None:
     down = torch.zeros(256, 64, dtype=torch.bfloat16)  # hidden 256 != 128
     with pytest.raises(ValueError, match=r"down \(256, 64\) must be a contiguous \[128, 64\]"):
         dense_decode(x, gate_up, down)
+
+
+# --------------------------------------------------------------------- the plugin's op
+
+
+def _op_inputs(m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7 + m)
+    hidden, inter = 256, 192
+    x = torch.randn(m, hidden, generator=gen).to(torch.bfloat16)
+    gate_up = (torch.randn(2 * inter, hidden, generator=gen) / math.sqrt(hidden)).to(torch.bfloat16)
+    down = (torch.randn(hidden, inter, generator=gen) / math.sqrt(inter)).to(torch.bfloat16)
+    return x, gate_up, down
+
+
+@pytest.fixture(scope="module")
+def dense_mlp():
+    """``torch.ops.gemma4_quant.dense_mlp`` as the fast_decode patch registers it, with
+    vLLM's kernel library loaded for its many-token path (``gelu_tanh_and_mul``)."""
+    from vllm.platforms import current_platform
+
+    from gemma4_quant.patches import fast_decode
+
+    current_platform.import_kernels()
+    fast_decode.register_op(fast_decode.TILES[(9, 0)])
+    return torch.ops.gemma4_quant.dense_mlp
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_op_takes_the_kernels_for_one_token_only(dense_mlp, m: int) -> None:
+    """One token: exactly the Triton kernels' result, the exact product to bf16 rounding;
+    more: exactly vLLM's own three kernels (GEMM, gelu_tanh_and_mul, GEMM)."""
+    x, gate_up, down = (t.to(DEVICE) for t in _op_inputs(m))
+    got = dense_mlp(x, gate_up, down)
+    if m == 1:
+        from gemma4_quant.patches.fast_decode import TILES
+
+        assert torch.equal(got, dense_decode(x, gate_up, down, **TILES[(9, 0)]))
+        want = reference(*(t.cpu() for t in (x, gate_up, down)))
+        assert ((got.float().cpu() - want).norm() / want.norm()).item() < 2e-3
+    else:
+        act = torch.empty(m, down.shape[1], dtype=x.dtype, device=x.device)
+        torch.ops._C.gelu_tanh_and_mul(act, torch.nn.functional.linear(x, gate_up))
+        assert torch.equal(got, torch.nn.functional.linear(act, down))
+
+
+def test_op_is_traced_whole(dense_mlp) -> None:
+    """torch.compile traces a caller of the op in one graph, whatever the token count
+    (the op decides inside, at run time), and its fake implementation gives the shape."""
+
+    def mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        return dense_mlp(x, gate_up, down) * 2
+
+    compiled = torch.compile(mlp, backend="aot_eager", fullgraph=True, dynamic=True)
+    for m in (1, 3):
+        x, gate_up, down = (t.to(DEVICE) for t in _op_inputs(m))
+        assert torch.equal(compiled(x, gate_up, down), mlp(x, gate_up, down))

@@ -20,6 +20,7 @@ from gemma4_quant.patches import (
     dequant_fallback,
     expert_loader,
     expert_names,
+    fast_decode,
     kv_shared_layers,
     load_guard,
     router,
@@ -32,6 +33,7 @@ _INC = "model_executor/layers/quantization/inc"
 # installed release has is mutated. amx_permission reads the code only on AMX CPUs and
 # kv_spec_merge imports its classes instead of reading them: neither is here.
 CASES = {
+    "fast_decode": (fast_decode, [("model_executor/models/gemma4.py", "Gemma4MLP.forward")]),
     "load_guard": (
         load_guard,
         [("model_executor/models/gemma4.py", "Gemma4Model.load_weights")],

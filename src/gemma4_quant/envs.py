@@ -7,9 +7,10 @@ import logging
 import os
 from functools import cache
 
-__all__ = ["disabled", "disabled_patches", "fallback_mode"]
+__all__ = ["disabled", "disabled_patches", "fallback_mode", "fast_decode_mode"]
 
 FALLBACK_MODES = ("auto", "off", "force")
+FAST_DECODE_MODES = ("auto", "off", "force")
 
 
 def disabled() -> bool:
@@ -31,12 +32,24 @@ def fallback_mode() -> str:
     """``GEMMA4_QUANT_FALLBACK``: ``auto`` (default: dequantize int4 MoE experts and WNA16
     linears where vLLM has no kernel, or picks one whose op is missing), ``off`` (vLLM's own
     error stands) or ``force`` (dequantize every int4 expert and linear)."""
-    raw = os.environ.get("GEMMA4_QUANT_FALLBACK", "auto")
+    return _mode("GEMMA4_QUANT_FALLBACK", FALLBACK_MODES)
+
+
+def fast_decode_mode() -> str:
+    """``GEMMA4_QUANT_FAST_DECODE``: ``auto`` (default: Gemma 4's dense MLP takes the
+    plugin's one-token kernels on GPUs where they were measured faster), ``off`` (vLLM's
+    kernels everywhere) or ``force`` (any CUDA GPU)."""
+    return _mode("GEMMA4_QUANT_FAST_DECODE", FAST_DECODE_MODES)
+
+
+def _mode(name: str, modes: tuple[str, ...]) -> str:
+    """One of ``modes`` from the variable ``name``; the first (with a warning) otherwise."""
+    raw = os.environ.get(name, modes[0])
     mode = raw.strip().lower()
-    if mode in FALLBACK_MODES:
+    if mode in modes:
         return mode
-    _warn_bad_value("GEMMA4_QUANT_FALLBACK", raw, FALLBACK_MODES, "auto")
-    return "auto"
+    _warn_bad_value(name, raw, modes, modes[0])
+    return modes[0]
 
 
 @cache

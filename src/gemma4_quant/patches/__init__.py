@@ -52,6 +52,7 @@ PATCH_MODULES: tuple[str, ...] = (
     "unquantized_experts",
     "tied_lm_head",
     "cpu_gate_dtype",
+    "fast_decode",
 )
 
 

