@@ -71,9 +71,10 @@ transformers.__version__, 'compressed-tensors', c.__version__)" | tee -a "$R/mac
   touch "$tgt/.installed-$rel$*"
 }
 
-bench_run() {  # name gpu release-target plugin(on|off) [cache-name [file-suffix]]
+bench_run() {  # name gpu release-target plugin(on|off|fast) [cache-name [file-suffix]]
   local name=$1 gpu=$2 tgt=$3 plugin=$4 cache=${5:-$1} file="$1-gpu$2${6:-}" extra=()
   [ "$plugin" = off ] && extra=(VLLM_PLUGINS=none)
+  [ "$plugin" = fast ] && extra=(GEMMA4_QUANT_FAST_DECODE=auto)
   log "bench $name on GPU $gpu"
   env CUDA_VISIBLE_DEVICES="$gpu" PYTHONPATH="$tgt" VLLM_CACHE_ROOT="$WORK/vcache/$cache" \
     "${extra[@]}" python3 "$PROJ/bench/gpu_throughput.py" run "$FULL" \
@@ -256,7 +257,7 @@ if has fastab; then
   full_size_ready
   export BENCH_ARGS="--batches 1,4,16,64 --decode-tokens ${FASTAB_TOKENS:-256} --repeats 3"
   for round in $(seq "${FASTAB_ROUNDS:-1}"); do
-    bench_run b-0.26.0-fast 0 "$T026" on "" "-fast$round"
+    bench_run b-0.26.0-fast 0 "$T026" fast "" "-fast$round"
     bench_run a-0.26.0-stock 0 "$T026" off "" "-fast$round"
   done
   unset BENCH_ARGS

@@ -10,7 +10,8 @@ from functools import cache
 __all__ = ["disabled", "disabled_patches", "fallback_mode", "fast_decode_mode"]
 
 FALLBACK_MODES = ("auto", "off", "force")
-FAST_DECODE_MODES = ("auto", "off", "force")
+# off first: the default, until an end-to-end GPU run has measured the path in vLLM
+FAST_DECODE_MODES = ("off", "auto", "force")
 
 
 def disabled() -> bool:
@@ -36,9 +37,9 @@ def fallback_mode() -> str:
 
 
 def fast_decode_mode() -> str:
-    """``GEMMA4_QUANT_FAST_DECODE``: ``auto`` (default: Gemma 4's dense MLP takes the
-    plugin's one-token kernels on GPUs where they were measured faster), ``off`` (vLLM's
-    kernels everywhere) or ``force`` (any CUDA GPU)."""
+    """``GEMMA4_QUANT_FAST_DECODE``: ``off`` (default: vLLM's kernels everywhere),
+    ``auto`` (Gemma 4's dense MLP takes the plugin's one-token kernels on GPUs where they
+    were measured faster) or ``force`` (any CUDA GPU)."""
     return _mode("GEMMA4_QUANT_FAST_DECODE", FAST_DECODE_MODES)
 
 

@@ -10,6 +10,8 @@ Why:
     (docs/gpu-results.md, section 3b).
 
 How:
+    Opt-in for now (``GEMMA4_QUANT_FAST_DECODE=auto``; ``off`` is the default until an
+    end-to-end GPU run inside vLLM has measured it: only the kernels were, outside vLLM).
     ``Gemma4MLP.__init__`` is wrapped: a layer takes the path only where it will run
     what was measured, decided once when the model is built: a CUDA GPU of a measured
     compute capability (9.0; ``GEMMA4_QUANT_FAST_DECODE=force``: any CUDA GPU), both
@@ -101,7 +103,10 @@ def detect() -> Detection:
     if not _forward_recognized(vllm_source(_MODEL)):
         return Detection.unrecognized("Gemma4MLP.forward is not gate_up, activation, down")
     if envs.fast_decode_mode() == "off":
-        return Detection.not_needed("GEMMA4_QUANT_FAST_DECODE=off")
+        return Detection.not_needed(
+            "GEMMA4_QUANT_FAST_DECODE=off (the default until an end-to-end GPU run has "
+            "measured it; auto turns it on)"
+        )
     if _cpu_build():
         return Detection.not_needed("vLLM's CPU build: the kernels are for CUDA GPUs")
     measured = ", ".join(f"{major}.{minor}" for major, minor in TILES)
