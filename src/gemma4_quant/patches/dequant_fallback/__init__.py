@@ -399,12 +399,15 @@ def apply(detection: Detection) -> None:
             else fp8_linear.patch_marlin_scheme
         )
         when_imported(fp8_linear.SCHEME_MODULE, patch)
-    if found.inc_cpu == inc.GENERATION_SCHEME:
-        when_imported(inc.SCHEME_MODULE, inc.patch_inc_scheme)
-    elif found.inc_cpu == inc.GENERATION_CONFIG:
-        when_imported(inc.CONFIG_MODULE, inc.patch_inc_config)
-    elif found.inc_cpu == inc.GENERATION_REFUSES:
-        when_imported(inc.CONFIG_MODULE, inc.patch_inc_refusal)
+    # INC's routed linears get the GPTQ linear method detection found
+    inc_patch = {
+        inc.GENERATION_SCHEME: (inc.SCHEME_MODULE, inc.patch_inc_scheme),
+        inc.GENERATION_CONFIG: (inc.CONFIG_MODULE, inc.patch_inc_config),
+        inc.GENERATION_REFUSES: (inc.CONFIG_MODULE, inc.patch_inc_refusal),
+    }.get(found.inc_cpu)
+    if inc_patch is not None:
+        module_name, patch = inc_patch
+        when_imported(module_name, functools.partial(patch, gptq_linear=found.gptq_linear))
 
 
 # --- what stock vLLM does to a checkpoint that needs this patch (read by doctor)

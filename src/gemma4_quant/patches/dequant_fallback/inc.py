@@ -117,7 +117,7 @@ def _is_gptq(config: Any) -> bool:
     return "gptq" in f"{config.packing_format} {config.backend}"
 
 
-def patch_inc_scheme(module: ModuleType) -> None:
+def patch_inc_scheme(module: ModuleType, gptq_linear: tuple[str, str] | None) -> None:
     """0.30+: the CPU refusal becomes vLLM's GPTQ linear method at the layer's width."""
 
     def make(original: Any) -> Any:
@@ -128,27 +128,25 @@ def patch_inc_scheme(module: ModuleType) -> None:
                 lc = layer_config
                 if REFUSAL_SCHEME not in str(exc) or not _routable(lc.bits, lc.sym, lc.is_gptq):
                     raise
-            return gptq_linear_method(layer_config.bits, layer_config.group_size)
+            return gptq_linear_method(layer_config.bits, layer_config.group_size, gptq_linear)
 
         return get_linear_method
 
     wrap_once(module.INCWna16Scheme, "get_linear_method", _MARK, make)
 
 
-def gptq_linear_method(bits: int, group_size: int) -> Any:
+def gptq_linear_method(bits: int, group_size: int, location: tuple[str, str] | None) -> Any:
     """vLLM's GPTQ linear method (``AutoGPTQLinearMethod``, ``GPTQMarlinLinearMethod``
     before 0.22) for symmetric ``bits``-wide GPTQ weights, as INC builds it for int4 on a
     GPU, built by its own ``__init__`` without the Marlin check in it (on CPU, Marlin's
     list has no types): the kernel is chosen when the weights are created, by
     ``choose_mp_linear_kernel``, which the linear fallback answers where no kernel takes
-    the layer."""
-    from . import _gptq_linear_recognized
-
-    found = _gptq_linear_recognized()
-    if found is None:
+    the layer. ``location``: that method's (module, class), as detection found it."""
+    if location is None:
         raise NotImplementedError("no GPTQ linear method with a mixed-precision kernel")
-    module = importlib.import_module(found[0])
-    config = getattr(module, found[1].replace("LinearMethod", "Config"))(
+    module_name, method_name = location
+    module = importlib.import_module(module_name)
+    config = getattr(module, method_name.replace("LinearMethod", "Config"))(
         weight_bits=bits,
         group_size=group_size,
         desc_act=False,
@@ -159,16 +157,16 @@ def gptq_linear_method(bits: int, group_size: int) -> Any:
     )
     verify = getattr(module, _MARLIN_CHECK, None)
     if verify is None:
-        return getattr(module, found[1])(config)
+        return getattr(module, method_name)(config)
     # the module-level name __init__ looks up, put back before anything else runs
     setattr(module, _MARLIN_CHECK, lambda *args, **kwargs: None)
     try:
-        return getattr(module, found[1])(config)
+        return getattr(module, method_name)(config)
     finally:
         setattr(module, _MARLIN_CHECK, verify)
 
 
-def patch_inc_config(module: ModuleType) -> None:
+def patch_inc_config(module: ModuleType, gptq_linear: tuple[str, str] | None) -> None:
     """0.20 - 0.29: the CPU int8 refusal becomes the GPTQ method the config builds
     elsewhere; the CUDA-only exllama method (0.20 - 0.21) becomes the one with a kernel."""
 
@@ -190,20 +188,20 @@ def patch_inc_config(module: ModuleType) -> None:
                     # fails on CPU: the method it would have built, at this width
                     if MARLIN_ONLY not in str(exc):
                         raise
-                    return gptq_linear_method(bits, group_size)
+                    return gptq_linear_method(bits, group_size, gptq_linear)
             if type(method).__name__ != CUDA_ONLY_METHOD or envs.fallback_mode() == "off":
                 return method
             bits, group_size, sym = self.get_layer_config(layer, prefix)
             if not _routable(bits, sym, _is_gptq(self), (4, INT8)):
                 return method
-            return gptq_linear_method(bits, group_size)
+            return gptq_linear_method(bits, group_size, gptq_linear)
 
         return apply_cpu_w4a16_quant_layer
 
     wrap_once(module.INCConfig, "apply_cpu_w4a16_quant_layer", _MARK, make)
 
 
-def patch_inc_refusal(module: ModuleType) -> None:
+def patch_inc_refusal(module: ModuleType, gptq_linear: tuple[str, str] | None) -> None:
     """0.19: CPU linears get vLLM's GPTQ linear method; MoE experts none (vLLM's
     unquantized FusedMoE, whose GPTQ tensors ``unquantized_experts`` dequantizes)."""
     from vllm.model_executor.layers.linear import LinearBase
@@ -222,7 +220,7 @@ def patch_inc_refusal(module: ModuleType) -> None:
                 if not _routable(bits, sym, _is_gptq(self), (4, INT8)):
                     raise
             if isinstance(layer, (LinearBase, ParallelLMHead)):
-                return gptq_linear_method(bits, group_size)
+                return gptq_linear_method(bits, group_size, gptq_linear)
             return None
 
         return apply_ipex_quant_layer
