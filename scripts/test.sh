@@ -71,6 +71,10 @@ count() {  # add the closing "N passed, M failed" counts of a log to the totals
 # every environment hardlinks it. Built side by side, two releases that pin the same torch
 # each unpacked their own copy of it and of its CUDA libraries (3.5 GB more on disk).
 echo "== disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free; CPU threads: $(nproc)"
+# measured from a clean clone: the environments take about 13 GB, the suites about 8 more
+free_gb=$(df -BG --output=avail . | tail -1 | tr -dc 0-9)
+[ "$free_gb" -ge 22 ] || echo "WARNING: ${free_gb} GB free; a whole run needs about 22 GB" \
+  "(the environments about 13, the suites about 8 more): tests may fail for want of disk"
 for v in "${RELEASES[@]}"; do
   start=$(date +%s)
   if bash .ci/make-env.sh "$v" ".venvs/vllm-$v" > ".cache/test-logs/env-$v.log" 2>&1; then
