@@ -2,7 +2,7 @@
 
     python bench/gpu_throughput.py run MODEL OUT.json [--label NAME] [--batches 1,16,64]
         [--decode-tokens 512] [--attention-backend TRITON_ATTN] [--repeats 5]
-    python bench/gpu_throughput.py bound MODEL [--bandwidth 4.8e12] [--measure-bandwidth]
+    python bench/gpu_throughput.py bound MODEL [--bandwidth B] [--measure-bandwidth]
     python bench/gpu_throughput.py table OUT.json ... [--bandwidth 4.8e12]
 
 ``run`` starts the measured vLLM process as a child (so that its whole output is logged
@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 
 H200_BANDWIDTH = 4.8e12  # bytes/s, vendor datasheet
+# memory bandwidth by device name (vendor datasheets, bytes/s): the bound's denominator
+SPEC_BANDWIDTH = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12, "H100 NVL": 3.9e12}
 PROMPT_LEN = 64
 CAPTURE_SIZES = [1, 2, 4, 8, 16, 32, 64]
 
@@ -367,10 +369,19 @@ def measure_bandwidth(gib: float = 4.0) -> float:
     return best
 
 
+def spec_bandwidth() -> float:
+    """The datasheet bandwidth of the GPU this runs on (H200's where it is not listed)."""
+    import torch
+
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((bw for key, bw in SPEC_BANDWIDTH.items() if key in name), H200_BANDWIDTH)
+
+
 def cmd_bound(args: argparse.Namespace) -> int:
     info = bytes_per_token(args.model)
-    info["bandwidth_spec"] = args.bandwidth
-    info["bound_tok_s_spec"] = round(args.bandwidth / info["bytes_per_token"], 1)
+    bandwidth = args.bandwidth or spec_bandwidth()
+    info["bandwidth_spec"] = bandwidth
+    info["bound_tok_s_spec"] = round(bandwidth / info["bytes_per_token"], 1)
     if args.measure_bandwidth:
         bw = measure_bandwidth()
         info["bandwidth_copy_measured"] = round(bw)
@@ -502,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(func=run if name == "run" else child)
     b = sub.add_parser("bound")
     b.add_argument("model")
-    b.add_argument("--bandwidth", type=float, default=H200_BANDWIDTH)
+    b.add_argument("--bandwidth", type=float, default=None, help="default: the GPU's datasheet")
     b.add_argument("--measure-bandwidth", action="store_true")
     b.add_argument("--out", default=None)
     b.set_defaults(func=cmd_bound)

