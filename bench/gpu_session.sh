@@ -256,17 +256,13 @@ if has fastab; then
   # cache; decode at batch 1, 4, 16, 64 and the greedy tokens of one request compared
   full_size_ready
   export BENCH_ARGS="--batches 1,4,16,64 --decode-tokens ${FASTAB_TOKENS:-256} --repeats 3"
-  # the runs' own result files: a glob would take their children's (*.child.json) too
-  fa=() fb=()
   for round in $(seq "${FASTAB_ROUNDS:-1}"); do
     bench_run b-0.26.0-fast 0 "$T026" fast "" "-fast$round"
     bench_run a-0.26.0-stock 0 "$T026" off "" "-fast$round"
-    fb+=("$R/fullsize/b-0.26.0-fast-gpu0-fast$round.json")
-    fa+=("$R/fullsize/a-0.26.0-stock-gpu0-fast$round.json")
   done
   unset BENCH_ARGS
-  python3 "$PROJ/bench/gpu_throughput.py" ratio --a "${fa[@]}" --b "${fb[@]}" \
-    > "$R/fullsize/fastab-ratio.json" 2>&1
+  python3 "$PROJ/bench/gpu_throughput.py" ratio --a "$R"/fullsize/a-0.26.0-stock-gpu0-fast*.json \
+    --b "$R"/fullsize/b-0.26.0-fast-gpu0-fast*.json > "$R/fullsize/fastab-ratio.json" 2>&1
   log "fastab: done"
 fi
 

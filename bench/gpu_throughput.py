@@ -3,7 +3,7 @@
     python bench/gpu_throughput.py run MODEL OUT.json [--label NAME] [--batches 1,16,64]
         [--decode-tokens 512] [--attention-backend TRITON_ATTN] [--repeats 5]
     python bench/gpu_throughput.py bound MODEL [--bandwidth B] [--measure-bandwidth]
-    python bench/gpu_throughput.py table OUT.json ... [--bandwidth 4.8e12]
+    python bench/gpu_throughput.py table OUT.json ... [--bound BOUND.json]
 
 ``run`` starts the measured vLLM process as a child (so that its whole output is logged
 and its process tree is sampled from outside): the child builds ``vllm.LLM`` with CUDA
@@ -40,7 +40,6 @@ import threading
 import time
 from pathlib import Path
 
-H200_BANDWIDTH = 4.8e12  # bytes/s, vendor datasheet
 # memory bandwidth by device name (vendor datasheets, bytes/s): the bound's denominator
 SPEC_BANDWIDTH = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12, "H100 NVL": 3.9e12}
 PROMPT_LEN = 64
@@ -374,7 +373,7 @@ def spec_bandwidth() -> float:
     import torch
 
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    return next((bw for key, bw in SPEC_BANDWIDTH.items() if key in name), H200_BANDWIDTH)
+    return next((bw for key, bw in SPEC_BANDWIDTH.items() if key in name), SPEC_BANDWIDTH["H200"])
 
 
 def cmd_bound(args: argparse.Namespace) -> int:
@@ -393,8 +392,14 @@ def cmd_bound(args: argparse.Namespace) -> int:
     return 0
 
 
+def result_files(files: list[str]) -> list[str]:
+    """The `run` results among files: the children's own (*.child.json), which a glob
+    also takes, are left out."""
+    return [f for f in files if ".child." not in f]
+
+
 def cmd_table(args: argparse.Namespace) -> int:
-    rows = [json.loads(Path(f).read_text()) for f in args.results if ".child." not in f]
+    rows = [json.loads(Path(f).read_text()) for f in result_files(args.results)]
     bound = json.loads(Path(args.bound).read_text()) if args.bound else None
     print(
         "| run | vLLM | GPU | weights load s | model load s | ready s (LLM()) | ready s (process) "
@@ -441,10 +446,9 @@ def cmd_ratio(args: argparse.Namespace) -> int:
     weight-load and model-load speed (a's seconds over b's), from each side's runs."""
     import statistics as st
 
-    sides = {}
-    for side, files in (("a", args.a), ("b", args.b)):
-        sides[side] = [json.loads(Path(f).read_text()) for f in files]
-    out = {"a": args.a, "b": args.b}
+    files = {"a": result_files(args.a), "b": result_files(args.b)}
+    sides = {s: [json.loads(Path(f).read_text()) for f in fs] for s, fs in files.items()}
+    out = dict(files)
     for key in ("weight_load_s", "model_load_s"):
         a = st.mean(r[key] for r in sides["a"])
         b = st.mean(r[key] for r in sides["b"])
