@@ -30,6 +30,7 @@
 #   qat      the same for Google's QAT form alone (qat-w4a16-ct)
 #   fastab   full size on GPU 0, 0.26.0: the plugin with fast_decode (b) against stock (a),
 #            one run at a time, decode at batch 1 - 64 and greedy agreement (FASTAB_ROUNDS)
+#   fastprobe layer probes with the one-token dense MLP path (variant fast) on 0.26.0
 #   densebench the bf16 dense MLP kernels against vLLM's path, and the dense MLP beside the
 #            MoE on two streams, real shapes, 0.26.0 (bench/dense_decode.py --tune --overlap)
 # PROBE_RELEASES (default "0.20.2 0.26.0") picks the releases of the probe phases.
@@ -183,7 +184,7 @@ probe_cases() {  # name cases: layer probes of these cases, 0.20.2 and 0.26.0, o
     tgt=$WORK/vllm-$rel
     install "$rel" "$tgt" || exit 1
     log "$name probes $rel: start"
-    $PROBE run "$F/ckpts" "$F/results" --release "$rel=$tgt" --variants plugin,stock \
+    $PROBE run "$F/ckpts" "$F/results" --release "$rel=$tgt" --variants "${PROBE_VARIANTS:-plugin,stock}" \
       --layouts "$cases" --gpus 0 --jobs "${PROBE_JOBS:-4}" > "$R/$name-$rel.log" 2>&1
     log "$name probes $rel: rc=$?"
   done
@@ -212,6 +213,11 @@ fi
 
 if has qat; then
   probe_cases qat qat-w4a16-ct
+fi
+
+if has fastprobe; then  # the one-token dense MLP path (fast) against the twin, 0.26.0
+  PROBE_RELEASES=0.26.0 PROBE_VARIANTS=plugin,fast probe_cases fastprobe \
+    "${FASTPROBE_CASES:-ct-fused-w4a16,ct-fused-w4a16-real,ct-fused-w4a16-multimodal}"
 fi
 
 if has densebench; then
@@ -254,15 +260,27 @@ if has fastab; then
   # one GPU, one run at a time: the plugin with its one-token dense MLP kernels (b, first:
   # a failure shows early) and stock vLLM (a), FASTAB_ROUNDS rounds, each its own compile
   # cache; decode at batch 1, 4, 16, 64 and the greedy tokens of one request compared
+  # (FASTAB_ORDER=ab: stock first; FASTAB_PROFILE=N: kernels per step, bench/decode_profile.py)
   full_size_ready
-  export BENCH_ARGS="--batches 1,4,16,64 --decode-tokens ${FASTAB_TOKENS:-256} --repeats 3"
+  export BENCH_ARGS="--batches ${FASTAB_BATCHES:-1,4,16,64} --decode-tokens ${FASTAB_TOKENS:-256} \
+--repeats ${FASTAB_REPEATS:-3} --profile-steps ${FASTAB_PROFILE:-0}"
   for round in $(seq "${FASTAB_ROUNDS:-1}"); do
-    bench_run b-0.26.0-fast 0 "$T026" fast "" "-fast$round"
-    bench_run a-0.26.0-stock 0 "$T026" off "" "-fast$round"
+    for side in $(echo "${FASTAB_ORDER:-ba}" | fold -w1); do
+      case $side in
+        b) bench_run b-0.26.0-fast 0 "$T026" fast "" "-fast$round" ;;
+        a) bench_run a-0.26.0-stock 0 "$T026" off "" "-fast$round" ;;
+      esac
+    done
   done
   unset BENCH_ARGS
   python3 "$PROJ/bench/gpu_throughput.py" ratio --a "$R"/fullsize/a-0.26.0-stock-gpu0-fast*.json \
     --b "$R"/fullsize/b-0.26.0-fast-gpu0-fast*.json > "$R/fullsize/fastab-ratio.json" 2>&1
+  if [ "${FASTAB_PROFILE:-0}" != 0 ]; then  # the last round's profiles
+    last=${FASTAB_ROUNDS:-1} F=$R/fullsize
+    python3 "$PROJ/bench/decode_profile.py" compare "$F/a-0.26.0-stock-gpu0-fast$last.json" \
+      "$F/b-0.26.0-fast-gpu0-fast$last.json" --out "$F/profile-compare.json" \
+      > "$F/profile-compare.md" 2>&1
+  fi
   log "fastab: done"
 fi
 

@@ -12,7 +12,9 @@ then decodes greedy, ``ignore_eos``, N tokens from random 64-token prompts at ea
 size, through the engine's own step loop with every output timed as it arrives: decode
 tokens/s = tokens produced after every request has its first token / time from then to
 the last token (prefill and first-token scheduling out of the window); the median of
-``--repeats`` runs (best also kept). The plugin is on or off as the
+``--repeats`` runs (best also kept). ``--profile-steps N`` then profiles N decode steps at
+each batch size: kernels and GPU time per step and per layer (bench/decode_profile.py).
+The plugin is on or off as the
 environment says (``VLLM_PLUGINS=none``: stock vLLM).
 
 Reported: weight-load time and model-load time (vLLM's own log lines), time to ready
@@ -52,6 +54,10 @@ CAPTURE_SIZES = [1, 2, 4, 8, 16, 32, 64]
 def child(args: argparse.Namespace) -> int:
     t_start = time.time()
     start_wall = float(os.environ.get("BENCH_T0", t_start))
+    if args.profile_steps:
+        import decode_profile
+
+        decode_profile.enable_in_workers()
     from vllm import LLM, SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -147,6 +153,12 @@ def child(args: argparse.Namespace) -> int:
             "runs": runs,
         }
         print(f"BENCH batch {batch}: {rates[len(rates) // 2]:.1f} decode tok/s", flush=True)
+    profiles = {}
+    for batch in args.batches if args.profile_steps else ():
+        profiles[str(batch)] = decode_profile.profile(
+            llm, args.model, batch, args.profile_steps, prompts(batch), decode_run
+        )
+        print(f"PROFILE batch {batch}: {json.dumps(profiles[str(batch)])[:300]}", flush=True)
     import vllm
 
     result = {
@@ -158,6 +170,7 @@ def child(args: argparse.Namespace) -> int:
         "prompt_len": PROMPT_LEN,
         "decode": decode,
         "greedy_batch1": greedy,
+        **({"profile": profiles} if profiles else {}),
         "plugin_loaded": "gemma4_quant" in sys.modules,
     }
     mod = sys.modules.get("gemma4_quant")
@@ -245,6 +258,8 @@ def run(args: argparse.Namespace) -> int:
         str(args.gpu_memory_utilization),
         "--check-tokens",
         str(args.check_tokens),
+        "--profile-steps",
+        str(args.profile_steps),
         *(["--enforce-eager"] if args.enforce_eager else []),
     ]
     env = {**os.environ, "BENCH_T0": repr(time.time())}
@@ -514,6 +529,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
         p.add_argument("--check-tokens", type=int, default=32)
+        p.add_argument(
+            "--profile-steps",
+            type=int,
+            default=0,
+            help="after the timed runs, kernels per decode step from a profile of this many "
+            "steps at each batch size (bench/decode_profile.py)",
+        )
         p.set_defaults(func=run if name == "run" else child)
     b = sub.add_parser("bound")
     b.add_argument("model")

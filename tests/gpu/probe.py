@@ -62,13 +62,15 @@ import generate  # noqa: E402
 
 PROBED = re.compile(
     r"layers\.\d+\.(self_attn\.qkv_proj|self_attn\.o_proj|mlp\.gate_up_proj|mlp\.down_proj"
-    r"|router\.proj|moe\.experts|experts)$"
+    r"|mlp|router\.proj|moe\.experts|experts)$"
 )
 PROMPT_LEN = 24
 INT4_TOL = 1e-2
 FP8_TOL = 2.0**-4
 FP8_LAYOUTS = {"fp8-router", "ct-fp8-dynamic"}
-VARIANTS = ("plugin", "stock", "tp2", "tp2-ep", "stock-tp2")
+VARIANTS = ("plugin", "fast", "stock", "tp2", "tp2-ep", "stock-tp2")
+# ``fast``: the plugin with GEMMA4_QUANT_FAST_DECODE=auto (its one-token dense MLP path)
+FAST_ENV = {"GEMMA4_QUANT_FAST_DECODE": "auto"}
 
 
 # --------------------------------------------------------------------------- in the worker
@@ -151,7 +153,10 @@ def install_hooks(model, mode: str, ref_dir: str | None):
             module._g4_busy = True
             try:
                 with torch.no_grad():
-                    got = _first(module(*feed))
+                    if name.endswith(".mlp"):
+                        got = _mlp_one_token(name, module, feed[0], ref)
+                    else:
+                        got = _first(module(*feed))
             finally:
                 module._g4_busy = False
             store[f"{name}|out"] = got.detach().float().cpu().clone()
@@ -168,6 +173,21 @@ def install_hooks(model, mode: str, ref_dir: str | None):
             module.register_forward_hook(make_hook(name))
             count += 1
     return count
+
+
+def _mlp_one_token(name: str, module, x, ref: dict):
+    """The dense MLP one token at a time (the decode path, which ``fast_decode``
+    replaces), on the twin's prefill input rows. Where that path skips the MLP's linears,
+    they are called here on the twin's inputs, so that their own probes still run."""
+    import torch
+
+    got = torch.cat([_first(module(row[None])) for row in x.reshape(-1, x.shape[-1])])
+    if getattr(module, "_gemma4_quant_fast_decode", None) is not None:
+        for part in ("gate_up_proj", "down_proj"):
+            want = ref.get(f"{name}.{part}|in0")
+            if want is not None:
+                getattr(module, part)(want.to(device=x.device, dtype=x.dtype))
+    return got.reshape(*x.shape[:-1], -1)
 
 
 def dump(model, out_dir: str) -> dict:
@@ -266,6 +286,9 @@ def make_jobs(args: argparse.Namespace) -> list[dict]:
                 plugin = not variant.startswith(("stock", "twin")) or (
                     variant == "twin" and layout in correctness.TWIN_NEEDS_PLUGIN
                 )
+                env = correctness.job_env(path, plugin, devices)
+                if variant == "fast":
+                    env.update(FAST_ENV)
                 jobs.append(
                     {
                         "stage": stage,
@@ -276,7 +299,7 @@ def make_jobs(args: argparse.Namespace) -> list[dict]:
                         "out": str(root / layout / variant),
                         "flags": flags,
                         "tp": tp,
-                        "env": correctness.job_env(path, plugin, devices),
+                        "env": env,
                     }
                 )
     return jobs
@@ -387,7 +410,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             rows.append(row)
     (args.results / "probe-results.json").write_text(json.dumps(rows, indent=1) + "\n")
     kinds = ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
-    kinds += ["router.proj", "moe.experts"]
+    kinds += ["mlp", "router.proj", "moe.experts"]
     head = "| vLLM | layout | run | " + " | ".join(kinds) + " | vs TP=1 | tolerance | verdict |"
     lines = [head, "|---" * (len(kinds) + 6) + "|"]
     for row in rows:
