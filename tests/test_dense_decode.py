@@ -114,3 +114,12 @@ def test_op_is_traced_whole(dense_mlp) -> None:
     for m in (1, 3):
         x, gate_up, down = (t.to(DEVICE) for t in _op_inputs(m))
         assert torch.equal(compiled(x, gate_up, down), mlp(x, gate_up, down))
+
+
+def test_build_time_check_passes_the_kernels(monkeypatch) -> None:
+    """The check every eligible layer passes before it takes the kernels (one token at
+    26B-A4B's shape against the float32 product) passes the kernels themselves."""
+    from gemma4_quant.patches import fast_decode
+
+    monkeypatch.setattr(fast_decode, "_checked", {})
+    assert fast_decode.kernels_work(fast_decode.TILES[(9, 0)], 2816, 2112, device=DEVICE)

@@ -11,7 +11,7 @@ __all__ = ["disabled", "disabled_patches", "fallback_mode", "fast_decode_mode"]
 
 FALLBACK_MODES = ("auto", "off", "force")
 # off first: the default (end to end, docs/gpu-results.md 3c: +2% at batch 1, -1.7% at 64)
-FAST_DECODE_MODES = ("off", "auto", "force")
+FAST_DECODE_MODES = ("auto", "off", "force")
 
 
 def disabled() -> bool:
@@ -37,9 +37,9 @@ def fallback_mode() -> str:
 
 
 def fast_decode_mode() -> str:
-    """``GEMMA4_QUANT_FAST_DECODE``: ``off`` (default: vLLM's kernels everywhere),
-    ``auto`` (Gemma 4's dense MLP takes the plugin's one-token kernels on GPUs where they
-    were measured faster) or ``force`` (any CUDA GPU)."""
+    """``GEMMA4_QUANT_FAST_DECODE``: ``auto`` (default: Gemma 4's dense MLP takes the
+    plugin's one-token kernels on GPUs and shapes where they were measured faster end to
+    end), ``off`` (vLLM's kernels everywhere) or ``force`` (any CUDA GPU and shape)."""
     return _mode("GEMMA4_QUANT_FAST_DECODE", FAST_DECODE_MODES)
 
 

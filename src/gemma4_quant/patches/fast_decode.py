@@ -10,16 +10,19 @@ Why:
     (docs/gpu-results.md, section 3b).
 
 How:
-    Opt-in (``GEMMA4_QUANT_FAST_DECODE=auto``; ``off`` is the default). Measured inside
-    vLLM 0.26.0 on an H100, full size, CUDA graphs (docs/gpu-results.md, section 3c):
-    decode b/a 1.020 at batch 1, 1.003 at 4, 1.002 at 16, but 0.983 at 64, with the
-    same greedy tokens. A 2% gain does not pay for a 1.7% loss at the batch sizes servers
-    run, so it stays off.
+    On by default (``GEMMA4_QUANT_FAST_DECODE=auto``; ``off`` keeps vLLM's forward).
+    Measured inside vLLM 0.26.0 on an H100, full size, CUDA graphs, five rounds of stock
+    and plugin one after the other (docs/gpu-results.md, section 3d): decode b/a 1.017 at
+    batch 1, 1.001 at 4, 1.002 at 16, 1.005 at 64, the same greedy tokens, one kernel and
+    2.3 us less per layer; the layer probes match the bf16 twin (0.36% on the MLP).
     ``Gemma4MLP.__init__`` is wrapped: a layer takes the path only where it will run
     what was measured, decided once when the model is built: a CUDA GPU of a measured
-    compute capability (9.0; ``GEMMA4_QUANT_FAST_DECODE=force``: any CUDA GPU), both
-    projections unquantized (``UnquantizedLinearMethod``) and not split by tensor
-    parallelism, GELU(tanh). Its ``forward`` then calls one custom op,
+    compute capability (9.0), the measured shape (26B-A4B's hidden 2816, intermediate
+    2112; ``GEMMA4_QUANT_FAST_DECODE=force``: any CUDA GPU and shape), both projections
+    unquantized (``UnquantizedLinearMethod``) and not split by tensor parallelism,
+    GELU(tanh), and kernels that compile and compute one token at that shape within 3%
+    of the float32 product on this GPU (checked once per process; a failure leaves vLLM's
+    forward with one warning). Its ``forward`` then calls one custom op,
     ``gemma4_quant::dense_mlp``, which torch.compile keeps whole: inside it, one token
     takes the Triton kernels, more tokens take vLLM's own three kernels
     (``F.linear``, ``torch.ops._C.gelu_tanh_and_mul``, ``F.linear``). vLLM captures a
@@ -68,6 +71,13 @@ _MARK = "__gemma4_quant_fast_decode__"
 _FLAG = "_gemma4_quant_fast_decode"
 OP = "dense_mlp"
 
+# (hidden, intermediate) of the dense MLPs the path was measured on: 26B-A4B's
+MEASURED_SHAPES = {(2816, 2112)}
+# The build-time check of one token against the float32 product: the kernels' bf16
+# roundings cost 0.33% on a GPU (vLLM's own path 0.39%, docs/gpu-results.md 3b), 1.2% where
+# bf16 is truncated instead (Triton's interpreter); a wrong row, column or gate/up pairing
+# is off by tens of percent
+CHECK_TOLERANCE = 3e-2
 # Tiles measured at one token (bench/dense_decode.py --tune), by compute capability
 TILES: dict[tuple[int, int], dict[str, int]] = {
     (9, 0): {"block_n1": 4, "block_k1": 512, "warps1": 4,
@@ -106,16 +116,14 @@ def detect() -> Detection:
     if not _forward_recognized(vllm_source(_MODEL)):
         return Detection.unrecognized("Gemma4MLP.forward is not gate_up, activation, down")
     if envs.fast_decode_mode() == "off":
-        return Detection.not_needed(
-            "GEMMA4_QUANT_FAST_DECODE=off (the default: end to end it gained 2% at batch 1 "
-            "and lost 1.7% at batch 64; auto turns it on)"
-        )
+        return Detection.not_needed("GEMMA4_QUANT_FAST_DECODE=off keeps vLLM's forward")
     if _cpu_build():
         return Detection.not_needed("vLLM's CPU build: the kernels are for CUDA GPUs")
     measured = ", ".join(f"{major}.{minor}" for major, minor in TILES)
     return Detection.needed(
         f"Gemma4MLP.forward recognized: one token takes two Triton kernels on CUDA "
-        f"capability {measured} (decided per layer when the model is built)"
+        f"capability {measured} at the measured shapes (decided per layer when the model "
+        f"is built)"
     )
 
 
@@ -171,14 +179,76 @@ def eligible_tiles(layer: Any) -> dict[str, int] | None:
 
     if any(proj.weight.dtype != torch.bfloat16 for proj in projections):
         return None
+    hidden, inter = layer.down_proj.weight.shape
+    if not measured_shape(mode, hidden, inter):
+        return None
     capability = torch.cuda.get_device_capability()
     tiles = TILES.get(capability)
     if tiles is None and mode == "force":
         tiles = _FORCED_TILES
-    if tiles is None:
+    if tiles is None or not kernels_work(tiles, hidden, inter):
         return None
     register_op(tiles)
     return tiles
+
+
+def measured_shape(mode: str, hidden: int, inter: int) -> bool:
+    return mode == "force" or (hidden, inter) in MEASURED_SHAPES
+
+
+_checked: dict[tuple, bool] = {}
+
+
+def kernels_work(tiles: dict[str, int], hidden: int, inter: int, device: str = "cuda") -> bool:
+    """One token through the kernels at this shape, once per process, against the float32
+    product: a Triton that cannot compile them, or a GPU where they compute wrong, leaves
+    vLLM's forward in place, with one warning."""
+    key = (tuple(sorted(tiles.items())), hidden, inter, device)
+    if key not in _checked:
+        _checked[key] = _check(tiles, hidden, inter, device)
+    return _checked[key]
+
+
+def _kernel() -> Any:
+    from ..kernels.dense_decode import dense_decode
+
+    return dense_decode
+
+
+def _check(tiles: dict[str, int], hidden: int, inter: int, device: str) -> bool:
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, hidden, generator=gen).bfloat16()
+    gate_up = (torch.randn(2 * inter, hidden, generator=gen) / hidden**0.5).bfloat16()
+    down = (torch.randn(hidden, inter, generator=gen) / inter**0.5).bfloat16()
+    h = x.float() @ gate_up.float().T
+    want = (F.gelu(h[:, :inter], approximate="tanh") * h[:, inter:]) @ down.float().T
+    try:
+        inputs = (t.to(device) for t in (x, gate_up, down))
+        got = _kernel()(*inputs, activation="gelu_tanh", **tiles).float().cpu()
+        error = ((got - want).norm() / want.norm()).item()
+    except Exception as e:  # noqa: BLE001  (whatever fails, vLLM's forward stays)
+        logger.warning(
+            "gemma4_quant: fast_decode: the one-token kernels fail here (%s: %s); Gemma 4's "
+            "dense MLP keeps vLLM's kernels",
+            type(e).__name__,
+            str(e)[:300],
+        )
+        return False
+    if not error <= CHECK_TOLERANCE:
+        logger.warning(
+            "gemma4_quant: fast_decode: the one-token kernels err %.4f against the float32 "
+            "product at hidden %d, intermediate %d (at most %.2f expected); Gemma 4's dense "
+            "MLP keeps vLLM's kernels",
+            error,
+            hidden,
+            inter,
+            CHECK_TOLERANCE,
+        )
+        return False
+    return True
 
 
 _announced = False
