@@ -109,3 +109,15 @@ def test_kernels_that_fail_or_compute_wrong_keep_vllms_forward(monkeypatch, warn
     assert fast_decode.kernels_work(tiles, 2816, 2112, device="cpu")
     assert fast_decode.kernels_work(tiles, 2816, 2112, device="cpu")
     assert calls == [torch.Size([1, 2816])], "checked once per process and shape"
+
+
+def test_the_check_makes_its_inputs_on_the_cpu_whatever_the_default_device(
+    monkeypatch, warnings
+) -> None:
+    """vLLM builds the model under a default device of its own (CUDA on a GPU). The check's
+    random inputs must not follow it: a CPU generator asked for CUDA tensors raised in the
+    engine core and stopped vLLM (seen on an H100). Here the default device is ``meta``."""
+    monkeypatch.setattr(fast_decode, "_kernel", lambda: _exact)
+    with torch.device("meta"):
+        assert fast_decode.kernels_work(fast_decode.TILES[(9, 0)], 256, 192, device="cpu")
+    assert not warnings()

@@ -219,13 +219,15 @@ def _check(tiles: dict[str, int], hidden: int, inter: int, device: str) -> bool:
     import torch
     import torch.nn.functional as F
 
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, hidden, generator=gen).bfloat16()
-    gate_up = (torch.randn(2 * inter, hidden, generator=gen) / hidden**0.5).bfloat16()
-    down = (torch.randn(hidden, inter, generator=gen) / inter**0.5).bfloat16()
-    h = x.float() @ gate_up.float().T
-    want = (F.gelu(h[:, :inter], approximate="tanh") * h[:, inter:]) @ down.float().T
     try:
+        # explicit CPU tensors: vLLM builds the model under a default device of its own
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(1, hidden, generator=gen, device="cpu").bfloat16()
+        gate_up = torch.randn(2 * inter, hidden, generator=gen, device="cpu") / hidden**0.5
+        down = torch.randn(hidden, inter, generator=gen, device="cpu") / inter**0.5
+        gate_up, down = gate_up.bfloat16(), down.bfloat16()
+        h = x.float() @ gate_up.float().T
+        want = (F.gelu(h[:, :inter], approximate="tanh") * h[:, inter:]) @ down.float().T
         inputs = (t.to(device) for t in (x, gate_up, down))
         got = _kernel()(*inputs, activation="gelu_tanh", **tiles).float().cpu()
         error = ((got - want).norm() / want.norm()).item()
