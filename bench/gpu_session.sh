@@ -72,10 +72,12 @@ transformers.__version__, 'compressed-tensors', c.__version__)" | tee -a "$R/mac
   touch "$tgt/.installed-$rel$*"
 }
 
-bench_run() {  # name gpu release-target plugin(on|off|fast) [cache-name [file-suffix]]
+bench_run() {  # name gpu release-target plugin(on|off|fast|nofast) [cache-name [file-suffix]]
+  # on: the plugin as installed (fast_decode is on by default); nofast: without fast_decode
   local name=$1 gpu=$2 tgt=$3 plugin=$4 cache=${5:-$1} file="$1-gpu$2${6:-}" extra=()
   [ "$plugin" = off ] && extra=(VLLM_PLUGINS=none)
   [ "$plugin" = fast ] && extra=(GEMMA4_QUANT_FAST_DECODE=auto)
+  [ "$plugin" = nofast ] && extra=(GEMMA4_QUANT_FAST_DECODE=off)
   log "bench $name on GPU $gpu"
   env CUDA_VISIBLE_DEVICES="$gpu" PYTHONPATH="$tgt" VLLM_CACHE_ROOT="$WORK/vcache/$cache" \
     "${extra[@]}" python3 "$PROJ/bench/gpu_throughput.py" run "$FULL" \
