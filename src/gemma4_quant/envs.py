@@ -10,7 +10,8 @@ from functools import cache
 __all__ = ["disabled", "disabled_patches", "fallback_mode", "fast_decode_mode"]
 
 FALLBACK_MODES = ("auto", "off", "force")
-# off first: the default (end to end, docs/gpu-results.md 3c: +2% at batch 1, -1.7% at 64)
+# auto first: the default (end to end, docs/gpu-results.md 3d: 1.017 at batch 1, 1.001 - 1.005
+# at 4 - 64)
 FAST_DECODE_MODES = ("auto", "off", "force")
 
 
