@@ -86,11 +86,11 @@ def per_step(
     short: dict[str, list[float]], long: dict[str, list[float]], steps: int
 ) -> dict[str, dict[str, float]]:
     """Per kernel name, calls and GPU microseconds per decode step (long minus short)."""
-    names = set(short) | set(long)
+    zero = [0, 0.0]
     out = {}
-    for name in names:
-        calls = (long.get(name, [0, 0.0])[0] - short.get(name, [0, 0.0])[0]) / steps
-        us = (long.get(name, [0, 0.0])[1] - short.get(name, [0, 0.0])[1]) / steps
+    for name in set(short) | set(long):
+        (calls_l, us_l), (calls_s, us_s) = long.get(name, zero), short.get(name, zero)
+        calls, us = (calls_l - calls_s) / steps, (us_l - us_s) / steps
         if calls or us:
             out[name] = {"calls": round(calls, 3), "us": round(us, 3)}
     return out
@@ -170,10 +170,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         names = set(pa["kernels"]) | set(pb["kernels"])
         rows = {n: (pa["kernels"].get(n, zero), pb["kernels"].get(n, zero)) for n in names}
         by_time = sorted(names, key=lambda n: -max(rows[n][0]["us"], rows[n][1]["us"]))
+        gap = {n: abs(kb["us"] - ka["us"]) for n, (ka, kb) in rows.items()}
+        # other calls, or 0.05 us or more apart (smaller is run-to-run noise)
         by_diff = [
             n
-            for n in sorted(names, key=lambda n: -abs(rows[n][1]["us"] - rows[n][0]["us"]))
-            if abs(rows[n][1]["us"] - rows[n][0]["us"]) >= 0.05 or rows[n][0] != rows[n][1]
+            for n in sorted(names, key=gap.__getitem__, reverse=True)
+            if rows[n][0]["calls"] != rows[n][1]["calls"] or gap[n] >= 0.05
         ]
         for title, chosen in (("most GPU time", by_time), ("largest difference", by_diff)):
             print(f"\n{title}\n| kernel | calls a | calls b | us a | us b |\n|---|---|---|---|---|")
