@@ -31,6 +31,8 @@
 #   fastab   full size on GPU 0, 0.26.0: the plugin with fast_decode (b) against stock (a),
 #            one run at a time, decode at batch 1 - 64 and greedy agreement (FASTAB_ROUNDS)
 #   fastprobe layer probes with the one-token dense MLP path (variant fast) on 0.26.0
+#   gemvbench the one-token int4 GEMV on Marlin's layout against vLLM 0.26.0's Marlin GEMM,
+#            26B-A4B's attention projections (bench/marlin_gemv.py)
 #   densebench the bf16 dense MLP kernels against vLLM's path, and the dense MLP beside the
 #            MoE on two streams, real shapes, 0.26.0 (bench/dense_decode.py --tune --overlap)
 # PROBE_RELEASES (default "0.20.2 0.26.0") picks the releases of the probe phases.
@@ -72,12 +74,14 @@ transformers.__version__, 'compressed-tensors', c.__version__)" | tee -a "$R/mac
   touch "$tgt/.installed-$rel$*"
 }
 
-bench_run() {  # name gpu release-target plugin(on|off|fast|nofast) [cache-name [file-suffix]]
-  # on: the plugin as installed (fast_decode is on by default); nofast: without fast_decode
+bench_run() {  # name gpu release-target plugin(on|off|fast|nofast|nomarlin) [cache [suffix]]
+  # on: the plugin as installed (fast_decode is on by default); nofast: without fast_decode;
+  # nomarlin: fast_decode's dense MLP kernels without marlin_decode's attention projections
   local name=$1 gpu=$2 tgt=$3 plugin=$4 cache=${5:-$1} file="$1-gpu$2${6:-}" extra=()
   [ "$plugin" = off ] && extra=(VLLM_PLUGINS=none)
   [ "$plugin" = fast ] && extra=(GEMMA4_QUANT_FAST_DECODE=auto)
   [ "$plugin" = nofast ] && extra=(GEMMA4_QUANT_FAST_DECODE=off)
+  [ "$plugin" = nomarlin ] && extra=(GEMMA4_QUANT_DISABLE_PATCHES=marlin_decode)
   log "bench $name on GPU $gpu"
   env CUDA_VISIBLE_DEVICES="$gpu" PYTHONPATH="$tgt" VLLM_CACHE_ROOT="$WORK/vcache/$cache" \
     "${extra[@]}" python3 "$PROJ/bench/gpu_throughput.py" run "$FULL" \
@@ -161,6 +165,14 @@ if has probe; then
   $PROBE report "$G/results" > /dev/null
   cp "$G/results/probe-table.md" "$G/results/probe-results.json" "$R/" 2>/dev/null
   log "probe: done"
+fi
+
+if has gemvbench; then
+  install 0.26.0 "$T026" || exit 1
+  log "gemvbench: start"
+  CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$T026 python3 "$PROJ/bench/marlin_gemv.py" \
+    --out "$R/marlin_gemv.json" > "$R/marlin_gemv.log" 2>&1
+  log "gemvbench: rc=$?"
 fi
 
 if has moebench; then
@@ -262,7 +274,8 @@ if has fastab; then
   # one GPU, one run at a time: the plugin with its one-token dense MLP kernels (b, first:
   # a failure shows early) and stock vLLM (a), FASTAB_ROUNDS rounds, each its own compile
   # cache; decode at batch 1, 4, 16, 64 and the greedy tokens of one request compared
-  # (FASTAB_ORDER=ab: stock first; FASTAB_PROFILE=N: kernels per step, bench/decode_profile.py)
+  # (FASTAB_ORDER=ab: stock first; c: the plugin without marlin_decode; FASTAB_PROFILE=N:
+  # kernels per step, bench/decode_profile.py)
   full_size_ready
   export BENCH_ARGS="--batches ${FASTAB_BATCHES:-1,4,16,64} --decode-tokens ${FASTAB_TOKENS:-256} \
 --repeats ${FASTAB_REPEATS:-3} --profile-steps ${FASTAB_PROFILE:-0}"
@@ -271,6 +284,7 @@ if has fastab; then
       case $side in
         b) bench_run b-0.26.0-fast 0 "$T026" fast "" "-fast$round" ;;
         a) bench_run a-0.26.0-stock 0 "$T026" off "" "-fast$round" ;;
+        c) bench_run c-0.26.0-nomarlin 0 "$T026" nomarlin "" "-fast$round" ;;
       esac
     done
   done
@@ -282,7 +296,13 @@ if has fastab; then
     python3 "$PROJ/bench/decode_profile.py" compare "$F/a-0.26.0-stock-gpu0-fast$last.json" \
       "$F/b-0.26.0-fast-gpu0-fast$last.json" --out "$F/profile-compare.json" \
       > "$F/profile-compare.md" 2>&1
+    [ -f "$F/c-0.26.0-nomarlin-gpu0-fast$last.json" ] && python3 "$PROJ/bench/decode_profile.py" \
+      compare "$F/c-0.26.0-nomarlin-gpu0-fast$last.json" "$F/b-0.26.0-fast-gpu0-fast$last.json" \
+      --out "$F/profile-compare-cb.json" > "$F/profile-compare-cb.md" 2>&1
   fi
+  ls "$R"/fullsize/c-0.26.0-nomarlin-gpu0-fast*.json > /dev/null 2>&1 && python3 \
+    "$PROJ/bench/gpu_throughput.py" ratio --a "$R"/fullsize/c-0.26.0-nomarlin-gpu0-fast*.json \
+    --b "$R"/fullsize/b-0.26.0-fast-gpu0-fast*.json > "$R/fullsize/fastab-ratio-cb.json" 2>&1
   log "fastab: done"
 fi
 

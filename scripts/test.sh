@@ -176,7 +176,8 @@ triton() {
   [ -f "$TRITON_DIR/.ready" ] || { "${pip_install[@]}" -q --no-deps --target "$TRITON_DIR" \
       triton==3.6.0 && touch "$TRITON_DIR/.ready"; }
   PYTHONPATH="$ROOT/$TRITON_DIR" TRITON_INTERPRET=1 ".venvs/vllm-$last/bin/python" -m pytest \
-    tests/test_moe_decode.py tests/test_dense_decode.py -p no:cacheprovider -q -rs
+    tests/test_moe_decode.py tests/test_dense_decode.py tests/test_marlin_gemv.py \
+    -p no:cacheprovider -q -rs
 }
 upstream() { bash upstream/check.sh; }
 rm -f .cache/test-logs/{triton,upstream}.status

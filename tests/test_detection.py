@@ -23,6 +23,7 @@ from gemma4_quant.patches import (
     fast_decode,
     kv_shared_layers,
     load_guard,
+    marlin_decode,
     router,
     tied_lm_head,
     unquantized_experts,
@@ -34,6 +35,15 @@ _INC = "model_executor/layers/quantization/inc"
 # kv_spec_merge imports its classes instead of reading them: neither is here.
 CASES = {
     "fast_decode": (fast_decode, [("model_executor/models/gemma4.py", "Gemma4MLP.forward")]),
+    "marlin_decode": (
+        marlin_decode,
+        [
+            (
+                "model_executor/kernels/linear/mixed_precision/marlin.py",
+                "MarlinLinearKernel.apply_weights",
+            )
+        ],
+    ),
     "load_guard": (
         load_guard,
         [("model_executor/models/gemma4.py", "Gemma4Model.load_weights")],

@@ -69,7 +69,8 @@ INT4_TOL = 1e-2
 FP8_TOL = 2.0**-4
 FP8_LAYOUTS = {"fp8-router", "ct-fp8-dynamic"}
 VARIANTS = ("plugin", "fast", "stock", "tp2", "tp2-ep", "stock-tp2")
-# ``fast``: the plugin with GEMMA4_QUANT_FAST_DECODE=auto (its one-token dense MLP path)
+# ``fast``: the plugin with GEMMA4_QUANT_FAST_DECODE=auto (its one-token paths: the dense
+# MLP, and the int4 attention projections where measured)
 FAST_ENV = {"GEMMA4_QUANT_FAST_DECODE": "auto"}
 
 
@@ -155,6 +156,8 @@ def install_hooks(model, mode: str, ref_dir: str | None):
                 with torch.no_grad():
                     if name.endswith(".mlp"):
                         got = _mlp_one_token(name, module, feed[0], ref)
+                    elif getattr(module, "_gemma4_quant_marlin_decode", None) is not None:
+                        got = _one_token_at_a_time(module, feed[0])
                     else:
                         got = _first(module(*feed))
             finally:
@@ -175,19 +178,25 @@ def install_hooks(model, mode: str, ref_dir: str | None):
     return count
 
 
-def _mlp_one_token(name: str, module, x, ref: dict):
-    """The dense MLP one token at a time (the decode path, which ``fast_decode``
-    replaces), on the twin's prefill input rows. Where that path skips the MLP's linears,
-    they are called here on the twin's inputs, so that their own probes still run."""
+def _one_token_at_a_time(module, x):
+    """``module`` on the twin's prefill input rows one at a time: the decode path, which
+    ``fast_decode`` (dense MLP) and ``marlin_decode`` (int4 attention projections) replace."""
     import torch
 
     got = torch.cat([_first(module(row[None])) for row in x.reshape(-1, x.shape[-1])])
+    return got.reshape(*x.shape[:-1], -1)
+
+
+def _mlp_one_token(name: str, module, x, ref: dict):
+    """The dense MLP one token at a time. Where that path skips the MLP's linears, they
+    are called here on the twin's inputs, so that their own probes still run."""
+    got = _one_token_at_a_time(module, x)
     if getattr(module, "_gemma4_quant_fast_decode", None) is not None:
         for part in ("gate_up_proj", "down_proj"):
             want = ref.get(f"{name}.{part}|in0")
             if want is not None:
                 getattr(module, part)(want.to(device=x.device, dtype=x.dtype))
-    return got.reshape(*x.shape[:-1], -1)
+    return got
 
 
 def dump(model, out_dir: str) -> dict:

@@ -53,6 +53,7 @@ PATCH_MODULES: tuple[str, ...] = (
     "tied_lm_head",
     "cpu_gate_dtype",
     "fast_decode",
+    "marlin_decode",
 )
 
 
@@ -212,3 +213,22 @@ def wrap_once(
     wrapper = functools.wraps(original)(make_wrapper(original))
     setattr(wrapper, mark, True)
     setattr(owner, attr, staticmethod(wrapper) if static else wrapper)
+
+
+_said: set[str] = set()
+
+
+def info_once(key: str, message: str, *args: Any) -> None:
+    """One info line per process for ``key``: a patch that decides per layer says so once."""
+    if key in _said:
+        return
+    _said.add(key)
+    logging.getLogger("vllm.gemma4_quant").info(message, *args)
+
+
+def cuda_device() -> str:
+    """This process's CUDA GPU, in words: name and compute capability."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return f"{torch.cuda.get_device_name()} (capability {major}.{minor})"

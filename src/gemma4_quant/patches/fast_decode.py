@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     import torch
 
 from .. import envs, vllm_code
-from . import Detection, vllm_source, when_imported, wrap_once
+from . import Detection, cuda_device, info_once, vllm_source, when_imported, wrap_once
 
 NAME = "fast_decode"
 SUMMARY = "one-token decode: the bf16 dense MLP in two Triton kernels (measured GPUs only)"
@@ -138,7 +138,12 @@ def patch_model(module: ModuleType) -> None:
             tiles = eligible_tiles(self)
             setattr(self, _FLAG, tiles)
             if tiles is not None:
-                _announce()
+                info_once(
+                    NAME,
+                    "gemma4_quant: fast_decode: Gemma 4's dense MLP takes two Triton kernels "
+                    "for one token on %s; more tokens keep vLLM's kernels",
+                    cuda_device(),
+                )
 
         return __init__
 
@@ -251,24 +256,6 @@ def _check(tiles: dict[str, int], hidden: int, inter: int, device: str) -> bool:
         )
         return False
     return True
-
-
-_announced = False
-
-
-def _announce() -> None:
-    global _announced
-    if _announced:
-        return
-    _announced = True
-    import torch
-
-    logger.info(
-        "gemma4_quant: fast_decode: Gemma 4's dense MLP takes two Triton kernels for one "
-        "token on %s (capability %d.%d); more tokens keep vLLM's kernels",
-        torch.cuda.get_device_name(),
-        *torch.cuda.get_device_capability(),
-    )
 
 
 _registered: dict[str, int] | None = None

@@ -1,0 +1,196 @@
+"""Kernel against kernel, one token, Gemma 4 26B-A4B's int4 attention projections, one GPU:
+vLLM's Marlin GEMM (``apply_gptq_marlin_linear``, what vLLM runs for compressed-tensors
+W4A16 linears) against ``gemma4_quant.kernels.marlin_gemv`` on the same repacked weights.
+
+No model, no engine: random symmetric int4 weights, group 32, repacked by vLLM's CUDA
+``gptq_marlin_repack`` (and checked equal to vLLM's Python reference packer, the one the
+CPU tests use). GPU time per call inside a CUDA graph, cycling through enough copies of
+the weights to exceed the L2 cache three times (decode reads every layer's weights once
+per token, never from L2); error of each against the exact float32 product; the Triton
+tiles are the fastest of a sweep, per shape.
+
+    python bench/marlin_gemv.py [--shapes qkv,o,qkv_global,o_global] [--out F.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import itertools
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from moe_decode import graph_time_us  # noqa: E402  (bench/moe_decode.py)
+
+from gemma4_quant.kernels.marlin_gemv import marlin_gemv, workspace  # noqa: E402
+
+GROUP = 32
+# (K, N) of 26B-A4B's attention projections: sliding layers (16 heads of 256, 8 KV heads),
+# global layers (16 heads of 512, 2 KV heads; K is loaded into the V slot too)
+SHAPES = {
+    "qkv": (2816, 8192),
+    "o": (4096, 2816),
+    "qkv_global": (2816, 10240),
+    "o_global": (8192, 2816),
+}
+SWEEP = {"split": (1, 2, 4, 8, 16), "block_kt": (1, 2, 4, 8), "warps": (2, 4, 8)}
+
+
+def _call(fn: Callable, **kwargs):
+    """``fn`` with the keyword arguments its signature names (they differ by release)."""
+    names = inspect.signature(fn).parameters
+    return fn(**{k: v for k, v in kwargs.items() if k in names})
+
+
+def make_weights(k: int, n: int, gen: torch.Generator):
+    """(Marlin words, Marlin scales, float32 W [K, N]) of random symmetric int4 weights."""
+    from vllm import _custom_ops as ops
+    from vllm.model_executor.layers.quantization.utils import marlin_utils_test as ref
+    from vllm.model_executor.layers.quantization.utils.marlin_utils import (
+        marlin_permute_scales,
+    )
+
+    q = torch.randint(0, 16, (k, n), generator=gen, device="cuda")
+    scale = (torch.rand(k // GROUP, n, generator=gen, device="cuda") * 0.02 + 0.005).bfloat16()
+    w = (q - 8).float() * scale.float().repeat_interleave(GROUP, dim=0)
+    shifts = (4 * torch.arange(8, device="cuda")).view(1, 8, 1)
+    gptq = (q.view(k // 8, 8, n).to(torch.int64) << shifts).sum(dim=1)  # packed along K
+    gptq = torch.where(gptq >= 2**31, gptq - 2**32, gptq).to(torch.int32)
+    empty = torch.empty(0, dtype=torch.int, device="cuda")
+    words = _call(
+        ops.gptq_marlin_repack, b_q_weight=gptq, perm=empty, size_k=k, size_n=n, num_bits=4
+    )
+    reference = ref.marlin_weights(q.cpu(), k, n, 4, ref.get_weight_perm(4))
+    if not torch.equal(words.cpu(), reference):
+        raise AssertionError(f"gptq_marlin_repack differs from the reference at K {k}, N {n}")
+    return words, marlin_permute_scales(scale, k, n, GROUP), w
+
+
+def marlin_path(words: torch.Tensor, scales: torch.Tensor, k: int, n: int) -> Callable:
+    from vllm.model_executor.layers.quantization.utils import marlin_utils as mu
+    from vllm.scalar_type import scalar_types
+
+    empty = mu.marlin_make_empty_g_idx(torch.device("cuda"))
+    ws = mu.marlin_make_workspace_new(torch.device("cuda"))
+    fixed = {
+        "weight": words,
+        "weight_scale": scales,
+        "weight_zp": empty,
+        "g_idx": empty,
+        "g_idx_sort_indices": empty,
+        "workspace": ws,
+        "wtype": scalar_types.uint4b8,
+        "output_size_per_partition": n,
+        "input_size_per_partition": k,
+        "is_k_full": True,
+    }
+    return lambda x: _call(mu.apply_gptq_marlin_linear, input=x, **fixed)
+
+
+def rotated(make_call: Callable, copies: list) -> Callable:
+    """One call per copy of the weights, so that no call finds its weights in L2."""
+    calls = [make_call(*c) for c in copies]
+    return lambda: [c() for c in calls]
+
+
+def error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want).norm() / want.norm()).item()
+
+
+def bench_shape(name: str, k: int, n: int) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(k * n)
+    words, scales, w = make_weights(k, n, gen)
+    x = torch.randn(1, k, generator=gen, device="cuda").bfloat16()
+    want = x.float() @ w
+    nbytes = words.numel() * 4 + scales.numel() * scales.element_size()
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    count = max(2, math.ceil(3 * l2 / nbytes))
+    copies = [(words.clone(), scales.clone()) for _ in range(count)]
+
+    marlin = marlin_path(words, scales, k, n)
+    marlin_error = error(marlin(x), want)
+    marlin_calls = rotated(lambda a, b: functools.partial(marlin_path(a, b, k, n), x), copies)
+    marlin_us = graph_time_us(marlin_calls, 3, 20) / count
+
+    rows = []
+    best = None
+    for split, block_kt, warps in itertools.product(*SWEEP.values()):
+        tiles = {"split": split, "block_kt": block_kt, "warps": warps}
+        try:
+            workspace(n, split, x.device)
+            got = marlin_gemv(x, words, scales, GROUP, **tiles)
+            calls = rotated(
+                lambda a, b, t=tiles: functools.partial(marlin_gemv, x, a, b, GROUP, **t), copies
+            )
+            us = graph_time_us(calls, 3, 20) / count
+        except Exception as exc:  # noqa: BLE001  (a tile that does not compile is skipped)
+            print(f"{name} {tiles}: {type(exc).__name__}: {exc}"[:200], file=sys.stderr)
+            continue
+        row = {**tiles, "us": round(us, 2), "error": round(error(got, want), 5)}
+        rows.append(row)
+        if best is None or us < best["us"]:
+            best = row
+    if best is None:
+        raise RuntimeError(f"no tile ran at {name}")
+    got = marlin_gemv(x, words, scales, GROUP, **{t: best[t] for t in SWEEP})
+    result = {
+        "shape": name,
+        "k": k,
+        "n": n,
+        "mbytes": round(nbytes / 1e6, 2),
+        "copies": count,
+        "marlin_us": round(marlin_us, 2),
+        "triton_us": best["us"],
+        "marlin_over_triton": round(marlin_us / best["us"], 3),
+        "tiles": {t: best[t] for t in SWEEP},
+        "error_marlin": round(marlin_error, 5),
+        "error_triton": best["error"],
+        "triton_vs_marlin": round(error(got, marlin(x).float()), 5),
+        "tb_s_marlin": round(nbytes / marlin_us / 1e6, 2),
+        "tb_s_triton": round(nbytes / best["us"] / 1e6, 2),
+        "sweep": rows,
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "sweep"}), flush=True)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    import vllm._custom_ops  # noqa: F401  (registers Marlin's ops)
+
+    results = [bench_shape(s, *SHAPES[s]) for s in args.shapes.split(",")]
+    print(f"\n{torch.cuda.get_device_name()}, one token, group {GROUP}, weights cycled past L2")
+    print("| shape | K | N | MB | Marlin us | Triton us | Marlin/Triton | tiles | error Marlin | "
+          "error Triton | TB/s Marlin / Triton |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        t = r["tiles"]
+        print(
+            f"| {r['shape']} | {r['k']} | {r['n']} | {r['mbytes']} | {r['marlin_us']} | "
+            f"{r['triton_us']} | {r['marlin_over_triton']} | split {t['split']}, "
+            f"{t['block_kt']} row tiles, {t['warps']} warps | {r['error_marlin']} | "
+            f"{r['error_triton']} | {r['tb_s_marlin']} / {r['tb_s_triton']} |"
+        )
+    if args.out:
+        summary = {
+            "device": torch.cuda.get_device_name(),
+            "capability": list(torch.cuda.get_device_capability()),
+            "results": results,
+        }
+        args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""One token through an int4 linear stored in Marlin's layout, in one Triton kernel.
+
+Why:
+    At one token vLLM runs Gemma 4's int4 attention projections through Marlin's GEMM,
+    which moves their weights at about a third of an H100's bandwidth (docs/gpu-results.md,
+    section 3d: qkv and o take 20.2 us per layer for 20.8 MB, 6.2 us at the bound). Marlin
+    repacks the weights when the model loads, so a faster one-token path has to read
+    that layout, or keep a second copy of the weights.
+
+Layout (``gptq_marlin_repack`` of 4-bit weights, bf16/fp16 activations):
+    ``w_q`` int32 ``[K / 16, 2 N]``: row ``kt`` holds rows ``16 kt .. 16 kt + 15`` of the
+    ``[K, N]`` matrix in tiles of 64 columns, 128 words each. In the tile of columns
+    ``64 g ..``, word ``16 ci + 4 t + j`` holds, in nibble ``4 a + 2 b + c``, the value of
+    row ``2 t + a + 8 c`` and column ``16 j + 8 b + ci`` (the tensor-core fragment order).
+    ``w_s`` ``[K / group, N]``: within each 64 columns of a row, column ``c`` sits at
+    ``8 (c % 8) + c // 8``. Values are ``(nibble - 8) * scale`` (``uint4b8``).
+    Derived from vLLM's reference packer (``marlin_utils_test.marlin_weights``); the
+    tests compare against it, and the plugin checks each layer against Marlin itself
+    before it takes this path.
+
+How:
+    A program owns one tile of 64 columns and a share of the K rows (split-K). Each step
+    loads ``BLOCK_KT`` row tiles as ``[BLOCK_KT, 8, 4, 4]`` words (ci, t, j), multiplies
+    their nibble planes by the matching activations, scales per group and accumulates in
+    float32. With split-K, each program writes its float32 partial sums, and the last
+    program of a tile (a counter per tile) adds them, writes the output and resets the
+    counter: one kernel per call, as Marlin.
+
+Numerics:
+    Products and sums in float32, scaled per group in float32, rounded once to the
+    activation dtype. Marlin rounds the dequantized weight times its scale to the
+    activation dtype first, so the two differ by bf16 rounding (~0.3%).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+TILE_N = 64  # columns per Marlin tile group (128 words)
+
+
+@triton.jit
+def _marlin_gemv_kernel(
+    x_ptr,  # [K] activations
+    w_ptr,  # int32 [K / 16, 2 N]
+    s_ptr,  # [K / GROUP, N], Marlin-permuted
+    part_ptr,  # float32 [SPLIT, N] partial sums (SPLIT > 1)
+    count_ptr,  # int32 [N / 64] finished programs per tile, zero between calls
+    out_ptr,  # [N]
+    n,
+    k_tiles,
+    tiles_per_split,
+    GROUP: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_KT: tl.constexpr,
+):
+    g = tl.program_id(0)
+    split = tl.program_id(1)
+    kt_idx = tl.arange(0, BLOCK_KT)[:, None, None, None]
+    ci = tl.arange(0, 8)[None, :, None, None]
+    t = tl.arange(0, 4)[None, None, :, None]
+    j = tl.arange(0, 4)[None, None, None, :]
+    words = g * 128 + 16 * ci + 4 * t + j  # [1, 8, 4, 4]
+    # scale column of b = 0; b = 1 is the next one
+    s_col = g * 64 + 8 * ci + 2 * j  # [1, 8, 1, 4]
+    acc0 = tl.zeros([BLOCK_KT, 8, 4, 4], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_KT, 8, 4, 4], dtype=tl.float32)
+    kt_begin = split * tiles_per_split
+    kt_end = tl.minimum(kt_begin + tiles_per_split, k_tiles)
+    for kt0 in range(kt_begin, kt_end, BLOCK_KT):
+        kt = kt0 + kt_idx  # [BLOCK_KT, 1, 1, 1]
+        kt_mask = kt < kt_end
+        w = tl.load(w_ptr + kt * (2 * n) + words, mask=kt_mask, other=0)
+        p0 = tl.zeros([BLOCK_KT, 8, 4, 4], dtype=tl.float32)
+        p1 = tl.zeros([BLOCK_KT, 8, 4, 4], dtype=tl.float32)
+        x_sum = tl.zeros([BLOCK_KT, 1, 4, 1], dtype=tl.float32)
+        for a in tl.static_range(2):
+            for c in tl.static_range(2):
+                x = tl.load(x_ptr + kt * 16 + 2 * t + a + 8 * c, mask=kt_mask, other=0.0)
+                x = x.to(tl.float32)
+                x_sum += x
+                p0 += ((w >> (4 * (4 * a + c))) & 0xF).to(tl.float32) * x
+                p1 += ((w >> (4 * (4 * a + 2 + c))) & 0xF).to(tl.float32) * x
+        kg = (kt * 16) // GROUP
+        s0 = tl.load(s_ptr + kg * n + s_col, mask=kt_mask, other=0.0).to(tl.float32)
+        s1 = tl.load(s_ptr + kg * n + s_col + 1, mask=kt_mask, other=0.0).to(tl.float32)
+        acc0 += (p0 - 8.0 * x_sum) * s0
+        acc1 += (p1 - 8.0 * x_sum) * s1
+    r0 = tl.sum(tl.sum(acc0, axis=0), axis=1)  # [8, 4] (ci, j)
+    r1 = tl.sum(tl.sum(acc1, axis=0), axis=1)
+    ci2 = tl.arange(0, 8)[:, None]
+    j2 = tl.arange(0, 4)[None, :]
+    col0 = g * 64 + 16 * j2 + ci2  # b = 0
+    col1 = col0 + 8
+    if SPLIT == 1:
+        tl.store(out_ptr + col0, r0.to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + col1, r1.to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(part_ptr + split * n + col0, r0)
+        tl.store(part_ptr + split * n + col1, r1)
+        tl.debug_barrier()
+        done = tl.atomic_add(count_ptr + g, 1, sem="acq_rel")
+        if done == SPLIT - 1:
+            splits = tl.arange(0, SPLIT)[:, None, None] * n
+            t0 = tl.load(part_ptr + splits + col0[None], cache_modifier=".cg")
+            t1 = tl.load(part_ptr + splits + col1[None], cache_modifier=".cg")
+            tl.store(out_ptr + col0, tl.sum(t0, axis=0).to(out_ptr.dtype.element_ty))
+            tl.store(out_ptr + col1, tl.sum(t1, axis=0).to(out_ptr.dtype.element_ty))
+            tl.atomic_xchg(count_ptr + g, 0)
+
+
+_workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def workspace(n: int, split: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The partial sums and tile counters for ``n`` columns, made once per device, width and
+    split: calls on one stream follow each other, and each call leaves the counters at zero.
+    Make it before a CUDA graph is captured (the plugin's build-time check does)."""
+    key = (str(device), n, split)
+    if key not in _workspaces:
+        _workspaces[key] = (
+            torch.empty((max(split, 1), n), dtype=torch.float32, device=device),
+            torch.zeros(n // TILE_N, dtype=torch.int32, device=device),
+        )
+    return _workspaces[key]
+
+
+def marlin_gemv(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_s: torch.Tensor,
+    group: int,
+    *,
+    split: int = 1,
+    block_kt: int = 4,
+    warps: int = 4,
+) -> torch.Tensor:
+    """``x [1, K] @ W [K, N]`` for one token, ``W`` in Marlin's 4-bit layout: ``[1, N]``."""
+    k = x.shape[-1]
+    n = w_s.shape[-1]
+    if x.numel() != k or k % 16 or n % TILE_N or k % group:
+        raise ValueError(f"marlin_gemv: x {tuple(x.shape)}, N {n}, group {group}")
+    if tuple(w_q.shape) != (k // 16, 2 * n) or tuple(w_s.shape) != (k // group, n):
+        raise ValueError(
+            f"marlin_gemv: w_q {tuple(w_q.shape)}, w_s {tuple(w_s.shape)} for K {k}, N {n}, "
+            f"group {group}: expected ({k // 16}, {2 * n}) and ({k // group}, {n})"
+        )
+    k_tiles = k // 16
+    tiles_per_split = triton.cdiv(triton.cdiv(k_tiles, split), block_kt) * block_kt
+    part, count = workspace(n, split, x.device)
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    _marlin_gemv_kernel[(n // TILE_N, split)](
+        x,
+        w_q,
+        w_s,
+        part,
+        count,
+        out,
+        n,
+        k_tiles,
+        tiles_per_split,
+        GROUP=group,
+        SPLIT=split,
+        BLOCK_KT=block_kt,
+        num_warps=warps,
+    )
+    return out

@@ -1,0 +1,213 @@
+"""The one-token int4 GEMV on Marlin's layout (``gemma4_quant.kernels.marlin_gemv``) against
+the exact float32 product of the weights it was packed from.
+
+The weights go into Marlin's layout through vLLM's own reference packer
+(``marlin_utils_test.marlin_weights``, which vLLM's tests hold equal to the CUDA
+``gptq_marlin_repack``) and ``marlin_permute_scales``, the function vLLM's Marlin kernel
+loads scales with. Runs Triton's interpreter on CPU (``TRITON_INTERPRET=1``); the
+comparison against Marlin's own GEMM, and the speed, are ``bench/marlin_gemv.py``'s, on a
+GPU. Skips where Triton is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton", reason="Triton is not installed in this environment")
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("Triton without its interpreter needs a GPU", allow_module_level=True)
+marlin_test = pytest.importorskip(
+    "vllm.model_executor.layers.quantization.utils.marlin_utils_test",
+    reason="this vLLM has no Marlin reference packer",
+)
+from vllm.model_executor.layers.quantization.utils.marlin_utils import (  # noqa: E402
+    marlin_permute_scales,
+)
+
+from gemma4_quant.kernels.marlin_gemv import marlin_gemv  # noqa: E402
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+
+
+def _marlin(k: int, n: int, group: int, gen: torch.Generator):
+    """Random symmetric int4 weights [K, N]: (Marlin words, Marlin scales, float32 W)."""
+    q = torch.randint(0, 16, (k, n), generator=gen)
+    scale = (torch.rand(k // group, n, generator=gen) * 0.02 + 0.005).to(torch.bfloat16)
+    w = (q - 8).float() * scale.float().repeat_interleave(group, dim=0)
+    words = marlin_test.marlin_weights(q, k, n, 4, marlin_test.get_weight_perm(4))
+    return words, marlin_permute_scales(scale, k, n, group), w
+
+
+def _error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float().cpu() - want).norm() / want.norm()).item()
+
+
+# Gemma 4 26B-A4B's attention projections: o of a sliding layer (K 4096, N 2816), q/k/v of a
+# global one (N 9216), and a K that the splits do not divide evenly (176 row tiles in 16
+# splits leaves the last split empty)
+@pytest.mark.parametrize(
+    ("k", "n", "group", "split", "block_kt"),
+    [
+        (4096, 2816, 32, 8, 4),
+        (2816, 9216, 32, 1, 8),
+        (2816, 1024, 32, 16, 4),
+        (2816, 1024, 128, 4, 2),
+        (256, 128, 32, 2, 1),
+    ],
+)
+def test_matches_the_float32_product(k: int, n: int, group: int, split: int, block_kt: int):
+    gen = torch.Generator().manual_seed(k + n + group)
+    words, scales, w = _marlin(k, n, group, gen)
+    x = torch.randn(1, k, generator=gen).bfloat16()
+    want = x.float() @ w
+    got = marlin_gemv(
+        x.to(DEVICE), words.to(DEVICE), scales.to(DEVICE), group, split=split, block_kt=block_kt
+    )
+    assert got.shape == (1, n) and got.dtype == torch.bfloat16
+    # float32 sums rounded once to bf16: 2**-8 relative per element at most
+    assert _error(got, want) < 5e-3
+
+
+def test_split_counters_are_left_at_zero_for_the_next_call():
+    gen = torch.Generator().manual_seed(1)
+    words, scales, w = _marlin(512, 256, 32, gen)
+    for _ in range(3):
+        x = torch.randn(1, 512, generator=gen).bfloat16()
+        got = marlin_gemv(x.to(DEVICE), words.to(DEVICE), scales.to(DEVICE), 32, split=4)
+        assert _error(got, x.float() @ w) < 5e-3
+
+
+def test_a_mis_shaped_weight_is_refused_by_name():
+    gen = torch.Generator().manual_seed(2)
+    words, scales, _ = _marlin(256, 128, 32, gen)
+    x = torch.randn(1, 256).bfloat16()
+    with pytest.raises(ValueError, match=r"w_q \(16, 256\).*expected \(8, 256\)"):
+        marlin_gemv(x[:, :128].to(DEVICE), words.to(DEVICE), scales[:4].to(DEVICE), 32)
+
+
+# ------------------------------------------------------------- the marlin_decode patch
+
+
+def _kernel_and_layer(k: int, n: int, group: int, **config):
+    """vLLM's MarlinLinearKernel for a [K, N] int4 layer, and a module holding the tensors
+    its ``process_weights_after_loading`` leaves (Marlin words and scales), with the
+    float32 weights they hold."""
+    import dataclasses
+
+    from vllm.model_executor.kernels.linear.mixed_precision.marlin import MarlinLinearKernel
+    from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import (
+        MPLinearLayerConfig,
+    )
+    from vllm.scalar_type import scalar_types
+
+    fields = {f.name for f in dataclasses.fields(MPLinearLayerConfig)}
+    values = {
+        "full_weight_shape": (k, n),
+        "partition_weight_shape": (k, n),
+        "weight_type": scalar_types.uint4b8,
+        "act_type": torch.bfloat16,
+        "group_size": group,
+        "zero_points": False,
+        "has_g_idx": False,
+        **config,
+    }
+    c = MPLinearLayerConfig(**{f: v for f, v in values.items() if f in fields})
+    kernel = MarlinLinearKernel(c, "weight_packed", "weight_scale", "weight_zero_point")
+    words, scales, w = _marlin(k, n, group, torch.Generator().manual_seed(k + n))
+    layer = torch.nn.Module()
+    layer.weight_packed = torch.nn.Parameter(words.to(DEVICE), requires_grad=False)
+    layer.weight_scale = torch.nn.Parameter(scales.to(DEVICE), requires_grad=False)
+    layer.bias = None
+    return kernel, layer, w
+
+
+def _exact_apply(w: torch.Tensor):
+    """Marlin's ``apply_weights`` where Marlin cannot run (no CUDA): the exact product."""
+
+    def apply(kernel, layer, x, bias=None):
+        return (x.float().cpu() @ w).to(x.dtype).to(x.device)
+
+    return apply
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    from gemma4_quant.patches import marlin_decode
+
+    monkeypatch.setattr(marlin_decode, "_layers", {})
+    return marlin_decode
+
+
+def test_a_layer_that_agrees_with_marlin_takes_the_op(fresh) -> None:
+    """The layer passes the check against Marlin; the op then gives one token the kernel's
+    result and more tokens Marlin's, and torch.compile traces it whole (the kernel at the
+    real shapes: test_matches_the_float32_product)."""
+    from gemma4_quant.kernels.marlin_gemv import marlin_gemv
+
+    kernel, layer, w = _kernel_and_layer(1024, 512, 32)
+    assert fresh.decide(kernel, layer, _exact_apply(w), "force", (9, 0))
+    key, group, n = getattr(layer, fresh._FLAG)
+    op = torch.ops.gemma4_quant.marlin_linear
+    one = torch.randn(1, 1024).bfloat16().to(DEVICE)
+    assert torch.equal(
+        op(one, layer.weight_packed, layer.weight_scale, group, key, n),
+        marlin_gemv(one, layer.weight_packed, layer.weight_scale, 32, **fresh._FORCED_TILES),
+    )
+    three = torch.randn(3, 1024).bfloat16().to(DEVICE)
+    assert torch.equal(
+        op(three, layer.weight_packed, layer.weight_scale, group, key, n),
+        _exact_apply(w)(kernel, layer, three),
+    )
+
+    def linear(x: torch.Tensor) -> torch.Tensor:
+        return op(x, layer.weight_packed, layer.weight_scale, group, key, n) * 2
+
+    compiled = torch.compile(linear, backend="aot_eager", fullgraph=True, dynamic=True)
+    for x in (one, three):
+        assert torch.equal(compiled(x), linear(x))
+
+
+def test_a_layer_that_disagrees_with_marlin_keeps_it(fresh, caplog) -> None:
+    """Weights Marlin would read otherwise than the kernel (here: another layer's) keep
+    Marlin, with a warning that says by how much."""
+    kernel, layer, _ = _kernel_and_layer(512, 256, 32)
+    _, _, other = _kernel_and_layer(512, 256, 32, full_weight_shape=(512, 256))
+    other = torch.roll(other, 1, dims=1)
+    with caplog.at_level("WARNING", logger="vllm.gemma4_quant"):
+        assert not fresh.decide(kernel, layer, _exact_apply(other), "force", (9, 0))
+    assert not hasattr(layer, fresh._FLAG) and not fresh._layers
+    assert "errs" in caplog.text and "keep Marlin" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"zero_points": True},
+        {"has_g_idx": True},
+        {"act_type": torch.float8_e4m3fn},
+        {"partition_weight_shape": (512, 192)},  # Marlin would have padded N
+    ],
+)
+def test_layers_marlin_holds_otherwise_keep_marlin(fresh, config) -> None:
+    from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import (
+        MPLinearLayerConfig,
+    )
+
+    if "has_g_idx" in config and "has_g_idx" not in MPLinearLayerConfig.__dataclass_fields__:
+        pytest.skip("this vLLM's config has no act-order flag")
+    kernel, layer, w = _kernel_and_layer(512, 256, 32, **config)
+    assert not fresh.decide(kernel, layer, _exact_apply(w), "force", (9, 0))
+    assert not hasattr(layer, fresh._FLAG)
+
+
+def test_auto_takes_only_measured_shapes(fresh, monkeypatch) -> None:
+    kernel, layer, w = _kernel_and_layer(512, 256, 32)
+    monkeypatch.setattr(fresh, "TILES", {(9, 0): {(4096, 2816): fresh._FORCED_TILES}})
+    assert not fresh.decide(kernel, layer, _exact_apply(w), "auto", (9, 0))
+    assert fresh.tiles_for("auto", (9, 0), 4096, 2816) == fresh._FORCED_TILES
+    assert fresh.tiles_for("auto", (8, 0), 4096, 2816) is None
+    assert fresh.tiles_for("force", (8, 0), 512, 256) == fresh._FORCED_TILES
