@@ -42,6 +42,7 @@ SHAPES = {
     "o_global": (8192, 2816),
 }
 SWEEP = {"split": (1, 2, 4, 8, 16), "block_kt": (1, 2, 4, 8), "warps": (2, 4, 8)}
+STAGES = (1, 2, 3, 4, 5)  # software pipelining depth, swept for the best of SWEEP
 
 
 def _call(fn: Callable, **kwargs):
@@ -105,6 +106,23 @@ def error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want).norm() / want.norm()).item()
 
 
+def _try(tiles, x, words, scales, want, copies, count, rows, best, name):
+    """Time one tile choice (cycled over the weight copies); the faster of it and ``best``."""
+    try:
+        workspace(scales.shape[1], tiles["split"], x.device)
+        got = marlin_gemv(x, words, scales, GROUP, **tiles)
+        calls = rotated(
+            lambda a, b: functools.partial(marlin_gemv, x, a, b, GROUP, **tiles), copies
+        )
+        us = graph_time_us(calls, 3, 20) / count
+    except Exception as exc:  # noqa: BLE001  (a tile that does not compile is skipped)
+        print(f"{name} {tiles}: {type(exc).__name__}: {exc}"[:200], file=sys.stderr)
+        return best
+    row = {**tiles, "us": round(us, 2), "error": round(error(got, want), 5)}
+    rows.append(row)
+    return row if best is None or us < best["us"] else best
+
+
 def bench_shape(name: str, k: int, n: int) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(k * n)
     words, scales, w = make_weights(k, n, gen)
@@ -120,27 +138,19 @@ def bench_shape(name: str, k: int, n: int) -> dict:
     marlin_calls = rotated(lambda a, b: functools.partial(marlin_path(a, b, k, n), x), copies)
     marlin_us = graph_time_us(marlin_calls, 3, 20) / count
 
-    rows = []
+    rows: list[dict] = []
     best = None
-    for split, block_kt, warps in itertools.product(*SWEEP.values()):
-        tiles = {"split": split, "block_kt": block_kt, "warps": warps}
-        try:
-            workspace(n, split, x.device)
-            got = marlin_gemv(x, words, scales, GROUP, **tiles)
-            calls = rotated(
-                lambda a, b, t=tiles: functools.partial(marlin_gemv, x, a, b, GROUP, **t), copies
-            )
-            us = graph_time_us(calls, 3, 20) / count
-        except Exception as exc:  # noqa: BLE001  (a tile that does not compile is skipped)
-            print(f"{name} {tiles}: {type(exc).__name__}: {exc}"[:200], file=sys.stderr)
-            continue
-        row = {**tiles, "us": round(us, 2), "error": round(error(got, want), 5)}
-        rows.append(row)
-        if best is None or us < best["us"]:
-            best = row
+    candidates = [dict(zip(SWEEP, v, strict=True)) for v in itertools.product(*SWEEP.values())]
+    for tiles in candidates:
+        best = _try(tiles, x, words, scales, want, copies, count, rows, best, name)
     if best is None:
         raise RuntimeError(f"no tile ran at {name}")
-    got = marlin_gemv(x, words, scales, GROUP, **{t: best[t] for t in SWEEP})
+    top = {t: best[t] for t in SWEEP}
+    for stages in STAGES:
+        tiles = {**top, "stages": stages}
+        best = _try(tiles, x, words, scales, want, copies, count, rows, best, name)
+    tiles = {t: best[t] for t in (*SWEEP, "stages") if t in best}
+    got = marlin_gemv(x, words, scales, GROUP, **tiles)
     result = {
         "shape": name,
         "k": k,
@@ -150,7 +160,7 @@ def bench_shape(name: str, k: int, n: int) -> dict:
         "marlin_us": round(marlin_us, 2),
         "triton_us": best["us"],
         "marlin_over_triton": round(marlin_us / best["us"], 3),
-        "tiles": {t: best[t] for t in SWEEP},
+        "tiles": tiles,
         "error_marlin": round(marlin_error, 5),
         "error_triton": best["error"],
         "triton_vs_marlin": round(error(got, marlin(x).float()), 5),
@@ -179,7 +189,8 @@ def main() -> int:
         print(
             f"| {r['shape']} | {r['k']} | {r['n']} | {r['mbytes']} | {r['marlin_us']} | "
             f"{r['triton_us']} | {r['marlin_over_triton']} | split {t['split']}, "
-            f"{t['block_kt']} row tiles, {t['warps']} warps | {r['error_marlin']} | "
+            f"{t['block_kt']} row tiles, {t['warps']} warps, {t.get('stages', 3)} stages | "
+            f"{r['error_marlin']} | "
             f"{r['error_triton']} | {r['tb_s_marlin']} / {r['tb_s_triton']} |"
         )
     if args.out:

@@ -136,6 +136,7 @@ def marlin_gemv(
     split: int = 1,
     block_kt: int = 4,
     warps: int = 4,
+    stages: int = 3,
 ) -> torch.Tensor:
     """``x [1, K] @ W [K, N]`` for one token, ``W`` in Marlin's 4-bit layout: ``[1, N]``."""
     k = x.shape[-1]
@@ -165,5 +166,6 @@ def marlin_gemv(
         SPLIT=split,
         BLOCK_KT=block_kt,
         num_warps=warps,
+        num_stages=stages,
     )
     return out
