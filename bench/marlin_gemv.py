@@ -41,7 +41,7 @@ SHAPES = {
     "qkv_global": (2816, 10240),
     "o_global": (8192, 2816),
 }
-SWEEP = {"split": (1, 2, 4, 8, 16), "block_kt": (1, 2, 4, 8), "warps": (2, 4, 8)}
+SWEEP = {"split": (1, 2, 4, 8, 16), "block_kt": (2, 4, 8), "warps": (4, 8)}
 STAGES = (1, 2, 3, 4, 5)  # software pipelining depth, swept for the best of SWEEP
 
 
