@@ -121,3 +121,25 @@ def test_the_check_makes_its_inputs_on_the_cpu_whatever_the_default_device(
     with torch.device("meta"):
         assert fast_decode.kernels_work(fast_decode.TILES[(9, 0)], 256, 192, device="cpu")
     assert not warnings()
+
+
+def test_marlin_decode_takes_no_shape_in_auto_until_one_is_measured(monkeypatch) -> None:
+    """``marlin_decode`` shares the switch: on a CUDA build (here the CPU-build test is
+    turned off) ``auto`` applies it only once ``TILES`` names a shape measured faster end to
+    end (none yet: bench/results/h100-2026-12-05c), ``force`` applies it, ``off`` does not.
+    The kernel, the per-layer decision and the op: tests/test_marlin_gemv.py."""
+    from gemma4_quant.patches import marlin_decode
+
+    monkeypatch.setattr(marlin_decode, "_cpu_build", lambda: False)
+    monkeypatch.delenv("GEMMA4_QUANT_FAST_DECODE", raising=False)
+    assert marlin_decode.TILES == {}
+    detection = marlin_decode.detect()
+    assert detection.status is Status.NOT_NEEDED
+    assert "no shape measured faster end to end" in detection.reason
+    monkeypatch.setenv("GEMMA4_QUANT_FAST_DECODE", "force")
+    assert marlin_decode.detect().status is Status.NEEDED
+    monkeypatch.setenv("GEMMA4_QUANT_FAST_DECODE", "off")
+    assert marlin_decode.detect().reason.startswith("GEMMA4_QUANT_FAST_DECODE=off")
+    monkeypatch.setattr(marlin_decode, "TILES", {(9, 0): {(4096, 2816): {"split": 16}}})
+    monkeypatch.delenv("GEMMA4_QUANT_FAST_DECODE")
+    assert marlin_decode.detect().status is Status.NEEDED

@@ -8,6 +8,14 @@ Why:
     Marlin's own repacked layout, so it needs no second copy of the weights
     (bench/marlin_gemv.py measures both kernels on the same weights).
 
+Measured (H100, vLLM 0.26.0's Marlin, weights cycled past L2; docs/gpu-results.md 3e):
+    Marlin / Triton 0.83 (q/k/v, 2816 -> 8192), 1.14 (o, 4096 -> 2816), 0.86 (global
+    q/k/v, 2816 -> 10240), 1.01 (global o, 8192 -> 2816); the kernel errs 0.16% against
+    the exact product where Marlin errs 0.22%. Inside vLLM (``force``, layer probes) the
+    one-token q/k/v and o match the bf16 twin within 0.24%. The one shape it wins saves
+    about 1.2 us of a sliding layer's ~125; no end-to-end run yet, so ``auto`` takes no
+    shape (``TILES`` is empty) and the patch says "not needed" unless forced.
+
 How:
     Switched with fast_decode (``GEMMA4_QUANT_FAST_DECODE``: ``auto`` by default, ``off``,
     ``force``). ``Gemma4Attention.__init__`` marks its ``qkv_proj`` and ``o_proj``; when
@@ -69,9 +77,12 @@ OP = "marlin_linear"
 # cores; the kernel rounds only its float32 sums (~0.3% apart at 26B-A4B's shapes,
 # bench/marlin_gemv.py); a wrong row, column or group is off by tens of percent
 CHECK_TOLERANCE = 2e-2
-# (K, N) -> tiles measured at one token (bench/marlin_gemv.py), by compute capability
+# (K, N) -> tiles of the shapes ``auto`` takes, by compute capability: none until one is
+# measured faster end to end (the micro-benchmark's winner, o at 4096 -> 2816 on 9.0, takes
+# split 16, 8 row tiles, 4 warps; bench/results/h100-2026-12-05c/marlin_gemv.json)
 TILES: dict[tuple[int, int], dict[tuple[int, int], dict[str, int]]] = {}
-_FORCED_TILES = {"split": 4, "block_kt": 4, "warps": 4}
+# ``force``: the best tiles of 26B-A4B's q/k/v on an H100 (12 - 18% off the other shapes' best)
+_FORCED_TILES = {"split": 8, "block_kt": 8, "warps": 4}
 
 logger = logging.getLogger("vllm.gemma4_quant")
 
@@ -105,7 +116,9 @@ def detect() -> Detection:
     if _cpu_build():
         return Detection.not_needed("vLLM's CPU build: the kernel is for CUDA GPUs")
     if not TILES and envs.fast_decode_mode() == "auto":
-        return Detection.not_needed("no GPU measured faster yet (GEMMA4_QUANT_FAST_DECODE=force)")
+        return Detection.not_needed(
+            "no shape measured faster end to end yet (GEMMA4_QUANT_FAST_DECODE=force takes it)"
+        )
     return Detection.needed(
         "MarlinLinearKernel recognized: Gemma 4's int4 attention projections take one "
         "Triton kernel for one token where measured (decided per layer at load)"
