@@ -266,7 +266,7 @@ def agrees_with_marlin(key: int, k: int, n: int, group: int, dtype: torch.dtype)
     kernel's workspace before CUDA graphs are captured)."""
     import torch
 
-    tiles, layer_ref, kernel, _ = _layers[key]
+    _, layer_ref, kernel, _ = _layers[key]
     layer = layer_ref()
     try:
         w_q, w_s = getattr(layer, kernel.w_q_name), getattr(layer, kernel.w_s_name)
