@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .marlin_gemv import nibble_minus_8
+
 PACK = 8  # int4 values per int32 word
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 # Tile defaults, measured on an H200 at the 26B-A4B's shapes (bench/moe_decode.py --tune).
@@ -75,12 +77,9 @@ def _rows_dot(
         mask = row_mask[:, None] & word_mask[None, :]
         w = tl.load(w_ptr + rows[:, None] * k_words + words[None, :], mask=mask, other=0)
         part = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
-        x_sum = tl.zeros([BLOCK_W], dtype=tl.float32)
         for j in tl.static_range(8):
             xj = tl.load(x_ptr + words * 8 + j, mask=word_mask, other=0.0).to(tl.float32)
-            part += ((w >> (4 * j)) & 0xF).to(tl.float32) * xj[None, :]
-            x_sum += xj
-        part -= 8.0 * x_sum[None, :]
+            part += nibble_minus_8(w, j) * xj[None, :]
         groups = words // WORDS_PER_GROUP
         s = tl.load(s_ptr + rows[:, None] * k_groups + groups[None, :], mask=mask, other=0.0)
         acc += part * s.to(tl.float32)
