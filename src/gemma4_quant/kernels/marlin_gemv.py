@@ -33,9 +33,10 @@ Numerics:
     against the exact product the kernel errs 0.16%, Marlin 0.22%).
 
 Speed (one H100, weights cycled past L2, bench/marlin_gemv.py; docs/gpu-results.md 3e):
-    1.0 - 1.2 TB/s: Marlin / this kernel 0.83 at 26B-A4B's q/k/v, 1.14 at its o
-    projection. Per int32 word it issues about 40 instructions (nibble extraction and
-    conversion, multiply-adds, loads), which likely bounds it well below the bandwidth.
+    measured with integer-to-float nibble conversions (a quarter-rate instruction, eight
+    per word): 1.0 - 1.2 TB/s, Marlin / this kernel 0.83 at 26B-A4B's q/k/v, 1.14 at its
+    o projection. The bit-operation conversion (``nibble_minus_8``) came after that run
+    and is not measured on a GPU yet.
 """
 
 from __future__ import annotations
