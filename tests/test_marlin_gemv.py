@@ -183,22 +183,25 @@ def test_a_layer_that_disagrees_with_marlin_keeps_it(fresh, caplog) -> None:
     assert "errs" in caplog.text and "keep Marlin" in caplog.text
 
 
+def _act_order_case() -> list[dict]:
+    """The act-order flag, where this vLLM's config has one (0.32 dropped it)."""
+    from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import (
+        MPLinearLayerConfig,
+    )
+
+    return [{"has_g_idx": True}] if "has_g_idx" in MPLinearLayerConfig.__dataclass_fields__ else []
+
+
 @pytest.mark.parametrize(
     "config",
     [
         {"zero_points": True},
-        {"has_g_idx": True},
+        *_act_order_case(),
         {"act_type": torch.float8_e4m3fn},
         {"partition_weight_shape": (512, 192)},  # Marlin would have padded N
     ],
 )
 def test_layers_marlin_holds_otherwise_keep_marlin(fresh, config) -> None:
-    from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import (
-        MPLinearLayerConfig,
-    )
-
-    if "has_g_idx" in config and "has_g_idx" not in MPLinearLayerConfig.__dataclass_fields__:
-        pytest.skip("this vLLM's config has no act-order flag")
     kernel, layer, w = _kernel_and_layer(512, 256, 32, **config)
     assert not fresh.decide(kernel, layer, _exact_apply(w), "force", (9, 0))
     assert not hasattr(layer, fresh._FLAG)
