@@ -226,8 +226,10 @@ def info_once(key: str, message: str, *args: Any) -> None:
     logging.getLogger("vllm.gemma4_quant").info(message, *args)
 
 
+@functools.cache
 def cuda_device() -> str:
-    """This process's CUDA GPU, in words: name and compute capability."""
+    """This process's CUDA GPU, in words: name and compute capability (asked once: patches
+    that decide per layer pass it to ``info_once`` for every layer they take)."""
     import torch
 
     major, minor = torch.cuda.get_device_capability()

@@ -211,15 +211,13 @@ _layers: dict[int, tuple[dict[str, int], Any, Any, Any]] = {}
 
 def take(kernel: Any, layer: Any, marlin_apply: Any) -> bool:
     """Whether ``layer`` takes the one-token kernel; decided once, after Marlin's repack."""
-    mode = envs.fast_decode_mode()
-    if mode == "off":
-        return False
     from vllm.platforms import current_platform
 
     if not current_platform.is_cuda():
         return False
     import torch
 
+    mode = envs.fast_decode_mode()  # not "off": detect() leaves the patch out then
     return decide(kernel, layer, marlin_apply, mode, torch.cuda.get_device_capability())
 
 
@@ -235,7 +233,7 @@ def decide(
         return False
     key = len(_layers)
     _layers[key] = (tiles, weakref.ref(layer), kernel, marlin_apply)
-    if not agrees_with_marlin(key, k, n, group, getattr(layer, kernel.w_s_name).dtype):
+    if not agrees_with_marlin(key, k, n, group):
         del _layers[key]
         return False
     register_op()
@@ -263,7 +261,7 @@ def _triton(key: int, x: torch.Tensor, w_q, w_s, group: int) -> torch.Tensor:
     return marlin_gemv(x.reshape(1, -1), w_q, w_s, group, **tiles).reshape(*x.shape[:-1], -1)
 
 
-def agrees_with_marlin(key: int, k: int, n: int, group: int, dtype: torch.dtype) -> bool:
+def agrees_with_marlin(key: int, k: int, n: int, group: int) -> bool:
     """One random token through both kernels on this layer's weights (this also makes the
     kernel's workspace before CUDA graphs are captured)."""
     import torch
@@ -274,7 +272,7 @@ def agrees_with_marlin(key: int, k: int, n: int, group: int, dtype: torch.dtype)
         w_q, w_s = getattr(layer, kernel.w_q_name), getattr(layer, kernel.w_s_name)
         # explicit CPU generator: vLLM builds the model under a default device of its own
         gen = torch.Generator(device="cpu").manual_seed(0)
-        x = torch.randn(1, k, generator=gen, device="cpu").to(dtype=dtype, device=w_q.device)
+        x = torch.randn(1, k, generator=gen, device="cpu").to(dtype=w_s.dtype, device=w_q.device)
         with torch.no_grad():
             want = _marlin(key, x).float()
             got = _triton(key, x, w_q, w_s, group).float()
