@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from moe_decode import graph_time_us  # noqa: E402  (bench/moe_decode.py)
+from moe_decode import fastest_tiles, graph_time_us  # noqa: E402  (bench/moe_decode.py)
 
-from gemma4_quant.kernels.marlin_gemv import marlin_gemv, workspace  # noqa: E402
+from gemma4_quant.kernels.marlin_gemv import marlin_gemv  # noqa: E402
 
 GROUP = 32
 # (K, N) of 26B-A4B's attention projections: sliding layers (16 heads of 256, 8 KV heads),
@@ -42,7 +42,7 @@ SHAPES = {
     "o_global": (8192, 2816),
 }
 SWEEP = {"split": (1, 2, 4, 8, 16), "block_kt": (2, 4, 8), "warps": (4, 8)}
-STAGES = (1, 2, 3, 4, 5)  # software pipelining depth, swept for the best of SWEEP
+STAGES = (1, 2, 3, 4, 5)  # software pipelining depth (SWEEP runs Triton's 3), for SWEEP's best
 
 
 def _call(fn: Callable, **kwargs):
@@ -106,23 +106,6 @@ def error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want).norm() / want.norm()).item()
 
 
-def _try(tiles, x, words, scales, want, copies, count, rows, best, name):
-    """Time one tile choice (cycled over the weight copies); the faster of it and ``best``."""
-    try:
-        workspace(scales.shape[1], tiles["split"], x.device)
-        got = marlin_gemv(x, words, scales, GROUP, **tiles)
-        calls = rotated(
-            lambda a, b: functools.partial(marlin_gemv, x, a, b, GROUP, **tiles), copies
-        )
-        us = graph_time_us(calls, 3, 20) / count
-    except Exception as exc:  # noqa: BLE001  (a tile that does not compile is skipped)
-        print(f"{name} {tiles}: {type(exc).__name__}: {exc}"[:200], file=sys.stderr)
-        return best
-    row = {**tiles, "us": round(us, 2), "error": round(error(got, want), 5)}
-    rows.append(row)
-    return row if best is None or us < best["us"] else best
-
-
 def bench_shape(name: str, k: int, n: int) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(k * n)
     words, scales, w = make_weights(k, n, gen)
@@ -138,18 +121,15 @@ def bench_shape(name: str, k: int, n: int) -> dict:
     marlin_calls = rotated(lambda a, b: functools.partial(marlin_path(a, b, k, n), x), copies)
     marlin_us = graph_time_us(marlin_calls, 3, 20) / count
 
+    def triton(tiles: dict) -> Callable:
+        return rotated(lambda a, b: functools.partial(marlin_gemv, x, a, b, GROUP, **tiles), copies)
+
     rows: list[dict] = []
-    best = None
     candidates = [dict(zip(SWEEP, v, strict=True)) for v in itertools.product(*SWEEP.values())]
-    for tiles in candidates:
-        best = _try(tiles, x, words, scales, want, copies, count, rows, best, name)
-    if best is None:
-        raise RuntimeError(f"no tile ran at {name}")
-    top = {t: best[t] for t in SWEEP}
-    for stages in STAGES:
-        tiles = {**top, "stages": stages}
-        best = _try(tiles, x, words, scales, want, copies, count, rows, best, name)
-    tiles = {t: best[t] for t in (*SWEEP, "stages") if t in best}
+    top = fastest_tiles(name, candidates, triton, rows, calls=count)
+    stages = [{**top, "stages": s} for s in STAGES]
+    tiles = fastest_tiles(name, stages, triton, rows, calls=count)
+    triton_us = min(r["us"] for r in rows if r["tune"] == tiles)
     got = marlin_gemv(x, words, scales, GROUP, **tiles)
     result = {
         "shape": name,
@@ -158,14 +138,14 @@ def bench_shape(name: str, k: int, n: int) -> dict:
         "mbytes": round(nbytes / 1e6, 2),
         "copies": count,
         "marlin_us": round(marlin_us, 2),
-        "triton_us": best["us"],
-        "marlin_over_triton": round(marlin_us / best["us"], 3),
+        "triton_us": triton_us,
+        "marlin_over_triton": round(marlin_us / triton_us, 3),
         "tiles": tiles,
         "error_marlin": round(marlin_error, 5),
-        "error_triton": best["error"],
+        "error_triton": round(error(got, want), 5),
         "triton_vs_marlin": round(error(got, marlin(x).float()), 5),
         "tb_s_marlin": round(nbytes / marlin_us / 1e6, 2),
-        "tb_s_triton": round(nbytes / best["us"] / 1e6, 2),
+        "tb_s_triton": round(nbytes / triton_us / 1e6, 2),
         "sweep": rows,
     }
     print(json.dumps({k: v for k, v in result.items() if k != "sweep"}), flush=True)

@@ -159,13 +159,16 @@ def kernels_per_call(fn) -> int:
     return round(len(kernels) / 10)
 
 
-def fastest_tiles(kernel: str, candidates: Iterable[dict], make: Callable, rows: list) -> dict:
+def fastest_tiles(
+    kernel: str, candidates: Iterable[dict], make: Callable, rows: list, calls: int = 1
+) -> dict:
     """The tiles of ``candidates`` whose call ``make(tiles)`` is fastest inside a CUDA
-    graph; every timing goes into ``rows``, a tile that does not compile is skipped."""
+    graph; every timing goes into ``rows``, a tile that does not compile is skipped.
+    ``calls``: kernel calls per call of ``make(tiles)`` (the times are per kernel call)."""
     best: tuple[float, dict] | None = None
     for t in candidates:
         try:
-            us = graph_time_us(make(t), 10, 10)
+            us = graph_time_us(make(t), 10, 10) / calls
         except Exception as exc:
             print(f"tile {t}: {type(exc).__name__}: {exc}"[:200], file=sys.stderr)
             continue
