@@ -33,6 +33,10 @@
 #   fastprobe layer probes with the one-token dense MLP path (variant fast) on 0.26.0
 #   gemvbench the one-token int4 GEMV on Marlin's layout against vLLM 0.26.0's Marlin GEMM,
 #            26B-A4B's attention projections (bench/marlin_gemv.py)
+#   marlinmoe the one-token MoE (routing + experts) on Marlin's layout against vLLM 0.26.0's
+#            routing + fused_marlin_moe, 26B-A4B's experts (bench/marlin_moe.py)
+#   moeprobe layer probes of the real dimensions with every one-token path forced
+#            (GEMMA4_QUANT_FAST_DECODE=force: dense MLP, attention projections, experts)
 #   densebench the bf16 dense MLP kernels against vLLM's path, and the dense MLP beside the
 #            MoE on two streams, real shapes, 0.26.0 (bench/dense_decode.py --tune --overlap)
 # PROBE_RELEASES (default "0.20.2 0.26.0") picks the releases of the probe phases.
@@ -74,14 +78,17 @@ transformers.__version__, 'compressed-tensors', c.__version__)" | tee -a "$R/mac
   touch "$tgt/.installed-$rel$*"
 }
 
-bench_run() {  # name gpu release-target plugin(on|off|fast|nofast|nomarlin) [cache [suffix]]
+bench_run() {  # name gpu release-target plugin(on|off|fast|nofast|nomarlin|moe) [cache [suffix]]
   # on: the plugin as installed (fast_decode is on by default); nofast: without fast_decode;
-  # nomarlin: fast_decode's dense MLP kernels without marlin_decode's attention projections
+  # nomarlin: fast_decode's dense MLP kernels without marlin_decode's attention projections;
+  # moe: the dense MLP kernels and marlin_moe_decode's experts, forced (no attention ones)
   local name=$1 gpu=$2 tgt=$3 plugin=$4 cache=${5:-$1} file="$1-gpu$2${6:-}" extra=()
   [ "$plugin" = off ] && extra=(VLLM_PLUGINS=none)
   [ "$plugin" = fast ] && extra=(GEMMA4_QUANT_FAST_DECODE=auto)
   [ "$plugin" = nofast ] && extra=(GEMMA4_QUANT_FAST_DECODE=off)
   [ "$plugin" = nomarlin ] && extra=(GEMMA4_QUANT_DISABLE_PATCHES=marlin_decode)
+  [ "$plugin" = moe ] && extra=(GEMMA4_QUANT_FAST_DECODE=force
+    GEMMA4_QUANT_DISABLE_PATCHES=marlin_decode)
   log "bench $name on GPU $gpu"
   env CUDA_VISIBLE_DEVICES="$gpu" PYTHONPATH="$tgt" VLLM_CACHE_ROOT="$WORK/vcache/$cache" \
     "${extra[@]}" python3 "$PROJ/bench/gpu_throughput.py" run "$FULL" \
@@ -96,6 +103,12 @@ wait_full() {  # the background full-size checkpoint, once
 full_size_ready() {  # 0.26.0 installed, the full-size checkpoint and its bound measured
   install 0.26.0 "$T026" || exit 1
   wait_full
+  if [ ! -f "$FULL/synthetic.json" ]; then  # no "full" phase: built now, in the foreground
+    log "full-size checkpoint: build (GPU 0)"
+    CUDA_VISIBLE_DEVICES=0 python3 "$PROJ/bench/full_size_checkpoint.py" "$FULL" --device cuda \
+      > "$R/full_size_checkpoint.log" 2>&1
+    log "full-size checkpoint: rc=$?"
+  fi
   [ -f "$R/fullsize/bound.json" ] || CUDA_VISIBLE_DEVICES=0 python3 \
     "$PROJ/bench/gpu_throughput.py" bound "$FULL" --measure-bandwidth \
     --out "$R/fullsize/bound.json" > /dev/null 2>&1
@@ -173,6 +186,29 @@ if has gemvbench; then
   CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$T026 python3 "$PROJ/bench/marlin_gemv.py" \
     --out "$R/marlin_gemv.json" > "$R/marlin_gemv.log" 2>&1
   log "gemvbench: rc=$?"
+fi
+
+if has marlinmoe; then
+  install 0.26.0 "$T026" || exit 1
+  log "marlinmoe: start"
+  CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$T026 python3 "$PROJ/bench/marlin_moe.py" \
+    --out "$R/marlin_moe.json" > "$R/marlin_moe.log" 2>&1
+  log "marlinmoe: rc=$?"
+fi
+
+if has moeprobe; then
+  install 0.26.0 "$T026" || exit 1
+  M=$WORK/moeprobe
+  mkdir -p "$M/results"
+  log "moeprobe: build"
+  PYTHONPATH=$T026 python3 "$PROJ/tests/gpu/correctness.py" build "$M/ckpts" \
+    --layouts ct-fused-w4a16-real > "$R/moeprobe-build.log" 2>&1
+  log "moeprobe: run"
+  GEMMA4_QUANT_FAST_DECODE=force $PROBE run "$M/ckpts" "$M/results" --release "0.26.0=$T026" \
+    --variants plugin --layouts ct-fused-w4a16-real --gpus 0 > "$R/moeprobe.log" 2>&1
+  $PROBE report "$M/results" > "$R/moeprobe-report.md" 2>&1
+  cp "$M/results/probe-table.md" "$R/moeprobe-table.md" 2>/dev/null
+  log "moeprobe: done"
 fi
 
 if has moebench; then
@@ -285,6 +321,7 @@ if has fastab; then
         b) bench_run b-0.26.0-fast 0 "$T026" fast "" "-fast$round" ;;
         a) bench_run a-0.26.0-stock 0 "$T026" off "" "-fast$round" ;;
         c) bench_run c-0.26.0-nomarlin 0 "$T026" nomarlin "" "-fast$round" ;;
+        m) bench_run m-0.26.0-moe 0 "$T026" moe "" "-fast$round" ;;
       esac
     done
   done
@@ -303,6 +340,14 @@ if has fastab; then
   ls "$R"/fullsize/c-0.26.0-nomarlin-gpu0-fast*.json > /dev/null 2>&1 && python3 \
     "$PROJ/bench/gpu_throughput.py" ratio --a "$R"/fullsize/c-0.26.0-nomarlin-gpu0-fast*.json \
     --b "$R"/fullsize/b-0.26.0-fast-gpu0-fast*.json > "$R/fullsize/fastab-ratio-cb.json" 2>&1
+  ls "$R"/fullsize/m-0.26.0-moe-gpu0-fast*.json > /dev/null 2>&1 && python3 \
+    "$PROJ/bench/gpu_throughput.py" ratio --a "$R"/fullsize/a-0.26.0-stock-gpu0-fast*.json \
+    --b "$R"/fullsize/m-0.26.0-moe-gpu0-fast*.json > "$R/fullsize/fastab-ratio-ma.json" 2>&1
+  if [ "${FASTAB_PROFILE:-0}" != 0 ] && [ -f "$F/m-0.26.0-moe-gpu0-fast$last.json" ]; then
+    python3 "$PROJ/bench/decode_profile.py" compare "$F/a-0.26.0-stock-gpu0-fast$last.json" \
+      "$F/m-0.26.0-moe-gpu0-fast$last.json" --out "$F/profile-compare-am.json" \
+      > "$F/profile-compare-am.md" 2>&1
+  fi
   log "fastab: done"
 fi
 

@@ -121,6 +121,7 @@ def marlin_path(w13, s13, w2, s2, hidden: int, inter: int, experts: int):
             workspace=workspace, is_k_full=True, **act,
         )  # fmt: skip
 
+    run.tensors = (mw13, ms13, mw2, ms2)  # what the Marlin-layout kernels read
     return run
 
 

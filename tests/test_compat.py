@@ -44,6 +44,8 @@ EXPECTED = {
         "tied_lm_head": "not needed",
         "text_mapper": "not needed",
         "cpu_gate_dtype": "needed",
+        # no gemma4_routing_function_torch to hold the kernels' routing against
+        "marlin_moe_decode": "unrecognized",
     },
     "0.20.2": {
         "expert_names": "needed",
@@ -56,6 +58,7 @@ EXPECTED = {
         "tied_lm_head": "not needed",
         "text_mapper": "not needed",
         "cpu_gate_dtype": "needed",
+        "marlin_moe_decode": "not needed",
     },
     "0.23.0": {
         "expert_names": "needed",
@@ -67,6 +70,7 @@ EXPECTED = {
         "tied_lm_head": "not needed",
         "text_mapper": "not needed",
         "cpu_gate_dtype": "needed",
+        "marlin_moe_decode": "not needed",
     },
     "0.30.0": {
         "expert_names": "needed",
@@ -79,6 +83,7 @@ EXPECTED = {
         "tied_lm_head": "not needed",
         "text_mapper": "not needed",
         "cpu_gate_dtype": "needed",
+        "marlin_moe_decode": "not needed",
     },
     "0.32.0": {
         "expert_names": "needed",
@@ -91,6 +96,7 @@ EXPECTED = {
         "tied_lm_head": "not needed",
         "text_mapper": "not needed",
         "cpu_gate_dtype": "not needed",
+        "marlin_moe_decode": "not needed",
     },
 }
 # No CPU build of these two: their code is read, never run (scripts/vllm_sources.py). They

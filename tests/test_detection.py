@@ -24,6 +24,7 @@ from gemma4_quant.patches import (
     kv_shared_layers,
     load_guard,
     marlin_decode,
+    marlin_moe_decode,
     router,
     tied_lm_head,
     unquantized_experts,
@@ -42,6 +43,13 @@ CASES = {
                 "model_executor/kernels/linear/mixed_precision/marlin.py",
                 "MarlinLinearKernel.apply_weights",
             )
+        ],
+    ),
+    "marlin_moe_decode": (
+        marlin_moe_decode,
+        [
+            ("model_executor/models/gemma4.py", "Gemma4MoE.__init__"),
+            ("model_executor/models/gemma4.py", "Gemma4DecoderLayer.__init__"),  # 0.32+
         ],
     ),
     "load_guard": (

@@ -158,6 +158,8 @@ def install_hooks(model, mode: str, ref_dir: str | None):
                         got = _mlp_one_token(name, module, feed[0], ref)
                     elif getattr(module, "_gemma4_quant_marlin_decode", None) is not None:
                         got = _one_token_at_a_time(module, feed[0])
+                    elif getattr(module, "_gemma4_quant_marlin_moe", None) is not None:
+                        got = _one_token_at_a_time(module, *feed)
                     else:
                         got = _first(module(*feed))
             finally:
@@ -178,12 +180,15 @@ def install_hooks(model, mode: str, ref_dir: str | None):
     return count
 
 
-def _one_token_at_a_time(module, x):
-    """``module`` on the twin's prefill input rows one at a time: the decode path, which
-    ``fast_decode`` (dense MLP) and ``marlin_decode`` (int4 attention projections) replace."""
+def _one_token_at_a_time(module, x, *more):
+    """``module`` on the twin's prefill input rows one at a time (``more``: further inputs
+    with the same rows, the router logits of the experts): the decode path, which
+    ``fast_decode`` (dense MLP), ``marlin_decode`` (int4 attention projections) and
+    ``marlin_moe_decode`` (routed experts) replace."""
     import torch
 
-    got = torch.cat([_first(module(row[None])) for row in x.reshape(-1, x.shape[-1])])
+    rows = [t.reshape(-1, t.shape[-1]) for t in (x, *more)]
+    got = torch.cat([_first(module(*(r[i][None] for r in rows))) for i in range(len(rows[0]))])
     return got.reshape(*x.shape[:-1], -1)
 
 

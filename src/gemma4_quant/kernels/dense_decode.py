@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .moe_decode import ACTIVATIONS, act_and_mul
+from .common import ACTIVATIONS, act_and_mul
 
 # Tile defaults; bench/dense_decode.py --tune measures them on a GPU.
 DEFAULT_TILES = {

@@ -45,16 +45,106 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import act_and_mul, nibble_minus_8
+
 TILE_N = 64  # columns per Marlin tile group (128 words)
 
 
 @triton.jit
-def nibble_minus_8(w, i: tl.constexpr):
-    """Nibble ``i`` of ``w`` minus 8, as float32, without an integer-to-float conversion
-    (a quarter-rate instruction on NVIDIA GPUs, eight of them per word): the nibble goes
-    into the low mantissa bits of 2**23, and 2**23 + 8 is subtracted, exactly."""
-    bits = ((w >> (4 * i)) & 0xF) | 0x4B000000
-    return bits.to(tl.float32, bitcast=True) - 8388616.0
+def load_x(x_ptr, idx, mask, inter, ACT_IN: tl.constexpr):
+    """Activations ``idx`` as float32. ``ACT_IN`` (0 SiLU, 1 GELU, 2 GELU(tanh); -1 none):
+    ``x_ptr`` holds a gate-and-up row ``[2 inter]`` instead, and the activation of its gate
+    times its up is taken here, rounded to its dtype as vLLM's activation kernel writes it."""
+    if ACT_IN < 0:
+        return tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(x_ptr + idx, mask=mask, other=0.0)
+    up = tl.load(x_ptr + inter + idx, mask=mask, other=0.0)
+    dtype = x_ptr.dtype.element_ty
+    return act_and_mul(gate, up, dtype, ACT_IN).to(dtype).to(tl.float32)
+
+
+@triton.jit
+def tile_dot(
+    x_ptr,
+    w_ptr,  # int32 [K / 16, 2 n] of one matrix
+    s_ptr,  # [K / GROUP, n] of one matrix
+    n,
+    g,  # the tile of 64 columns
+    kt_begin,
+    kt_end,
+    inter,
+    GROUP: tl.constexpr,
+    BLOCK_KT: tl.constexpr,
+    ACT_IN: tl.constexpr,
+):
+    """Rows ``16 kt_begin .. 16 kt_end`` of ``x @ W`` for the 64 columns of tile ``g``, in
+    float32: two ``[8, 4]`` halves (ci, j), columns ``64 g + 16 j + ci`` and ``+ 8``."""
+    kt_idx = tl.arange(0, BLOCK_KT)[:, None, None, None]
+    ci = tl.arange(0, 8)[None, :, None, None]
+    t = tl.arange(0, 4)[None, None, :, None]
+    j = tl.arange(0, 4)[None, None, None, :]
+    words = g * 128 + 16 * ci + 4 * t + j  # [1, 8, 4, 4]
+    # scale column of b = 0; b = 1 is the next one
+    s_col = g * 64 + 8 * ci + 2 * j  # [1, 8, 1, 4]
+    acc0 = tl.zeros([BLOCK_KT, 8, 4, 4], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_KT, 8, 4, 4], dtype=tl.float32)
+    for kt0 in range(kt_begin, kt_end, BLOCK_KT):
+        kt = kt0 + kt_idx  # [BLOCK_KT, 1, 1, 1]
+        kt_mask = kt < kt_end
+        w = tl.load(w_ptr + kt * (2 * n) + words, mask=kt_mask, other=0)
+        p0 = tl.zeros([BLOCK_KT, 8, 4, 4], dtype=tl.float32)
+        p1 = tl.zeros([BLOCK_KT, 8, 4, 4], dtype=tl.float32)
+        for a in tl.static_range(2):
+            for c in tl.static_range(2):
+                x = load_x(x_ptr, kt * 16 + 2 * t + a + 8 * c, kt_mask, inter, ACT_IN)
+                p0 += nibble_minus_8(w, 4 * a + c) * x
+                p1 += nibble_minus_8(w, 4 * a + 2 + c) * x
+        kg = (kt * 16) // GROUP
+        s0 = tl.load(s_ptr + kg * n + s_col, mask=kt_mask, other=0.0).to(tl.float32)
+        s1 = tl.load(s_ptr + kg * n + s_col + 1, mask=kt_mask, other=0.0).to(tl.float32)
+        acc0 += p0 * s0
+        acc1 += p1 * s1
+    r0 = tl.sum(tl.sum(acc0, axis=0), axis=1)  # [8, 4] (ci, j)
+    r1 = tl.sum(tl.sum(acc1, axis=0), axis=1)
+    return r0, r1
+
+
+@triton.jit
+def finish_tile(
+    r0,
+    r1,
+    part_ptr,  # float32 [SPLIT, n] partial sums of this output row (SPLIT > 1)
+    count_ptr,  # int32: finished programs of this tile, zero between calls
+    out_ptr,  # [n] this output row
+    n,
+    g,
+    split,
+    SPLIT: tl.constexpr,
+):
+    """Writes tile ``g`` of the output: at once without split-K; else each program stores
+    its float32 partial sums, and the last one of the tile adds them, writes the output and
+    resets the counter (one kernel per call, as Marlin)."""
+    ci2 = tl.arange(0, 8)[:, None]
+    j2 = tl.arange(0, 4)[None, :]
+    col0 = g * 64 + 16 * j2 + ci2  # b = 0
+    col1 = col0 + 8
+    if SPLIT == 1:
+        tl.store(out_ptr + col0, r0.to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + col1, r1.to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(part_ptr + split * n + col0, r0)
+        tl.store(part_ptr + split * n + col1, r1)
+        tl.debug_barrier()
+        done = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+        if done == SPLIT - 1:
+            t0 = tl.zeros([8, 4], dtype=tl.float32)
+            t1 = tl.zeros([8, 4], dtype=tl.float32)
+            for s in tl.static_range(SPLIT):
+                t0 += tl.load(part_ptr + s * n + col0, cache_modifier=".cg")
+                t1 += tl.load(part_ptr + s * n + col1, cache_modifier=".cg")
+            tl.store(out_ptr + col0, t0.to(out_ptr.dtype.element_ty))
+            tl.store(out_ptr + col1, t1.to(out_ptr.dtype.element_ty))
+            tl.atomic_xchg(count_ptr, 0)
 
 
 @triton.jit
@@ -74,55 +164,10 @@ def _marlin_gemv_kernel(
 ):
     g = tl.program_id(0)
     split = tl.program_id(1)
-    kt_idx = tl.arange(0, BLOCK_KT)[:, None, None, None]
-    ci = tl.arange(0, 8)[None, :, None, None]
-    t = tl.arange(0, 4)[None, None, :, None]
-    j = tl.arange(0, 4)[None, None, None, :]
-    words = g * 128 + 16 * ci + 4 * t + j  # [1, 8, 4, 4]
-    # scale column of b = 0; b = 1 is the next one
-    s_col = g * 64 + 8 * ci + 2 * j  # [1, 8, 1, 4]
-    acc0 = tl.zeros([BLOCK_KT, 8, 4, 4], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_KT, 8, 4, 4], dtype=tl.float32)
     kt_begin = split * tiles_per_split
     kt_end = tl.minimum(kt_begin + tiles_per_split, k_tiles)
-    for kt0 in range(kt_begin, kt_end, BLOCK_KT):
-        kt = kt0 + kt_idx  # [BLOCK_KT, 1, 1, 1]
-        kt_mask = kt < kt_end
-        w = tl.load(w_ptr + kt * (2 * n) + words, mask=kt_mask, other=0)
-        p0 = tl.zeros([BLOCK_KT, 8, 4, 4], dtype=tl.float32)
-        p1 = tl.zeros([BLOCK_KT, 8, 4, 4], dtype=tl.float32)
-        for a in tl.static_range(2):
-            for c in tl.static_range(2):
-                x = tl.load(x_ptr + kt * 16 + 2 * t + a + 8 * c, mask=kt_mask, other=0.0)
-                x = x.to(tl.float32)
-                p0 += nibble_minus_8(w, 4 * a + c) * x
-                p1 += nibble_minus_8(w, 4 * a + 2 + c) * x
-        kg = (kt * 16) // GROUP
-        s0 = tl.load(s_ptr + kg * n + s_col, mask=kt_mask, other=0.0).to(tl.float32)
-        s1 = tl.load(s_ptr + kg * n + s_col + 1, mask=kt_mask, other=0.0).to(tl.float32)
-        acc0 += p0 * s0
-        acc1 += p1 * s1
-    r0 = tl.sum(tl.sum(acc0, axis=0), axis=1)  # [8, 4] (ci, j)
-    r1 = tl.sum(tl.sum(acc1, axis=0), axis=1)
-    ci2 = tl.arange(0, 8)[:, None]
-    j2 = tl.arange(0, 4)[None, :]
-    col0 = g * 64 + 16 * j2 + ci2  # b = 0
-    col1 = col0 + 8
-    if SPLIT == 1:
-        tl.store(out_ptr + col0, r0.to(out_ptr.dtype.element_ty))
-        tl.store(out_ptr + col1, r1.to(out_ptr.dtype.element_ty))
-    else:
-        tl.store(part_ptr + split * n + col0, r0)
-        tl.store(part_ptr + split * n + col1, r1)
-        tl.debug_barrier()
-        done = tl.atomic_add(count_ptr + g, 1, sem="acq_rel")
-        if done == SPLIT - 1:
-            splits = tl.arange(0, SPLIT)[:, None, None] * n
-            t0 = tl.load(part_ptr + splits + col0[None], cache_modifier=".cg")
-            t1 = tl.load(part_ptr + splits + col1[None], cache_modifier=".cg")
-            tl.store(out_ptr + col0, tl.sum(t0, axis=0).to(out_ptr.dtype.element_ty))
-            tl.store(out_ptr + col1, tl.sum(t1, axis=0).to(out_ptr.dtype.element_ty))
-            tl.atomic_xchg(count_ptr + g, 0)
+    r0, r1 = tile_dot(x_ptr, w_ptr, s_ptr, n, g, kt_begin, kt_end, 0, GROUP, BLOCK_KT, -1)
+    finish_tile(r0, r1, part_ptr, count_ptr + g, out_ptr, n, g, split, SPLIT)
 
 
 _workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -155,7 +200,8 @@ def marlin_gemv(
     """``x [1, K] @ W [K, N]`` for one token, ``W`` in Marlin's 4-bit layout: ``[1, N]``."""
     k = x.shape[-1]
     n = w_s.shape[-1]
-    if x.numel() != k or k % 16 or n % TILE_N or k % group:
+    # one group over all of K is channelwise to Marlin, whose scales are permuted otherwise
+    if x.numel() != k or k % 16 or n % TILE_N or k % group or group >= k:
         raise ValueError(f"marlin_gemv: x {tuple(x.shape)}, N {n}, group {group}")
     if tuple(w_q.shape) != (k // 16, 2 * n) or tuple(w_s.shape) != (k // group, n):
         raise ValueError(

@@ -39,10 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .marlin_gemv import nibble_minus_8
+from .common import ACTIVATIONS, act_and_mul, nibble_minus_8
 
 PACK = 8  # int4 values per int32 word
-ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 # Tile defaults, measured on an H200 at the 26B-A4B's shapes (bench/moe_decode.py --tune).
 DEFAULT_TILES = {
     "block_n13": 16,
@@ -84,22 +83,6 @@ def _rows_dot(
         s = tl.load(s_ptr + rows[:, None] * k_groups + groups[None, :], mask=mask, other=0.0)
         acc += part * s.to(tl.float32)
     return tl.sum(acc, axis=1)
-
-
-@triton.jit
-def act_and_mul(gate, up, dtype: tl.constexpr, ACT: tl.constexpr):
-    """act(gate) * up in float32, gate and up rounded to ``dtype`` first, as vLLM's GEMM
-    writes them (ACT: 0 SiLU, 1 GELU, 2 GELU(tanh))."""
-    gate = gate.to(dtype).to(tl.float32)
-    up = up.to(dtype).to(tl.float32)
-    if ACT == 0:
-        act = gate / (1.0 + tl.exp(-gate))
-    elif ACT == 1:
-        act = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))
-    else:
-        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        act = gate - gate / (1.0 + tl.exp(2.0 * inner))  # 0.5 * g * (1 + tanh(inner))
-    return act * up
 
 
 @triton.jit

@@ -54,6 +54,7 @@ PATCH_MODULES: tuple[str, ...] = (
     "cpu_gate_dtype",
     "fast_decode",
     "marlin_decode",
+    "marlin_moe_decode",
 )
 
 

@@ -189,6 +189,8 @@ def plain_int4(kernel: Any, layer: Any) -> tuple[int, int, int] | None:
     group = c.group_size
     if group <= 0 or group % 16 or k % group or n % 64 or getattr(layer, "bias", None) is not None:
         return None
+    if group >= k:  # channelwise to Marlin: scales permuted otherwise
+        return None
     w_q = getattr(layer, kernel.w_q_name, None)
     w_s = getattr(layer, kernel.w_s_name, None)
     if w_q is None or w_s is None or tuple(w_q.shape) != (k // 16, 2 * n):

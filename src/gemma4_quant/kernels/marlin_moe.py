@@ -1,0 +1,339 @@
+"""One token through Gemma 4's routed experts, on the weights Marlin's MoE already holds, in
+two Triton kernels: routing, the chosen experts, activation and weighted sum.
+
+Why:
+    At one token vLLM runs Gemma 4's MoE as eight kernels per layer: routing, block
+    alignment and its helpers, Marlin's W13 GEMM, the activation, Marlin's W2 GEMM and the
+    weighted sum. The two GEMMs take 24.4 us and the rest 10.8 us of a ~125 us layer on an
+    H100, for 26.8 MB of weights (8.0 us at the bound; docs/gpu-results.md, section 3d).
+    Marlin repacks the experts when the model loads, so a one-token path has to read that
+    layout (``kernels.moe_decode`` reads the checkpoint's, which is gone by then).
+
+Layout:
+    Per expert exactly ``marlin_gemv``'s (``gptq_marlin_moe_repack`` runs
+    ``gptq_marlin_repack`` per expert; scales go through ``marlin_permute_scales`` per
+    expert): ``w13`` int32 ``[E, K / 16, 2 N13]`` with ``N13 = 2 I`` columns, gate
+    ``0 .. I`` then up ``I .. 2 I``; ``w2`` int32 ``[E, I / 16, 2 H]``; scales ``[E, K /
+    group, N]``. ``I`` may be Marlin's padded intermediate size: its padded columns have
+    zero scales, so they add nothing.
+
+How:
+    Routing is Gemma 4's: softmax over all experts, the top k, renormalized over them
+    (which is a softmax over the top k logits), times the expert's ``per_expert_scale``.
+    Each program recomputes it from the router's logits (128 values, in registers), so no
+    routing kernel runs and no expert ids are stored.
+
+    1. ``_w13_kernel``: per (tile of 64 columns of W13, top-k slot, share of K), that
+       slot's expert; split-K partial sums, the last program of a tile writing the gate
+       and up rows (rounded to the activation dtype, as Marlin's GEMM writes them).
+    2. ``_w2_kernel``: per (tile of 64 output columns, slot, share of K), the activation
+       of gate times up is taken as the activations load; W2 of the slot's expert times
+       its routing weight; the last program of a tile adds every slot's and share's
+       float32 partial sums and writes the layer's output once.
+
+Numerics:
+    As ``marlin_gemv``: products and sums in float32, scales per group in float32; the
+    W13 output and the activation rounded to the activation dtype, as vLLM's path rounds
+    them; the weighted sum over experts stays in float32 and is rounded once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import ACTIVATIONS
+from .marlin_gemv import TILE_N, finish_tile, tile_dot
+
+# Tiles for 26B-A4B's experts (hidden 2816, intermediate 704, top 8 of 128) until a GPU
+# sweep (bench/moe_decode.py --marlin) says otherwise.
+DEFAULT_TILES = {
+    "split13": 4,
+    "block_kt13": 4,
+    "warps13": 4,
+    "split2": 1,
+    "block_kt2": 4,
+    "warps2": 4,
+}
+
+
+@triton.jit
+def route(logits_ptr, scale_ptr, slot, n_experts, TOPK: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The expert and routing weight of top-k ``slot``: softmax over all experts, top k,
+    renormalized over the top k, times the expert's scale (Gemma 4's routing). Ties go to
+    the lower expert id."""
+    e = tl.arange(0, BLOCK_E)
+    logits = tl.load(logits_ptr + e, mask=e < n_experts, other=float("-inf")).to(tl.float32)
+    top = tl.max(logits, axis=0)
+    work = logits
+    denom = 0.0
+    mine = 0.0
+    expert = 0
+    for i in tl.static_range(TOPK):
+        best = tl.max(work, axis=0)
+        idx = tl.min(tl.where(work == best, e, BLOCK_E), axis=0)
+        p = tl.exp(best - top)
+        denom += p
+        expert = tl.where(slot == i, idx, expert)
+        mine = tl.where(slot == i, p, mine)
+        work = tl.where(e == idx, float("-inf"), work)
+    weight = mine / denom * tl.load(scale_ptr + expert).to(tl.float32)
+    return expert.to(tl.int64), weight
+
+
+@triton.jit
+def _w13_kernel(
+    x_ptr,  # [K] activations
+    logits_ptr,  # [E] router logits
+    scale_ptr,  # [E] per-expert scale
+    w_ptr,  # int32 [E, K / 16, 2 N]
+    s_ptr,  # [E, K / GROUP, N]
+    part_ptr,  # float32 [TOPK, SPLIT, N]
+    count_ptr,  # int32 [TOPK, N / 64]
+    out_ptr,  # [TOPK, N] gate and up rows
+    n_experts,
+    n,
+    k_tiles,
+    tiles_per_split,
+    TOPK: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    GROUP: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_KT: tl.constexpr,
+):
+    g = tl.program_id(0)
+    slot = tl.program_id(1)
+    split = tl.program_id(2)
+    expert, _ = route(logits_ptr, scale_ptr, slot, n_experts, TOPK, BLOCK_E)
+    kt_begin = split * tiles_per_split
+    kt_end = tl.minimum(kt_begin + tiles_per_split, k_tiles)
+    r0, r1 = tile_dot(
+        x_ptr,
+        w_ptr + expert * k_tiles * (2 * n),
+        s_ptr + expert * ((k_tiles * 16) // GROUP) * n,
+        n,
+        g,
+        kt_begin,
+        kt_end,
+        0,
+        GROUP,
+        BLOCK_KT,
+        -1,
+    )
+    finish_tile(
+        r0,
+        r1,
+        part_ptr + slot * SPLIT * n,
+        count_ptr + slot * (n // 64) + g,
+        out_ptr + slot * n,
+        n,
+        g,
+        split,
+        SPLIT,
+    )
+
+
+@triton.jit
+def _w2_kernel(
+    h_ptr,  # [TOPK, 2 I] gate and up rows
+    logits_ptr,
+    scale_ptr,
+    w_ptr,  # int32 [E, I / 16, 2 H]
+    s_ptr,  # [E, I / GROUP, H]
+    part_ptr,  # float32 [TOPK * SPLIT, H]
+    count_ptr,  # int32 [H / 64]
+    out_ptr,  # [H]
+    n_experts,
+    n,  # H
+    k_tiles,  # I / 16
+    tiles_per_split,
+    TOPK: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    GROUP: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_KT: tl.constexpr,
+    ACT: tl.constexpr,
+):
+    g = tl.program_id(0)
+    slot = tl.program_id(1)
+    split = tl.program_id(2)
+    expert, weight = route(logits_ptr, scale_ptr, slot, n_experts, TOPK, BLOCK_E)
+    inter = k_tiles * 16
+    kt_begin = split * tiles_per_split
+    kt_end = tl.minimum(kt_begin + tiles_per_split, k_tiles)
+    r0, r1 = tile_dot(
+        h_ptr + slot * (2 * inter),
+        w_ptr + expert * k_tiles * (2 * n),
+        s_ptr + expert * (inter // GROUP) * n,
+        n,
+        g,
+        kt_begin,
+        kt_end,
+        inter,
+        GROUP,
+        BLOCK_KT,
+        ACT,
+    )
+    finish_tile(
+        r0 * weight,
+        r1 * weight,
+        part_ptr,
+        count_ptr + g,
+        out_ptr,
+        n,
+        g,
+        slot * SPLIT + split,
+        TOPK * SPLIT,
+    )
+
+
+def check_shapes(
+    hidden: int,
+    n_experts: int,
+    w13: torch.Tensor,
+    s13: torch.Tensor,
+    w2: torch.Tensor,
+    s2: torch.Tensor,
+) -> tuple[int, int]:
+    """(intermediate size, group size) of Marlin MoE tensors for ``hidden`` and
+    ``n_experts``; a ValueError naming the tensor otherwise."""
+    if w13.dim() != 3 or s13.dim() != 3 or w2.dim() != 3 or s2.dim() != 3:
+        raise ValueError("marlin_moe: expert tensors must be [E, ., .]")
+    inter = w2.shape[1] * 16
+    groups = s13.shape[1]
+    group = hidden // groups if groups else 0
+    # one group over all of K is channelwise to Marlin, whose scales are permuted otherwise
+    if (
+        not group
+        or hidden % group
+        or group % 16
+        or inter % group
+        or group >= min(hidden, inter)
+        or hidden % TILE_N
+    ):
+        raise ValueError(
+            f"marlin_moe: hidden {hidden}, intermediate {inter}, {groups} scale groups: "
+            "expected a group size of a multiple of 16, smaller than both, dividing both"
+        )
+    expected = {
+        "w13": (w13, (n_experts, hidden // 16, 4 * inter)),
+        "w13 scales": (s13, (n_experts, hidden // group, 2 * inter)),
+        "w2": (w2, (n_experts, inter // 16, 2 * hidden)),
+        "w2 scales": (s2, (n_experts, inter // group, hidden)),
+    }
+    for name, (t, want) in expected.items():
+        if tuple(t.shape) != want:
+            raise ValueError(
+                f"marlin_moe: {name} {tuple(t.shape)}, expected {want} for hidden {hidden}, "
+                f"intermediate {inter}, group {group}, {n_experts} experts"
+            )
+    if (2 * inter) % TILE_N:
+        raise ValueError(f"marlin_moe: 2 x intermediate {inter} is not a multiple of 64")
+    return inter, group
+
+
+_workspaces: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+
+def workspace(
+    top_k: int, n13: int, hidden: int, split13: int, split2: int, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """Partial sums and tile counters of both kernels, made once per device and shape: calls
+    on one stream follow each other, and each call leaves the counters at zero. Make it
+    before a CUDA graph is captured (the plugin's build-time check does)."""
+    key = (str(device), top_k, n13, hidden, split13, split2)
+    if key not in _workspaces:
+        f32, i32 = torch.float32, torch.int32
+        _workspaces[key] = (
+            torch.empty((top_k, split13, n13), dtype=f32, device=device),
+            torch.zeros((top_k, n13 // TILE_N), dtype=i32, device=device),
+            torch.empty((top_k * split2, hidden), dtype=f32, device=device),
+            torch.zeros(hidden // TILE_N, dtype=i32, device=device),
+        )
+    return _workspaces[key]
+
+
+def marlin_moe(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    expert_scale: torch.Tensor,
+    w13: torch.Tensor,
+    s13: torch.Tensor,
+    w2: torch.Tensor,
+    s2: torch.Tensor,
+    *,
+    top_k: int,
+    activation: str = "gelu_tanh",
+    **tiles: int,
+) -> torch.Tensor:
+    """Gemma 4's routed experts for one token ``x`` ``[1, H]``: ``[1, H]``. ``router_logits``
+    ``[1, E]`` (float32 as Gemma 4's router writes them), ``expert_scale`` ``[E]``; the
+    experts as Marlin's MoE holds them (above); ``tiles`` override ``DEFAULT_TILES``."""
+    hidden = x.shape[-1]
+    n_experts = router_logits.shape[-1]
+    if x.numel() != hidden or router_logits.numel() != n_experts or top_k > n_experts:
+        raise ValueError(
+            f"marlin_moe: one token expected: x {tuple(x.shape)}, router logits "
+            f"{tuple(router_logits.shape)}, top {top_k}"
+        )
+    if tuple(expert_scale.shape) != (n_experts,):
+        raise ValueError(
+            f"marlin_moe: per-expert scale {tuple(expert_scale.shape)}, expected ({n_experts},)"
+        )
+    inter, group = check_shapes(hidden, n_experts, w13, s13, w2, s2)
+    t = {**DEFAULT_TILES, **tiles}
+    n13 = 2 * inter
+    part13, count13, part2, count2 = workspace(
+        top_k, n13, hidden, t["split13"], t["split2"], x.device
+    )
+    gate_up = torch.empty((top_k, n13), dtype=x.dtype, device=x.device)
+    out = torch.empty((1, hidden), dtype=x.dtype, device=x.device)
+    logits = router_logits.contiguous()
+    block_e = triton.next_power_of_2(n_experts)
+    k13 = hidden // 16
+    per13 = triton.cdiv(triton.cdiv(k13, t["split13"]), t["block_kt13"]) * t["block_kt13"]
+    _w13_kernel[(n13 // TILE_N, top_k, t["split13"])](
+        x.contiguous(),
+        logits,
+        expert_scale,
+        w13,
+        s13,
+        part13,
+        count13,
+        gate_up,
+        n_experts,
+        n13,
+        k13,
+        per13,
+        TOPK=top_k,
+        BLOCK_E=block_e,
+        GROUP=group,
+        SPLIT=t["split13"],
+        BLOCK_KT=t["block_kt13"],
+        num_warps=t["warps13"],
+    )
+    k2 = inter // 16
+    per2 = triton.cdiv(triton.cdiv(k2, t["split2"]), t["block_kt2"]) * t["block_kt2"]
+    _w2_kernel[(hidden // TILE_N, top_k, t["split2"])](
+        gate_up,
+        logits,
+        expert_scale,
+        w2,
+        s2,
+        part2,
+        count2,
+        out,
+        n_experts,
+        hidden,
+        k2,
+        per2,
+        TOPK=top_k,
+        BLOCK_E=block_e,
+        GROUP=group,
+        SPLIT=t["split2"],
+        BLOCK_KT=t["block_kt2"],
+        ACT=ACTIVATIONS[activation],
+        num_warps=t["warps2"],
+    )
+    return out
