@@ -176,7 +176,7 @@ triton() {
   [ -f "$TRITON_DIR/.ready" ] || { "${pip_install[@]}" -q --no-deps --target "$TRITON_DIR" \
       triton==3.6.0 && touch "$TRITON_DIR/.ready"; }
   PYTHONPATH="$ROOT/$TRITON_DIR" TRITON_INTERPRET=1 ".venvs/vllm-$last/bin/python" -m pytest \
-    tests/test_moe_decode.py tests/test_dense_decode.py tests/test_marlin_gemv.py \
+    tests/test_moe_decode.py tests/test_dense_decode.py tests/test_marlin_gemv.py tests/test_marlin_moe.py \
     -p no:cacheprovider -q -rs
 }
 upstream() { bash upstream/check.sh; }
