@@ -38,9 +38,10 @@ def fallback_mode() -> str:
 
 
 def fast_decode_mode() -> str:
-    """``GEMMA4_QUANT_FAST_DECODE``: ``auto`` (default: Gemma 4's dense MLP takes the
-    plugin's one-token kernels on GPUs and shapes where they were measured faster end to
-    end), ``off`` (vLLM's kernels everywhere) or ``force`` (any CUDA GPU and shape)."""
+    """``GEMMA4_QUANT_FAST_DECODE``: ``auto`` (default: the one-token kernels of
+    ``fast_decode``, ``marlin_decode`` and ``marlin_moe_decode`` run on GPUs and shapes
+    where they were measured faster end to end), ``off`` (vLLM's kernels everywhere) or
+    ``force`` (any CUDA GPU and shape)."""
     return _mode("GEMMA4_QUANT_FAST_DECODE", FAST_DECODE_MODES)
 
 

@@ -32,11 +32,11 @@ Numerics:
     activation dtype first, so the two differ by bf16 rounding (0.23 - 0.24% measured;
     against the exact product the kernel errs 0.16%, Marlin 0.22%).
 
-Speed (one H100, weights cycled past L2, bench/marlin_gemv.py; docs/gpu-results.md 3e):
-    measured with integer-to-float nibble conversions (a quarter-rate instruction, eight
-    per word): 1.0 - 1.2 TB/s, Marlin / this kernel 0.83 at 26B-A4B's q/k/v, 1.14 at its
-    o projection. The bit-operation conversion (``nibble_minus_8``) came after that run
-    and is not measured on a GPU yet.
+Speed (weights cycled past L2, bench/marlin_gemv.py; docs/gpu-results.md 3e, 3f):
+    1.0 - 1.2 TB/s: Marlin / this kernel 0.83 at 26B-A4B's q/k/v, 1.14 at its o projection
+    on an H100 with integer-to-float nibble conversions; 0.73 and 1.11 on an H200 with the
+    bit-operation conversion (``nibble_minus_8``), so the conversions were not what held
+    it back.
 """
 
 from __future__ import annotations
