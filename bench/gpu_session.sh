@@ -33,6 +33,8 @@
 #   fastprobe layer probes with the one-token dense MLP path (variant fast) on 0.26.0
 #   gemvbench the one-token int4 GEMV on Marlin's layout against vLLM 0.26.0's Marlin GEMM,
 #            26B-A4B's attention projections (bench/marlin_gemv.py)
+#   gemvlimits where the GEMV's time goes: the kernel against loads only on the same grid and
+#            torch's sum of the same bytes (bench/marlin_gemv.py --limits, q/k/v and o)
 #   marlinmoe the one-token MoE (routing + experts) on Marlin's layout against vLLM 0.26.0's
 #            routing + fused_marlin_moe, 26B-A4B's experts (bench/marlin_moe.py)
 #   moeprobe layer probes of the real dimensions with every one-token path forced
@@ -186,6 +188,14 @@ if has gemvbench; then
   CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$T026 python3 "$PROJ/bench/marlin_gemv.py" \
     --out "$R/marlin_gemv.json" > "$R/marlin_gemv.log" 2>&1
   log "gemvbench: rc=$?"
+fi
+
+if has gemvlimits; then
+  install 0.26.0 "$T026" || exit 1
+  log "gemvlimits: start"
+  CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$T026 python3 "$PROJ/bench/marlin_gemv.py" --limits \
+    --shapes qkv,o --out "$R/marlin_gemv_limits.json" > "$R/marlin_gemv_limits.log" 2>&1
+  log "gemvlimits: rc=$?"
 fi
 
 if has marlinmoe; then

@@ -10,6 +10,12 @@ per token, never from L2); error of each against the exact float32 product; the 
 tiles are the fastest of a sweep, per shape.
 
     python bench/marlin_gemv.py [--shapes qkv,o,qkv_global,o_global] [--out F.json]
+
+``--limits`` asks where the kernel's time goes instead: per shape, over a small tile grid,
+the kernel against the same program grid and loads with no arithmetic (the words and
+scales summed, nothing dequantized), and against torch's own sum over the same bytes
+(what a plain read of them costs). Loads-only near the kernel: the access pattern or the
+grid holds it back; near torch's sum: the arithmetic does.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -152,12 +160,129 @@ def bench_shape(name: str, k: int, n: int) -> dict:
     return result
 
 
+@triton.jit
+def _loads_only_kernel(
+    w_ptr, s_ptr, out_ptr, n, k_tiles, tiles_per_split, GROUP: tl.constexpr, BLOCK_KT: tl.constexpr
+):
+    """``marlin_gemv``'s program grid and loads, with the arithmetic left out."""
+    g = tl.program_id(0)
+    split = tl.program_id(1)
+    kt_idx = tl.arange(0, BLOCK_KT)[:, None, None, None]
+    ci = tl.arange(0, 8)[None, :, None, None]
+    t = tl.arange(0, 4)[None, None, :, None]
+    j = tl.arange(0, 4)[None, None, None, :]
+    words = g * 128 + 16 * ci + 4 * t + j
+    s_col = g * 64 + 8 * ci + 2 * j
+    acc = tl.zeros([BLOCK_KT, 8, 4, 4], dtype=tl.int32)
+    acc_s = tl.zeros([BLOCK_KT, 8, 1, 4], dtype=tl.float32)
+    kt_begin = split * tiles_per_split
+    kt_end = tl.minimum(kt_begin + tiles_per_split, k_tiles)
+    for kt0 in range(kt_begin, kt_end, BLOCK_KT):
+        kt = kt0 + kt_idx
+        kt_mask = kt < kt_end
+        acc += tl.load(w_ptr + kt * (2 * n) + words, mask=kt_mask, other=0)
+        kg = (kt * 16) // GROUP
+        acc_s += tl.load(s_ptr + kg * n + s_col, mask=kt_mask, other=0.0).to(tl.float32)
+        acc_s += tl.load(s_ptr + kg * n + s_col + 1, mask=kt_mask, other=0.0).to(tl.float32)
+    total = tl.sum(tl.sum(tl.sum(tl.sum(acc.to(tl.float32), 3), 2), 1), 0)
+    total += tl.sum(tl.sum(tl.sum(tl.sum(acc_s, 3), 2), 1), 0)
+    tl.store(out_ptr + g * tl.num_programs(1) + split, total)
+
+
+def loads_only(words: torch.Tensor, scales: torch.Tensor, k: int, n: int, tiles: dict):
+    split, block_kt = tiles["split"], tiles["block_kt"]
+    k_tiles = k // 16
+    per = triton.cdiv(triton.cdiv(k_tiles, split), block_kt) * block_kt
+    out = torch.empty((n // 64) * split, device="cuda", dtype=torch.float32)
+
+    def call():
+        _loads_only_kernel[(n // 64, split)](
+            words, scales, out, n, k_tiles, per, GROUP=GROUP, BLOCK_KT=block_kt,
+            num_warps=tiles["warps"],
+        )  # fmt: skip
+        return out
+
+    return call
+
+
+LIMITS_SWEEP = {"split": (4, 8, 16), "block_kt": (4, 8), "warps": (4, 8)}
+
+
+def limits_shape(name: str, k: int, n: int) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(k * n)
+    words, scales, _ = make_weights(k, n, gen)
+    x = torch.randn(1, k, generator=gen, device="cuda").bfloat16()
+    nbytes = words.numel() * 4 + scales.numel() * scales.element_size()
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    count = max(2, math.ceil(3 * l2 / nbytes))
+    copies = [(words.clone(), scales.clone()) for _ in range(count)]
+    rows: list[dict] = []
+    grid = [
+        dict(zip(LIMITS_SWEEP, v, strict=True)) for v in itertools.product(*LIMITS_SWEEP.values())
+    ]
+
+    def kernel(tiles: dict) -> Callable:
+        return rotated(lambda a, b: functools.partial(marlin_gemv, x, a, b, GROUP, **tiles), copies)
+
+    def loads(tiles: dict) -> Callable:
+        return rotated(lambda a, b: loads_only(a, b, k, n, tiles), copies)
+
+    best_kernel = fastest_tiles(f"{name} kernel", grid, kernel, rows, calls=count)
+    kernel_rows = list(rows)
+    best_loads = fastest_tiles(f"{name} loads", grid, loads, rows, calls=count)
+    loads_rows = rows[len(kernel_rows) :]
+
+    def sums() -> list:
+        return [(a.sum(dtype=torch.int64), b.sum(dtype=torch.float32)) for a, b in copies]
+
+    torch_us = graph_time_us(sums, 3, 20) / count
+    kernel_us = min(r["us"] for r in kernel_rows if r["tune"] == best_kernel)
+    loads_us = min(r["us"] for r in loads_rows if r["tune"] == best_loads)
+    result = {
+        "shape": name,
+        "k": k,
+        "n": n,
+        "mbytes": round(nbytes / 1e6, 2),
+        "kernel_us": kernel_us,
+        "kernel_tiles": best_kernel,
+        "loads_only_us": loads_us,
+        "loads_only_tiles": best_loads,
+        "torch_sum_us": round(torch_us, 2),
+        "tb_s": {
+            "kernel": round(nbytes / kernel_us / 1e6, 2),
+            "loads_only": round(nbytes / loads_us / 1e6, 2),
+            "torch_sum": round(nbytes / torch_us / 1e6, 2),
+        },
+        "sweep": {"kernel": kernel_rows, "loads_only": loads_rows},
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "sweep"}), flush=True)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--limits", action="store_true", help="where the kernel's time goes")
     args = parser.parse_args()
     import vllm._custom_ops  # noqa: F401  (registers Marlin's ops)
+
+    if args.limits:
+        results = [limits_shape(s, *SHAPES[s]) for s in args.shapes.split(",")]
+        print(f"\n{torch.cuda.get_device_name()}: TB/s, weights cycled past L2")
+        print("| shape | MB | kernel | loads only, same grid | torch sum of the bytes |")
+        print("|---|---|---|---|---|")
+        for r in results:
+            b = r["tb_s"]
+            print(
+                f"| {r['shape']} | {r['mbytes']} | {b['kernel']} ({r['kernel_us']} us) | "
+                f"{b['loads_only']} ({r['loads_only_us']} us) | {b['torch_sum']} "
+                f"({r['torch_sum_us']} us) |"
+            )
+        if args.out:
+            args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(),
+                                            "results": results}, indent=1) + "\n")  # fmt: skip
+        return 0
 
     results = [bench_shape(s, *SHAPES[s]) for s in args.shapes.split(",")]
     print(f"\n{torch.cuda.get_device_name()}, one token, group {GROUP}, weights cycled past L2")
