@@ -227,13 +227,14 @@ def marlin_experts(routed: Any, method: Any) -> tuple[int, int] | None:
     from ..kernels.marlin_moe import check_shapes
 
     w13, s13, w2, s2 = tensors
+    hidden = w2.shape[2] // 2
     try:
-        inter, _ = check_shapes(w2.shape[2] // 2, w13.shape[0], w13, s13, w2, s2)
+        inter, _ = check_shapes(hidden, w13.shape[0], w13, s13, w2, s2)
     except ValueError:
         return None
     if s13.element_size() != 2 or getattr(routed, "top_k", 0) < 1:
         return None
-    return w2.shape[2] // 2, inter
+    return hidden, inter
 
 
 def _one_gpu(routed: Any) -> bool:
@@ -340,9 +341,8 @@ def agrees(key: int, reference: Any) -> bool:
     try:
         from vllm.model_executor.models.gemma4 import gemma4_routing_function_torch
 
-        w13 = _tensors(routed)[0]
-        hidden, n_experts = _tensors(routed)[2].shape[2] // 2, w13.shape[0]
-        dtype = _tensors(routed)[1].dtype
+        w13, s13, w2, _ = _tensors(routed)
+        hidden, n_experts, dtype = w2.shape[2] // 2, w13.shape[0], s13.dtype
         # explicit CPU generator: vLLM builds the model under a default device of its own
         gen = torch.Generator(device="cpu").manual_seed(0)
         x = torch.randn(1, hidden, generator=gen, device="cpu").to(dtype=dtype, device=w13.device)
