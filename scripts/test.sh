@@ -144,7 +144,7 @@ for v in "${RELEASES[@]}"; do
   [ "$v" != "$last" ] || sources=(GEMMA4_QUANT_VLLM_SOURCES="$SOURCES")
   # shellcheck disable=SC2086
   env "${sources[@]}" ".venvs/vllm-$v/bin/python" -m pytest ${SELECTION[$v]:-tests} \
-    -p no:cacheprovider -q -rs \
+    -p no:cacheprovider -q -rs --durations=40 \
     --basetemp="$ROOT/.cache/pytest-$v" > ".cache/test-logs/pytest-$v.log" 2>&1 &
   pids[$v]=$!
 done
@@ -177,7 +177,7 @@ triton() {
       triton==3.6.0 && touch "$TRITON_DIR/.ready"; }
   PYTHONPATH="$ROOT/$TRITON_DIR" TRITON_INTERPRET=1 ".venvs/vllm-$last/bin/python" -m pytest \
     tests/test_moe_decode.py tests/test_dense_decode.py tests/test_marlin_gemv.py tests/test_marlin_moe.py \
-    -p no:cacheprovider -q -rs
+    -p no:cacheprovider -q -rs --durations=15
 }
 upstream() { bash upstream/check.sh; }
 rm -f .cache/test-logs/{triton,upstream}.status
