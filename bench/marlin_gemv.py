@@ -14,8 +14,10 @@ tiles are the fastest of a sweep, per shape.
 ``--limits`` asks where the kernel's time goes instead: per shape, over a small tile grid,
 the kernel against the same program grid and loads with no arithmetic (the words and
 scales summed, nothing dequantized), and against torch's own sum over the same bytes
-(what a plain read of them costs). Loads-only near the kernel: the access pattern or the
-grid holds it back; near torch's sum: the arithmetic does.
+(what a plain read of them costs), and against a Triton stream over the same words, each
+program summing one contiguous share (what Triton reads with no layout to follow).
+Loads-only near the kernel: the access pattern or the grid holds it back; near the stream:
+the arithmetic does.
 """
 
 from __future__ import annotations
@@ -205,7 +207,34 @@ def loads_only(words: torch.Tensor, scales: torch.Tensor, k: int, n: int, tiles:
     return call
 
 
-LIMITS_SWEEP = {"split": (4, 8, 16), "block_kt": (4, 8), "warps": (4, 8)}
+@triton.jit
+def _stream_kernel(w_ptr, out_ptr, total, per_program, BLOCK: tl.constexpr):
+    """Program ``p`` sums words ``p * per_program ..`` of a flat int32 array, ``BLOCK`` a step."""
+    p = tl.program_id(0)
+    begin = p * per_program
+    end = tl.minimum(begin + per_program, total)
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for i in range(begin, end, BLOCK):
+        idx = i + tl.arange(0, BLOCK)
+        acc += tl.load(w_ptr + idx, mask=idx < end, other=0)
+    tl.store(out_ptr + p, tl.sum(acc, 0))
+
+
+def stream(words: torch.Tensor, tiles: dict):
+    total = words.numel()
+    programs, block = tiles["programs"], tiles["block"]
+    per = triton.cdiv(triton.cdiv(total, programs), block) * block
+    out = torch.empty(programs, device="cuda", dtype=torch.int32)
+
+    def call():
+        _stream_kernel[(programs,)](words, out, total, per, BLOCK=block, num_warps=tiles["warps"])
+        return out
+
+    return call
+
+
+LIMITS_SWEEP = {"split": (2, 4, 8, 16), "block_kt": (4, 8, 16), "warps": (4, 8)}
+STREAM_SWEEP = {"programs": (264, 528, 1056, 2112), "block": (1024, 4096), "warps": (4, 8)}
 
 
 def limits_shape(name: str, k: int, n: int) -> dict:
@@ -217,9 +246,11 @@ def limits_shape(name: str, k: int, n: int) -> dict:
     count = max(2, math.ceil(3 * l2 / nbytes))
     copies = [(words.clone(), scales.clone()) for _ in range(count)]
     rows: list[dict] = []
-    grid = [
-        dict(zip(LIMITS_SWEEP, v, strict=True)) for v in itertools.product(*LIMITS_SWEEP.values())
-    ]
+
+    def grid_of(sweep: dict) -> list[dict]:
+        return [dict(zip(sweep, v, strict=True)) for v in itertools.product(*sweep.values())]
+
+    grid = grid_of(LIMITS_SWEEP)
 
     def kernel(tiles: dict) -> Callable:
         return rotated(lambda a, b: functools.partial(marlin_gemv, x, a, b, GROUP, **tiles), copies)
@@ -231,6 +262,15 @@ def limits_shape(name: str, k: int, n: int) -> dict:
     kernel_rows = list(rows)
     best_loads = fastest_tiles(f"{name} loads", grid, loads, rows, calls=count)
     loads_rows = rows[len(kernel_rows) :]
+    best_stream = fastest_tiles(
+        f"{name} stream",
+        grid_of(STREAM_SWEEP),
+        lambda tiles: rotated(lambda a, b: stream(a, tiles), copies),
+        rows,
+        calls=count,
+    )
+    stream_rows = rows[len(kernel_rows) + len(loads_rows) :]
+    words_bytes = words.numel() * 4
 
     def sums() -> list:
         return [(a.sum(dtype=torch.int64), b.sum(dtype=torch.float32)) for a, b in copies]
@@ -238,6 +278,7 @@ def limits_shape(name: str, k: int, n: int) -> dict:
     torch_us = graph_time_us(sums, 3, 20) / count
     kernel_us = min(r["us"] for r in kernel_rows if r["tune"] == best_kernel)
     loads_us = min(r["us"] for r in loads_rows if r["tune"] == best_loads)
+    stream_us = min(r["us"] for r in stream_rows if r["tune"] == best_stream)
     result = {
         "shape": name,
         "k": k,
@@ -248,12 +289,15 @@ def limits_shape(name: str, k: int, n: int) -> dict:
         "loads_only_us": loads_us,
         "loads_only_tiles": best_loads,
         "torch_sum_us": round(torch_us, 2),
+        "stream_us": stream_us,
+        "stream_tiles": best_stream,
         "tb_s": {
             "kernel": round(nbytes / kernel_us / 1e6, 2),
             "loads_only": round(nbytes / loads_us / 1e6, 2),
             "torch_sum": round(nbytes / torch_us / 1e6, 2),
+            "stream_words": round(words_bytes / stream_us / 1e6, 2),
         },
-        "sweep": {"kernel": kernel_rows, "loads_only": loads_rows},
+        "sweep": {"kernel": kernel_rows, "loads_only": loads_rows, "stream": stream_rows},
     }
     print(json.dumps({k: v for k, v in result.items() if k != "sweep"}), flush=True)
     return result
@@ -270,14 +314,16 @@ def main() -> int:
     if args.limits:
         results = [limits_shape(s, *SHAPES[s]) for s in args.shapes.split(",")]
         print(f"\n{torch.cuda.get_device_name()}: TB/s, weights cycled past L2")
-        print("| shape | MB | kernel | loads only, same grid | torch sum of the bytes |")
-        print("|---|---|---|---|---|")
+        print("| shape | MB | kernel | loads only, same grid | torch sum of the bytes | "
+              "Triton stream of the words |")  # fmt: skip
+        print("|---|---|---|---|---|---|")
         for r in results:
             b = r["tb_s"]
             print(
                 f"| {r['shape']} | {r['mbytes']} | {b['kernel']} ({r['kernel_us']} us) | "
                 f"{b['loads_only']} ({r['loads_only_us']} us) | {b['torch_sum']} "
-                f"({r['torch_sum_us']} us) |"
+                f"({r['torch_sum_us']} us) | {b['stream_words']} ({r['stream_us']} us, "
+                f"{r['stream_tiles']}) |"
             )
         if args.out:
             args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(),
