@@ -34,7 +34,7 @@
 #   gemvbench the one-token int4 GEMV on Marlin's layout against vLLM 0.26.0's Marlin GEMM,
 #            26B-A4B's attention projections (bench/marlin_gemv.py)
 #   gemvlimits where the GEMV's time goes: the kernel against loads only on the same grid and
-#            torch's sum of the same bytes (bench/marlin_gemv.py --limits, q/k/v and o)
+#            a Triton stream of the same words (bench/marlin_gemv.py --limits, q/k/v and o)
 #   marlinmoe the one-token MoE (routing + experts) on Marlin's layout against vLLM 0.26.0's
 #            routing + fused_marlin_moe, 26B-A4B's experts (bench/marlin_moe.py)
 #   moeprobe layer probes of the real dimensions with every one-token path forced

@@ -13,8 +13,7 @@ tiles are the fastest of a sweep, per shape.
 
 ``--limits`` asks where the kernel's time goes instead: per shape, over a small tile grid,
 the kernel against the same program grid and loads with no arithmetic (the words and
-scales summed, nothing dequantized), and against torch's own sum over the same bytes
-(what a plain read of them costs), and against a Triton stream over the same words, each
+scales summed, nothing dequantized), and against a Triton stream over the same words, each
 program summing one contiguous share (what Triton reads with no layout to follow).
 Loads-only near the kernel: the access pattern or the grid holds it back; near the stream:
 the arithmetic does.
@@ -272,10 +271,6 @@ def limits_shape(name: str, k: int, n: int) -> dict:
     stream_rows = rows[len(kernel_rows) + len(loads_rows) :]
     words_bytes = words.numel() * 4
 
-    def sums() -> list:
-        return [(a.sum(dtype=torch.int64), b.sum(dtype=torch.float32)) for a, b in copies]
-
-    torch_us = graph_time_us(sums, 3, 20) / count
     kernel_us = min(r["us"] for r in kernel_rows if r["tune"] == best_kernel)
     loads_us = min(r["us"] for r in loads_rows if r["tune"] == best_loads)
     stream_us = min(r["us"] for r in stream_rows if r["tune"] == best_stream)
@@ -288,13 +283,11 @@ def limits_shape(name: str, k: int, n: int) -> dict:
         "kernel_tiles": best_kernel,
         "loads_only_us": loads_us,
         "loads_only_tiles": best_loads,
-        "torch_sum_us": round(torch_us, 2),
         "stream_us": stream_us,
         "stream_tiles": best_stream,
         "tb_s": {
             "kernel": round(nbytes / kernel_us / 1e6, 2),
             "loads_only": round(nbytes / loads_us / 1e6, 2),
-            "torch_sum": round(nbytes / torch_us / 1e6, 2),
             "stream_words": round(words_bytes / stream_us / 1e6, 2),
         },
         "sweep": {"kernel": kernel_rows, "loads_only": loads_rows, "stream": stream_rows},
@@ -314,16 +307,14 @@ def main() -> int:
     if args.limits:
         results = [limits_shape(s, *SHAPES[s]) for s in args.shapes.split(",")]
         print(f"\n{torch.cuda.get_device_name()}: TB/s, weights cycled past L2")
-        print("| shape | MB | kernel | loads only, same grid | torch sum of the bytes | "
-              "Triton stream of the words |")  # fmt: skip
-        print("|---|---|---|---|---|---|")
+        print("| shape | MB | kernel | loads only, same grid | Triton stream of the words |")
+        print("|---|---|---|---|---|")
         for r in results:
             b = r["tb_s"]
             print(
                 f"| {r['shape']} | {r['mbytes']} | {b['kernel']} ({r['kernel_us']} us) | "
-                f"{b['loads_only']} ({r['loads_only_us']} us) | {b['torch_sum']} "
-                f"({r['torch_sum_us']} us) | {b['stream_words']} ({r['stream_us']} us, "
-                f"{r['stream_tiles']}) |"
+                f"{b['loads_only']} ({r['loads_only_us']} us) | "
+                f"{b['stream_words']} ({r['stream_us']} us, {r['stream_tiles']}) |"
             )
         if args.out:
             args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(),

@@ -32,11 +32,11 @@ Numerics:
     activation dtype first, so the two differ by bf16 rounding (0.23 - 0.24% measured;
     against the exact product the kernel errs 0.16%, Marlin 0.22%).
 
-Speed (weights cycled past L2, bench/marlin_gemv.py; docs/gpu-results.md 3e, 3f):
-    1.0 - 1.2 TB/s: Marlin / this kernel 0.83 at 26B-A4B's q/k/v, 1.14 at its o projection
-    on an H100 with integer-to-float nibble conversions; 0.73 and 1.11 on an H200 with the
-    bit-operation conversion (``nibble_minus_8``), so the conversions were not what held
-    it back.
+Speed (weights cycled past L2, bench/marlin_gemv.py; docs/gpu-results.md 3e - 3g):
+    on an H100, Marlin / this kernel 0.87 at 26B-A4B's q/k/v and 1.21 at its o projection
+    (1.1 and 0.8 TB/s). The kernel takes about twice the time of its own grid and loads
+    with no arithmetic (``--limits``), which run within 15% of a plain Triton stream of the
+    same words: the arithmetic, not the access pattern, sets its pace.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import act_and_mul, nibble_minus_8
+from .common import act_and_mul, nibble_unit
 
 TILE_N = 64  # columns per Marlin tile group (128 words)
 
@@ -64,6 +64,25 @@ def load_x(x_ptr, idx, mask, inter, ACT_IN: tl.constexpr):
 
 
 @triton.jit
+def step_inputs(
+    x_ptr, w_ptr, s_ptr, n, words, s_col, t, kt, kt_end, inter, GROUP: tl.constexpr,
+    ACT_IN: tl.constexpr,
+):  # fmt: skip
+    """What one step of ``tile_dot`` reads for row tiles ``kt``: the words, the four
+    activation vectors (rows ``2 t + a + 8 c`` of each row tile) and the two scale rows."""
+    kt_mask = kt < kt_end
+    w = tl.load(w_ptr + kt * (2 * n) + words, mask=kt_mask, other=0)
+    x00 = load_x(x_ptr, kt * 16 + 2 * t, kt_mask, inter, ACT_IN)
+    x01 = load_x(x_ptr, kt * 16 + 2 * t + 8, kt_mask, inter, ACT_IN)
+    x10 = load_x(x_ptr, kt * 16 + 2 * t + 1, kt_mask, inter, ACT_IN)
+    x11 = load_x(x_ptr, kt * 16 + 2 * t + 9, kt_mask, inter, ACT_IN)
+    kg = (kt * 16) // GROUP
+    s0 = tl.load(s_ptr + kg * n + s_col, mask=kt_mask, other=0.0).to(tl.float32)
+    s1 = tl.load(s_ptr + kg * n + s_col + 1, mask=kt_mask, other=0.0).to(tl.float32)
+    return w, x00, x01, x10, x11, s0, s1
+
+
+@triton.jit
 def tile_dot(
     x_ptr,
     w_ptr,  # int32 [K / 16, 2 n] of one matrix
@@ -78,7 +97,13 @@ def tile_dot(
     ACT_IN: tl.constexpr,
 ):
     """Rows ``16 kt_begin .. 16 kt_end`` of ``x @ W`` for the 64 columns of tile ``g``, in
-    float32: two ``[8, 4]`` halves (ci, j), columns ``64 g + 16 j + ci`` and ``+ 8``."""
+    float32: two ``[8, 4]`` halves (ci, j), columns ``64 g + 16 j + ci`` and ``+ 8``.
+
+    Each step loads the next step's inputs before it computes its own: all programs of an
+    SM start together and would otherwise wait for their loads together, then compute
+    together (5 - 8% faster on an H100). Each nibble ``n`` becomes ``f = 1 + n / 16`` by a
+    shift and an and-or, and ``n - 8 = 16 f - 24``: the 24 times the activations is taken
+    once per row, not once per weight."""
     kt_idx = tl.arange(0, BLOCK_KT)[:, None, None, None]
     ci = tl.arange(0, 8)[None, :, None, None]
     t = tl.arange(0, 4)[None, None, :, None]
@@ -88,24 +113,25 @@ def tile_dot(
     s_col = g * 64 + 8 * ci + 2 * j  # [1, 8, 1, 4]
     acc0 = tl.zeros([BLOCK_KT, 8, 4, 4], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_KT, 8, 4, 4], dtype=tl.float32)
+    w, x00, x01, x10, x11, s0, s1 = step_inputs(
+        x_ptr, w_ptr, s_ptr, n, words, s_col, t, kt_begin + kt_idx, kt_end, inter, GROUP, ACT_IN
+    )
     for kt0 in range(kt_begin, kt_end, BLOCK_KT):
-        kt = kt0 + kt_idx  # [BLOCK_KT, 1, 1, 1]
-        kt_mask = kt < kt_end
-        w = tl.load(w_ptr + kt * (2 * n) + words, mask=kt_mask, other=0)
-        p0 = tl.zeros([BLOCK_KT, 8, 4, 4], dtype=tl.float32)
-        p1 = tl.zeros([BLOCK_KT, 8, 4, 4], dtype=tl.float32)
-        for a in tl.static_range(2):
-            for c in tl.static_range(2):
-                x = load_x(x_ptr, kt * 16 + 2 * t + a + 8 * c, kt_mask, inter, ACT_IN)
-                p0 += nibble_minus_8(w, 4 * a + c) * x
-                p1 += nibble_minus_8(w, 4 * a + 2 + c) * x
-        kg = (kt * 16) // GROUP
-        s0 = tl.load(s_ptr + kg * n + s_col, mask=kt_mask, other=0.0).to(tl.float32)
-        s1 = tl.load(s_ptr + kg * n + s_col + 1, mask=kt_mask, other=0.0).to(tl.float32)
-        acc0 += p0 * s0
-        acc1 += p1 * s1
-    r0 = tl.sum(tl.sum(acc0, axis=0), axis=1)  # [8, 4] (ci, j)
-    r1 = tl.sum(tl.sum(acc1, axis=0), axis=1)
+        nw, nx00, nx01, nx10, nx11, ns0, ns1 = step_inputs(
+            x_ptr, w_ptr, s_ptr, n, words, s_col, t, kt0 + BLOCK_KT + kt_idx, kt_end, inter,
+            GROUP, ACT_IN,
+        )  # fmt: skip
+        # nibble 4 a + 2 b + c: row 2 t + a + 8 c, column half b; n - 8 = 16 f - 24
+        xs = 1.5 * (x00 + x01 + x10 + x11)
+        p0 = nibble_unit(w, 0) * x00 + nibble_unit(w, 1) * x01
+        p0 += nibble_unit(w, 4) * x10 + nibble_unit(w, 5) * x11
+        p1 = nibble_unit(w, 2) * x00 + nibble_unit(w, 3) * x01
+        p1 += nibble_unit(w, 6) * x10 + nibble_unit(w, 7) * x11
+        acc0 += (p0 - xs) * s0
+        acc1 += (p1 - xs) * s1
+        w, x00, x01, x10, x11, s0, s1 = nw, nx00, nx01, nx10, nx11, ns0, ns1
+    r0 = 16.0 * tl.sum(tl.sum(acc0, axis=0), axis=1)  # [8, 4] (ci, j)
+    r1 = 16.0 * tl.sum(tl.sum(acc1, axis=0), axis=1)
     return r0, r1
 
 

@@ -36,11 +36,11 @@ Numerics:
     W13 output and the activation rounded to the activation dtype, as vLLM's path rounds
     them; the weighted sum over experts stays in float32 and is rounded once.
 
-Speed (one H200, vLLM 0.26.0, each call its own routing; docs/gpu-results.md 3f):
-    35.8 us against vLLM's 35.4 (routing kernel and ``fused_marlin_moe``, 7 kernels) for
-    26.8 MB, both at 0.75 TB/s; error 0.31% against the exact product (vLLM 0.45%). The
-    inner loop is ``marlin_gemv``'s, which moves about 1 TB/s whatever the nibble
-    conversion (instruction issue, not memory, sets its pace).
+Speed (vLLM 0.26.0, each call its own routing; docs/gpu-results.md 3f, 3g):
+    on an H100 32.1 us against vLLM's 37.8 (routing kernel and ``fused_marlin_moe``, 7
+    kernels) for 26.8 MB; on an H200, before ``tile_dot`` prefetched its loads, 35.8
+    against 35.4. Error 0.31% against the exact product (vLLM 0.45%). The inner loop is
+    ``marlin_gemv``'s, which takes about twice the time of its loads.
 """
 
 from __future__ import annotations

@@ -9,15 +9,14 @@ Why:
     bound). ``gemma4_quant.kernels.marlin_moe`` does all of it in two kernels on Marlin's
     own repacked layout (no second copy of the experts).
 
-Measured (H200, vLLM 0.26.0; docs/gpu-results.md 3f):
-    the kernels alone 35.8 us against vLLM's 35.4 (routing + ``fused_marlin_moe``), error
-    0.31% against the exact product (vLLM 0.45%). Inside vLLM (``force``) every layer
-    took them, the one-token experts match the bf16 twin within 0.57%, and a layer runs 9
-    kernels fewer; but with the untuned tiles of that run the two kernels took 43.4 us per
-    layer against vLLM's ~30, and decode at batch 1 was 0.986x of stock (that run also had
-    fast_decode's dense MLP kernels, 1.017x alone on an H100). With the tuned tiles the
-    kernels are still no faster than vLLM's MoE, so ``auto`` takes no shape (``TILES`` is
-    empty).
+Measured (vLLM 0.26.0; docs/gpu-results.md 3f, 3g):
+    the kernels alone 32.1 us against vLLM's 37.8 (routing + ``fused_marlin_moe``) on an
+    H100, error 0.31% against the exact product (vLLM 0.45%). Inside vLLM (``force``)
+    every layer takes them, the one-token experts match the bf16 twin within 0.57%, and a
+    layer runs 8 - 9 kernels fewer. End to end on an H100, with fast_decode's dense MLP
+    kernels: decode 1.048 - 1.050x of stock at batch 1, 1.00x at 4 and 16, but 0.970 -
+    0.971x at 64 in both runs (where both sides run vLLM's kernels, in the same GPU time).
+    That misses the 0.99 a default needs, so ``auto`` takes no shape (``TILES`` is empty).
 
 How:
     Switched with fast_decode (``GEMMA4_QUANT_FAST_DECODE``: ``auto``, ``off``, ``force``);
