@@ -45,6 +45,9 @@ declare -A SELECTION=([0.19.1]="$LOADER_TESTS $FP8_TESTS" [0.23.0]=$LOADER_TESTS
 declare -A SECOND_JOB=([0.20.2]="tests/test_ct_formats.py tests/test_fallback.py
   tests/test_shapes.py tests/test_tensor_parallel.py")
 export VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# up to eight jobs share the cores: every vLLM process's timeout three times its default
+# (tests/server_utils.py); a test that took 9 minutes side by side ran past its 15 alone
+export GEMMA4_QUANT_TEST_TIMEOUT_SCALE=${GEMMA4_QUANT_TEST_TIMEOUT_SCALE:-3}
 mkdir -p .cache/test-logs
 
 # uv (from PATH, else installed into .venvs/uv) builds the environments from one cache,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from server_utils import TIMEOUT_SCALE
 
 HERE = Path(__file__).parent
 
@@ -71,7 +72,12 @@ def run_vllm_load(
     if hf_overrides:
         cmd += ["--hf-overrides", json.dumps(hf_overrides)]
     proc = subprocess.run(
-        cmd, env=run_env, capture_output=True, text=True, timeout=timeout, cwd=out_dir
+        cmd,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout * TIMEOUT_SCALE,
+        cwd=out_dir,
     )
     return _read_load(proc.returncode, proc.stdout + proc.stderr, out)
 
@@ -121,7 +127,7 @@ def run_vllm_loads(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        timeout=timeout,
+        timeout=timeout * TIMEOUT_SCALE,
         cwd=out_dir,
     )
     start, *parts = proc.stdout.split(JOB_MARK)
@@ -200,7 +206,7 @@ def run_vllm_load_parallel(
             )
         procs.append((proc, outs, log))
     for proc, _, _ in procs:
-        proc.wait(timeout=timeout)
+        proc.wait(timeout=timeout * TIMEOUT_SCALE)
     loads: dict[Path, list[Load]] = {checkpoint: [] for checkpoint in checkpoints}
     for _, outs, log in procs:
         whole = log.read_text()
@@ -261,7 +267,7 @@ def run_greedy(
         env=run_env,
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=timeout * TIMEOUT_SCALE,
         cwd=out_dir,
     )
     result = Greedy(proc.returncode, proc.stdout + proc.stderr)
@@ -446,7 +452,12 @@ def run_logprobs(
         run_env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(map(str, cores))
     run_env.update(env or {})
     proc = subprocess.run(
-        cmd, env=run_env, capture_output=True, text=True, timeout=timeout, cwd=out_dir
+        cmd,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout * TIMEOUT_SCALE,
+        cwd=out_dir,
     )
     result = Greedy(proc.returncode, proc.stdout + proc.stderr)
     if out.exists():

@@ -23,6 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Every timeout of a vLLM process or request, times this: the test runner runs the suites
+# side by side on few cores (two on CI), where a vLLM process runs several times slower
+# than alone. A timeout is there to end a hang, not to time a run.
+TIMEOUT_SCALE = float(os.environ.get("GEMMA4_QUANT_TEST_TIMEOUT_SCALE", "1"))
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -141,6 +146,7 @@ class VllmServer:
         return self
 
     def _wait_ready(self, timeout: float) -> None:
+        timeout *= TIMEOUT_SCALE
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -196,7 +202,7 @@ class VllmServer:
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout * TIMEOUT_SCALE) as resp:
                 return Response(resp.status, _decode(resp.read()))
         except urllib.error.HTTPError as err:  # 4xx / 5xx carry a body too
             return Response(err.code, _decode(err.read()))

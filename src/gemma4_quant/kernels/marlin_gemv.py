@@ -35,7 +35,7 @@ Numerics:
 Speed (weights cycled past L2, bench/marlin_gemv.py; docs/gpu-results.md 3e - 3g):
     on an H100, Marlin / this kernel 0.87 at 26B-A4B's q/k/v and 1.21 at its o projection
     (1.1 and 0.8 TB/s). The kernel takes about twice the time of its own grid and loads
-    with no arithmetic (``--limits``), which run within 15% of a plain Triton stream of the
+    with no arithmetic (``--limits``), which run within 16% of a plain Triton stream of the
     same words: the arithmetic, not the access pattern, sets its pace.
 """
 
