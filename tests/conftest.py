@@ -25,6 +25,14 @@ LOAD_MODEL = HERE / "load_model.py"
 GREEDY = HERE / "greedy.py"
 
 
+def run_scaled(cmd: list[str], env: dict[str, str], timeout: float, cwd: Path):
+    """A vLLM process of the tests, its output captured, its timeout scaled by
+    ``TIMEOUT_SCALE``."""
+    return subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=timeout * TIMEOUT_SCALE, cwd=cwd
+    )
+
+
 @dataclass
 class Load:
     """The outcome of one vLLM load in a subprocess."""
@@ -71,14 +79,7 @@ def run_vllm_load(
         cmd.append("--probe-router")
     if hf_overrides:
         cmd += ["--hf-overrides", json.dumps(hf_overrides)]
-    proc = subprocess.run(
-        cmd,
-        env=run_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout * TIMEOUT_SCALE,
-        cwd=out_dir,
-    )
+    proc = run_scaled(cmd, run_env, timeout, out_dir)
     return _read_load(proc.returncode, proc.stdout + proc.stderr, out)
 
 
@@ -262,13 +263,8 @@ def run_greedy(
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         **(env or {}),
     }
-    proc = subprocess.run(
-        [sys.executable, str(GREEDY), str(out), *map(str, models)],
-        env=run_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout * TIMEOUT_SCALE,
-        cwd=out_dir,
+    proc = run_scaled(
+        [sys.executable, str(GREEDY), str(out), *map(str, models)], run_env, timeout, out_dir
     )
     result = Greedy(proc.returncode, proc.stdout + proc.stderr)
     if result.returncode == 0:
@@ -451,14 +447,7 @@ def run_logprobs(
         cores = sorted(os.sched_getaffinity(0))[:tensor_parallel]
         run_env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(map(str, cores))
     run_env.update(env or {})
-    proc = subprocess.run(
-        cmd,
-        env=run_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout * TIMEOUT_SCALE,
-        cwd=out_dir,
-    )
+    proc = run_scaled(cmd, run_env, timeout, out_dir)
     result = Greedy(proc.returncode, proc.stdout + proc.stderr)
     if out.exists():
         result.tokens = json.loads(out.read_text())
