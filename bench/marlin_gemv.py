@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from moe_decode import fastest_tiles, graph_time_us  # noqa: E402  (bench/moe_decode.py)
 
-from gemma4_quant.kernels.marlin_gemv import marlin_gemv  # noqa: E402
+from gemma4_quant.kernels.marlin_gemv import marlin_gemv, share  # noqa: E402
 
 GROUP = 32
 # (K, N) of 26B-A4B's attention projections: sliding layers (16 heads of 256, 8 KV heads),
@@ -193,7 +193,7 @@ def _loads_only_kernel(
 def loads_only(words: torch.Tensor, scales: torch.Tensor, k: int, n: int, tiles: dict):
     split, block_kt = tiles["split"], tiles["block_kt"]
     k_tiles = k // 16
-    per = triton.cdiv(triton.cdiv(k_tiles, split), block_kt) * block_kt
+    per = share(k_tiles, split, block_kt)
     out = torch.empty((n // 64) * split, device="cuda", dtype=torch.float32)
 
     def call():
@@ -222,7 +222,7 @@ def _stream_kernel(w_ptr, out_ptr, total, per_program, BLOCK: tl.constexpr):
 def stream(words: torch.Tensor, tiles: dict):
     total = words.numel()
     programs, block = tiles["programs"], tiles["block"]
-    per = triton.cdiv(triton.cdiv(total, programs), block) * block
+    per = share(total, programs, block)
     out = torch.empty(programs, device="cuda", dtype=torch.int32)
 
     def call():

@@ -46,7 +46,7 @@ declare -A SECOND_JOB=([0.20.2]="tests/test_ct_formats.py tests/test_fallback.py
   tests/test_shapes.py tests/test_tensor_parallel.py")
 export VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # up to eight jobs share the cores: every vLLM process's timeout three times its default
-# (tests/server_utils.py); a test that took 9 minutes side by side ran past its 15 alone
+# (tests/server_utils.py); a test that took 9 minutes among five jobs ran past its 15 among eight
 export GEMMA4_QUANT_TEST_TIMEOUT_SCALE=${GEMMA4_QUANT_TEST_TIMEOUT_SCALE:-3}
 mkdir -p .cache/test-logs
 

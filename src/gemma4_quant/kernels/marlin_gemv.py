@@ -196,6 +196,12 @@ def _marlin_gemv_kernel(
     finish_tile(r0, r1, part_ptr, count_ptr + g, out_ptr, n, g, split, SPLIT)
 
 
+def share(total: int, parts: int, step: int) -> int:
+    """Each of ``parts`` programs' share of ``total`` items (split-K row tiles), rounded up
+    to whole steps of ``step``: the last share may be short or empty."""
+    return triton.cdiv(triton.cdiv(total, parts), step) * step
+
+
 _workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -235,7 +241,7 @@ def marlin_gemv(
             f"group {group}: expected ({k // 16}, {2 * n}) and ({k // group}, {n})"
         )
     k_tiles = k // 16
-    tiles_per_split = triton.cdiv(triton.cdiv(k_tiles, split), block_kt) * block_kt
+    tiles_per_split = share(k_tiles, split, block_kt)
     part, count = workspace(n, split, x.device)
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     _marlin_gemv_kernel[(n // TILE_N, split)](

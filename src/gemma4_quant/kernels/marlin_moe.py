@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from .common import ACTIVATIONS
-from .marlin_gemv import TILE_N, finish_tile, tile_dot
+from .marlin_gemv import TILE_N, finish_tile, share, tile_dot
 
 # The fastest of bench/marlin_moe.py's sweep at 26B-A4B's experts (hidden 2816, intermediate
 # 704, top 8 of 128) on an H200 (bench/results/h200-2026-12-06/marlin_moe.json): 35.8 us
@@ -298,7 +298,7 @@ def marlin_moe(
     logits = router_logits.contiguous()
     block_e = triton.next_power_of_2(n_experts)
     k13 = hidden // 16
-    per13 = triton.cdiv(triton.cdiv(k13, t["split13"]), t["block_kt13"]) * t["block_kt13"]
+    per13 = share(k13, t["split13"], t["block_kt13"])
     _w13_kernel[(n13 // TILE_N, top_k, t["split13"])](
         x.contiguous(),
         logits,
@@ -320,7 +320,7 @@ def marlin_moe(
         num_warps=t["warps13"],
     )
     k2 = inter // 16
-    per2 = triton.cdiv(triton.cdiv(k2, t["split2"]), t["block_kt2"]) * t["block_kt2"]
+    per2 = share(k2, t["split2"], t["block_kt2"])
     _w2_kernel[(hidden // TILE_N, top_k, t["split2"])](
         gate_up,
         logits,
