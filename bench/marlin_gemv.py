@@ -9,11 +9,7 @@ the weights to exceed the L2 cache three times (decode reads every layer's weigh
 per token, never from L2); error of each against the exact float32 product; the Triton
 tiles are the fastest of a sweep, per shape.
 
-    python bench/marlin_gemv.py [--shapes qkv,o,qkv_global,o_global] [--mma off,on]
-                                [--out F.json]
-
-``--mma``: which inner loops to sweep, on CUDA cores (off) and on tensor cores (on);
-each gets its own best tiles, time and error.
+    python bench/marlin_gemv.py [--shapes qkv,o,qkv_global,o_global] [--out F.json]
 
 ``--limits`` asks where the kernel's time goes instead: per shape, over a small tile grid,
 the kernel against the same program grid and loads with no arithmetic (the words and
@@ -119,7 +115,7 @@ def error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want).norm() / want.norm()).item()
 
 
-def bench_shape(name: str, k: int, n: int, mma_settings: list[bool]) -> dict:
+def bench_shape(name: str, k: int, n: int) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(k * n)
     words, scales, w = make_weights(k, n, gen)
     x = torch.randn(1, k, generator=gen, device="cuda").bfloat16()
@@ -138,6 +134,12 @@ def bench_shape(name: str, k: int, n: int, mma_settings: list[bool]) -> dict:
         return rotated(lambda a, b: functools.partial(marlin_gemv, x, a, b, GROUP, **tiles), copies)
 
     rows: list[dict] = []
+    candidates = [dict(zip(SWEEP, v, strict=True)) for v in itertools.product(*SWEEP.values())]
+    top = fastest_tiles(name, candidates, triton, rows, calls=count)
+    stages = [{**top, "stages": s} for s in STAGES]
+    tiles = fastest_tiles(name, stages, triton, rows, calls=count)
+    triton_us = min(r["us"] for r in rows if r["tune"] == tiles)
+    got = marlin_gemv(x, words, scales, GROUP, **tiles)
     result = {
         "shape": name,
         "k": k,
@@ -145,27 +147,16 @@ def bench_shape(name: str, k: int, n: int, mma_settings: list[bool]) -> dict:
         "mbytes": round(nbytes / 1e6, 2),
         "copies": count,
         "marlin_us": round(marlin_us, 2),
+        "triton_us": triton_us,
+        "marlin_over_triton": round(marlin_us / triton_us, 3),
+        "tiles": tiles,
         "error_marlin": round(marlin_error, 5),
+        "error_triton": round(error(got, want), 5),
+        "triton_vs_marlin": round(error(got, marlin(x).float()), 5),
         "tb_s_marlin": round(nbytes / marlin_us / 1e6, 2),
+        "tb_s_triton": round(nbytes / triton_us / 1e6, 2),
+        "sweep": rows,
     }
-    for mma in mma_settings:
-        sweep = {**SWEEP, "mma": (mma,)}
-        candidates = [dict(zip(sweep, v, strict=True)) for v in itertools.product(*sweep.values())]
-        top = fastest_tiles(f"{name} mma={mma}", candidates, triton, rows, calls=count)
-        stages = [{**top, "stages": s} for s in STAGES]
-        tiles = fastest_tiles(f"{name} mma={mma}", stages, triton, rows, calls=count)
-        triton_us = min(r["us"] for r in rows if r["tune"] == tiles)
-        got = marlin_gemv(x, words, scales, GROUP, **tiles)
-        key = "mma" if mma else "triton"
-        result |= {
-            f"{key}_us": triton_us,
-            f"marlin_over_{key}": round(marlin_us / triton_us, 3),
-            f"{key}_tiles": tiles,
-            f"error_{key}": round(error(got, want), 5),
-            f"{key}_vs_marlin": round(error(got, marlin(x).float()), 5),
-            f"tb_s_{key}": round(nbytes / triton_us / 1e6, 2),
-        }
-    result["sweep"] = rows
     print(json.dumps({k: v for k, v in result.items() if k != "sweep"}), flush=True)
     return result
 
@@ -310,7 +301,6 @@ def main() -> int:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--limits", action="store_true", help="where the kernel's time goes")
-    parser.add_argument("--mma", default="off,on", help="inner loops: off (CUDA cores), on")
     args = parser.parse_args()
     import vllm._custom_ops  # noqa: F401  (registers Marlin's ops)
 
@@ -331,23 +321,20 @@ def main() -> int:
                                             "results": results}, indent=1) + "\n")  # fmt: skip
         return 0
 
-    settings = [m == "on" for m in args.mma.split(",")]
-    results = [bench_shape(s, *SHAPES[s], settings) for s in args.shapes.split(",")]
+    results = [bench_shape(s, *SHAPES[s]) for s in args.shapes.split(",")]
     print(f"\n{torch.cuda.get_device_name()}, one token, group {GROUP}, weights cycled past L2")
-    print("| shape | MB | Marlin us | inner loop | us | Marlin / it | tiles | error Marlin / it "
-          "| TB/s Marlin / it |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| shape | K | N | MB | Marlin us | Triton us | Marlin/Triton | tiles | error Marlin | "
+          "error Triton | TB/s Marlin / Triton |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        for key, label in (("triton", "CUDA cores"), ("mma", "tensor cores")):
-            if f"{key}_us" not in r:
-                continue
-            t = r[f"{key}_tiles"]
-            print(
-                f"| {r['shape']} | {r['mbytes']} | {r['marlin_us']} | {label} | {r[f'{key}_us']} "
-                f"| {r[f'marlin_over_{key}']} | split {t['split']}, {t['block_kt']} row tiles, "
-                f"{t['warps']} warps, {t.get('stages', 3)} stages | {r['error_marlin']} / "
-                f"{r[f'error_{key}']} | {r['tb_s_marlin']} / {r[f'tb_s_{key}']} |"
-            )
+        t = r["tiles"]
+        print(
+            f"| {r['shape']} | {r['k']} | {r['n']} | {r['mbytes']} | {r['marlin_us']} | "
+            f"{r['triton_us']} | {r['marlin_over_triton']} | split {t['split']}, "
+            f"{t['block_kt']} row tiles, {t['warps']} warps, {t.get('stages', 3)} stages | "
+            f"{r['error_marlin']} | "
+            f"{r['error_triton']} | {r['tb_s_marlin']} / {r['tb_s_triton']} |"
+        )
     if args.out:
         summary = {
             "device": torch.cuda.get_device_name(),

@@ -11,7 +11,7 @@ from L2 (decode reads each layer's 8 experts once per token). Per path: GPU time
 inside a CUDA graph, kernels per call, error against the exact float32 product with the
 same routing. The Triton tiles are the fastest of a sweep (W13's first, then W2's).
 
-    python bench/marlin_moe.py [--calls 32] [--mma off,on] [--out F.json]
+    python bench/marlin_moe.py [--calls 32] [--out F.json]
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ def main() -> int:
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--calls", type=int, default=32, help="captured calls, each its own routing")
     p.add_argument("--replays", type=int, default=20)
-    p.add_argument("--mma", default="off,on", help="inner loops: off (CUDA cores), on")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     dev = "cuda"
@@ -107,18 +106,11 @@ def main() -> int:
     def make(tiles: dict) -> Callable:
         return cycled(lambda lg: triton_call(lg, tiles))
 
-    best: dict[bool, tuple[dict, float, float]] = {}
-    for mma in (m == "on" for m in args.mma.split(",")):
-        base = {**DEFAULT_TILES, "mma": int(mma)}
-        grid13 = [dict(zip(SWEEP13, v, strict=True)) for v in itertools.product(*SWEEP13.values())]
-        best13 = fastest_tiles(f"13 mma={mma}", ({**base, **t} for t in grid13), make, rows,
-                               args.calls)  # fmt: skip
-        grid2 = [dict(zip(SWEEP2, v, strict=True)) for v in itertools.product(*SWEEP2.values())]
-        found = fastest_tiles(f"2 mma={mma}", ({**best13, **t} for t in grid2), make, rows,
-                              args.calls)  # fmt: skip
-        us = min(r["us"] for r in rows if r["tune"] == found)
-        best[mma] = (found, us, error(triton_call(logits[0], found), want))
-    tiles, triton_us, triton_err = min(best.values(), key=lambda b: b[1])
+    grid13 = [dict(zip(SWEEP13, v, strict=True)) for v in itertools.product(*SWEEP13.values())]
+    best13 = fastest_tiles("13", ({**DEFAULT_TILES, **t} for t in grid13), make, rows, args.calls)
+    grid2 = [dict(zip(SWEEP2, v, strict=True)) for v in itertools.product(*SWEEP2.values())]
+    tiles = fastest_tiles("2", ({**best13, **t} for t in grid2), make, rows, args.calls)
+    triton_us = min(r["us"] for r in rows if r["tune"] == tiles)
     got = triton_call(logits[0], tiles)
     nbytes = k * (mw13[0].numel() * 4 + ms13[0].numel() * 2 + mw2[0].numel() * 4)
     nbytes += k * ms2[0].numel() * 2
@@ -134,15 +126,7 @@ def main() -> int:
         "kernels_vllm": kernels_per_call(lambda: vllm_call(logits[0])),
         "kernels_triton": kernels_per_call(lambda: triton_call(logits[0], tiles)),
         "error_vllm": round(vllm_err, 5),
-        "error_triton": round(triton_err, 5),
-        "by_inner_loop": {
-            ("tensor cores" if m else "CUDA cores"): {
-                "us": b[1],
-                "error": round(b[2], 5),
-                "tiles": b[0],
-            }
-            for m, b in best.items()
-        },
+        "error_triton": round(error(got, want), 5),
         "triton_vs_vllm": round(error(got, vllm_call(logits[0]).float()), 5),
         "tb_s_vllm": round(nbytes / vllm_us / 1e6, 2),
         "tb_s_triton": round(nbytes / triton_us / 1e6, 2),
@@ -161,8 +145,6 @@ def main() -> int:
         f"vLLM / Triton {result['vllm_over_triton']}; Triton vs vLLM {result['triton_vs_vllm']}; "
         f"tiles {tiles}"
     )
-    for label, b in result["by_inner_loop"].items():
-        print(f"marlin_moe on {label}: {b['us']} us, error {b['error']}, tiles {b['tiles']}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0

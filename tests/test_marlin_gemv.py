@@ -72,33 +72,6 @@ def test_matches_the_float32_product(k: int, n: int, group: int, split: int, blo
     assert _error(got, want) < 5e-3
 
 
-# The tensor-core step (``tile_dot_mma``): here its arithmetic, lane by lane as the GPU's
-# instruction adds (weights n + 128 or n + 1024, activations in column 0 of B, sums into the
-# lanes t = 0), and the same packing of the activations; the instruction itself runs on a GPU
-# only (bench/marlin_gemv.py, and the plugin's check against Marlin per layer)
-@pytest.mark.parametrize(
-    ("k", "n", "group", "split", "block_kt", "dtype"),
-    [
-        (2816, 1024, 32, 16, 4, torch.bfloat16),
-        (512, 256, 32, 2, 4, torch.float16),
-        (1024, 128, 128, 1, 8, torch.bfloat16),
-    ],
-)
-def test_tensor_core_step_matches_the_float32_product(k, n, group, split, block_kt, dtype):
-    gen = torch.Generator().manual_seed(k + n + group)
-    words, scales, w = _marlin(k, n, group, gen)
-    x = torch.randn(1, k, generator=gen).to(dtype)
-    want = x.float() @ w
-    common = {"split": split, "block_kt": block_kt}
-    args = (x.to(DEVICE), words.to(DEVICE), scales.to(dtype).to(DEVICE), group)
-    got = marlin_gemv(*args, mma=True, **common)
-    assert got.dtype == dtype
-    assert _error(got, want) < (5e-3 if dtype == torch.bfloat16 else 1e-3)
-    # the CUDA-core step's sums to float32 rounding, before the one rounding to dtype
-    plain = marlin_gemv(*args, **common)
-    assert _error(got, plain.float().cpu()) < (8e-3 if dtype == torch.bfloat16 else 1e-3)
-
-
 def test_split_counters_are_left_at_zero_for_the_next_call():
     gen = torch.Generator().manual_seed(1)
     words, scales, w = _marlin(512, 256, 32, gen)

@@ -18,12 +18,6 @@ def nibble_minus_8(w, i: tl.constexpr):
 
 
 @triton.jit
-def nibble_plain(w, i: tl.constexpr):
-    """Nibble ``i`` of ``w`` as float32, plainly converted (for reference arithmetic)."""
-    return ((w >> (4 * i)) & 0xF).to(tl.float32)
-
-
-@triton.jit
 def nibble_unit(w, i: tl.constexpr):
     """``1 + n / 16`` for nibble ``i`` (value ``n``) of ``w``, as float32: the nibble goes
     into the top mantissa bits of 1.0 by one shift and one and-or, so ``n - 8`` is

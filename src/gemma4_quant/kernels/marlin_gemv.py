@@ -36,7 +36,9 @@ Speed (weights cycled past L2, bench/marlin_gemv.py; docs/gpu-results.md 3e - 3g
     on an H100, Marlin / this kernel 0.87 at 26B-A4B's q/k/v and 1.21 at its o projection
     (1.1 and 0.8 TB/s). The kernel takes about twice the time of its own grid and loads
     with no arithmetic (``--limits``), which run within 16% of a plain Triton stream of the
-    same words: the arithmetic, not the access pattern, sets its pace.
+    same words: not the access pattern. Nor the instruction count or the loads in flight:
+    tensor cores (Marlin's bf16-pair trick and one ``mma.sync`` per word, through inline
+    PTX) and words two steps ahead were both slower (docs/gpu-results.md 3h).
 """
 
 from __future__ import annotations
@@ -44,9 +46,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-from .common import act_and_mul, nibble_plain, nibble_unit
+from .common import act_and_mul, nibble_unit
 
 TILE_N = 64  # columns per Marlin tile group (128 words)
 
@@ -67,12 +68,12 @@ def load_x(x_ptr, idx, mask, inter, ACT_IN: tl.constexpr):
 @triton.jit
 def step_inputs(
     x_ptr, w_ptr, s_ptr, n, words, s_col, t, kt, kt_end, inter, GROUP: tl.constexpr,
-    ACT_IN: tl.constexpr, WORDS: tl.constexpr = True,
+    ACT_IN: tl.constexpr,
 ):  # fmt: skip
     """What one step of ``tile_dot`` reads for row tiles ``kt``: the words, the four
     activation vectors (rows ``2 t + a + 8 c`` of each row tile) and the two scale rows."""
     kt_mask = kt < kt_end
-    w = tl.load(w_ptr + kt * (2 * n) + words, mask=kt_mask & WORDS, other=0)
+    w = tl.load(w_ptr + kt * (2 * n) + words, mask=kt_mask, other=0)
     x00 = load_x(x_ptr, kt * 16 + 2 * t, kt_mask, inter, ACT_IN)
     x01 = load_x(x_ptr, kt * 16 + 2 * t + 8, kt_mask, inter, ACT_IN)
     x10 = load_x(x_ptr, kt * 16 + 2 * t + 1, kt_mask, inter, ACT_IN)
@@ -81,167 +82,6 @@ def step_inputs(
     s0 = tl.load(s_ptr + kg * n + s_col, mask=kt_mask, other=0.0).to(tl.float32)
     s1 = tl.load(s_ptr + kg * n + s_col + 1, mask=kt_mask, other=0.0).to(tl.float32)
     return w, x00, x01, x10, x11, s0, s1
-
-
-# One m16n8k16 tensor-core product per word. In Marlin's layout the word of lane (ci, t),
-# j of a row tile is exactly the A fragment of the transposed tile (rows: the 16 columns
-# 16 j + 8 b + ci; columns: its 16 rows 2 t + a + 8 c), register r holding nibbles r' and
-# r' + 4 as a pair (r' = 0, 2, 1, 3: b, c). An and-or puts each nibble pair into the
-# mantissas of 128 (1024 for fp16), exact values 128 + n: two weights per instruction,
-# no conversion. B is the activations in column 0 (lanes ci = 0), zero elsewhere, so the
-# product lands in lane t = 0 (rows ci and ci + 8) and the other lanes hold zeros.
-_MMA_ASM = """{
-.reg .b32 a<4>, s;
-.reg .f32 z, d<2>;
-mov.f32 z, 0f00000000;
-lop3.b32 a0, $2, 0x000F000F, MAGIC, 0xEA;
-shr.u32 s, $2, 8;
-lop3.b32 a1, s, 0x000F000F, MAGIC, 0xEA;
-shr.u32 s, $2, 4;
-lop3.b32 a2, s, 0x000F000F, MAGIC, 0xEA;
-shr.u32 s, $2, 12;
-lop3.b32 a3, s, 0x000F000F, MAGIC, 0xEA;
-mma.sync.aligned.m16n8k16.row.col.f32.TYPE.TYPE.f32
-    {$0, d0, $1, d1}, {a0, a1, a2, a3}, {$3, $4}, {z, z, z, z};
-}"""
-MMA_BF16 = tl.constexpr(_MMA_ASM.replace("MAGIC", "0x43004300").replace("TYPE", "bf16"))
-MMA_FP16 = tl.constexpr(_MMA_ASM.replace("MAGIC", "0x64006400").replace("TYPE", "f16"))
-
-
-@triton.jit
-def pack_pair(lo, hi, dtype: tl.constexpr):
-    """Two float32 values, exact in ``dtype`` (16 bits), as one int32: ``lo`` in the low half."""
-    lo16 = lo.to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    hi16 = hi.to(dtype).to(tl.int16, bitcast=True).to(tl.int32)
-    return lo16 | (hi16 << 16)
-
-
-@triton.jit
-def unpack_pair(pair, dtype: tl.constexpr):
-    lo = (pair & 0xFFFF).to(tl.int16).to(dtype, bitcast=True).to(tl.float32)
-    hi = (pair >> 16).to(tl.int16).to(dtype, bitcast=True).to(tl.float32)
-    return lo, hi
-
-
-@triton.jit
-def mma_words(w, xa, xb, dtype: tl.constexpr, MMA: tl.constexpr):
-    """Per word of ``[BLOCK_KT, 128]`` (lane ``4 ci + t`` of its row tile, ``j`` within the
-    lane): the sums of rows ``ci`` and ``ci + 8`` of its 16 x 16 block over all 16 rows in
-    the lanes ``t = 0``, zero in the others, the weights taken as ``n + 128`` (``n + 1024``
-    for fp16). ``xa``, ``xb``: the lane's activation pairs (rows ``2 t``, ``2 t + 1`` and
-    ``+ 8``), zero outside the lanes ``ci = 0``. ``MMA`` 2 takes the same sums lane by lane
-    (the Triton interpreter runs no PTX)."""
-    if MMA == 1:
-        p0, p1 = tl.inline_asm_elementwise(
-            MMA_FP16 if dtype == tl.float16 else MMA_BF16,
-            "=f,=f,r,r,r",
-            [w, xa, xb],
-            dtype=(tl.float32, tl.float32),
-            is_pure=True,
-            pack=1,
-        )
-    else:
-        magic: tl.constexpr = 1024.0 if dtype == tl.float16 else 128.0
-        kts: tl.constexpr = w.shape[0]
-        w4 = tl.reshape(w, [kts, 8, 4, 4])  # (kt, ci, t, j)
-        # B's column 0 (lanes ci = 0) against each lane's weights, summed into t = 0
-        xa = tl.sum(tl.reshape(xa, [kts, 8, 4, 4]), axis=1, keep_dims=True)
-        xb = tl.sum(tl.reshape(xb, [kts, 8, 4, 4]), axis=1, keep_dims=True)
-        b00, b10 = unpack_pair(xa, dtype)
-        b01, b11 = unpack_pair(xb, dtype)
-        q0 = (nibble_plain(w4, 0) + magic) * b00 + (nibble_plain(w4, 1) + magic) * b01
-        q0 += (nibble_plain(w4, 4) + magic) * b10 + (nibble_plain(w4, 5) + magic) * b11
-        q1 = (nibble_plain(w4, 2) + magic) * b00 + (nibble_plain(w4, 3) + magic) * b01
-        q1 += (nibble_plain(w4, 6) + magic) * b10 + (nibble_plain(w4, 7) + magic) * b11
-        first = tl.arange(0, 4)[None, None, :, None] == 0
-        p0 = tl.where(first, tl.sum(q0, axis=2, keep_dims=True), 0.0)
-        p1 = tl.where(first, tl.sum(q1, axis=2, keep_dims=True), 0.0)
-        p0 = tl.reshape(p0, [kts, 128])
-        p1 = tl.reshape(p1, [kts, 128])
-    return p0, p1
-
-
-@triton.jit
-def own_pair(v, j, t, BLOCK_KT: tl.constexpr):
-    """Of the four values a lane holds (``j``), the one at ``t``, in all four."""
-    mine = tl.where(j == t, v, 0)
-    one = tl.sum(tl.reshape(mine, (BLOCK_KT, 32, 4)), axis=2, keep_dims=True)
-    return tl.reshape(tl.broadcast_to(one, (BLOCK_KT, 32, 4)), (BLOCK_KT, 128))
-
-
-@triton.jit
-def mma_inputs(
-    x_ptr, w_ptr, s_ptr, n, words, s_pairs, first, j, t, kt, kt_end, inter,
-    GROUP: tl.constexpr, BLOCK_KT: tl.constexpr, ACT_IN: tl.constexpr,
-):  # fmt: skip
-    """What one step of ``tile_dot_mma`` reads for row tiles ``kt`` ``[BLOCK_KT, 1]``: the
-    words, the activation pairs of lanes ``ci = 0`` (``first``) and zeros elsewhere, the sum
-    of each row tile's 16 activations and the two scale rows. Only the words and scales are
-    loaded per word, both as whole 16-byte rows of a lane, so that Triton keeps the words'
-    lane order; the activations are one ``[BLOCK_KT, 16]`` load, spread from there."""
-    kt_mask = kt < kt_end
-    w = tl.load(w_ptr + kt * (2 * n) + words, mask=kt_mask, other=0)
-    dtype = x_ptr.dtype.element_ty
-    if ACT_IN < 0:
-        # each lane loads the four pairs of its half (16 bytes, as the words: Triton keeps
-        # one layout) and keeps its own, t; lanes ci > 0 load nothing
-        pairs = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-        ja = tl.load(pairs + kt * 8 + j, mask=kt_mask & first, other=0)
-        jb = tl.load(pairs + kt * 8 + 4 + j, mask=kt_mask & first, other=0)
-        xa = own_pair(ja, j, t, BLOCK_KT)
-        xb = own_pair(jb, j, t, BLOCK_KT)
-        rows = kt * 16 + tl.arange(0, 16)[None, :]
-        x_sum = tl.sum(load_x(x_ptr, rows, kt_mask, inter, ACT_IN), axis=1, keep_dims=True)
-    else:
-        x = load_x(x_ptr, kt * 16 + tl.arange(0, 16)[None, :], kt_mask, inter, ACT_IN)
-        x_sum = tl.sum(x, axis=1, keep_dims=True)
-        lo, hi = tl.split(tl.reshape(x, [BLOCK_KT, 2, 4, 2]))  # row 2 t + a + 8 c: (kt, c, t), a
-        xa, xb = tl.split(tl.permute(pack_pair(lo, hi, dtype), (0, 2, 1)))  # (kt, t), c
-        xa = tl.reshape(tl.broadcast_to(xa[:, None, :, None], (BLOCK_KT, 8, 4, 4)), (BLOCK_KT, 128))
-        xb = tl.reshape(tl.broadcast_to(xb[:, None, :, None], (BLOCK_KT, 8, 4, 4)), (BLOCK_KT, 128))
-        xa = tl.where(first, xa, 0)
-        xb = tl.where(first, xb, 0)
-    kg = (kt * 16) // GROUP
-    scales = s_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-    s0, s1 = unpack_pair(tl.load(scales + kg * (n // 2) + s_pairs, mask=kt_mask, other=0), dtype)
-    return w, xa, xb, x_sum, s0, s1
-
-
-@triton.jit
-def tile_dot_mma(
-    x_ptr, w_ptr, s_ptr, n, g, kt_begin, kt_end, inter, GROUP: tl.constexpr,
-    BLOCK_KT: tl.constexpr, ACT_IN: tl.constexpr, MMA: tl.constexpr,
-):  # fmt: skip
-    """``tile_dot`` on tensor cores (``mma_words``, the layout comment above it). A row
-    tile's 128 words are one contiguous ``[128]`` row, so Triton gives each lane 4 of them
-    (lane ``4 ci + t``, ``j`` within it), the order the instruction needs; the weights as
-    ``n + 128`` add 136 times the activations' sum to each row, taken off once per row tile
-    (a quarter in each lane ``t``)."""
-    c = tl.arange(0, 128)[None, :]  # word 16 ci + 4 t + j of a row tile
-    words = g * 128 + c
-    s_pairs = g * 32 + 4 * (c // 16) + c % 4  # columns 8 ci + 2 j (b = 0) and + 1 (b = 1)
-    first = c < 16  # ci = 0
-    kt_idx = tl.arange(0, BLOCK_KT)[:, None]
-    dtype = x_ptr.dtype.element_ty
-    bias: tl.constexpr = 0.25 * (1032.0 if dtype == tl.float16 else 136.0)
-    acc0 = tl.zeros([BLOCK_KT, 128], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_KT, 128], dtype=tl.float32)
-    w, xa, xb, x_sum, s0, s1 = mma_inputs(
-        x_ptr, w_ptr, s_ptr, n, words, s_pairs, first, c % 4, (c // 4) % 4, kt_begin + kt_idx,
-        kt_end, inter, GROUP, BLOCK_KT, ACT_IN,
-    )  # fmt: skip
-    for kt0 in range(kt_begin, kt_end, BLOCK_KT):
-        nw, nxa, nxb, nx_sum, ns0, ns1 = mma_inputs(
-            x_ptr, w_ptr, s_ptr, n, words, s_pairs, first, c % 4, (c // 4) % 4,
-            kt0 + BLOCK_KT + kt_idx, kt_end, inter, GROUP, BLOCK_KT, ACT_IN,
-        )  # fmt: skip
-        p0, p1 = mma_words(w, xa, xb, dtype, MMA)
-        acc0 += (p0 - bias * x_sum) * s0
-        acc1 += (p1 - bias * x_sum) * s1
-        w, xa, xb, x_sum, s0, s1 = nw, nxa, nxb, nx_sum, ns0, ns1
-    r0 = tl.sum(tl.reshape(tl.sum(acc0, axis=0), [8, 4, 4]), axis=1)  # [8, 4] (ci, j)
-    r1 = tl.sum(tl.reshape(tl.sum(acc1, axis=0), [8, 4, 4]), axis=1)
-    return r0, r1
 
 
 @triton.jit
@@ -257,23 +97,15 @@ def tile_dot(
     GROUP: tl.constexpr,
     BLOCK_KT: tl.constexpr,
     ACT_IN: tl.constexpr,
-    MMA: tl.constexpr = 0,
-    DEPTH: tl.constexpr = 1,
 ):
     """Rows ``16 kt_begin .. 16 kt_end`` of ``x @ W`` for the 64 columns of tile ``g``, in
     float32: two ``[8, 4]`` halves (ci, j), columns ``64 g + 16 j + ci`` and ``+ 8``.
-    ``MMA`` 0: CUDA cores, as below; 1: tensor cores (``tile_dot_mma``); 2: its arithmetic
-    without its instruction (for the Triton interpreter).
 
     Each step loads the next step's inputs before it computes its own: all programs of an
     SM start together and would otherwise wait for their loads together, then compute
     together (5 - 8% faster on an H100). Each nibble ``n`` becomes ``f = 1 + n / 16`` by a
     shift and an and-or, and ``n - 8 = 16 f - 24``: the 24 times the activations is taken
     once per row, not once per weight."""
-    if MMA != 0:
-        return tile_dot_mma(
-            x_ptr, w_ptr, s_ptr, n, g, kt_begin, kt_end, inter, GROUP, BLOCK_KT, ACT_IN, MMA
-        )  # fmt: skip
     kt_idx = tl.arange(0, BLOCK_KT)[:, None, None, None]
     ci = tl.arange(0, 8)[None, :, None, None]
     t = tl.arange(0, 4)[None, None, :, None]
@@ -286,19 +118,11 @@ def tile_dot(
     w, x00, x01, x10, x11, s0, s1 = step_inputs(
         x_ptr, w_ptr, s_ptr, n, words, s_col, t, kt_begin + kt_idx, kt_end, inter, GROUP, ACT_IN
     )
-    # DEPTH 2: the words two steps ahead (the scales and activations stay one ahead)
-    kt_far = kt_begin + BLOCK_KT + kt_idx
-    far_mask = (kt_far < kt_end) & (DEPTH == 2)
-    w_far = tl.load(w_ptr + kt_far * (2 * n) + words, mask=far_mask, other=0)
     for kt0 in range(kt_begin, kt_end, BLOCK_KT):
         nw, nx00, nx01, nx10, nx11, ns0, ns1 = step_inputs(
             x_ptr, w_ptr, s_ptr, n, words, s_col, t, kt0 + BLOCK_KT + kt_idx, kt_end, inter,
-            GROUP, ACT_IN, DEPTH == 1,
+            GROUP, ACT_IN,
         )  # fmt: skip
-        if DEPTH == 2:
-            kt_far = kt0 + 2 * BLOCK_KT + kt_idx
-            nw = w_far
-            w_far = tl.load(w_ptr + kt_far * (2 * n) + words, mask=kt_far < kt_end, other=0)
         # nibble 4 a + 2 b + c: row 2 t + a + 8 c, column half b; n - 8 = 16 f - 24
         xs = 1.5 * (x00 + x01 + x10 + x11)
         p0 = nibble_unit(w, 0) * x00 + nibble_unit(w, 1) * x01
@@ -365,34 +189,13 @@ def _marlin_gemv_kernel(
     GROUP: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK_KT: tl.constexpr,
-    MMA: tl.constexpr,
-    DEPTH: tl.constexpr,
 ):
     g = tl.program_id(0)
     split = tl.program_id(1)
     kt_begin = split * tiles_per_split
     kt_end = tl.minimum(kt_begin + tiles_per_split, k_tiles)
-    r0, r1 = tile_dot(
-        x_ptr, w_ptr, s_ptr, n, g, kt_begin, kt_end, 0, GROUP, BLOCK_KT, -1, MMA, DEPTH
-    )  # fmt: skip
+    r0, r1 = tile_dot(x_ptr, w_ptr, s_ptr, n, g, kt_begin, kt_end, 0, GROUP, BLOCK_KT, -1)
     finish_tile(r0, r1, part_ptr, count_ptr + g, out_ptr, n, g, split, SPLIT)
-
-
-def mma_mode(enabled: bool, x: torch.Tensor, kernel) -> int:
-    """``tile_dot``'s ``MMA`` for a call: 0 unless asked; 2 where ``kernel`` runs in
-    Triton's interpreter; 1 on an NVIDIA GPU of compute capability 8.0 or later with bf16
-    or fp16 activations; a ValueError otherwise."""
-    if not enabled:
-        return 0
-    if isinstance(kernel, InterpretedFunction):
-        return 2
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"int4 tensor-core path: activations {x.dtype}, expected bf16 or fp16")
-    if x.device.type != "cuda" or torch.version.cuda is None:
-        raise ValueError(f"int4 tensor-core path: needs an NVIDIA GPU, got {x.device}")
-    if torch.cuda.get_device_capability(x.device) < (8, 0):
-        raise ValueError("int4 tensor-core path: needs compute capability 8.0 or later")
-    return 1
 
 
 def share(total: int, parts: int, step: int) -> int:
@@ -427,11 +230,8 @@ def marlin_gemv(
     block_kt: int = 4,
     warps: int = 4,
     stages: int = 3,
-    mma: bool = False,
-    depth: int = 1,
 ) -> torch.Tensor:
-    """``x [1, K] @ W [K, N]`` for one token, ``W`` in Marlin's 4-bit layout: ``[1, N]``;
-    ``mma``: on tensor cores (``tile_dot_mma``)."""
+    """``x [1, K] @ W [K, N]`` for one token, ``W`` in Marlin's 4-bit layout: ``[1, N]``."""
     k = x.shape[-1]
     n = w_s.shape[-1]
     # one group over all of K is channelwise to Marlin, whose scales are permuted otherwise
@@ -459,8 +259,6 @@ def marlin_gemv(
         GROUP=group,
         SPLIT=split,
         BLOCK_KT=block_kt,
-        MMA=mma_mode(mma, x, _marlin_gemv_kernel),
-        DEPTH=depth,
         num_warps=warps,
         num_stages=stages,
     )

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from .common import ACTIVATIONS
-from .marlin_gemv import TILE_N, finish_tile, mma_mode, share, tile_dot
+from .marlin_gemv import TILE_N, finish_tile, share, tile_dot
 
 # The fastest of bench/marlin_moe.py's sweep at 26B-A4B's experts (hidden 2816, intermediate
 # 704, top 8 of 128) on an H200 (bench/results/h200-2026-12-06/marlin_moe.json): 35.8 us
@@ -61,7 +61,6 @@ DEFAULT_TILES = {
     "split2": 2,
     "block_kt2": 4,
     "warps2": 4,
-    "mma": 0,  # tensor cores (marlin_gemv.tile_dot_mma)
 }
 
 
@@ -108,7 +107,6 @@ def _w13_kernel(
     GROUP: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK_KT: tl.constexpr,
-    MMA: tl.constexpr,
 ):
     g = tl.program_id(0)
     slot = tl.program_id(1)
@@ -128,7 +126,6 @@ def _w13_kernel(
         GROUP,
         BLOCK_KT,
         -1,
-        MMA,
     )
     finish_tile(
         r0,
@@ -163,7 +160,6 @@ def _w2_kernel(
     SPLIT: tl.constexpr,
     BLOCK_KT: tl.constexpr,
     ACT: tl.constexpr,
-    MMA: tl.constexpr,
 ):
     g = tl.program_id(0)
     slot = tl.program_id(1)
@@ -184,7 +180,6 @@ def _w2_kernel(
         GROUP,
         BLOCK_KT,
         ACT,
-        MMA,
     )
     finish_tile(
         r0 * weight,
@@ -322,7 +317,6 @@ def marlin_moe(
         GROUP=group,
         SPLIT=t["split13"],
         BLOCK_KT=t["block_kt13"],
-        MMA=mma_mode(bool(t["mma"]), x, _w13_kernel),
         num_warps=t["warps13"],
     )
     k2 = inter // 16
@@ -346,7 +340,6 @@ def marlin_moe(
         SPLIT=t["split2"],
         BLOCK_KT=t["block_kt2"],
         ACT=ACTIVATIONS[activation],
-        MMA=mma_mode(bool(t["mma"]), x, _w2_kernel),
         num_warps=t["warps2"],
     )
     return out
