@@ -11,26 +11,16 @@ GPU. Skips where Triton is not installed.
 
 from __future__ import annotations
 
-import os
-
 import pytest
+from triton_env import DEVICE, marlin_reference, need_triton
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-torch = pytest.importorskip("torch")
-pytest.importorskip("triton", reason="Triton is not installed in this environment")
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("Triton without its interpreter needs a GPU", allow_module_level=True)
-marlin_test = pytest.importorskip(
-    "vllm.model_executor.layers.quantization.utils.marlin_utils_test",
-    reason="this vLLM has no Marlin reference packer",
-)
+torch = need_triton()
+marlin_test = marlin_reference()
 from vllm.model_executor.layers.quantization.utils.marlin_utils import (  # noqa: E402
     marlin_permute_scales,
 )
 
 from gemma4_quant.kernels.marlin_gemv import marlin_gemv  # noqa: E402
-
-DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
 def _marlin(k: int, n: int, group: int, gen: torch.Generator):

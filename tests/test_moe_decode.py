@@ -9,22 +9,17 @@ so the kernels' indexing, masking and numerics are checked without a GPU; their 
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
+from triton_env import DEVICE, need_triton
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-torch = pytest.importorskip("torch")
-pytest.importorskip("triton", reason="Triton is not installed in this environment")
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("Triton without its interpreter needs a GPU", allow_module_level=True)
+torch = need_triton()
 
 from unpack import ct_int4  # noqa: E402
 
 from gemma4_quant.int4 import pack_int4_raw  # noqa: E402
 from gemma4_quant.kernels.moe_decode import moe_decode  # noqa: E402
 
-DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 GROUP = 32
 
 

@@ -216,6 +216,23 @@ def wrap_once(
     setattr(owner, attr, staticmethod(wrapper) if static else wrapper)
 
 
+_ops: set[str] = set()
+
+
+def define_op(name: str, schema: str, impl: Callable, fake: Callable) -> None:
+    """``torch.ops.gemma4_quant.<name>``: ``impl``, and ``fake`` (the output's shape and
+    dtype only) for tracing, once per process (every layer a patch takes, and a second
+    registration of the plugin, ask again). The schema is spelled out: the patches'
+    annotations are strings."""
+    if name in _ops:
+        return
+    import torch
+
+    op = torch.library.custom_op(f"gemma4_quant::{name}", mutates_args=(), schema=schema)(impl)
+    op.register_fake(fake)
+    _ops.add(name)
+
+
 _said: set[str] = set()
 
 

@@ -54,7 +54,15 @@ if TYPE_CHECKING:
     import torch
 
 from .. import envs, vllm_code
-from . import Detection, cuda_device, info_once, vllm_source, when_imported, wrap_once
+from . import (
+    Detection,
+    cuda_device,
+    define_op,
+    info_once,
+    vllm_source,
+    when_imported,
+    wrap_once,
+)
 
 NAME = "fast_decode"
 SUMMARY = "one-token decode: the bf16 dense MLP in two Triton kernels (measured GPUs only)"
@@ -258,23 +266,11 @@ def _check(tiles: dict[str, int], hidden: int, inter: int, device: str) -> bool:
     return True
 
 
-_registered: dict[str, int] | None = None
-
-
 def register_op(tiles: dict[str, int]) -> None:
-    """``torch.ops.gemma4_quant.dense_mlp(x, gate_up, down)``, once per process."""
-    global _registered
-    if _registered is not None:
-        return
+    """``torch.ops.gemma4_quant.dense_mlp(x, gate_up, down)``, with the first call's tiles."""
     import torch
     import torch.nn.functional as F
 
-    # the schema is spelled out: this module's annotations are strings
-    @torch.library.custom_op(
-        f"gemma4_quant::{OP}",
-        mutates_args=(),
-        schema="(Tensor x, Tensor gate_up, Tensor down) -> Tensor",
-    )
     def dense_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.shape[0] == 1:
             from ..kernels.dense_decode import dense_decode
@@ -287,11 +283,10 @@ def register_op(tiles: dict[str, int]) -> None:
         torch.ops._C.gelu_tanh_and_mul(act, hidden)
         return F.linear(act, down)
 
-    @dense_mlp.register_fake
-    def _(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    def fake(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         return x.new_empty((*x.shape[:-1], down.shape[0]))
 
-    _registered = tiles
+    define_op(OP, "(Tensor x, Tensor gate_up, Tensor down) -> Tensor", dense_mlp, fake)
 
 
 def doctor_rules() -> tuple[()]:

@@ -57,7 +57,15 @@ if TYPE_CHECKING:
     import torch
 
 from .. import envs, vllm_code
-from . import Detection, cuda_device, info_once, vllm_source, when_imported, wrap_once
+from . import (
+    Detection,
+    cuda_device,
+    define_op,
+    info_once,
+    vllm_source,
+    when_imported,
+    wrap_once,
+)
 from .fast_decode import _cpu_build
 
 NAME = "marlin_decode"
@@ -302,22 +310,9 @@ def agrees_with_marlin(key: int, k: int, n: int, group: int) -> bool:
     return True
 
 
-_registered = False
-
-
 def register_op() -> None:
-    """``torch.ops.gemma4_quant.marlin_linear(x, w_q, w_s, group, key, n)``, once."""
-    global _registered
-    if _registered:
-        return
-    import torch
+    """``torch.ops.gemma4_quant.marlin_linear(x, w_q, w_s, group, key, n)``."""
 
-    # the schema is spelled out: this module's annotations are strings
-    @torch.library.custom_op(
-        f"gemma4_quant::{OP}",
-        mutates_args=(),
-        schema="(Tensor x, Tensor w_q, Tensor w_s, int group, int key, int n) -> Tensor",
-    )
     def marlin_linear(
         x: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, group: int, key: int, n: int
     ) -> torch.Tensor:
@@ -325,11 +320,11 @@ def register_op() -> None:
             return _triton(key, x, w_q, w_s, group)
         return _marlin(key, x)
 
-    @marlin_linear.register_fake
-    def _(x: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, group: int, key: int, n: int):
+    def fake(x: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, group: int, key: int, n: int):
         return x.new_empty((*x.shape[:-1], n))
 
-    _registered = True
+    schema = "(Tensor x, Tensor w_q, Tensor w_s, int group, int key, int n) -> Tensor"
+    define_op(OP, schema, marlin_linear, fake)
 
 
 def doctor_rules() -> tuple[()]:

@@ -61,7 +61,15 @@ if TYPE_CHECKING:
     import torch
 
 from .. import envs, vllm_code
-from . import Detection, cuda_device, info_once, vllm_source, when_imported, wrap_once
+from . import (
+    Detection,
+    cuda_device,
+    define_op,
+    info_once,
+    vllm_source,
+    when_imported,
+    wrap_once,
+)
 from .fast_decode import _cpu_build
 
 NAME = "marlin_moe_decode"
@@ -418,33 +426,20 @@ def _vllm_reference(routed: Any, method: Any) -> Any:
     return reference
 
 
-_registered = False
-
-
 def register_op() -> None:
-    """``torch.ops.gemma4_quant.marlin_moe(x, router_logits, key)``, once."""
-    global _registered
-    if _registered:
-        return
+    """``torch.ops.gemma4_quant.marlin_moe(x, router_logits, key)``."""
     import torch
 
-    # the schema is spelled out: this module's annotations are strings
-    @torch.library.custom_op(
-        f"gemma4_quant::{OP}",
-        mutates_args=(),
-        schema="(Tensor x, Tensor router_logits, int key) -> Tensor",
-    )
     def marlin_moe(x: torch.Tensor, router_logits: torch.Tensor, key: int) -> torch.Tensor:
         if x.numel() == x.shape[-1]:
             return _kernels(key, x, router_logits)
         runner = _layers[key][3]()
         return type(runner).forward(runner, x, router_logits)
 
-    @marlin_moe.register_fake
-    def _(x: torch.Tensor, router_logits: torch.Tensor, key: int) -> torch.Tensor:
+    def fake(x: torch.Tensor, router_logits: torch.Tensor, key: int) -> torch.Tensor:
         return torch.empty_like(x)
 
-    _registered = True
+    define_op(OP, "(Tensor x, Tensor router_logits, int key) -> Tensor", marlin_moe, fake)
 
 
 def doctor_rules() -> tuple[()]:
