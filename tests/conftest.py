@@ -103,6 +103,7 @@ def run_vllm_loads(
     process: bool = False,
     capture: bool = False,
     env: dict[str, str] | None = None,
+    probe_router: bool = False,
     timeout: int = 900,
 ) -> dict[Path, Load]:
     """``run_vllm_load`` for several checkpoints, one after the other in one process:
@@ -120,6 +121,8 @@ def run_vllm_loads(
         cmd.append("--process")
     if capture:
         cmd.append("--capture")
+    if probe_router:
+        cmd.append("--probe-router")
     # one log in the order it was written: vLLM logs to stdout, tracebacks go to stderr
     run_env = {**_load_env(plugin, env), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(

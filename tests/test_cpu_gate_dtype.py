@@ -37,9 +37,9 @@ def router_errors(path, load) -> dict[str, tuple[float, float]]:
     return out
 
 
-def test_router_logits_are_the_checkpoints(checkpoints, tmp_path):
+def test_router_logits_are_the_checkpoints(checkpoints, vllm_load):
     path = checkpoints(LAYOUT)
-    load = run_vllm_load(path, tmp_path, probe_router=True)
+    load = vllm_load(path, plugin=True, probe_router=True)  # test_doctor's load too
     assert load.ok, load.log[-3000:]
     assert load.quant_methods["model.layers.0.router.proj"] == "UnquantizedLinearMethod"
     for name, (delta, scale) in router_errors(path, load).items():

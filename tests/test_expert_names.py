@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_vllm_load
+from conftest import Load
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from unpack import ct_int4
@@ -209,10 +209,16 @@ MALFORMED = {
 }
 
 
+@pytest.fixture(scope="module")
+def malformed_loads(checkpoints, vllm_load, tmp_path_factory) -> dict[str, Load]:
+    """Every malformed copy of the fused checkpoint, loaded in one vLLM process."""
+    src, root = checkpoints("ct-fused-w4a16"), tmp_path_factory.mktemp("malformed")
+    paths = {case: _copy_with(src, root / case, *MALFORMED[case][:2]) for case in MALFORMED}
+    return dict(zip(paths, vllm_load.many(list(paths.values())), strict=True))
+
+
 @pytest.mark.parametrize("case", sorted(MALFORMED))
-def test_malformed_checkpoint_clear_error(checkpoints, tmp_path, case):
-    edit_tensors, edit_config, message = MALFORMED[case]
-    path = _copy_with(checkpoints("ct-fused-w4a16"), tmp_path / "ckpt", edit_tensors, edit_config)
-    load = run_vllm_load(path, tmp_path / "out")
+def test_malformed_checkpoint_clear_error(malformed_loads, case):
+    load = malformed_loads[case]
     assert not load.ok
-    assert re.search(message, load.log), load.log[-3000:]
+    assert re.search(MALFORMED[case][2], load.log), load.log[-3000:]

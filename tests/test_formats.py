@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_logprobs, run_vllm_load
+from conftest import run_logprobs, run_vllm_loads
 from test_fallback import bits, same_bytes
 from test_matrix import LAYOUTS as MATRIX
 from test_matrix import matrix_paths
@@ -266,8 +266,8 @@ def test_autoround_mixed_router_matches_twin(checkpoints, tmp_path: Path) -> Non
         path_of(checkpoints, "autoround-int4-mixed"), tmp_path / "autoround-mixed"
     )
     twin = write_twin(quantized, tmp_path / "twin")
-    load = run_vllm_load(quantized, tmp_path / "quantized", process=True, probe_router=True)
+    loads = run_vllm_loads([quantized, twin], tmp_path / "loads", process=True, probe_router=True)
+    load, reference = loads[quantized], loads[twin]
     assert load.ok, load.log[-4000:]
-    reference = run_vllm_load(twin, tmp_path / "reference", process=True, probe_router=True)
     assert reference.ok, reference.log[-4000:]
     assert_logits_match(router_logits(load), router_logits(reference))

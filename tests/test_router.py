@@ -49,18 +49,19 @@ def assert_logits_match(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 
 
 @pytest.fixture(scope="module")
-def twin_logits(checkpoints, tmp_path_factory):
+def twin_logits(checkpoints, vllm_load):
     if not CAN_RUN_INT4:
         return None
     twin = checkpoints.twin(LAYOUT, num_experts=EXPERTS)
-    load = run_vllm_load(twin, tmp_path_factory.mktemp("twin"), probe_router=True)
+    # the quantized model loads in the same vLLM process (the next test reads it)
+    load = vllm_load(twin, batch=[checkpoints(LAYOUT, num_experts=EXPERTS)], probe_router=True)
     assert load.ok, load.log[-3000:]
     return router_logits(load)
 
 
-def test_quantized_router_matches_twin(checkpoints, tmp_path, twin_logits):
+def test_quantized_router_matches_twin(checkpoints, vllm_load, twin_logits):
     path = checkpoints(LAYOUT, num_experts=EXPERTS)
-    load = run_vllm_load(path, tmp_path, probe_router=CAN_RUN_INT4)
+    load = vllm_load(path, probe_router=CAN_RUN_INT4)
     assert load.ok, load.log[-3000:]
     assert "router applied" in load.log
     method = load.quant_methods["model.layers.0.router.proj"]
@@ -235,29 +236,30 @@ def fp8_router_weights(checkpoint, layer: int) -> tuple[torch.Tensor, torch.Tens
 
 
 @pytest.fixture(scope="module")
-def fp8_twin(checkpoints, tmp_path_factory):
+def fp8_twin(checkpoints, vllm_load):
     twin = checkpoints.twin(FP8_LAYOUT, num_experts=EXPERTS)
-    load = run_vllm_load(twin, tmp_path_factory.mktemp("fp8-twin"), probe_router=True)
+    # the quantized model loads in the same vLLM process (fp8_probe reads it)
+    load = vllm_load(twin, batch=[checkpoints(FP8_LAYOUT, num_experts=EXPERTS)], probe_router=True)
     assert load.ok, load.log[-3000:]
     return load
 
 
-def fp8_probe(checkpoints, tmp_path, **kwargs):
+def fp8_probe(checkpoints, vllm_load, **kwargs):
     # No --process: vLLM has no CPU MoE backend for the FP8 experts; load_model.py puts
     # only the routers into kernel format before probing them.
     path = checkpoints(FP8_LAYOUT, num_experts=EXPERTS)
-    return path, run_vllm_load(path, tmp_path, probe_router=True, **kwargs)
+    return path, vllm_load(path, probe_router=True, **kwargs)
 
 
 @needs_cpu_fp8
-def test_fp8_router_logits(checkpoints, tmp_path, fp8_twin):
+def test_fp8_router_logits(checkpoints, vllm_load, fp8_twin):
     """The FP8 router routes with its checkpoint weights and scales: its logits are what
     the CPU kernel's activation quantization implies (emulated), and they lie within the
     rigorous bound of e4m3 activation rounding from the bf16 twin's (top experts may
     differ where two logits are that close). Where vLLM has no CPU kernel for the
     weight-only FP8 scheme (0.20 - 0.23) the plugin dequantizes the router: its logits
     are then the twin's, exactly."""
-    path, load = fp8_probe(checkpoints, tmp_path)
+    path, load = fp8_probe(checkpoints, vllm_load)
     assert load.ok, load.log[-3000:]
     assert "router applied" in load.log
     assert load.quant_methods["model.layers.0.router.proj"] == "CompressedTensorsLinearMethod"
@@ -296,10 +298,10 @@ def test_fp8_router_logits(checkpoints, tmp_path, fp8_twin):
 
 
 @needs_cpu_fp8
-def test_stock_fp8_router_fails_as_matrix_says(checkpoints, tmp_path):
+def test_stock_fp8_router_fails_as_matrix_says(checkpoints, vllm_load):
     """Without the router patch the FP8 router's weight_scale has nowhere to go."""
     env = {"GEMMA4_QUANT_DISABLE_PATCHES": "router"}
-    path, load = fp8_probe(checkpoints, tmp_path, env=env)
+    path, load = fp8_probe(checkpoints, vllm_load, env=env)
     if SILENT_SKIP:
         # 0.24 - 0.30: the fp8 weight lands in the bf16 GateLinear and weight_scale is
         # dropped without a word (the load guard sees every parameter filled)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_greedy, run_vllm_load
+from conftest import run_greedy, run_vllm_load, run_vllm_loads
 from safetensors.torch import load_file, save_file
 from test_fallback import assert_same_tokens, bits, expert_param, num_layers
 from test_router import assert_logits_match, router_logits
@@ -374,9 +374,9 @@ def test_malformed_checkpoint_names_the_tensor(checkpoints, tmp_path: Path, case
 def test_router_logits_equal_the_twin(exact_pair, tmp_path: Path) -> None:
     """After process_weights_after_loading the quantized routers route as the twin's."""
     quantized, twin = exact_pair
-    load = run_vllm_load(quantized, tmp_path / "quantized", process=True, probe_router=True)
+    loads = run_vllm_loads([quantized, twin], tmp_path, process=True, probe_router=True)
+    load, reference = loads[quantized], loads[twin]
     assert load.ok, load.log[-4000:]
-    reference = run_vllm_load(twin, tmp_path / "twin", process=True, probe_router=True)
     assert reference.ok, reference.log[-4000:]
     assert_logits_match(router_logits(load), router_logits(reference))
 
