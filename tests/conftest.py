@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from server_utils import TIMEOUT_SCALE
+from server_utils import ENGINE_ENV, TIMEOUT_SCALE
 
 HERE = Path(__file__).parent
 
@@ -260,12 +260,7 @@ def run_greedy(
     plugin, unless ``env`` says otherwise)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "tokens.json"
-    run_env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        **(env or {}),
-    }
+    run_env = {**os.environ, **ENGINE_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
     proc = run_scaled(
         [sys.executable, str(GREEDY), str(out), *map(str, models)], run_env, timeout, out_dir
     )
@@ -444,7 +439,7 @@ def run_logprobs(
     cmd += ["--tensor-parallel", str(tensor_parallel)]
     if expert_parallel:
         cmd.append("--expert-parallel")
-    run_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    run_env = {**os.environ, **ENGINE_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     if tensor_parallel > 1:
         # one core per worker: vLLM's CPU workers refuse to share (see cpu-vllm.md)
         cores = sorted(os.sched_getaffinity(0))[:tensor_parallel]

@@ -27,12 +27,18 @@ MAX_TOKENS = 24
 FIRST_LOGPROBS = 8
 
 
+# An engine no larger than the tests need: on CPU, vLLM 0.20 - 0.23 warm a model up with a
+# forward pass of max_num_batched_tokens tokens (4096 by default) and a sampler pass over
+# max_num_seqs rows, also in eager mode (0.30 and 0.32 skip it there).
+ENGINE_SIZE = {"max_model_len": 256, "max_num_batched_tokens": 256, "max_num_seqs": 8}
+
+
 def make_llm(model: str, **engine_args: Any) -> Any:
     """``vllm.LLM`` as every test run builds it: bf16, eager, short context, seeded."""
     from vllm import LLM
 
     return LLM(
-        model=model, dtype="bfloat16", enforce_eager=True, max_model_len=256, seed=0, **engine_args
+        model=model, dtype="bfloat16", enforce_eager=True, seed=0, **ENGINE_SIZE, **engine_args
     )
 
 

@@ -27,6 +27,12 @@ from typing import Any
 # side by side on few cores (two on CI), where a vLLM process runs several times slower
 # than alone. A timeout is there to end a hang, not to time a run.
 TIMEOUT_SCALE = float(os.environ.get("GEMMA4_QUANT_TEST_TIMEOUT_SCALE", "1"))
+# The environment of every vLLM engine a test starts (servers, ``vllm.LLM``): 1 GiB of KV
+# cache, and torch.compile off. The engines run eager; what vLLM 0.20 - 0.23 still compile
+# on CPU is a random-sampling helper that greedy decoding never calls, which their warm-up
+# compiles with Inductor: half a minute per engine on two cores (Inductor's check of the
+# CPU's vector instruction sets starts a Python process per instruction set).
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TORCH_COMPILE_DISABLE": "1"}
 
 
 def free_port() -> int:
@@ -101,7 +107,7 @@ class VllmServer:
         self.name = name
         self.log_path = Path(log_path)
         self.args = args
-        self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
+        self.env = {**os.environ, **ENGINE_ENV, **(env or {})}
         self.port = free_port()
         self.process: subprocess.Popen | None = None
         self.stop_report: StopReport | None = None

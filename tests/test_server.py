@@ -35,7 +35,9 @@ LAYOUT = "ct-fused-w4a16"  # the cyankiwi layout: int4, group 32, symmetric, fus
 MAX_MODEL_LEN = 256
 # Same execution mode on both servers: eager (bf16 eager and compiled differ by far
 # more than the bound below, so a comparison across modes would mean nothing).
+# (and an engine no larger than that: tests/greedy.py ENGINE_SIZE says why)
 SERVER_ARGS = ("--enforce-eager", "--dtype", "bfloat16", "--max-model-len", str(MAX_MODEL_LEN))
+SERVER_ARGS += ("--max-num-batched-tokens", str(MAX_MODEL_LEN), "--max-num-seqs", "8")
 PROMPTS = (
     "The capital of France is",
     "def fibonacci(n):\n    return",

@@ -86,6 +86,7 @@ def server_args() -> tuple[str, ...]:
     if not IMAGES:
         return (*args, "--limit-mm-per-prompt", json.dumps(TEXT_ONLY_LIMITS))
     args[args.index("--max-model-len") + 1] = str(IMAGE_MODEL_LEN)
+    args[args.index("--max-num-batched-tokens") + 1] = str(IMAGE_MODEL_LEN)  # an image's tokens
     return tuple(args)
 
 
