@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,6 +181,10 @@ def run_vllm_load_parallel(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     init_method = f"tcp://127.0.0.1:{free_port()}"
+    # vLLM's CPU communicator names its shared memory after this and never unlinks it:
+    # named after the port alone, a segment left by an earlier group on that port makes
+    # this group's creation fail (errno 17)
+    ident = f"g4qtest-{uuid.uuid4().hex[:12]}"
     cores = sorted(os.sched_getaffinity(0))
     procs = []
     for rank in range(world_size):
@@ -196,6 +201,7 @@ def run_vllm_load_parallel(
         run_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
         run_env.update(env or {})
         run_env.pop("VLLM_PLUGINS", None)
+        run_env["VLLM_DIST_IDENT"] = ident
         core = {cores[rank % len(cores)]}
         log = out_dir / f"rank{rank}.log"
         with log.open("w") as sink:
@@ -209,8 +215,12 @@ def run_vllm_load_parallel(
                 preexec_fn=lambda core=core: os.sched_setaffinity(0, core),
             )
         procs.append((proc, outs, log))
-    for proc, _, _ in procs:
-        proc.wait(timeout=timeout * TIMEOUT_SCALE)
+    try:
+        for proc, _, _ in procs:
+            proc.wait(timeout=timeout * TIMEOUT_SCALE)
+    finally:
+        for segment in Path("/dev/shm").glob(f"{ident}-*"):
+            segment.unlink(missing_ok=True)
     loads: dict[Path, list[Load]] = {checkpoint: [] for checkpoint in checkpoints}
     for _, outs, log in procs:
         whole = log.read_text()

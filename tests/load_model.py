@@ -91,8 +91,9 @@ def _join_group(parallel: Parallel, init_method: str, device: str) -> None:
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
 
     # vLLM's CPU worker names its shared-memory communicator after the init method's port
-    # before it joins the group (cpu_worker.py); its tensor-parallel groups read the name
-    os.environ["VLLM_DIST_IDENT"] = init_method.split(":")[-1]
+    # before it joins the group (cpu_worker.py); its tensor-parallel groups read the name.
+    # The test harness passes a name of its own: vLLM never unlinks the segments
+    os.environ.setdefault("VLLM_DIST_IDENT", init_method.split(":")[-1])
     init_distributed_environment(
         world_size=parallel.world_size,
         rank=parallel.rank,
