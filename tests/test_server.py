@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from greedy import ENGINE_SIZE
 from server_utils import Response, StopReport, VllmServer, serving
 
 from gemma4_quant.patches import Status, dequant_fallback
@@ -32,12 +33,13 @@ pytestmark = [
 ]
 
 LAYOUT = "ct-fused-w4a16"  # the cyankiwi layout: int4, group 32, symmetric, fused experts
-MAX_MODEL_LEN = 256
+MAX_MODEL_LEN = ENGINE_SIZE["max_model_len"]
 # Same execution mode on both servers: eager (bf16 eager and compiled differ by far
-# more than the bound below, so a comparison across modes would mean nothing).
-# (and an engine no larger than that: tests/greedy.py ENGINE_SIZE says why)
-SERVER_ARGS = ("--enforce-eager", "--dtype", "bfloat16", "--max-model-len", str(MAX_MODEL_LEN))
-SERVER_ARGS += ("--max-num-batched-tokens", str(MAX_MODEL_LEN), "--max-num-seqs", "8")
+# more than the bound below, so a comparison across modes would mean nothing), and the
+# engine no larger than the tests need (ENGINE_SIZE says why).
+SERVER_ARGS = ("--enforce-eager", "--dtype", "bfloat16") + tuple(
+    arg for key, value in ENGINE_SIZE.items() for arg in (f"--{key.replace('_', '-')}", str(value))
+)
 PROMPTS = (
     "The capital of France is",
     "def fibonacci(n):\n    return",
