@@ -38,6 +38,8 @@ from moe_decode import (  # noqa: E402  (bench/moe_decode.py)
     marlin_path,
     measure,
     print_ab_table,
+    record,
+    save,
 )
 
 from gemma4_quant.kernels.dense_decode import (  # noqa: E402
@@ -158,8 +160,7 @@ def overlap(args, gate_up, down_w, tiles: dict, rows: list) -> None:
                 "two_streams_us": round(t_par, 2),
                 "saved_us": round(t_seq - t_par, 2),
             }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            record(rows, row)
 
 
 def main() -> int:
@@ -202,8 +203,7 @@ def main() -> int:
                 **measured,
                 "bandwidth_fraction": nbytes / (us * 1e-6) / args.bandwidth,
             }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            record(rows, row)
 
     print_ab_table(
         rows,
@@ -222,9 +222,7 @@ def main() -> int:
                     f"| {r['batch']} | {r['overlap']} | {r['dense_us']} | {r['moe_us']} | "
                     f"{r['sequential_us']} | {r['two_streams_us']} | {r['saved_us']} |"
                 )
-    if args.out:
-        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}))
-    return 0 if math.isfinite(sum(r.get("us", 0) for r in rows)) else 1
+    return save(args, rows)
 
 
 if __name__ == "__main__":

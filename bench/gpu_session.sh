@@ -39,6 +39,8 @@
 #            routing + fused_marlin_moe, 26B-A4B's experts (bench/marlin_moe.py)
 #   moeprobe layer probes of the real dimensions with every one-token path forced
 #            (GEMMA4_QUANT_FAST_DECODE=force: dense MLP, attention projections, experts)
+#   routerbench Gemma 4's router (norm, scalings, projection) in one Triton kernel against
+#            vLLM 0.26.0's Gemma4Router, 26B-A4B's shape (bench/router_decode.py --tune)
 #   densebench the bf16 dense MLP kernels against vLLM's path, and the dense MLP beside the
 #            MoE on two streams, real shapes, 0.26.0 (bench/dense_decode.py --tune --overlap)
 # PROBE_RELEASES (default "0.20.2 0.26.0") picks the releases of the probe phases.
@@ -188,6 +190,14 @@ if has gemvbench; then
   CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$T026 python3 "$PROJ/bench/marlin_gemv.py" \
     --out "$R/marlin_gemv.json" > "$R/marlin_gemv.log" 2>&1
   log "gemvbench: rc=$?"
+fi
+
+if has routerbench; then
+  install 0.26.0 "$T026" || exit 1
+  log "routerbench: start"
+  CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$T026 python3 "$PROJ/bench/router_decode.py" --tune \
+    --out "$R/router_decode.json" > "$R/router_decode.log" 2>&1
+  log "routerbench: rc=$?"
 fi
 
 if has gemvlimits; then

@@ -194,6 +194,20 @@ def measure(fn: Callable, want: torch.Tensor, args) -> tuple[float, dict]:
     }
 
 
+def record(rows: list, row: dict) -> None:
+    """``row`` into ``rows``, and printed as it comes (a run cut short keeps its rows)."""
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def save(args, rows: list) -> int:
+    """``rows`` and the arguments into ``--out``; the exit status (1 where a time is not
+    finite)."""
+    if args.out:
+        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}))
+    return 0 if math.isfinite(sum(r.get("us", 0) for r in rows)) else 1
+
+
 def print_ab_table(rows: list, batches: str, a: str, b: str, header: str) -> None:
     """The markdown table of paths ``a`` and ``b`` per batch: times, a / b, kernels, errors."""
     print(f"\n{header}\n|---|---|---|---|---|---|---|")
@@ -284,8 +298,7 @@ def main() -> int:
                 "bandwidth_fraction": nbytes / (us * 1e-6) / args.bandwidth,
                 "tiles": tiles if name == "triton" else None,
             }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            record(rows, row)
 
     print_ab_table(
         rows,
@@ -294,9 +307,7 @@ def main() -> int:
         "triton",
         "| batch | Marlin us | Triton us | b/a (Marlin/Triton) | kernels M/T | err M | err T |",
     )
-    if args.out:
-        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}))
-    return 0 if math.isfinite(sum(r.get("us", 0) for r in rows)) else 1
+    return save(args, rows)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,141 @@
+"""Gemma 4's router, kernel against kernel, 26B-A4B's shape (hidden 2816, 128 experts), one
+GPU: vLLM's ``Gemma4Router`` (its RMSNorm without weight and both scalings compiled by
+Inductor, as vLLM compiles the model, then ``GateLinear``'s own GEMM choice) against
+``gemma4_quant.kernels.router_decode`` (one Triton kernel).
+
+No model, no engine: random weights; error against the exact float32 router; GPU time per
+call inside a CUDA graph (decode runs in CUDA graphs); kernels per call (torch profiler).
+Where vLLM is not installed, path a is the same arithmetic in torch (compiled), with
+``F.linear`` for the projection.
+
+    python bench/router_decode.py [--batches 1,2,4,8] [--tune] [--out F.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from moe_decode import (  # noqa: E402  (bench/moe_decode.py)
+    fastest_tiles,
+    measure,
+    print_ab_table,
+    record,
+    save,
+)
+
+from gemma4_quant.kernels.router_decode import DEFAULT_TILES, router_decode  # noqa: E402
+
+EPS = 1e-6
+
+
+def vllm_router(hidden: int, experts: int, scale: torch.Tensor, weight: torch.Tensor):
+    """vLLM's own ``Gemma4Router`` on these weights (a one-rank group of its own), or None
+    where vLLM is not installed."""
+    try:
+        from transformers import PretrainedConfig
+        from vllm.config import VllmConfig, set_current_vllm_config
+        from vllm.distributed import init_distributed_environment, initialize_model_parallel
+        from vllm.model_executor.models.gemma4 import Gemma4Router
+        from vllm.utils.network_utils import get_open_port
+    except ImportError as e:
+        print(f"vLLM's Gemma4Router unavailable ({e}); path a is torch's", file=sys.stderr)
+        return None
+    config = PretrainedConfig(hidden_size=hidden, rms_norm_eps=EPS, num_experts=experts)
+    with set_current_vllm_config(VllmConfig()):
+        init_distributed_environment(1, 0, f"tcp://127.0.0.1:{get_open_port()}", 0, "nccl")
+        initialize_model_parallel(1, 1)
+        with torch.device("cuda"):
+            torch.set_default_dtype(torch.bfloat16)
+            router = Gemma4Router(config, prefix="router")
+            torch.set_default_dtype(torch.float32)
+    with torch.no_grad():
+        router.scale.copy_(scale)
+        router.proj.weight.copy_(weight)
+    print(f"path a: vLLM's Gemma4Router, {type(router.proj).__name__}", file=sys.stderr)
+    return router
+
+
+def torch_router(scale: torch.Tensor, weight: torch.Tensor, root: float) -> Callable:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        h = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype)
+        h = h * torch.tensor(root, dtype=x.dtype, device=x.device) * scale
+        return torch.nn.functional.linear(h, weight).float()
+
+    return forward
+
+
+def exact(x, scale, weight, root: float) -> torch.Tensor:
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)
+    return (normed * root * scale.float()) @ weight.float().T
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--hidden", type=int, default=2816)
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--batches", default="1,2,4,8")
+    p.add_argument("--graph-calls", type=int, default=30)
+    p.add_argument("--replays", type=int, default=20)
+    p.add_argument("--tune", action="store_true", help="try tile sizes at batch 1 first")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    dev, h, e = "cuda", args.hidden, args.experts
+    gen = torch.Generator(device=dev).manual_seed(0)
+    scale = (torch.rand(h, device=dev, generator=gen) + 0.5).to(torch.bfloat16)
+    weight = (torch.randn(e, h, device=dev, generator=gen) * 0.05).to(torch.bfloat16)
+    root = torch.tensor(h**-0.5).to(torch.bfloat16).item()
+    router = vllm_router(h, e, scale, weight)
+    stock = torch.compile(
+        router.forward if router is not None else torch_router(scale, weight, root)
+    )
+
+    rows: list = []
+    tiles = dict(DEFAULT_TILES)
+    if args.tune:
+        x1 = torch.randn(1, h, device=dev, generator=gen).to(torch.bfloat16)
+        out = torch.empty(1, e, device=dev)
+        grid = itertools.product((1, 2, 4, 8, 16), (256, 512, 1024), (1, 2, 4, 8))
+        candidates = (dict(zip(("block_n", "block_k", "warps"), v, strict=True)) for v in grid)
+        tiles = fastest_tiles(
+            "router",
+            candidates,
+            lambda t: lambda: router_decode(x1, scale, weight, eps=EPS, root=root, out=out, **t),
+            rows,
+        )
+
+    nbytes = weight.numel() * 2
+    for m in map(int, args.batches.split(",")):
+        x = (torch.randn(m, h, device=dev, generator=gen) * 3).to(torch.bfloat16)
+        want = exact(x, scale, weight, root)
+        paths = {
+            "vllm": lambda x=x: stock(x),
+            "triton": lambda x=x: router_decode(x, scale, weight, eps=EPS, root=root, **tiles),
+        }
+        for name, fn in paths.items():
+            us, measured = measure(fn, want, args)
+            row = {"path": name, "batch": m, **measured, "bytes": nbytes}
+            row["tiles"] = tiles if name == "triton" else None
+            record(rows, row)
+
+    print_ab_table(
+        rows,
+        args.batches,
+        "vllm",
+        "triton",
+        "| batch | vLLM us | Triton us | b/a (vLLM/Triton) | kernels v/T | err v | err T |",
+    )
+    return save(args, rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
