@@ -252,3 +252,36 @@ def cuda_device() -> str:
 
     major, minor = torch.cuda.get_device_capability()
     return f"{torch.cuda.get_device_name()} (capability {major}.{minor})"
+
+
+def one_token_agrees(
+    name: str, compute: Callable[[], tuple[Any, Any]], tolerance: float, against: str, keeps: str
+) -> bool:
+    """A patch's check of its kernels on one token: ``compute`` returns (the kernels'
+    output, the reference's). Whatever raises, or errs more than ``tolerance`` (relative
+    norm), leaves vLLM's path (``keeps`` says which), with one warning."""
+    try:
+        got, want = compute()
+        got, want = got.float().cpu(), want.float().cpu()
+        error = ((got - want).norm() / want.norm()).item()
+    except Exception as e:  # noqa: BLE001  (whatever fails, vLLM's path stays)
+        logging.getLogger("vllm.gemma4_quant").warning(
+            "gemma4_quant: %s: the one-token kernels fail here (%s: %s); %s",
+            name,
+            type(e).__name__,
+            str(e)[:300],
+            keeps,
+        )
+        return False
+    if not error <= tolerance:
+        logging.getLogger("vllm.gemma4_quant").warning(
+            "gemma4_quant: %s: the one-token kernels err %.4f against %s (at most %.2f "
+            "expected); %s",
+            name,
+            error,
+            against,
+            tolerance,
+            keeps,
+        )
+        return False
+    return True

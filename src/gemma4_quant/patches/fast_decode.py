@@ -46,7 +46,6 @@ Removal:
 from __future__ import annotations
 
 import ast
-import logging
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +58,7 @@ from . import (
     cuda_device,
     define_op,
     info_once,
+    one_token_agrees,
     vllm_source,
     when_imported,
     wrap_once,
@@ -92,8 +92,6 @@ TILES: dict[tuple[int, int], dict[str, int]] = {
              "block_n2": 4, "block_k2": 512, "warps2": 4},
 }  # fmt: skip
 _FORCED_TILES = TILES[(9, 0)]
-
-logger = logging.getLogger("vllm.gemma4_quant")
 
 
 def _forward_recognized(text: str | None) -> bool:
@@ -232,7 +230,7 @@ def _check(tiles: dict[str, int], hidden: int, inter: int, device: str) -> bool:
     import torch
     import torch.nn.functional as F
 
-    try:
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
         # explicit CPU tensors: vLLM builds the model under a default device of its own
         gen = torch.Generator(device="cpu").manual_seed(0)
         x = torch.randn(1, hidden, generator=gen, device="cpu").bfloat16()
@@ -242,28 +240,15 @@ def _check(tiles: dict[str, int], hidden: int, inter: int, device: str) -> bool:
         h = x.float() @ gate_up.float().T
         want = (F.gelu(h[:, :inter], approximate="tanh") * h[:, inter:]) @ down.float().T
         inputs = (t.to(device) for t in (x, gate_up, down))
-        got = _kernel()(*inputs, activation="gelu_tanh", **tiles).float().cpu()
-        error = ((got - want).norm() / want.norm()).item()
-    except Exception as e:  # noqa: BLE001  (whatever fails, vLLM's forward stays)
-        logger.warning(
-            "gemma4_quant: fast_decode: the one-token kernels fail here (%s: %s); Gemma 4's "
-            "dense MLP keeps vLLM's kernels",
-            type(e).__name__,
-            str(e)[:300],
-        )
-        return False
-    if not error <= CHECK_TOLERANCE:
-        logger.warning(
-            "gemma4_quant: fast_decode: the one-token kernels err %.4f against the float32 "
-            "product at hidden %d, intermediate %d (at most %.2f expected); Gemma 4's dense "
-            "MLP keeps vLLM's kernels",
-            error,
-            hidden,
-            inter,
-            CHECK_TOLERANCE,
-        )
-        return False
-    return True
+        return _kernel()(*inputs, activation="gelu_tanh", **tiles), want
+
+    return one_token_agrees(
+        NAME,
+        compute,
+        CHECK_TOLERANCE,
+        f"the float32 product at hidden {hidden}, intermediate {inter}",
+        "Gemma 4's dense MLP keeps vLLM's kernels",
+    )
 
 
 def register_op(tiles: dict[str, int]) -> None:

@@ -48,7 +48,6 @@ Removal:
 
 from __future__ import annotations
 
-import logging
 import weakref
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -62,6 +61,7 @@ from . import (
     cuda_device,
     define_op,
     info_once,
+    one_token_agrees,
     vllm_source,
     when_imported,
     wrap_once,
@@ -93,8 +93,6 @@ CHECK_TOLERANCE = 2e-2
 TILES: dict[tuple[int, int], dict[tuple[int, int], dict[str, int]]] = {}
 # ``force``: the best tiles of 26B-A4B's q/k/v on an H100 (12 - 18% off the other shapes' best)
 _FORCED_TILES = {"split": 8, "block_kt": 8, "warps": 4}
-
-logger = logging.getLogger("vllm.gemma4_quant")
 
 
 def _code_recognized(kernel_text: str | None, model_text: str | None) -> bool:
@@ -277,37 +275,23 @@ def agrees_with_marlin(key: int, k: int, n: int, group: int) -> bool:
     import torch
 
     _, layer_ref, kernel, _ = _layers[key]
-    layer = layer_ref()
-    try:
+
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        layer = layer_ref()
         w_q, w_s = getattr(layer, kernel.w_q_name), getattr(layer, kernel.w_s_name)
         # explicit CPU generator: vLLM builds the model under a default device of its own
         gen = torch.Generator(device="cpu").manual_seed(0)
         x = torch.randn(1, k, generator=gen, device="cpu").to(dtype=w_s.dtype, device=w_q.device)
         with torch.no_grad():
-            want = _marlin(key, x).float()
-            got = _triton(key, x, w_q, w_s, group).float()
-        error = ((got - want).norm() / want.norm()).item()
-    except Exception as e:  # noqa: BLE001  (whatever fails, Marlin stays)
-        logger.warning(
-            "gemma4_quant: marlin_decode: the one-token kernel fails here (%s: %s); Gemma "
-            "4's attention projections keep Marlin",
-            type(e).__name__,
-            str(e)[:300],
-        )
-        return False
-    if not error <= CHECK_TOLERANCE:
-        logger.warning(
-            "gemma4_quant: marlin_decode: the one-token kernel errs %.4f against Marlin at "
-            "K %d, N %d, group %d (at most %.2f expected); Gemma 4's attention projections "
-            "keep Marlin",
-            error,
-            k,
-            n,
-            group,
-            CHECK_TOLERANCE,
-        )
-        return False
-    return True
+            return _triton(key, x, w_q, w_s, group), _marlin(key, x)
+
+    return one_token_agrees(
+        NAME,
+        compute,
+        CHECK_TOLERANCE,
+        f"Marlin at K {k}, N {n}, group {group}",
+        "Gemma 4's attention projections keep Marlin",
+    )
 
 
 def register_op() -> None:

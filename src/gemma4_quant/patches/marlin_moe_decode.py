@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import ast
 import inspect
-import logging
 import weakref
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -66,6 +65,7 @@ from . import (
     cuda_device,
     define_op,
     info_once,
+    one_token_agrees,
     vllm_source,
     when_imported,
     wrap_once,
@@ -94,8 +94,6 @@ CHECK_TOLERANCE = 2e-2
 # (hidden, intermediate) -> tiles of the shapes ``auto`` takes, by compute capability: none
 # until one is measured faster end to end (``force`` takes kernels.marlin_moe.DEFAULT_TILES)
 TILES: dict[tuple[int, int], dict[tuple[int, int], dict[str, int]]] = {}
-
-logger = logging.getLogger("vllm.gemma4_quant")
 
 
 def owner_of_experts(text: str | None) -> str | None:
@@ -344,10 +342,11 @@ def agrees(key: int, reference: Any) -> bool:
     import torch
 
     _, routed_ref, holder_ref, _ = _layers[key]
-    routed, holder = routed_ref(), holder_ref()
-    try:
+
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
         from vllm.model_executor.models.gemma4 import gemma4_routing_function_torch
 
+        routed, holder = routed_ref(), holder_ref()
         w13, s13, w2, _ = _tensors(routed)
         hidden, n_experts, dtype = w2.shape[2] // 2, w13.shape[0], s13.dtype
         # explicit CPU generator: vLLM builds the model under a default device of its own
@@ -358,26 +357,15 @@ def agrees(key: int, reference: Any) -> bool:
             weights, ids = gemma4_routing_function_torch(
                 logits, routed.top_k, holder.per_expert_scale
             )
-            want = reference(x, weights, ids).float()
-            got = _kernels(key, x, logits).float()
-        error = ((got - want).norm() / want.norm()).item()
-    except Exception as e:  # noqa: BLE001  (whatever fails, vLLM's MoE stays)
-        logger.warning(
-            "gemma4_quant: marlin_moe_decode: the one-token kernels fail here (%s: %s); Gemma "
-            "4's experts keep vLLM's MoE",
-            type(e).__name__,
-            str(e)[:300],
-        )
-        return False
-    if not error <= CHECK_TOLERANCE:
-        logger.warning(
-            "gemma4_quant: marlin_moe_decode: the one-token kernels err %.4f against vLLM's "
-            "Marlin MoE (at most %.2f expected); Gemma 4's experts keep vLLM's MoE",
-            error,
-            CHECK_TOLERANCE,
-        )
-        return False
-    return True
+            return _kernels(key, x, logits), reference(x, weights, ids)
+
+    return one_token_agrees(
+        NAME,
+        compute,
+        CHECK_TOLERANCE,
+        "vLLM's Marlin MoE",
+        "Gemma 4's experts keep vLLM's MoE",
+    )
 
 
 def _vllm_reference(routed: Any, method: Any) -> Any:
