@@ -16,13 +16,10 @@ from __future__ import annotations
 import math
 
 import pytest
-from triton_env import DEVICE, marlin_reference, need_triton
+from triton_env import DEVICE, marlin_matrix, marlin_reference, need_triton
 
 torch = need_triton()
-marlin_test = marlin_reference()
-from vllm.model_executor.layers.quantization.utils.marlin_utils import (  # noqa: E402
-    marlin_permute_scales,
-)
+marlin_reference()  # skips this module where this vLLM has no packer
 
 from gemma4_quant.kernels.marlin_moe import marlin_moe  # noqa: E402
 
@@ -35,32 +32,15 @@ def to_bf16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.bfloat16).float()
 
 
-def _matrix(k: int, n: int, group: int, gen: torch.Generator, live=None, rows=False):
-    """A random int4 [K, N] matrix: (Marlin words, Marlin scales, float32 W). With ``live``,
-    the scales of the columns (``rows``: row groups) from ``live`` on are zero, as Marlin's
-    padding of the intermediate size leaves them: W13's gate and up columns (``live`` then
-    counts within each half), W2's rows."""
-    q = torch.randint(0, 16, (k, n), generator=gen)
-    scale = (torch.rand(k // group, n, generator=gen) * 0.02 + 0.005).to(torch.bfloat16)
-    if live is not None and rows:
-        scale[live // group :] = 0
-    elif live is not None:
-        scale[:, live : n // 2] = 0
-        scale[:, n // 2 + live :] = 0
-    w = (q - 8).float() * scale.float().repeat_interleave(group, dim=0)
-    words = marlin_test.marlin_weights(q, k, n, 4, marlin_test.get_weight_perm(4))
-    return words, marlin_permute_scales(scale, k, n, group), w
-
-
 def experts(e: int, hidden: int, inter: int, group: int, seed: int, live: int | None = None):
     """``e`` experts as Marlin's MoE holds them, and their float32 W13 [E, H, 2I] and W2
     [E, I, H]; with ``live``, intermediate rows from ``live`` on are padding."""
     gen = torch.Generator().manual_seed(seed)
     w13, s13, f13, w2, s2, f2 = [], [], [], [], [], []
     for _ in range(e):
-        words, scales, w = _matrix(hidden, 2 * inter, group, gen, live)
+        words, scales, w = marlin_matrix(hidden, 2 * inter, group, gen, live)
         w13.append(words), s13.append(scales), f13.append(w)
-        words, scales, w = _matrix(inter, hidden, group, gen, live, rows=True)
+        words, scales, w = marlin_matrix(inter, hidden, group, gen, live, rows=True)
         w2.append(words), s2.append(scales), f2.append(w)
     stack = torch.stack
     return (stack(w13), stack(s13), stack(w2), stack(s2)), (stack(f13), stack(f2))
