@@ -8,6 +8,14 @@ import triton.language as tl
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 
 
+def require_contiguous(expected: dict, context: str) -> None:
+    """``expected``: name -> (tensor, shape); a tensor of another shape, or not contiguous
+    (the kernels index rows by their size), raises a ValueError that names it."""
+    for name, (t, want) in expected.items():
+        if tuple(t.shape) != want or not t.is_contiguous():
+            raise ValueError(f"{name} {tuple(t.shape)} must be a contiguous {list(want)} {context}")
+
+
 @triton.jit
 def nibble_minus_8(w, i: tl.constexpr):
     """Nibble ``i`` of ``w`` minus 8, as float32, without an integer-to-float conversion

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import ACTIVATIONS, act_and_mul
+from .common import ACTIVATIONS, act_and_mul, require_contiguous
 
 # Tile defaults; bench/dense_decode.py --tune measures them on a GPU.
 DEFAULT_TILES = {
@@ -118,12 +118,7 @@ def check_shapes(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> 
     hidden = x.shape[-1]
     inter = down.shape[1]
     expected = {"gate_up": (gate_up, (2 * inter, hidden)), "down": (down, (hidden, inter))}
-    for name, (t, want) in expected.items():
-        if tuple(t.shape) != want or not t.is_contiguous():
-            raise ValueError(
-                f"{name} {tuple(t.shape)} must be a contiguous {list(want)} for hidden "
-                f"{hidden} and intermediate {inter}"
-            )
+    require_contiguous(expected, f"for hidden {hidden} and intermediate {inter}")
     return inter
 
 

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import require_contiguous
+
 # Tile defaults; bench/router_decode.py --tune measures them on a GPU.
 DEFAULT_TILES = {"block_n": 4, "block_k": 512, "warps": 4}
 
@@ -82,11 +84,7 @@ def router_decode(
     hidden = x.shape[-1]
     n_experts = weight.shape[0]
     expected = {"scale": (scale, (hidden,)), "weight": (weight, (n_experts, hidden))}
-    for name, (t, want) in expected.items():
-        if tuple(t.shape) != want or not t.is_contiguous():
-            raise ValueError(
-                f"{name} {tuple(t.shape)} must be a contiguous {list(want)} for hidden {hidden}"
-            )
+    require_contiguous(expected, f"for hidden {hidden}")
     t = {**DEFAULT_TILES, **tiles}
     x = x.reshape(-1, hidden).contiguous()
     if out is None:
