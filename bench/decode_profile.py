@@ -13,6 +13,11 @@ hold the same prefill and first token, so their difference is N decode steps: ke
 (and memory copies and sets) per step and their GPU time, by kernel name. Kernels inside
 CUDA graph replays are in the trace one by one.
 
+The same traces give the GPU's timeline per step: the time from its first kernel to its
+last (``span``), the part no kernel ran (``idle``), and that idle time split into gaps
+shorter than ``SHORT_GAP_US`` (between kernels of one launch or graph) and longer ones
+(the GPU waiting for the host). A wall time per token above the span is host time too.
+
 Per layer is per step over the decoder layers (``num_hidden_layers``); what runs once a
 step (embedding, final norm, logits, sampling) is inside that share, and the table shows
 it by name. ``compare`` prints a (before) against b (after): per batch size the kernels and
@@ -31,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 SHORT = 4
+SHORT_GAP_US = 20.0
 TRACE_KINDS = ("kernel", "gpu_memcpy", "gpu_memset")
 CPU_KINDS = ("cpu_op",)  # a machine without a GPU: operators, for a dry run of the script
 
@@ -51,8 +57,9 @@ def start(model: object = None) -> bool:
     return True
 
 
-def stop(model: object = None) -> dict[str, list[float]]:
-    """Stop it; ``{kernel name: [calls, GPU microseconds]}`` of everything it saw."""
+def stop(model: object = None) -> dict:
+    """Stop it; ``{"kernels": {kernel name: [calls, GPU microseconds]}, "timeline": ...}``
+    of everything it saw (:func:`timeline`)."""
     global _profiler
     import torch
 
@@ -65,7 +72,29 @@ def stop(model: object = None) -> dict[str, list[float]]:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
         events = json.loads(Path(path).read_text()).get("traceEvents", [])
-    return count_events(events, TRACE_KINDS if gpu else CPU_KINDS)
+    kinds = TRACE_KINDS if gpu else CPU_KINDS
+    return {"kernels": count_events(events, kinds), "timeline": timeline(events, kinds)}
+
+
+def timeline(events: list[dict], kinds: tuple[str, ...]) -> dict[str, float]:
+    """Microseconds from the first event's start to the last one's end, and the idle time
+    inside it, in gaps shorter and longer than ``SHORT_GAP_US``."""
+    spans = sorted(
+        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)))
+        for e in events
+        if e.get("ph") == "X" and e.get("cat") in kinds and "ts" in e
+    )
+    out = {"span_us": 0.0, "idle_short_us": 0.0, "idle_long_us": 0.0}
+    if not spans:
+        return out
+    end = spans[0][1]
+    for start, stop_ in spans[1:]:
+        if start > end:
+            gap = start - end
+            out["idle_short_us" if gap < SHORT_GAP_US else "idle_long_us"] += gap
+        end = max(end, stop_)
+    out["span_us"] = end - spans[0][0]
+    return out
 
 
 def count_events(events: list[dict], kinds: tuple[str, ...]) -> dict[str, list[float]]:
@@ -129,9 +158,11 @@ def profile(
         finally:
             (trace,) = llm.apply_model(stop)  # one worker: TP=1
         traces.append(trace)
-    kernels = per_step(*traces, steps)
+    kernels = per_step(*(t["kernels"] for t in traces), steps)
     layers = num_layers(model)
     result = {"batch": batch, "steps": steps, "layers": layers, **summarize(kernels, layers)}
+    short, long = (t["timeline"] for t in traces)
+    result["timeline_per_step"] = {k: round((long[k] - short[k]) / steps, 1) for k in long}
     result["kernels"] = dict(sorted(kernels.items(), key=lambda kv: -kv[1]["us"]))
     if not kernels:
         result["note"] = "no GPU activity in the trace"
@@ -166,6 +197,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print("| figure | a | b | b - a |\n|---|---|---|---|")
         for key in keys:
             print(f"| {key} | {pa[key]} | {pb[key]} | {round(pb[key] - pa[key], 2)} |")
+        ta, tb = pa.get("timeline_per_step", {}), pb.get("timeline_per_step", {})
+        for key in sorted(ta.keys() & tb.keys()):
+            print(f"| {key} per step | {ta[key]} | {tb[key]} | {round(tb[key] - ta[key], 1)} |")
         zero = {"calls": 0.0, "us": 0.0}
         names = set(pa["kernels"]) | set(pb["kernels"])
         rows = {n: (pa["kernels"].get(n, zero), pb["kernels"].get(n, zero)) for n in names}
@@ -182,7 +216,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
             for name in chosen[: args.top]:
                 (ka, kb), label = rows[name], _short(name)
                 print(f"| {label} | {ka['calls']} | {kb['calls']} | {ka['us']} | {kb['us']} |")
-        report[batch] = {"a": {k: pa[k] for k in keys}, "b": {k: pb[k] for k in keys}}
+        report[batch] = {
+            "a": {k: pa[k] for k in keys} | pa.get("timeline_per_step", {}),
+            "b": {k: pb[k] for k in keys} | pb.get("timeline_per_step", {}),
+        }
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     return 0 if report else 1

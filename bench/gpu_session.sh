@@ -29,7 +29,8 @@
 #   multimodal the same for Gemma4ForConditionalGeneration (ct-fused-w4a16-multimodal)
 #   qat      the same for Google's QAT form alone (qat-w4a16-ct)
 #   fastab   full size on GPU 0, 0.26.0: the plugin with fast_decode (b) against stock (a),
-#            one run at a time, decode at batch 1 - 64 and greedy agreement (FASTAB_ROUNDS)
+#            one run at a time, decode at batch 1 - 64 and greedy agreement (FASTAB_ROUNDS;
+#            FASTAB_ORDER picks the sides of a round, bench_run's letters: a b c m r)
 #   fastprobe layer probes with the one-token dense MLP path (variant fast) on 0.26.0
 #   gemvbench the one-token int4 GEMV on Marlin's layout against vLLM 0.26.0's Marlin GEMM,
 #            26B-A4B's attention projections (bench/marlin_gemv.py)
@@ -82,16 +83,19 @@ transformers.__version__, 'compressed-tensors', c.__version__)" | tee -a "$R/mac
   touch "$tgt/.installed-$rel$*"
 }
 
-bench_run() {  # name gpu release-target plugin(on|off|fast|nofast|nomarlin|moe) [cache [suffix]]
+bench_run() {  # name gpu release-target plugin(on|off|fast|nofast|nomarlin|moe|router) [cache [suffix]]
   # on: the plugin as installed (fast_decode is on by default); nofast: without fast_decode;
   # nomarlin: fast_decode's dense MLP kernels without marlin_decode's attention projections;
-  # moe: the dense MLP kernels and marlin_moe_decode's experts, forced (no attention ones)
+  # moe: the dense MLP kernels and marlin_moe_decode's experts, forced (no attention ones);
+  # router: moe's and router_decode's router projection, forced
   local name=$1 gpu=$2 tgt=$3 plugin=$4 cache=${5:-$1} file="$1-gpu$2${6:-}" extra=()
   [ "$plugin" = off ] && extra=(VLLM_PLUGINS=none)
   [ "$plugin" = fast ] && extra=(GEMMA4_QUANT_FAST_DECODE=auto)
   [ "$plugin" = nofast ] && extra=(GEMMA4_QUANT_FAST_DECODE=off)
   [ "$plugin" = nomarlin ] && extra=(GEMMA4_QUANT_DISABLE_PATCHES=marlin_decode)
   [ "$plugin" = moe ] && extra=(GEMMA4_QUANT_FAST_DECODE=force
+    GEMMA4_QUANT_DISABLE_PATCHES=marlin_decode,router_decode)
+  [ "$plugin" = router ] && extra=(GEMMA4_QUANT_FAST_DECODE=force
     GEMMA4_QUANT_DISABLE_PATCHES=marlin_decode)
   log "bench $name on GPU $gpu"
   env CUDA_VISIBLE_DEVICES="$gpu" PYTHONPATH="$tgt" VLLM_CACHE_ROOT="$WORK/vcache/$cache" \
@@ -342,6 +346,7 @@ if has fastab; then
         a) bench_run a-0.26.0-stock 0 "$T026" off "" "-fast$round" ;;
         c) bench_run c-0.26.0-nomarlin 0 "$T026" nomarlin "" "-fast$round" ;;
         m) bench_run m-0.26.0-moe 0 "$T026" moe "" "-fast$round" ;;
+        r) bench_run r-0.26.0-router 0 "$T026" router "" "-fast$round" ;;
       esac
     done
   done
@@ -363,10 +368,21 @@ if has fastab; then
   ls "$R"/fullsize/m-0.26.0-moe-gpu0-fast*.json > /dev/null 2>&1 && python3 \
     "$PROJ/bench/gpu_throughput.py" ratio --a "$R"/fullsize/a-0.26.0-stock-gpu0-fast*.json \
     --b "$R"/fullsize/m-0.26.0-moe-gpu0-fast*.json > "$R/fullsize/fastab-ratio-ma.json" 2>&1
-  if [ "${FASTAB_PROFILE:-0}" != 0 ] && [ -f "$F/m-0.26.0-moe-gpu0-fast$last.json" ]; then
-    python3 "$PROJ/bench/decode_profile.py" compare "$F/a-0.26.0-stock-gpu0-fast$last.json" \
-      "$F/m-0.26.0-moe-gpu0-fast$last.json" --out "$F/profile-compare-am.json" \
-      > "$F/profile-compare-am.md" 2>&1
+  ls "$R"/fullsize/r-0.26.0-router-gpu0-fast*.json > /dev/null 2>&1 && python3 \
+    "$PROJ/bench/gpu_throughput.py" ratio --a "$R"/fullsize/a-0.26.0-stock-gpu0-fast*.json \
+    --b "$R"/fullsize/r-0.26.0-router-gpu0-fast*.json > "$R/fullsize/fastab-ratio-ra.json" 2>&1
+  ls "$R"/fullsize/r-0.26.0-router-gpu0-fast*.json > /dev/null 2>&1 && python3 \
+    "$PROJ/bench/gpu_throughput.py" ratio --a "$R"/fullsize/m-0.26.0-moe-gpu0-fast*.json \
+    --b "$R"/fullsize/r-0.26.0-router-gpu0-fast*.json > "$R/fullsize/fastab-ratio-rm.json" 2>&1
+  if [ "${FASTAB_PROFILE:-0}" != 0 ]; then
+    for pair in a-0.26.0-stock:m-0.26.0-moe:am a-0.26.0-stock:r-0.26.0-router:ar \
+        m-0.26.0-moe:r-0.26.0-router:mr; do
+      IFS=: read -r one two tag <<< "$pair"
+      [ -f "$F/$one-gpu0-fast$last.json" ] && [ -f "$F/$two-gpu0-fast$last.json" ] && python3 \
+        "$PROJ/bench/decode_profile.py" compare "$F/$one-gpu0-fast$last.json" \
+        "$F/$two-gpu0-fast$last.json" --out "$F/profile-compare-$tag.json" \
+        > "$F/profile-compare-$tag.md" 2>&1
+    done
   fi
   log "fastab: done"
 fi

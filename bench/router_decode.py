@@ -1,7 +1,9 @@
 """Gemma 4's router, kernel against kernel, 26B-A4B's shape (hidden 2816, 128 experts), one
 GPU: vLLM's ``Gemma4Router`` (its RMSNorm without weight and both scalings compiled by
 Inductor, as vLLM compiles the model, then ``GateLinear``'s own GEMM choice) against
-``gemma4_quant.kernels.router_decode`` (one Triton kernel).
+``gemma4_quant.kernels.router_decode`` (one Triton kernel); and the projection alone,
+vLLM's ``GateLinear`` against ``router_proj`` (what the ``router_decode`` patch replaces:
+vLLM fuses the norm with the layer's other norms).
 
 No model, no engine: random weights; error against the exact float32 router; GPU time per
 call inside a CUDA graph (decode runs in CUDA graphs); kernels per call (torch profiler).
@@ -31,7 +33,11 @@ from moe_decode import (  # noqa: E402  (bench/moe_decode.py)
     save,
 )
 
-from gemma4_quant.kernels.router_decode import DEFAULT_TILES, router_decode  # noqa: E402
+from gemma4_quant.kernels.router_decode import (  # noqa: E402
+    DEFAULT_TILES,
+    router_decode,
+    router_proj,
+)
 
 EPS = 1e-6
 
@@ -99,17 +105,22 @@ def main() -> int:
         router.forward if router is not None else torch_router(scale, weight, root)
     )
 
+    gate = router.proj if router is not None else lambda t: (t @ weight.T, None)
     rows: list = []
-    tiles = dict(DEFAULT_TILES)
+    tiles, proj_tiles = dict(DEFAULT_TILES), dict(DEFAULT_TILES)
     if args.tune:
         x1 = torch.randn(1, h, device=dev, generator=gen).to(torch.bfloat16)
         out = torch.empty(1, e, device=dev)
-        grid = itertools.product((1, 2, 4, 8, 16), (256, 512, 1024), (1, 2, 4, 8))
-        candidates = (dict(zip(("block_n", "block_k", "warps"), v, strict=True)) for v in grid)
         tiles = fastest_tiles(
             "router",
-            candidates,
+            tile_grid(),
             lambda t: lambda: router_decode(x1, scale, weight, eps=EPS, root=root, out=out, **t),
+            rows,
+        )
+        proj_tiles = fastest_tiles(
+            "router_proj",
+            tile_grid(),
+            lambda t: lambda: router_proj(x1, weight, out=out, **t),
             rows,
         )
 
@@ -118,13 +129,22 @@ def main() -> int:
         x = (torch.randn(m, h, device=dev, generator=gen) * 3).to(torch.bfloat16)
         want = exact(x, scale, weight, root)
         paths = {
-            "vllm": lambda x=x: stock(x),
-            "triton": lambda x=x: router_decode(x, scale, weight, eps=EPS, root=root, **tiles),
+            "vllm": (lambda x=x: stock(x), want),
+            "triton": (
+                lambda x=x: router_decode(x, scale, weight, eps=EPS, root=root, **tiles),
+                want,
+            ),
         }
-        for name, fn in paths.items():
-            us, measured = measure(fn, want, args)
+        # the projection alone, on activations already normed and scaled
+        xn = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + EPS) * root
+        xn = (xn * scale.float()).to(torch.bfloat16)
+        want_proj = xn.float() @ weight.float().T
+        paths["vllm-proj"] = (lambda xn=xn: gate(xn)[0].float(), want_proj)
+        paths["triton-proj"] = (lambda xn=xn: router_proj(xn, weight, **proj_tiles), want_proj)
+        for name, (fn, reference) in paths.items():
+            us, measured = measure(fn, reference, args)
             row = {"path": name, "batch": m, **measured, "bytes": nbytes}
-            row["tiles"] = tiles if name == "triton" else None
+            row["tiles"] = {"triton": tiles, "triton-proj": proj_tiles}.get(name)
             record(rows, row)
 
     print_ab_table(
@@ -134,7 +154,19 @@ def main() -> int:
         "triton",
         "| batch | vLLM us | Triton us | b/a (vLLM/Triton) | kernels v/T | err v | err T |",
     )
+    print_ab_table(
+        rows,
+        args.batches,
+        "vllm-proj",
+        "triton-proj",
+        "| batch (projection) | GateLinear us | Triton us | b/a | kernels v/T | err v | err T |",
+    )
     return save(args, rows)
+
+
+def tile_grid():
+    grid = itertools.product((1, 2, 4, 8), (256, 512, 1024), (2, 4, 8))
+    return (dict(zip(("block_n", "block_k", "warps"), v, strict=True)) for v in grid)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ EXPECTED = {
         "cpu_gate_dtype": "needed",
         # no gemma4_routing_function_torch to hold the kernels' routing against
         "marlin_moe_decode": "unrecognized",
+        # recognized, and nothing to do on vLLM's CPU build
+        "router_decode": "not needed",
     },
     "0.20.2": {
         "expert_names": "needed",
@@ -59,6 +61,7 @@ EXPECTED = {
         "text_mapper": "not needed",
         "cpu_gate_dtype": "needed",
         "marlin_moe_decode": "not needed",
+        "router_decode": "not needed",
     },
     "0.23.0": {
         "expert_names": "needed",
@@ -71,6 +74,7 @@ EXPECTED = {
         "text_mapper": "not needed",
         "cpu_gate_dtype": "needed",
         "marlin_moe_decode": "not needed",
+        "router_decode": "not needed",
     },
     "0.30.0": {
         "expert_names": "needed",
@@ -84,6 +88,7 @@ EXPECTED = {
         "text_mapper": "not needed",
         "cpu_gate_dtype": "needed",
         "marlin_moe_decode": "not needed",
+        "router_decode": "not needed",
     },
     "0.32.0": {
         "expert_names": "needed",
@@ -97,6 +102,7 @@ EXPECTED = {
         "text_mapper": "not needed",
         "cpu_gate_dtype": "not needed",
         "marlin_moe_decode": "not needed",
+        "router_decode": "not needed",
     },
 }
 # No CPU build of these two: their code is read, never run (scripts/vllm_sources.py). They

@@ -26,6 +26,7 @@ from gemma4_quant.patches import (
     marlin_decode,
     marlin_moe_decode,
     router,
+    router_decode,
     tied_lm_head,
     unquantized_experts,
 )
@@ -61,6 +62,10 @@ CASES = {
         [("model_executor/layers/utils.py", "dispatch_cpu_unquantized_gemm")],
     ),
     "router": (router, [("model_executor/models/gemma4.py", "Gemma4Router.__init__")]),
+    "router_decode": (
+        router_decode,
+        [("model_executor/models/gemma4.py", "Gemma4Router.forward")],
+    ),
     "kv_shared_layers": (
         kv_shared_layers,
         [("model_executor/models/gemma4.py", "Gemma4Attention.__init__")],

@@ -130,7 +130,7 @@ def test_marlin_decode_takes_no_shape_in_auto_until_one_is_measured(monkeypatch)
     The kernel, the per-layer decision and the op: tests/test_marlin_gemv.py."""
     from gemma4_quant.patches import marlin_decode
 
-    monkeypatch.setattr(marlin_decode, "_cpu_build", lambda: False)
+    monkeypatch.setattr(fast_decode, "_cpu_build", lambda: False)
     monkeypatch.delenv("GEMMA4_QUANT_FAST_DECODE", raising=False)
     assert marlin_decode.TILES == {}
     detection = marlin_decode.detect()

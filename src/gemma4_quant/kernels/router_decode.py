@@ -1,4 +1,4 @@
-"""Gemma 4's MoE router for a few tokens in one Triton kernel.
+"""Gemma 4's MoE router for a few tokens in one Triton kernel, whole or its projection alone.
 
 Why:
     ``Gemma4Router.forward`` is an RMSNorm without weight, two scalings (``root_size``,
@@ -46,6 +46,7 @@ def _router_kernel(
     root,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    NORM: tl.constexpr,
 ):
     token = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -57,16 +58,21 @@ def _router_kernel(
         cols = k0 + offs
         col_mask = cols < hidden
         x = tl.load(x_ptr + token * hidden + cols, mask=col_mask, other=0.0).to(tl.float32)
-        s = tl.load(scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         w = tl.load(
             w_ptr + rows[:, None].to(tl.int64) * hidden + cols[None, :],
             mask=row_mask[:, None] & col_mask[None, :],
             other=0.0,
         )
-        squares += x * x
-        acc += w.to(tl.float32) * (x * s)[None, :]
-    factor = root / tl.sqrt(tl.sum(squares, axis=0) / hidden + eps)
-    tl.store(out_ptr + token * n_experts + rows, tl.sum(acc, axis=1) * factor, mask=row_mask)
+        if NORM:
+            s = tl.load(scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            squares += x * x
+            acc += w.to(tl.float32) * (x * s)[None, :]
+        else:
+            acc += w.to(tl.float32) * x[None, :]
+    logits = tl.sum(acc, axis=1)
+    if NORM:
+        logits = logits * (root / tl.sqrt(tl.sum(squares, axis=0) / hidden + eps))
+    tl.store(out_ptr + token * n_experts + rows, logits, mask=row_mask)
 
 
 def router_decode(
@@ -82,9 +88,31 @@ def router_decode(
     """``(rmsnorm(x) * root * scale) @ weight.T`` in float32 for ``x`` [M, H] (small M),
     ``scale`` [H], ``weight`` [E, H]; ``tiles`` override ``DEFAULT_TILES``."""
     hidden = x.shape[-1]
+    require_contiguous({"scale": (scale, (hidden,))}, f"for hidden {hidden}")
+    return _launch(x, scale, weight, out, eps, root, True, tiles)
+
+
+def router_proj(
+    x: torch.Tensor, weight: torch.Tensor, *, out: torch.Tensor | None = None, **tiles: int
+) -> torch.Tensor:
+    """``x @ weight.T`` in float32 for ``x`` [M, H] (small M) and ``weight`` [E, H]: the
+    router's projection alone; ``tiles`` override ``DEFAULT_TILES``."""
+    return _launch(x, weight, weight, out, 0.0, 1.0, False, tiles)
+
+
+def _launch(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    weight: torch.Tensor,
+    out: torch.Tensor | None,
+    eps: float,
+    root: float,
+    norm: bool,
+    tiles: dict[str, int],
+) -> torch.Tensor:
+    hidden = x.shape[-1]
     n_experts = weight.shape[0]
-    expected = {"scale": (scale, (hidden,)), "weight": (weight, (n_experts, hidden))}
-    require_contiguous(expected, f"for hidden {hidden}")
+    require_contiguous({"weight": (weight, (n_experts, hidden))}, f"for hidden {hidden}")
     t = {**DEFAULT_TILES, **tiles}
     x = x.reshape(-1, hidden).contiguous()
     if out is None:
@@ -100,6 +128,7 @@ def router_decode(
         root,
         BLOCK_N=t["block_n"],
         BLOCK_K=t["block_k"],
+        NORM=norm,
         num_warps=t["warps"],
     )
     return out

@@ -55,6 +55,7 @@ PATCH_MODULES: tuple[str, ...] = (
     "fast_decode",
     "marlin_decode",
     "marlin_moe_decode",
+    "router_decode",
 )
 
 

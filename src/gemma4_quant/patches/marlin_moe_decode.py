@@ -70,7 +70,7 @@ from . import (
     when_imported,
     wrap_once,
 )
-from .fast_decode import _cpu_build
+from .fast_decode import switched_off
 
 NAME = "marlin_moe_decode"
 SUMMARY = (
@@ -124,14 +124,9 @@ def detect() -> Detection:
             "Gemma 4's experts are not built as self.experts of Gemma4MoE or the decoder "
             "layer with a per_expert_scale, or there is no gemma4_routing_function_torch"
         )
-    if envs.fast_decode_mode() == "off":
-        return Detection.not_needed("GEMMA4_QUANT_FAST_DECODE=off keeps vLLM's MoE")
-    if _cpu_build():
-        return Detection.not_needed("vLLM's CPU build: the kernels are for CUDA GPUs")
-    if not TILES and envs.fast_decode_mode() == "auto":
-        return Detection.not_needed(
-            "no shape measured faster end to end yet (GEMMA4_QUANT_FAST_DECODE=force takes it)"
-        )
+    off = switched_off("vLLM's MoE", "the kernels are", measured=bool(TILES))
+    if off is not None:
+        return off
     return Detection.needed(
         f"{owner} builds Gemma 4's experts: one token takes two Triton kernels on Marlin's "
         "MoE layout where measured (decided per layer at load)"
