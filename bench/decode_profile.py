@@ -13,10 +13,11 @@ hold the same prefill and first token, so their difference is N decode steps: ke
 (and memory copies and sets) per step and their GPU time, by kernel name. Kernels inside
 CUDA graph replays are in the trace one by one.
 
-The same traces give the GPU's timeline per step: the time from its first kernel to its
-last (``span``), the part no kernel ran (``idle``), and that idle time split into gaps
-shorter than ``SHORT_GAP_US`` (between kernels of one launch or graph) and longer ones
-(the GPU waiting for the host). A wall time per token above the span is host time too.
+The longer trace also gives the GPU's timeline over its last N steps, which the once-a-step
+kernel that takes longest (the logits GEMM) delimits: the time per step (``span``, the
+GPU-side time per token), the part no kernel ran (``idle``), and that idle time split into
+gaps shorter than ``SHORT_GAP_US`` (between kernels of one graph) and longer ones (the GPU
+waiting for the host).
 
 Per layer is per step over the decoder layers (``num_hidden_layers``); what runs once a
 step (embedding, final norm, logits, sampling) is inside that share, and the table shows
@@ -58,8 +59,8 @@ def start(model: object = None) -> bool:
 
 
 def stop(model: object = None) -> dict:
-    """Stop it; ``{"kernels": {kernel name: [calls, GPU microseconds]}, "timeline": ...}``
-    of everything it saw (:func:`timeline`)."""
+    """Stop it; ``{"kernels": {kernel name: [calls, GPU microseconds]}, "events": [(name,
+    start, duration), ...]}`` of everything it saw, in microseconds."""
     global _profiler
     import torch
 
@@ -73,28 +74,38 @@ def stop(model: object = None) -> dict:
         prof.export_chrome_trace(path)
         events = json.loads(Path(path).read_text()).get("traceEvents", [])
     kinds = TRACE_KINDS if gpu else CPU_KINDS
-    return {"kernels": count_events(events, kinds), "timeline": timeline(events, kinds)}
-
-
-def timeline(events: list[dict], kinds: tuple[str, ...]) -> dict[str, float]:
-    """Microseconds from the first event's start to the last one's end, and the idle time
-    inside it, in gaps shorter and longer than ``SHORT_GAP_US``."""
-    spans = sorted(
-        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)))
+    timed = sorted(
+        (e.get("name", "?"), float(e["ts"]), float(e.get("dur", 0.0)))
         for e in events
         if e.get("ph") == "X" and e.get("cat") in kinds and "ts" in e
     )
-    out = {"span_us": 0.0, "idle_short_us": 0.0, "idle_long_us": 0.0}
-    if not spans:
-        return out
-    end = spans[0][1]
-    for start, stop_ in spans[1:]:
-        if start > end:
-            gap = start - end
-            out["idle_short_us" if gap < SHORT_GAP_US else "idle_long_us"] += gap
-        end = max(end, stop_)
-    out["span_us"] = end - spans[0][0]
-    return out
+    return {"kernels": count_events(events, kinds), "events": timed}
+
+
+def timeline(
+    events: list[tuple[str, float, float]], kernels: dict[str, dict[str, float]], steps: int
+) -> dict[str, float]:
+    """Per step, over the trace's last ``steps`` steps: microseconds from one start of the
+    once-a-step kernel that takes longest (``kernels``: per step, :func:`per_step`) to
+    the next, and the idle time inside, in gaps shorter and longer than ``SHORT_GAP_US``."""
+    once = [name for name, k in kernels.items() if k["calls"] == 1]
+    if not once:
+        return {}
+    marker = max(once, key=lambda name: kernels[name]["us"])
+    events = sorted(events, key=lambda e: e[1])
+    starts = [ts for name, ts, _ in events if name == marker]
+    if len(starts) <= steps:
+        return {}
+    first, last = starts[-steps - 1], starts[-1]
+    out = {"span_us": (last - first) / steps, "idle_short_us": 0.0, "idle_long_us": 0.0}
+    end = first
+    for _, ts, dur in [*(e for e in events if first <= e[1] < last), (marker, last, 0.0)]:
+        if ts > end:
+            gap = ts - end
+            out["idle_short_us" if gap < SHORT_GAP_US else "idle_long_us"] += gap / steps
+        end = max(end, ts + dur)
+    out["marker"] = marker[:60]
+    return {k: round(v, 1) if isinstance(v, float) else v for k, v in out.items()}
 
 
 def count_events(events: list[dict], kinds: tuple[str, ...]) -> dict[str, list[float]]:
@@ -161,8 +172,7 @@ def profile(
     kernels = per_step(*(t["kernels"] for t in traces), steps)
     layers = num_layers(model)
     result = {"batch": batch, "steps": steps, "layers": layers, **summarize(kernels, layers)}
-    short, long = (t["timeline"] for t in traces)
-    result["timeline_per_step"] = {k: round((long[k] - short[k]) / steps, 1) for k in long}
+    result["timeline_per_step"] = timeline(traces[1]["events"], kernels, steps)
     result["kernels"] = dict(sorted(kernels.items(), key=lambda kv: -kv[1]["us"]))
     if not kernels:
         result["note"] = "no GPU activity in the trace"
@@ -198,8 +208,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         for key in keys:
             print(f"| {key} | {pa[key]} | {pb[key]} | {round(pb[key] - pa[key], 2)} |")
         ta, tb = pa.get("timeline_per_step", {}), pb.get("timeline_per_step", {})
-        for key in sorted(ta.keys() & tb.keys()):
-            print(f"| {key} per step | {ta[key]} | {tb[key]} | {round(tb[key] - ta[key], 1)} |")
+        for key in ("span_us", "idle_short_us", "idle_long_us"):
+            if key in ta and key in tb:
+                print(f"| {key} per step | {ta[key]} | {tb[key]} | {round(tb[key] - ta[key], 1)} |")
         zero = {"calls": 0.0, "us": 0.0}
         names = set(pa["kernels"]) | set(pb["kernels"])
         rows = {n: (pa["kernels"].get(n, zero), pb["kernels"].get(n, zero)) for n in names}

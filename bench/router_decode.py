@@ -65,6 +65,7 @@ def vllm_router(hidden: int, experts: int, scale: torch.Tensor, weight: torch.Te
     with torch.no_grad():
         router.scale.copy_(scale)
         router.proj.weight.copy_(weight)
+    router.requires_grad_(False)  # as vLLM runs it: no autograd graph to trace
     print(f"path a: vLLM's Gemma4Router, {type(router.proj).__name__}", file=sys.stderr)
     return router
 

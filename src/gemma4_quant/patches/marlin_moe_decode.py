@@ -9,14 +9,15 @@ Why:
     bound). ``gemma4_quant.kernels.marlin_moe`` does all of it in two kernels on Marlin's
     own repacked layout (no second copy of the experts).
 
-Measured (vLLM 0.26.0; docs/gpu-results.md 3f, 3g):
+Measured (vLLM 0.26.0; docs/gpu-results.md 3f, 3g, 3i):
     the kernels alone 32.1 us against vLLM's 37.8 (routing + ``fused_marlin_moe``) on an
     H100, error 0.31% against the exact product (vLLM 0.45%). Inside vLLM (``force``)
     every layer takes them, the one-token experts match the bf16 twin within 0.57%, and a
     layer runs 8 - 9 kernels fewer. End to end on an H100, with fast_decode's dense MLP
-    kernels: decode 1.048 - 1.050x of stock at batch 1, 1.00x at 4 and 16, but 0.970 -
-    0.971x at 64 in both runs (where both sides run vLLM's kernels, in the same GPU time).
-    That misses the 0.99 a default needs, so ``auto`` takes no shape (``TILES`` is empty).
+    kernels: decode 1.041 - 1.052x of stock at batch 1, 1.00x at 4 and 16; at 64 (where
+    both sides run vLLM's kernels, in the same GPU time) 0.970 - 0.977x in four runs and
+    1.005x in a fifth (3i). That does not show the 0.99 a default needs, so ``auto`` takes
+    no shape (``TILES`` is empty).
 
 How:
     Switched with fast_decode (``GEMMA4_QUANT_FAST_DECODE``: ``auto``, ``off``, ``force``);

@@ -7,6 +7,14 @@ Why:
     reduction): 6.5 us per layer for 0.7 MB (docs/gpu-results.md 3d, 3g), about 5% of a
     layer. ``gemma4_quant.kernels.router_decode.router_proj`` is one kernel.
 
+Measured (H100, vLLM 0.26.0; docs/gpu-results.md 3i):
+    the kernel alone 2.0 us against ``GateLinear``'s 5.8 with the weights in L2. Inside
+    vLLM, with the 4 x 512 tiles of that run, 5.8 us per layer, as cuBLAS (weights from
+    HBM), and one kernel fewer per layer. End to end with ``fast_decode`` and
+    ``marlin_moe_decode`` forced: decode 1.055 - 1.056x of stock at batch 1 (1.004 -
+    1.014x of those two alone), 0.995x at 16. One in-model run with untuned tiles is not
+    what a default needs, so ``auto`` takes no GPU (``TILES`` is empty).
+
 How:
     Switched with fast_decode (``GEMMA4_QUANT_FAST_DECODE``: ``auto``, ``off``, ``force``);
     ``auto`` takes only GPUs in ``TILES`` (none until one is measured faster end to end).
