@@ -4,8 +4,8 @@ Why:
     Every Gemma 4 MoE layer projects its normed, scaled activations onto the experts'
     logits (``Gemma4Router.proj``, a bf16 ``GateLinear`` [E, H] with float32 output). For
     one token vLLM 0.26 on an H100 runs it as two cuBLAS kernels (split-K and its
-    reduction): 6.5 us per layer for 0.7 MB (docs/gpu-results.md 3d, 3g), about 5% of a
-    layer. ``gemma4_quant.kernels.router_decode.router_proj`` is one kernel.
+    reduction): 5.7 - 5.8 us per layer for 0.7 MB (docs/gpu-results.md 3d, 3i), about 5%
+    of a layer. ``gemma4_quant.kernels.router_decode.router_proj`` is one kernel.
 
 Measured (H100, vLLM 0.26.0; docs/gpu-results.md 3i):
     the kernel alone 2.0 us against ``GateLinear``'s 5.8 with the weights in L2. Inside
