@@ -199,7 +199,7 @@ fi
 if has routerbench; then
   install 0.26.0 "$T026" || exit 1
   log "routerbench: start"
-  CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$T026 python3 "$PROJ/bench/router_decode.py" --tune \
+  CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$T026 python3 "$PROJ/bench/router_decode.py" --tune --cold \
     --out "$R/router_decode.json" > "$R/router_decode.log" 2>&1
   log "routerbench: rc=$?"
 fi

@@ -37,7 +37,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from moe_decode import fastest_tiles, graph_time_us  # noqa: E402  (bench/moe_decode.py)
+from moe_decode import fastest_tiles, graph_time_us, rotated  # noqa: E402  (bench/moe_decode.py)
 
 from gemma4_quant.kernels.marlin_gemv import marlin_gemv, share  # noqa: E402
 
@@ -103,12 +103,6 @@ def marlin_path(words: torch.Tensor, scales: torch.Tensor, k: int, n: int) -> Ca
         "is_k_full": True,
     }
     return lambda x: _call(mu.apply_gptq_marlin_linear, input=x, **fixed)
-
-
-def rotated(make_call: Callable, copies: list) -> Callable:
-    """One call per copy of the weights, so that no call finds its weights in L2."""
-    calls = [make_call(*c) for c in copies]
-    return lambda: [c() for c in calls]
 
 
 def error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -147,6 +147,12 @@ def graph_time_us(fn, graph_calls: int, replays: int) -> float:
     return start.elapsed_time(end) * 1000 / (replays * graph_calls)
 
 
+def rotated(make_call: Callable, copies: list) -> Callable:
+    """One call per copy of the weights, so that no call finds its weights in L2."""
+    calls = [make_call(*c) for c in copies]
+    return lambda: [c() for c in calls]
+
+
 def kernels_per_call(fn) -> int:
     from torch.profiler import ProfilerActivity, profile
 

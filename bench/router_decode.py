@@ -7,16 +7,21 @@ vLLM fuses the norm with the layer's other norms).
 
 No model, no engine: random weights; error against the exact float32 router; GPU time per
 call inside a CUDA graph (decode runs in CUDA graphs); kernels per call (torch profiler).
+These calls find the weights in L2. ``--cold`` also times the projection at one token with
+its weights cycled past L2, as decode reads them (every layer's once a token), and tunes
+the kernel's tiles that way: inside vLLM the projection took what cuBLAS takes although
+the kernel was 2 - 3 times faster here (docs/gpu-results.md 3i).
 Where vLLM is not installed, path a is the same arithmetic in torch (compiled), with
 ``F.linear`` for the projection.
 
-    python bench/router_decode.py [--batches 1,2,4,8] [--tune] [--out F.json]
+    python bench/router_decode.py [--batches 1,2,4,8] [--tune] [--cold] [--out F.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,9 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from moe_decode import (  # noqa: E402  (bench/moe_decode.py)
     fastest_tiles,
+    graph_time_us,
     measure,
     print_ab_table,
     record,
+    rotated,
     save,
 )
 
@@ -94,6 +101,9 @@ def main() -> int:
     p.add_argument("--graph-calls", type=int, default=30)
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--tune", action="store_true", help="try tile sizes at batch 1 first")
+    p.add_argument(
+        "--cold", action="store_true", help="the projection with its weights cycled past L2"
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     dev, h, e = "cuda", args.hidden, args.experts
@@ -162,7 +172,49 @@ def main() -> int:
         "triton-proj",
         "| batch (projection) | GateLinear us | Triton us | b/a | kernels v/T | err v | err T |",
     )
+    if args.cold:
+        cold_projection(gate, weight, rows)
     return save(args, rows)
+
+
+def cold_projection(gate, weight: torch.Tensor, rows: list) -> None:
+    """One token's projection with the weights cycled past L2 (three L2 sizes of copies):
+    ``GateLinear`` (vLLM's module, its weight swapped per copy while the graph is
+    captured) against the kernel at its fastest tiles that way."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(1, weight.shape[1], device="cuda", generator=gen).to(torch.bfloat16)
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    count = max(2, math.ceil(3 * l2 / (weight.numel() * weight.element_size())))
+    copies = [(weight.clone(),) for _ in range(count)]
+
+    def vllm_call(w: torch.Tensor):
+        if getattr(gate, "weight", None) is None:  # no vLLM: torch's product
+            return lambda: (x @ w.T).float()
+
+        def call():
+            gate.weight.data = w
+            return gate(x)[0]
+
+        return call
+
+    grid = itertools.product((1, 2, 4), (512, 1024, 2048, 4096), (2, 4, 8))
+    candidates = (dict(zip(("block_n", "block_k", "warps"), v, strict=True)) for v in grid)
+    tiles = fastest_tiles(
+        "router_proj (cold)",
+        candidates,
+        lambda t: rotated(lambda w: lambda: router_proj(x, w, **t), copies),
+        rows,
+        calls=count,
+    )
+    vllm_us = graph_time_us(rotated(vllm_call, copies), 3, 20) / count
+    triton_us = graph_time_us(rotated(lambda w: lambda: router_proj(x, w, **tiles), copies), 3, 20)
+    triton_us /= count
+    row = {"path": "cold", "batch": 1, "copies": count, "tiles": tiles}
+    record(rows, row | {"vllm_us": round(vllm_us, 2), "triton_us": round(triton_us, 2)})
+    print(
+        f"\nprojection, one token, weights cycled past L2 ({count} copies): GateLinear "
+        f"{vllm_us:.2f} us, Triton {triton_us:.2f} us ({vllm_us / triton_us:.2f}x), tiles {tiles}"
+    )
 
 
 def tile_grid():
