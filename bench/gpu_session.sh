@@ -39,7 +39,7 @@
 #   marlinmoe the one-token MoE (routing + experts) on Marlin's layout against vLLM 0.26.0's
 #            routing + fused_marlin_moe, 26B-A4B's experts (bench/marlin_moe.py)
 #   moeprobe layer probes of the real dimensions with every one-token path forced
-#            (GEMMA4_QUANT_FAST_DECODE=force: dense MLP, attention projections, experts)
+#            (GEMMA4_QUANT_FAST_DECODE=force: dense MLP, attention projections, experts, router)
 #   routerbench Gemma 4's router (norm, scalings, projection) in one Triton kernel against
 #            vLLM 0.26.0's Gemma4Router, 26B-A4B's shape (bench/router_decode.py --tune)
 #   densebench the bf16 dense MLP kernels against vLLM's path, and the dense MLP beside the

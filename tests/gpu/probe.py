@@ -156,7 +156,10 @@ def install_hooks(model, mode: str, ref_dir: str | None):
                 with torch.no_grad():
                     if name.endswith(".mlp"):
                         got = _mlp_one_token(name, module, feed[0], ref)
-                    elif getattr(module, "_gemma4_quant_marlin_decode", None) is not None:
+                    elif any(
+                        getattr(module, flag, None) is not None
+                        for flag in ("_gemma4_quant_marlin_decode", "_gemma4_quant_router_decode")
+                    ):
                         got = _one_token_at_a_time(module, feed[0])
                     elif getattr(module, "_gemma4_quant_marlin_moe", None) is not None:
                         got = _one_token_at_a_time(module, *feed)
@@ -183,8 +186,9 @@ def install_hooks(model, mode: str, ref_dir: str | None):
 def _one_token_at_a_time(module, x, *more):
     """``module`` on the twin's prefill input rows one at a time (``more``: further inputs
     with the same rows, the router logits of the experts): the decode path, which
-    ``fast_decode`` (dense MLP), ``marlin_decode`` (int4 attention projections) and
-    ``marlin_moe_decode`` (routed experts) replace."""
+    ``fast_decode`` (dense MLP), ``marlin_decode`` (int4 attention projections),
+    ``marlin_moe_decode`` (routed experts) and ``router_decode`` (the router's projection)
+    replace."""
     import torch
 
     rows = [t.reshape(-1, t.shape[-1]) for t in (x, *more)]
