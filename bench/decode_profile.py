@@ -74,11 +74,11 @@ def stop(model: object = None) -> dict:
         prof.export_chrome_trace(path)
         events = json.loads(Path(path).read_text()).get("traceEvents", [])
     kinds = TRACE_KINDS if gpu else CPU_KINDS
-    timed = sorted(
+    timed = [
         (e.get("name", "?"), float(e["ts"]), float(e.get("dur", 0.0)))
         for e in events
         if e.get("ph") == "X" and e.get("cat") in kinds and "ts" in e
-    )
+    ]
     return {"kernels": count_events(events, kinds), "events": timed}
 
 

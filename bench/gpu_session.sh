@@ -351,39 +351,22 @@ if has fastab; then
     done
   done
   unset BENCH_ARGS
-  python3 "$PROJ/bench/gpu_throughput.py" ratio --a "$R"/fullsize/a-0.26.0-stock-gpu0-fast*.json \
-    --b "$R"/fullsize/b-0.26.0-fast-gpu0-fast*.json > "$R/fullsize/fastab-ratio.json" 2>&1
-  if [ "${FASTAB_PROFILE:-0}" != 0 ]; then  # the last round's profiles
-    last=${FASTAB_ROUNDS:-1} F=$R/fullsize
-    python3 "$PROJ/bench/decode_profile.py" compare "$F/a-0.26.0-stock-gpu0-fast$last.json" \
-      "$F/b-0.26.0-fast-gpu0-fast$last.json" --out "$F/profile-compare.json" \
-      > "$F/profile-compare.md" 2>&1
-    [ -f "$F/c-0.26.0-nomarlin-gpu0-fast$last.json" ] && python3 "$PROJ/bench/decode_profile.py" \
-      compare "$F/c-0.26.0-nomarlin-gpu0-fast$last.json" "$F/b-0.26.0-fast-gpu0-fast$last.json" \
-      --out "$F/profile-compare-cb.json" > "$F/profile-compare-cb.md" 2>&1
-  fi
-  ls "$R"/fullsize/c-0.26.0-nomarlin-gpu0-fast*.json > /dev/null 2>&1 && python3 \
-    "$PROJ/bench/gpu_throughput.py" ratio --a "$R"/fullsize/c-0.26.0-nomarlin-gpu0-fast*.json \
-    --b "$R"/fullsize/b-0.26.0-fast-gpu0-fast*.json > "$R/fullsize/fastab-ratio-cb.json" 2>&1
-  ls "$R"/fullsize/m-0.26.0-moe-gpu0-fast*.json > /dev/null 2>&1 && python3 \
-    "$PROJ/bench/gpu_throughput.py" ratio --a "$R"/fullsize/a-0.26.0-stock-gpu0-fast*.json \
-    --b "$R"/fullsize/m-0.26.0-moe-gpu0-fast*.json > "$R/fullsize/fastab-ratio-ma.json" 2>&1
-  ls "$R"/fullsize/r-0.26.0-router-gpu0-fast*.json > /dev/null 2>&1 && python3 \
-    "$PROJ/bench/gpu_throughput.py" ratio --a "$R"/fullsize/a-0.26.0-stock-gpu0-fast*.json \
-    --b "$R"/fullsize/r-0.26.0-router-gpu0-fast*.json > "$R/fullsize/fastab-ratio-ra.json" 2>&1
-  ls "$R"/fullsize/r-0.26.0-router-gpu0-fast*.json > /dev/null 2>&1 && python3 \
-    "$PROJ/bench/gpu_throughput.py" ratio --a "$R"/fullsize/m-0.26.0-moe-gpu0-fast*.json \
-    --b "$R"/fullsize/r-0.26.0-router-gpu0-fast*.json > "$R/fullsize/fastab-ratio-rm.json" 2>&1
-  if [ "${FASTAB_PROFILE:-0}" != 0 ]; then
-    for pair in a-0.26.0-stock:m-0.26.0-moe:am a-0.26.0-stock:r-0.26.0-router:ar \
-        m-0.26.0-moe:r-0.26.0-router:mr; do
-      IFS=: read -r one two tag <<< "$pair"
-      [ -f "$F/$one-gpu0-fast$last.json" ] && [ -f "$F/$two-gpu0-fast$last.json" ] && python3 \
-        "$PROJ/bench/decode_profile.py" compare "$F/$one-gpu0-fast$last.json" \
-        "$F/$two-gpu0-fast$last.json" --out "$F/profile-compare-$tag.json" \
-        > "$F/profile-compare-$tag.md" 2>&1
-    done
-  fi
+  # Each pair whose two sides ran: decode ratios over every round (fastab-ratio<tag>.json,
+  # the second side over the first) and, with FASTAB_PROFILE, the last round's kernels
+  # (profile-compare<ptag>.md: first side a, second b)
+  F=$R/fullsize last=${FASTAB_ROUNDS:-1}
+  for pair in a-0.26.0-stock:b-0.26.0-fast:: c-0.26.0-nomarlin:b-0.26.0-fast:-cb:-cb \
+      a-0.26.0-stock:m-0.26.0-moe:-ma:-am a-0.26.0-stock:r-0.26.0-router:-ra:-ar \
+      m-0.26.0-moe:r-0.26.0-router:-rm:-mr; do
+    IFS=: read -r one two tag ptag <<< "$pair"
+    ls "$F/$one"-gpu0-fast*.json "$F/$two"-gpu0-fast*.json > /dev/null 2>&1 || continue
+    python3 "$PROJ/bench/gpu_throughput.py" ratio --a "$F/$one"-gpu0-fast*.json \
+      --b "$F/$two"-gpu0-fast*.json > "$F/fastab-ratio$tag.json" 2>&1
+    [ "${FASTAB_PROFILE:-0}" != 0 ] && [ -f "$F/$one-gpu0-fast$last.json" ] \
+      && [ -f "$F/$two-gpu0-fast$last.json" ] && python3 "$PROJ/bench/decode_profile.py" \
+      compare "$F/$one-gpu0-fast$last.json" "$F/$two-gpu0-fast$last.json" \
+      --out "$F/profile-compare$ptag.json" > "$F/profile-compare$ptag.md" 2>&1
+  done
   log "fastab: done"
 fi
 

@@ -197,11 +197,9 @@ def cold_projection(gate, weight: torch.Tensor, rows: list) -> None:
 
         return call
 
-    grid = itertools.product((1, 2, 4), (512, 1024, 2048, 4096), (2, 4, 8))
-    candidates = (dict(zip(("block_n", "block_k", "warps"), v, strict=True)) for v in grid)
     tiles = fastest_tiles(
         "router_proj (cold)",
-        candidates,
+        tile_grid((1, 2, 4), (512, 1024, 2048, 4096)),
         lambda t: rotated(lambda w: lambda: router_proj(x, w, **t), copies),
         rows,
         calls=count,
@@ -217,8 +215,8 @@ def cold_projection(gate, weight: torch.Tensor, rows: list) -> None:
     )
 
 
-def tile_grid():
-    grid = itertools.product((1, 2, 4, 8), (256, 512, 1024), (2, 4, 8))
+def tile_grid(block_n=(1, 2, 4, 8), block_k=(256, 512, 1024), warps=(2, 4, 8)):
+    grid = itertools.product(block_n, block_k, warps)
     return (dict(zip(("block_n", "block_k", "warps"), v, strict=True)) for v in grid)
 
 

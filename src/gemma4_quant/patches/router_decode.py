@@ -48,6 +48,7 @@ Removal:
 
 from __future__ import annotations
 
+import ast
 import weakref
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -90,8 +91,6 @@ def forward_recognized(text: str | None) -> bool:
     init = vllm_code.find_function(text, "Gemma4Router.__init__")
     if forward is None or init is None or not vllm_code.assigns_self(init, "proj"):
         return False
-    import ast
-
     return any(
         ast.unparse(statement) == "router_logits, _ = self.proj(x)" for statement in forward.body
     )
