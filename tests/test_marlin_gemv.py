@@ -50,6 +50,16 @@ def test_matches_the_float32_product(k: int, n: int, group: int, split: int, blo
     assert _error(got, want) < 5e-3
 
 
+def test_float16_activations_and_scales():
+    # the scales and activations come in as 32-bit pairs, split by their dtype's bits
+    gen = torch.Generator().manual_seed(3)
+    words, scales, w = marlin_matrix(512, 256, 32, gen)
+    x = torch.randn(1, 512, generator=gen).half()
+    got = marlin_gemv(x.to(DEVICE), words.to(DEVICE), scales.half().to(DEVICE), 32, split=2)
+    assert got.dtype == torch.float16
+    assert _error(got, x.float() @ w) < 2e-3
+
+
 def test_split_counters_are_left_at_zero_for_the_next_call():
     gen = torch.Generator().manual_seed(1)
     words, scales, w = marlin_matrix(512, 256, 32, gen)

@@ -26,19 +26,6 @@ def nibble_minus_8(w, i: tl.constexpr):
 
 
 @triton.jit
-def nibble_unit(w, i: tl.constexpr):
-    """``1 + n / 16`` for nibble ``i`` (value ``n``) of ``w``, as float32: the nibble goes
-    into the top mantissa bits of 1.0 by one shift and one and-or, so ``n - 8`` is
-    ``16 f - 24`` and a dot product needs no subtraction per weight (the 24 times the
-    activations' sum is taken once per row instead)."""
-    if 4 * i < 19:
-        bits = ((w << (19 - 4 * i)) & 0x780000) | 0x3F800000
-    else:
-        bits = ((w >> (4 * i - 19)) & 0x780000) | 0x3F800000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def act_and_mul(gate, up, dtype: tl.constexpr, ACT: tl.constexpr):
     """act(gate) * up in float32, gate and up rounded to ``dtype`` first, as vLLM's GEMM
     writes them (ACT: 0 SiLU, 1 GELU, 2 GELU(tanh))."""

@@ -20,11 +20,13 @@ Layout (``gptq_marlin_repack`` of 4-bit weights, bf16/fp16 activations):
 
 How:
     A program owns one tile of 64 columns and a share of the K rows (split-K). Each step
-    loads ``BLOCK_KT`` row tiles as ``[BLOCK_KT, 8, 4, 4]`` words (ci, t, j), multiplies
-    their nibble planes (minus 8, made float by bit operations) by the matching
-    activations, scales per group and accumulates in float32. With split-K, each program
-    writes its float32 partial sums, and the last program of a tile (a counter per tile)
-    adds them, writes the output and resets the counter: one kernel per call, as Marlin.
+    loads ``BLOCK_KT`` row tiles as ``[BLOCK_KT, 32, 4]`` words: lane ``4 ci + t`` takes
+    its four words ``j`` in one 16-byte load, and needs only its own four activations and
+    eight scales (two 32-bit loads and one 16-byte load), so no data moves between lanes
+    inside the loop. Nibbles become float32 by bit operations: four shifts per word, then
+    one ``lop3`` and one FMA per nibble. With split-K, each program writes its float32
+    partial sums, and the last program of a tile (a counter per tile) adds them, writes the
+    output and resets the counter: one kernel per call, as Marlin.
 
 Numerics:
     Products and sums in float32, scaled per group in float32, rounded once to the
@@ -43,45 +45,77 @@ Speed (weights cycled past L2, bench/marlin_gemv.py; docs/gpu-results.md 3e - 3g
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from .common import act_and_mul, nibble_unit
+from .common import act_and_mul
 
 TILE_N = 64  # columns per Marlin tile group (128 words)
+# Inline PTX where it compiles for a GPU; Triton's CPU interpreter (the tests) has none
+PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"))
 
 
 @triton.jit
-def load_x(x_ptr, idx, mask, inter, ACT_IN: tl.constexpr):
-    """Activations ``idx`` as float32. ``ACT_IN`` (0 SiLU, 1 GELU, 2 GELU(tanh); -1 none):
-    ``x_ptr`` holds a gate-and-up row ``[2 inter]`` instead, and the activation of its gate
-    times its up is taken here, rounded to its dtype as vLLM's activation kernel writes it."""
-    if ACT_IN < 0:
-        return tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(x_ptr + idx, mask=mask, other=0.0)
-    up = tl.load(x_ptr + inter + idx, mask=mask, other=0.0)
-    dtype = x_ptr.dtype.element_ty
-    return act_and_mul(gate, up, dtype, ACT_IN).to(dtype).to(tl.float32)
+def float_pair(v, DTYPE: tl.constexpr):
+    """The two 16-bit floats of the 32-bit words ``v`` (low half first) as float32."""
+    if DTYPE == tl.bfloat16:  # a bf16 is the top half of its float32
+        low = (v << 16).to(tl.float32, bitcast=True)
+        high = (v & -65536).to(tl.float32, bitcast=True)
+    else:
+        low = (v & 0xFFFF).to(tl.int16).to(DTYPE, bitcast=True).to(tl.float32)
+        high = ((v >> 16) & 0xFFFF).to(tl.int16).to(DTYPE, bitcast=True).to(tl.float32)
+    return low, high
+
+
+@triton.jit
+def load_x_pair(x_ptr, row, mask, inter, ACT_IN: tl.constexpr):
+    """Activations ``row`` and ``row + 1`` (``row`` even) as float32, by one 32-bit load
+    each. ``ACT_IN`` (0 SiLU, 1 GELU, 2 GELU(tanh); -1 none): ``x_ptr`` holds a
+    gate-and-up row ``[2 inter]`` instead, and the activation of its gate times its up is
+    taken here, rounded to its dtype as vLLM's activation kernel writes it."""
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    x0, x1 = float_pair(tl.load(words + row // 2, mask=mask, other=0), dtype)
+    if ACT_IN >= 0:
+        u0, u1 = float_pair(tl.load(words + (inter + row) // 2, mask=mask, other=0), dtype)
+        x0 = act_and_mul(x0, u0, dtype, ACT_IN).to(dtype).to(tl.float32)
+        x1 = act_and_mul(x1, u1, dtype, ACT_IN).to(dtype).to(tl.float32)
+    return x0, x1
 
 
 @triton.jit
 def step_inputs(
-    x_ptr, w_ptr, s_ptr, n, words, s_col, t, kt, kt_end, inter, GROUP: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, n, words, pairs, t, kt, kt_end, inter, GROUP: tl.constexpr,
     ACT_IN: tl.constexpr,
 ):  # fmt: skip
-    """What one step of ``tile_dot`` reads for row tiles ``kt``: the words, the four
-    activation vectors (rows ``2 t + a + 8 c`` of each row tile) and the two scale rows."""
+    """What one step of ``tile_dot`` reads for row tiles ``kt`` ``[BLOCK_KT, 1, 1]``: each
+    lane's four words (16 bytes), its four activations (rows ``2 t + a + 8 c``: pairs
+    ``a = 0, 1`` in one 32-bit load) and its eight scales (pairs ``b = 0, 1``, 16 bytes)."""
     kt_mask = kt < kt_end
     w = tl.load(w_ptr + kt * (2 * n) + words, mask=kt_mask, other=0)
-    x00 = load_x(x_ptr, kt * 16 + 2 * t, kt_mask, inter, ACT_IN)
-    x01 = load_x(x_ptr, kt * 16 + 2 * t + 8, kt_mask, inter, ACT_IN)
-    x10 = load_x(x_ptr, kt * 16 + 2 * t + 1, kt_mask, inter, ACT_IN)
-    x11 = load_x(x_ptr, kt * 16 + 2 * t + 9, kt_mask, inter, ACT_IN)
-    kg = (kt * 16) // GROUP
-    s0 = tl.load(s_ptr + kg * n + s_col, mask=kt_mask, other=0.0).to(tl.float32)
-    s1 = tl.load(s_ptr + kg * n + s_col + 1, mask=kt_mask, other=0.0).to(tl.float32)
+    x00, x10 = load_x_pair(x_ptr, kt * 16 + 2 * t, kt_mask, inter, ACT_IN)
+    x01, x11 = load_x_pair(x_ptr, kt * 16 + 2 * t + 8, kt_mask, inter, ACT_IN)
+    s_words = s_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    s = tl.load(s_words + ((kt * 16) // GROUP) * (n // 2) + pairs, mask=kt_mask, other=0)
+    s0, s1 = float_pair(s, s_ptr.dtype.element_ty)
     return w, x00, x01, x10, x11, s0, s1
+
+
+@triton.jit
+def unit(v, HIGH: tl.constexpr):
+    """``1 + n / 16`` for the nibble ``n`` in bits 19 - 22 of ``v`` (``HIGH``), else
+    ``1 + n / 256`` for the one in bits 15 - 18, as float32, exact, by one ``lop3`` (no
+    shift, no integer-to-float conversion; the compiler makes the and and the or two)."""
+    mask: tl.constexpr = 0x780000 if HIGH else 0x78000
+    if PTX:
+        return tl.inline_asm_elementwise(
+            f"lop3.b32 $0, $1, {mask}, 0x3F800000, 0xEA;", "=r,r", [v], dtype=tl.float32,
+            is_pure=True, pack=1,
+        )  # fmt: skip
+    return ((v & mask) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -101,40 +135,54 @@ def tile_dot(
     """Rows ``16 kt_begin .. 16 kt_end`` of ``x @ W`` for the 64 columns of tile ``g``, in
     float32: two ``[8, 4]`` halves (ci, j), columns ``64 g + 16 j + ci`` and ``+ 8``.
 
-    Each step loads the next step's inputs before it computes its own: all programs of an
-    SM start together and would otherwise wait for their loads together, then compute
-    together (5 - 8% faster on an H100). Each nibble ``n`` becomes ``f = 1 + n / 16`` by a
-    shift and an and-or, and ``n - 8 = 16 f - 24``: the 24 times the activations is taken
-    once per row, not once per weight."""
-    kt_idx = tl.arange(0, BLOCK_KT)[:, None, None, None]
-    ci = tl.arange(0, 8)[None, :, None, None]
-    t = tl.arange(0, 4)[None, None, :, None]
-    j = tl.arange(0, 4)[None, None, None, :]
-    words = g * 128 + 16 * ci + 4 * t + j  # [1, 8, 4, 4]
-    # scale column of b = 0; b = 1 is the next one
-    s_col = g * 64 + 8 * ci + 2 * j  # [1, 8, 1, 4]
-    acc0 = tl.zeros([BLOCK_KT, 8, 4, 4], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_KT, 8, 4, 4], dtype=tl.float32)
+    The words of a row tile are ``[32, 4]``: lane ``4 ci + t`` holds words ``j = 0 .. 3``
+    (one 16-byte load), which need only its own four activations and eight scales, so
+    nothing moves between lanes inside the loop. Each step loads the next step's inputs
+    before it computes its own (all programs of an SM start together and would otherwise
+    wait for their loads together). Four shifts put two nibbles of a word at a time into
+    the top mantissa bits of 1.0 (bits 19 - 22: ``1 + n / 16``; bits 15 - 18:
+    ``1 + n / 256``), so a nibble costs one and-or and one FMA; the offsets (the 1s and
+    the 8) come off once per lane and row tile."""
+    kt_idx = tl.arange(0, BLOCK_KT)[:, None, None]
+    lane = tl.arange(0, 32)[None, :, None]  # 4 ci + t
+    j = tl.arange(0, 4)[None, None, :]
+    t = lane % 4
+    words = g * 128 + 4 * lane + j  # [1, 32, 4]
+    # scale pairs (b = 0, 1) of columns 64 g + 8 ci + 2 j, as 32-bit words
+    pairs = g * 32 + 4 * (lane // 4) + j
+    acc0 = tl.zeros([BLOCK_KT, 32, 4], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_KT, 32, 4], dtype=tl.float32)
     w, x00, x01, x10, x11, s0, s1 = step_inputs(
-        x_ptr, w_ptr, s_ptr, n, words, s_col, t, kt_begin + kt_idx, kt_end, inter, GROUP, ACT_IN
-    )
+        x_ptr, w_ptr, s_ptr, n, words, pairs, t, kt_begin + kt_idx, kt_end, inter, GROUP,
+        ACT_IN,
+    )  # fmt: skip
     for kt0 in range(kt_begin, kt_end, BLOCK_KT):
         nw, nx00, nx01, nx10, nx11, ns0, ns1 = step_inputs(
-            x_ptr, w_ptr, s_ptr, n, words, s_col, t, kt0 + BLOCK_KT + kt_idx, kt_end, inter,
+            x_ptr, w_ptr, s_ptr, n, words, pairs, t, kt0 + BLOCK_KT + kt_idx, kt_end, inter,
             GROUP, ACT_IN,
         )  # fmt: skip
-        # nibble 4 a + 2 b + c: row 2 t + a + 8 c, column half b; n - 8 = 16 f - 24
-        xs = 1.5 * (x00 + x01 + x10 + x11)
-        p0 = nibble_unit(w, 0) * x00 + nibble_unit(w, 1) * x01
-        p0 += nibble_unit(w, 4) * x10 + nibble_unit(w, 5) * x11
-        p1 = nibble_unit(w, 2) * x00 + nibble_unit(w, 3) * x01
-        p1 += nibble_unit(w, 6) * x10 + nibble_unit(w, 7) * x11
-        acc0 += (p0 - xs) * s0
-        acc1 += (p1 - xs) * s1
+        # nibble 4 a + 2 b + c: row 2 t + a + 8 c, column half b. With f = 1 + n / 16
+        # (c = 1, bits 19 - 22) and 1 + n / 256 (c = 0, bits 15 - 18), the sum of
+        # (n - 8) x over a word's four nibbles of one b is 16 (hi + 16 lo - off).
+        off = 1.5 * (x01 + x11) + 16.5 * (x00 + x10)
+        v = w >> 9  # nibbles 7 (hi), 6 (lo)
+        hi1 = unit(v, True) * x11 - off
+        lo1 = unit(v, False) * x10
+        v = w >> 1  # nibbles 5, 4
+        hi0 = unit(v, True) * x11 - off
+        lo0 = unit(v, False) * x10
+        v = w << 7  # nibbles 3, 2
+        hi1 += unit(v, True) * x01
+        lo1 += unit(v, False) * x00
+        v = w << 15  # nibbles 1, 0
+        hi0 += unit(v, True) * x01
+        lo0 += unit(v, False) * x00
+        acc0 += (hi0 + 16.0 * lo0) * s0
+        acc1 += (hi1 + 16.0 * lo1) * s1
         w, x00, x01, x10, x11, s0, s1 = nw, nx00, nx01, nx10, nx11, ns0, ns1
-    r0 = 16.0 * tl.sum(tl.sum(acc0, axis=0), axis=1)  # [8, 4] (ci, j)
-    r1 = 16.0 * tl.sum(tl.sum(acc1, axis=0), axis=1)
-    return r0, r1
+    r0 = tl.reshape(tl.sum(acc0, axis=0), (8, 4, 4))  # (ci, t, j)
+    r1 = tl.reshape(tl.sum(acc1, axis=0), (8, 4, 4))
+    return 16.0 * tl.sum(r0, axis=1), 16.0 * tl.sum(r1, axis=1)
 
 
 @triton.jit

@@ -23,13 +23,13 @@ How:
     Each program recomputes it from the router's logits (128 values, in registers), so no
     routing kernel runs and no expert ids are stored.
 
-    1. ``_w13_kernel``: per (tile of 64 columns of W13, top-k slot, share of K), that
-       slot's expert; split-K partial sums, the last program of a tile writing the gate
-       and up rows (rounded to the activation dtype, as Marlin's GEMM writes them).
-    2. ``_w2_kernel``: per (tile of 64 output columns, slot, share of K), the activation
-       of gate times up is taken as the activations load; W2 of the slot's expert times
-       its routing weight; the last program of a tile adds every slot's and share's
-       float32 partial sums and writes the layer's output once.
+    1. ``_w13_kernel``: per (tile of 64 gate columns of W13, top-k slot, share of K), that
+       slot's expert, the gate tile and its up tile; split-K partial sums, the last
+       program of a tile writing the activation of gate times up (gate and up rounded to
+       the activation dtype first, as Marlin's GEMM writes them for vLLM's activation).
+    2. ``_w2_kernel``: per (tile of 64 output columns, slot, share of K), W2 of the slot's
+       expert times its routing weight; the last program of a tile adds every slot's and
+       share's float32 partial sums and writes the layer's output once.
 
 Numerics:
     As ``marlin_gemv``: products and sums in float32, scales per group in float32; the
@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import ACTIVATIONS
+from .common import ACTIVATIONS, act_and_mul
 from .marlin_gemv import TILE_N, finish_tile, share, tile_dot
 
 # The fastest of bench/marlin_moe.py's sweep at 26B-A4B's experts (hidden 2816, intermediate
@@ -89,6 +89,54 @@ def route(logits_ptr, scale_ptr, slot, n_experts, TOPK: tl.constexpr, BLOCK_E: t
 
 
 @triton.jit
+def finish_act(
+    r0, r1, u0, u1,
+    part_ptr,  # float32 [SPLIT, N13] partial sums of this slot (SPLIT > 1)
+    count_ptr,  # int32: finished programs of this gate tile, zero between calls
+    out_ptr,  # [N13 / 2] this slot's activation row
+    n,  # N13
+    g,
+    split,
+    SPLIT: tl.constexpr,
+    ACT: tl.constexpr,
+):  # fmt: skip
+    """Writes the activation of gate tile ``g`` (``r``) times its up tile (``u``): at once
+    without split-K; else each program stores its float32 partial sums of both, and the
+    last one of the tile adds them and writes, then resets the counter. Gate and up are
+    rounded to the output dtype first, as vLLM's GEMM writes them for its activation."""
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    ci2 = tl.arange(0, 8)[:, None]
+    j2 = tl.arange(0, 4)[None, :]
+    col0 = g * 64 + 16 * j2 + ci2  # b = 0; the up columns are n / 2 further
+    col1 = col0 + 8
+    half = n // 2
+    if SPLIT == 1:
+        tl.store(out_ptr + col0, act_and_mul(r0, u0, dtype, ACT).to(dtype))
+        tl.store(out_ptr + col1, act_and_mul(r1, u1, dtype, ACT).to(dtype))
+    else:
+        part = part_ptr + split * n
+        tl.store(part + col0, r0)
+        tl.store(part + col1, r1)
+        tl.store(part + half + col0, u0)
+        tl.store(part + half + col1, u1)
+        tl.debug_barrier()
+        done = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+        if done == SPLIT - 1:
+            g0 = tl.zeros([8, 4], dtype=tl.float32)
+            g1 = tl.zeros([8, 4], dtype=tl.float32)
+            v0 = tl.zeros([8, 4], dtype=tl.float32)
+            v1 = tl.zeros([8, 4], dtype=tl.float32)
+            for s in tl.static_range(SPLIT):
+                g0 += tl.load(part_ptr + s * n + col0, cache_modifier=".cg")
+                g1 += tl.load(part_ptr + s * n + col1, cache_modifier=".cg")
+                v0 += tl.load(part_ptr + s * n + half + col0, cache_modifier=".cg")
+                v1 += tl.load(part_ptr + s * n + half + col1, cache_modifier=".cg")
+            tl.store(out_ptr + col0, act_and_mul(g0, v0, dtype, ACT).to(dtype))
+            tl.store(out_ptr + col1, act_and_mul(g1, v1, dtype, ACT).to(dtype))
+            tl.atomic_xchg(count_ptr, 0)
+
+
+@triton.jit
 def _w13_kernel(
     x_ptr,  # [K] activations
     logits_ptr,  # [E] router logits
@@ -96,8 +144,8 @@ def _w13_kernel(
     w_ptr,  # int32 [E, K / 16, 2 N]
     s_ptr,  # [E, K / GROUP, N]
     part_ptr,  # float32 [TOPK, SPLIT, N]
-    count_ptr,  # int32 [TOPK, N / 64]
-    out_ptr,  # [TOPK, N] gate and up rows
+    count_ptr,  # int32 [TOPK, N / 128]
+    out_ptr,  # [TOPK, N / 2] activation rows
     n_experts,
     n,
     k_tiles,
@@ -107,42 +155,27 @@ def _w13_kernel(
     GROUP: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK_KT: tl.constexpr,
+    ACT: tl.constexpr,
 ):
-    g = tl.program_id(0)
+    g = tl.program_id(0)  # a tile of gate columns; its up columns are n / 128 tiles further
     slot = tl.program_id(1)
     split = tl.program_id(2)
     expert, _ = route(logits_ptr, scale_ptr, slot, n_experts, TOPK, BLOCK_E)
     kt_begin = split * tiles_per_split
     kt_end = tl.minimum(kt_begin + tiles_per_split, k_tiles)
-    r0, r1 = tile_dot(
-        x_ptr,
-        w_ptr + expert * k_tiles * (2 * n),
-        s_ptr + expert * ((k_tiles * 16) // GROUP) * n,
-        n,
-        g,
-        kt_begin,
-        kt_end,
-        0,
-        GROUP,
-        BLOCK_KT,
-        -1,
-    )
-    finish_tile(
-        r0,
-        r1,
-        part_ptr + slot * SPLIT * n,
-        count_ptr + slot * (n // 64) + g,
-        out_ptr + slot * n,
-        n,
-        g,
-        split,
-        SPLIT,
-    )
+    w = w_ptr + expert * k_tiles * (2 * n)
+    s = s_ptr + expert * ((k_tiles * 16) // GROUP) * n
+    r0, r1 = tile_dot(x_ptr, w, s, n, g, kt_begin, kt_end, 0, GROUP, BLOCK_KT, -1)
+    u0, u1 = tile_dot(x_ptr, w, s, n, g + n // 128, kt_begin, kt_end, 0, GROUP, BLOCK_KT, -1)
+    finish_act(
+        r0, r1, u0, u1, part_ptr + slot * SPLIT * n, count_ptr + slot * (n // 128) + g,
+        out_ptr + slot * (n // 2), n, g, split, SPLIT, ACT,
+    )  # fmt: skip
 
 
 @triton.jit
 def _w2_kernel(
-    h_ptr,  # [TOPK, 2 I] gate and up rows
+    h_ptr,  # [TOPK, I] activation rows
     logits_ptr,
     scale_ptr,
     w_ptr,  # int32 [E, I / 16, 2 H]
@@ -159,7 +192,6 @@ def _w2_kernel(
     GROUP: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK_KT: tl.constexpr,
-    ACT: tl.constexpr,
 ):
     g = tl.program_id(0)
     slot = tl.program_id(1)
@@ -169,17 +201,17 @@ def _w2_kernel(
     kt_begin = split * tiles_per_split
     kt_end = tl.minimum(kt_begin + tiles_per_split, k_tiles)
     r0, r1 = tile_dot(
-        h_ptr + slot * (2 * inter),
+        h_ptr + slot * inter,
         w_ptr + expert * k_tiles * (2 * n),
         s_ptr + expert * (inter // GROUP) * n,
         n,
         g,
         kt_begin,
         kt_end,
-        inter,
+        0,
         GROUP,
         BLOCK_KT,
-        ACT,
+        -1,
     )
     finish_tile(
         r0 * weight,
@@ -234,8 +266,8 @@ def check_shapes(
                 f"marlin_moe: {name} {tuple(t.shape)}, expected {want} for hidden {hidden}, "
                 f"intermediate {inter}, group {group}, {n_experts} experts"
             )
-    if (2 * inter) % TILE_N:
-        raise ValueError(f"marlin_moe: 2 x intermediate {inter} is not a multiple of 64")
+    if inter % TILE_N:
+        raise ValueError(f"marlin_moe: intermediate {inter} is not a multiple of 64")
     return inter, group
 
 
@@ -253,7 +285,7 @@ def workspace(
         f32, i32 = torch.float32, torch.int32
         _workspaces[key] = (
             torch.empty((top_k, split13, n13), dtype=f32, device=device),
-            torch.zeros((top_k, n13 // TILE_N), dtype=i32, device=device),
+            torch.zeros((top_k, n13 // (2 * TILE_N)), dtype=i32, device=device),
             torch.empty((top_k * split2, hidden), dtype=f32, device=device),
             torch.zeros(hidden // TILE_N, dtype=i32, device=device),
         )
@@ -293,13 +325,13 @@ def marlin_moe(
     part13, count13, part2, count2 = workspace(
         top_k, n13, hidden, t["split13"], t["split2"], x.device
     )
-    gate_up = torch.empty((top_k, n13), dtype=x.dtype, device=x.device)
+    act = torch.empty((top_k, inter), dtype=x.dtype, device=x.device)
     out = torch.empty((1, hidden), dtype=x.dtype, device=x.device)
     logits = router_logits.contiguous()
     block_e = triton.next_power_of_2(n_experts)
     k13 = hidden // 16
     per13 = share(k13, t["split13"], t["block_kt13"])
-    _w13_kernel[(n13 // TILE_N, top_k, t["split13"])](
+    _w13_kernel[(inter // TILE_N, top_k, t["split13"])](
         x.contiguous(),
         logits,
         expert_scale,
@@ -307,7 +339,7 @@ def marlin_moe(
         s13,
         part13,
         count13,
-        gate_up,
+        act,
         n_experts,
         n13,
         k13,
@@ -317,12 +349,13 @@ def marlin_moe(
         GROUP=group,
         SPLIT=t["split13"],
         BLOCK_KT=t["block_kt13"],
+        ACT=ACTIVATIONS[activation],
         num_warps=t["warps13"],
     )
     k2 = inter // 16
     per2 = share(k2, t["split2"], t["block_kt2"])
     _w2_kernel[(hidden // TILE_N, top_k, t["split2"])](
-        gate_up,
+        act,
         logits,
         expert_scale,
         w2,
@@ -339,7 +372,6 @@ def marlin_moe(
         GROUP=group,
         SPLIT=t["split2"],
         BLOCK_KT=t["block_kt2"],
-        ACT=ACTIVATIONS[activation],
         num_warps=t["warps2"],
     )
     return out
