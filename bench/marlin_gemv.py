@@ -50,7 +50,7 @@ SHAPES = {
     "qkv_global": (2816, 10240),
     "o_global": (8192, 2816),
 }
-SWEEP = {"split": (1, 2, 4, 8, 16), "block_kt": (2, 4, 8), "warps": (4, 8)}
+SWEEP = {"split": (1, 2, 4, 8, 16), "block_kt": (2, 4, 8, 16), "warps": (4, 8)}
 STAGES = (1, 2, 3, 4, 5)  # software pipelining depth (SWEEP runs Triton's 3), for SWEEP's best
 
 

@@ -40,8 +40,8 @@ from moe_decode import (  # noqa: E402  (bench/moe_decode.py)
 
 from gemma4_quant.kernels.marlin_moe import DEFAULT_TILES, marlin_moe  # noqa: E402
 
-SWEEP13 = {"split13": (1, 2, 4, 8), "block_kt13": (2, 4, 8), "warps13": (4, 8)}
-SWEEP2 = {"split2": (1, 2, 4), "block_kt2": (1, 2, 4), "warps2": (4, 8)}
+SWEEP13 = {"split13": (1, 2, 4, 8), "block_kt13": (2, 4, 8, 16), "warps13": (4, 8)}
+SWEEP2 = {"split2": (1, 2, 4), "block_kt2": (1, 2, 4, 8), "warps2": (4, 8)}
 
 
 def vllm_routing() -> Callable:

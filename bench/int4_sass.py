@@ -1,0 +1,134 @@
+"""The one-token int4 kernels' inner loops as an H100 runs them, without a GPU.
+
+Compiles ``marlin_gemv`` and ``marlin_moe``'s two kernels for CUDA capability 9.0 with
+Triton's own ``ptxas`` (the ``triton`` wheel ships it and ``cuobjdump``; no driver, no
+GPU), specialized as a launch specializes them (pointers and multiples of 16 aligned),
+and prints per loop: instructions, weights per thread and step, instructions per weight,
+barriers and shared-memory operations (data moving between lanes), and registers.
+
+    python bench/int4_sass.py [--tiles 4x4,8x4,16x4] [--keep DIR]
+
+Tiles are ``BLOCK_KT x warps``. An instruction count is not a time: a loop can wait on its
+loads however few instructions it issues (bench/marlin_gemv.py times them on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from gemma4_quant.kernels import marlin_gemv, marlin_moe  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+_INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BACK = re.compile(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)")
+
+GEMV = {
+    "x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "part_ptr": "*fp32",
+    "count_ptr": "*i32", "out_ptr": "*bf16", "n": "i32", "k_tiles": "i32",
+    "tiles_per_split": "i32",
+}  # fmt: skip
+MOE = {
+    "x_ptr": "*bf16", "logits_ptr": "*fp32", "scale_ptr": "*bf16", "w_ptr": "*i32",
+    "s_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "out_ptr": "*bf16",
+    "n_experts": "i32", "n": "i32", "k_tiles": "i32", "tiles_per_split": "i32",
+}  # fmt: skip
+
+W2 = {("h_ptr" if name == "x_ptr" else name): kind for name, kind in MOE.items()}
+
+
+def _tool(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def compile_sass(fn, signature: dict, consts: dict, warps: int, aligned: tuple, out: Path):
+    """SASS lines and the resource line of ``fn`` compiled for ``TARGET``."""
+    sig = {**signature, **{name: "constexpr" for name in consts}}
+    names = list(sig)
+    attrs = {
+        (names.index(a),): [["tt.divisibility", 16]]
+        for a in names
+        if sig[a].startswith("*") or a in aligned
+    }
+    kernel = triton.compile(
+        ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+        target=TARGET,
+        options={"num_warps": warps},
+    )
+    cubin = out / f"{fn.__name__}-{consts.get('BLOCK_KT')}-{warps}.cubin"
+    cubin.write_bytes(kernel.asm["cubin"])
+    sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True,
+                          text=True, check=True).stdout  # fmt: skip
+    res = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    regs = re.search(r"REG:(\d+)", res)
+    return sass.splitlines(), int(regs.group(1)) if regs else -1
+
+
+def loops(lines: list[str]) -> list[collections.Counter]:
+    """Per backward branch (a loop; W13 runs two, its gate tile's and its up tile's), the
+    opcodes from its target to it."""
+    instrs = [(int(m.group(1), 16), m.group(2)) for m in map(_INSTR.match, lines) if m]
+    found = []
+    for addr, text in instrs:
+        back = _BACK.search(text)
+        if back and int(back.group(1), 16) < addr:
+            start = int(back.group(1), 16)
+            body = [t for a, t in instrs if start <= a <= addr]
+            ops = (re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
+            found.append(collections.Counter(ops))
+    return found
+
+
+def row(name: str, fn, signature: dict, consts: dict, warps: int, aligned: tuple, out: Path):
+    lines, regs = compile_sass(fn, signature, consts, warps, aligned, out)
+    # a step: BLOCK_KT row tiles of 128 words, 8 weights each, over the program's threads
+    weights = consts["BLOCK_KT"] * 128 * 8 // (32 * warps)
+    for i, ops in enumerate(loops(lines)):
+        total = sum(ops.values())
+        between = ops["BAR"] + ops["LDS"] + ops["STS"] + ops["STSM"] + ops["SHFL"]
+        print(
+            f"| {name}, loop {i + 1} | {consts['BLOCK_KT']} x {warps} | {total} | {weights} | "
+            f"{total / max(weights, 1):.2f} | {between} | {regs} |"
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiles", default="4x4,8x4,16x4", help="BLOCK_KT x warps, comma-separated")
+    parser.add_argument("--keep", type=Path, help="keep the cubins here")
+    args = parser.parse_args()
+    out = args.keep or Path(tempfile.mkdtemp())
+    out.mkdir(parents=True, exist_ok=True)
+    moe = {"TOPK": 8, "BLOCK_E": 128, "GROUP": 32}
+    print("| kernel | BLOCK_KT x warps | loop instructions | weights a thread | per weight | "
+          "barriers + shared + shuffles | registers |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    kernels = (  # name, kernel, signature, constants, specialized integers
+        ("marlin_gemv", marlin_gemv._marlin_gemv_kernel, GEMV, {"GROUP": 32, "SPLIT": 4},
+         ("n", "k_tiles")),
+        ("marlin_moe W13", marlin_moe._w13_kernel, MOE, {**moe, "SPLIT": 8, "ACT": 2},
+         ("n", "k_tiles")),
+        ("marlin_moe W2", marlin_moe._w2_kernel, W2, {**moe, "SPLIT": 2}, ("n",)),
+    )  # fmt: skip
+    for tiles in args.tiles.split(","):
+        block_kt, warps = map(int, tiles.split("x"))
+        for name, fn, signature, consts, aligned in kernels:
+            consts = {**consts, "BLOCK_KT": block_kt}
+            row(name, fn, signature, consts, warps, aligned, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
