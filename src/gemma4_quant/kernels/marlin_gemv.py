@@ -34,13 +34,14 @@ Numerics:
     activation dtype first, so the two differ by bf16 rounding (0.23 - 0.24% measured;
     against the exact product the kernel errs 0.16%, Marlin 0.22%).
 
-Speed (weights cycled past L2, bench/marlin_gemv.py; docs/gpu-results.md 3e - 3g):
-    on an H100, Marlin / this kernel 0.87 at 26B-A4B's q/k/v and 1.21 at its o projection
-    (1.1 and 0.8 TB/s). The kernel takes about twice the time of its own grid and loads
-    with no arithmetic (``--limits``), which run within 16% of a plain Triton stream of the
-    same words: not the access pattern. Nor the instruction count or the loads in flight:
-    tensor cores (Marlin's bf16-pair trick and one ``mma.sync`` per word, through inline
-    PTX) and words two steps ahead were both slower (docs/gpu-results.md 3h).
+Speed (weights cycled past L2, bench/marlin_gemv.py; docs/gpu-results.md 3e - 3h, 3j):
+    with the loop before this one (a ``[kt, 8, 4, 4]`` tile whose scales and activations
+    moved between lanes through shared memory, four barriers a step), on an H100, Marlin /
+    this kernel 0.87 at 26B-A4B's q/k/v and 1.21 at its o projection, about twice the time
+    of its own grid and loads with no arithmetic. Compiled for an H100 (bench/int4_sass.py)
+    that loop issued 209 instructions per 32 weights a thread with four barriers; this one
+    issues 147 and none. This loop has not been timed on a GPU yet
+    (bench/int4_loop_ab.py times it against the earlier one).
 """
 
 from __future__ import annotations
