@@ -17,7 +17,7 @@ from triton_env import DEVICE, marlin_matrix, marlin_reference, need_triton
 torch = need_triton()
 marlin_reference()  # skips this module where this vLLM has no packer
 
-from gemma4_quant.kernels.marlin_gemv import marlin_gemv  # noqa: E402
+from gemma4_quant.kernels.marlin_gemv import aligned_pairs, marlin_gemv  # noqa: E402
 
 
 def _error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -58,6 +58,17 @@ def test_float16_activations_and_scales():
     got = marlin_gemv(x.to(DEVICE), words.to(DEVICE), scales.half().to(DEVICE), 32, split=2)
     assert got.dtype == torch.float16
     assert _error(got, x.float() @ w) < 2e-3
+
+
+def test_activations_starting_off_a_4_byte_boundary_are_read_from_an_aligned_copy():
+    # the kernel reads activations as 32-bit pairs: a GPU faults on a misaligned one
+    gen = torch.Generator().manual_seed(4)
+    words, scales, w = marlin_matrix(256, 128, 32, gen)
+    x = torch.randn(1, 257, generator=gen).bfloat16()[:, 1:]
+    assert x.data_ptr() % 4 == 2
+    assert aligned_pairs(x).data_ptr() % 4 == 0 and torch.equal(aligned_pairs(x), x)
+    got = marlin_gemv(x.to(DEVICE), words.to(DEVICE), scales.to(DEVICE), 32)
+    assert _error(got, x.float() @ w) < 5e-3
 
 
 def test_split_counters_are_left_at_zero_for_the_next_call():

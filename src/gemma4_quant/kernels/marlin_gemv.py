@@ -247,6 +247,13 @@ def _marlin_gemv_kernel(
     finish_tile(r0, r1, part_ptr, count_ptr + g, out_ptr, n, g, split, SPLIT)
 
 
+def aligned_pairs(x: torch.Tensor) -> torch.Tensor:
+    """``x`` contiguous, its first element on a 4-byte boundary: the kernels read the
+    activations as 32-bit pairs (a row of a larger tensor may start on any element)."""
+    x = x.contiguous()
+    return x if x.data_ptr() % 4 == 0 else x.clone()
+
+
 def share(total: int, parts: int, step: int) -> int:
     """Each of ``parts`` programs' share of ``total`` items (split-K row tiles), rounded up
     to whole steps of ``step``: the last share may be short or empty."""
@@ -291,6 +298,7 @@ def marlin_gemv(
             f"marlin_gemv: w_q {tuple(w_q.shape)}, w_s {tuple(w_s.shape)} for K {k}, N {n}, "
             f"group {group}: expected ({k // 16}, {2 * n}) and ({k // group}, {n})"
         )
+    x = aligned_pairs(x)
     k_tiles = k // 16
     tiles_per_split = share(k_tiles, split, block_kt)
     part, count = workspace(n, split, x.device)

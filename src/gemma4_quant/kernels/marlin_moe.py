@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from .common import ACTIVATIONS, act_and_mul
-from .marlin_gemv import TILE_N, finish_tile, share, tile_dot
+from .marlin_gemv import TILE_N, aligned_pairs, finish_tile, share, tile_dot
 
 # The fastest of bench/marlin_moe.py's sweep at 26B-A4B's experts (hidden 2816, intermediate
 # 704, top 8 of 128) on an H200 (bench/results/h200-2026-12-06/marlin_moe.json): 35.8 us
@@ -332,7 +332,7 @@ def marlin_moe(
     k13 = hidden // 16
     per13 = share(k13, t["split13"], t["block_kt13"])
     _w13_kernel[(inter // TILE_N, top_k, t["split13"])](
-        x.contiguous(),
+        aligned_pairs(x),
         logits,
         expert_scale,
         w13,

@@ -26,8 +26,9 @@ Upstream PR:
 Releases:
     CPU only, wherever ``dispatch_cpu_unquantized_gemm`` leaves a dtype-less
     ``torch.empty(0)`` placeholder (read from its source): seen in 0.20.2, 0.26.0 and
-    0.30.0, not in 0.32.0. It shows where the CPU packs the weight (seen on AVX-512).
-    GPUs never take this path.
+    0.30.0, not in 0.32.0. It shows where the CPU packs the weight (seen on AVX-512 and
+    AMX); on AVX2-only CPUs vLLM's kernels cannot pack a bf16 weight, torch's linear keeps
+    it and the router is right without the patch. GPUs never take this path.
 
 Removal:
     When the oldest supported release creates the placeholder with the weight's dtype.
@@ -120,6 +121,11 @@ def _doctor_router_dtype(module: Module, ctx: Ctx) -> Hit | None:
         return None
     if env.cpu is not None and env.cpu.arch.startswith(("ppc", "powerpc")):
         return None  # no packed kernel there: torch's linear keeps the weight
+    if env.cpu is not None and env.cpu.kernel_library == "_C_AVX2":
+        # vLLM's AVX2 kernels have no oneDNN GEMM (0.19 - 0.22), or one that cannot make a
+        # bf16 matmul on AVX2 (0.23 on): the dispatch falls back to torch's linear, which
+        # keeps the weight (seen on 0.20.2 and 0.30.0)
+        return None
     message = (
         "vLLM's CPU GEMM dispatch leaves the bf16 router a float32 placeholder weight, "
         "and GateLinear casts its input to that dtype"
