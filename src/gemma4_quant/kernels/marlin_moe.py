@@ -39,8 +39,9 @@ Numerics:
 Speed (vLLM 0.26.0, each call its own routing; docs/gpu-results.md 3f, 3g):
     on an H100 32.1 us against vLLM's 37.8 (routing kernel and ``fused_marlin_moe``, 7
     kernels) for 26.8 MB; on an H200, before ``tile_dot`` prefetched its loads, 35.8
-    against 35.4. Error 0.31% against the exact product (vLLM 0.45%). The inner loop is
-    ``marlin_gemv``'s, which takes about twice the time of its loads.
+    against 35.4. Error 0.31% against the exact product (vLLM 0.45%). Those figures are
+    of the loop before ``marlin_gemv``'s present one (which took about twice the time of its
+    loads) and of a W2 that computed the activation itself; this form is not timed yet.
 """
 
 from __future__ import annotations
