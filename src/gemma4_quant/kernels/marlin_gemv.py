@@ -52,8 +52,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import act_and_mul
-
 TILE_N = 64  # columns per Marlin tile group (128 words)
 # Inline PTX where it compiles for a GPU; Triton's CPU interpreter (the tests) has none
 PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"))
@@ -72,33 +70,23 @@ def float_pair(v, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def load_x_pair(x_ptr, row, mask, inter, ACT_IN: tl.constexpr):
-    """Activations ``row`` and ``row + 1`` (``row`` even) as float32, by one 32-bit load
-    each. ``ACT_IN`` (0 SiLU, 1 GELU, 2 GELU(tanh); -1 none): ``x_ptr`` holds a
-    gate-and-up row ``[2 inter]`` instead, and the activation of its gate times its up is
-    taken here, rounded to its dtype as vLLM's activation kernel writes it."""
-    dtype: tl.constexpr = x_ptr.dtype.element_ty
+def load_x_pair(x_ptr, row, mask):
+    """Activations ``row`` and ``row + 1`` (``row`` even) as float32, by one 32-bit load."""
     words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-    x0, x1 = float_pair(tl.load(words + row // 2, mask=mask, other=0), dtype)
-    if ACT_IN >= 0:
-        u0, u1 = float_pair(tl.load(words + (inter + row) // 2, mask=mask, other=0), dtype)
-        x0 = act_and_mul(x0, u0, dtype, ACT_IN).to(dtype).to(tl.float32)
-        x1 = act_and_mul(x1, u1, dtype, ACT_IN).to(dtype).to(tl.float32)
-    return x0, x1
+    return float_pair(tl.load(words + row // 2, mask=mask, other=0), x_ptr.dtype.element_ty)
 
 
 @triton.jit
 def step_inputs(
-    x_ptr, w_ptr, s_ptr, n, words, pairs, t, kt, kt_end, inter, GROUP: tl.constexpr,
-    ACT_IN: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, n, words, pairs, t, kt, kt_end, GROUP: tl.constexpr
 ):  # fmt: skip
     """What one step of ``tile_dot`` reads for row tiles ``kt`` ``[BLOCK_KT, 1, 1]``: each
     lane's four words (16 bytes), its four activations (rows ``2 t + a + 8 c``: pairs
     ``a = 0, 1`` in one 32-bit load) and its eight scales (pairs ``b = 0, 1``, 16 bytes)."""
     kt_mask = kt < kt_end
     w = tl.load(w_ptr + kt * (2 * n) + words, mask=kt_mask, other=0)
-    x00, x10 = load_x_pair(x_ptr, kt * 16 + 2 * t, kt_mask, inter, ACT_IN)
-    x01, x11 = load_x_pair(x_ptr, kt * 16 + 2 * t + 8, kt_mask, inter, ACT_IN)
+    x00, x10 = load_x_pair(x_ptr, kt * 16 + 2 * t, kt_mask)
+    x01, x11 = load_x_pair(x_ptr, kt * 16 + 2 * t + 8, kt_mask)
     s_words = s_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     s = tl.load(s_words + ((kt * 16) // GROUP) * (n // 2) + pairs, mask=kt_mask, other=0)
     s0, s1 = float_pair(s, s_ptr.dtype.element_ty)
@@ -128,10 +116,8 @@ def tile_dot(
     g,  # the tile of 64 columns
     kt_begin,
     kt_end,
-    inter,
     GROUP: tl.constexpr,
     BLOCK_KT: tl.constexpr,
-    ACT_IN: tl.constexpr,
 ):
     """Rows ``16 kt_begin .. 16 kt_end`` of ``x @ W`` for the 64 columns of tile ``g``, in
     float32: two ``[8, 4]`` halves (ci, j), columns ``64 g + 16 j + ci`` and ``+ 8``.
@@ -154,13 +140,11 @@ def tile_dot(
     acc0 = tl.zeros([BLOCK_KT, 32, 4], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_KT, 32, 4], dtype=tl.float32)
     w, x00, x01, x10, x11, s0, s1 = step_inputs(
-        x_ptr, w_ptr, s_ptr, n, words, pairs, t, kt_begin + kt_idx, kt_end, inter, GROUP,
-        ACT_IN,
+        x_ptr, w_ptr, s_ptr, n, words, pairs, t, kt_begin + kt_idx, kt_end, GROUP
     )  # fmt: skip
     for kt0 in range(kt_begin, kt_end, BLOCK_KT):
         nw, nx00, nx01, nx10, nx11, ns0, ns1 = step_inputs(
-            x_ptr, w_ptr, s_ptr, n, words, pairs, t, kt0 + BLOCK_KT + kt_idx, kt_end, inter,
-            GROUP, ACT_IN,
+            x_ptr, w_ptr, s_ptr, n, words, pairs, t, kt0 + BLOCK_KT + kt_idx, kt_end, GROUP
         )  # fmt: skip
         # nibble 4 a + 2 b + c: row 2 t + a + 8 c, column half b. With f = 1 + n / 16
         # (c = 1, bits 19 - 22) and 1 + n / 256 (c = 0, bits 15 - 18), the sum of
@@ -187,6 +171,30 @@ def tile_dot(
 
 
 @triton.jit
+def tile_columns(g):
+    """The output columns of tile ``g``'s two ``[8, 4]`` halves (ci, j): ``b = 0, 1``."""
+    col0 = g * 64 + 16 * tl.arange(0, 4)[None, :] + tl.arange(0, 8)[:, None]
+    return col0, col0 + 8
+
+
+@triton.jit
+def last_of_split(count_ptr, SPLIT: tl.constexpr):
+    """Called once a program has stored its partial sums: whether it is the tile's last
+    (the one that adds them and then resets ``count_ptr`` to zero)."""
+    tl.debug_barrier()
+    return tl.atomic_add(count_ptr, 1, sem="acq_rel") == SPLIT - 1
+
+
+@triton.jit
+def split_sum(part_ptr, n, col, SPLIT: tl.constexpr):
+    """Columns ``col`` (``[8, 4]``) of the float32 partial sums ``[SPLIT, n]``, added."""
+    total = tl.zeros([8, 4], dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        total += tl.load(part_ptr + s * n + col, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
 def finish_tile(
     r0,
     r1,
@@ -201,26 +209,17 @@ def finish_tile(
     """Writes tile ``g`` of the output: at once without split-K; else each program stores
     its float32 partial sums, and the last one of the tile adds them, writes the output and
     resets the counter (one kernel per call, as Marlin)."""
-    ci2 = tl.arange(0, 8)[:, None]
-    j2 = tl.arange(0, 4)[None, :]
-    col0 = g * 64 + 16 * j2 + ci2  # b = 0
-    col1 = col0 + 8
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    col0, col1 = tile_columns(g)
     if SPLIT == 1:
-        tl.store(out_ptr + col0, r0.to(out_ptr.dtype.element_ty))
-        tl.store(out_ptr + col1, r1.to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + col0, r0.to(dtype))
+        tl.store(out_ptr + col1, r1.to(dtype))
     else:
         tl.store(part_ptr + split * n + col0, r0)
         tl.store(part_ptr + split * n + col1, r1)
-        tl.debug_barrier()
-        done = tl.atomic_add(count_ptr, 1, sem="acq_rel")
-        if done == SPLIT - 1:
-            t0 = tl.zeros([8, 4], dtype=tl.float32)
-            t1 = tl.zeros([8, 4], dtype=tl.float32)
-            for s in tl.static_range(SPLIT):
-                t0 += tl.load(part_ptr + s * n + col0, cache_modifier=".cg")
-                t1 += tl.load(part_ptr + s * n + col1, cache_modifier=".cg")
-            tl.store(out_ptr + col0, t0.to(out_ptr.dtype.element_ty))
-            tl.store(out_ptr + col1, t1.to(out_ptr.dtype.element_ty))
+        if last_of_split(count_ptr, SPLIT):
+            tl.store(out_ptr + col0, split_sum(part_ptr, n, col0, SPLIT).to(dtype))
+            tl.store(out_ptr + col1, split_sum(part_ptr, n, col1, SPLIT).to(dtype))
             tl.atomic_xchg(count_ptr, 0)
 
 
@@ -243,7 +242,7 @@ def _marlin_gemv_kernel(
     split = tl.program_id(1)
     kt_begin = split * tiles_per_split
     kt_end = tl.minimum(kt_begin + tiles_per_split, k_tiles)
-    r0, r1 = tile_dot(x_ptr, w_ptr, s_ptr, n, g, kt_begin, kt_end, 0, GROUP, BLOCK_KT, -1)
+    r0, r1 = tile_dot(x_ptr, w_ptr, s_ptr, n, g, kt_begin, kt_end, GROUP, BLOCK_KT)
     finish_tile(r0, r1, part_ptr, count_ptr + g, out_ptr, n, g, split, SPLIT)
 
 

@@ -51,7 +51,16 @@ import triton
 import triton.language as tl
 
 from .common import ACTIVATIONS, act_and_mul
-from .marlin_gemv import TILE_N, aligned_pairs, finish_tile, share, tile_dot
+from .marlin_gemv import (
+    TILE_N,
+    aligned_pairs,
+    finish_tile,
+    last_of_split,
+    share,
+    split_sum,
+    tile_columns,
+    tile_dot,
+)
 
 # The fastest of bench/marlin_moe.py's sweep at 26B-A4B's experts (hidden 2816, intermediate
 # 704, top 8 of 128) on an H200 (bench/results/h200-2026-12-06/marlin_moe.json): 35.8 us
@@ -106,10 +115,7 @@ def finish_act(
     last one of the tile adds them and writes, then resets the counter. Gate and up are
     rounded to the output dtype first, as vLLM's GEMM writes them for its activation."""
     dtype: tl.constexpr = out_ptr.dtype.element_ty
-    ci2 = tl.arange(0, 8)[:, None]
-    j2 = tl.arange(0, 4)[None, :]
-    col0 = g * 64 + 16 * j2 + ci2  # b = 0; the up columns are n / 2 further
-    col1 = col0 + 8
+    col0, col1 = tile_columns(g)  # the up columns are n / 2 further
     half = n // 2
     if SPLIT == 1:
         tl.store(out_ptr + col0, act_and_mul(r0, u0, dtype, ACT).to(dtype))
@@ -120,20 +126,12 @@ def finish_act(
         tl.store(part + col1, r1)
         tl.store(part + half + col0, u0)
         tl.store(part + half + col1, u1)
-        tl.debug_barrier()
-        done = tl.atomic_add(count_ptr, 1, sem="acq_rel")
-        if done == SPLIT - 1:
-            g0 = tl.zeros([8, 4], dtype=tl.float32)
-            g1 = tl.zeros([8, 4], dtype=tl.float32)
-            v0 = tl.zeros([8, 4], dtype=tl.float32)
-            v1 = tl.zeros([8, 4], dtype=tl.float32)
-            for s in tl.static_range(SPLIT):
-                g0 += tl.load(part_ptr + s * n + col0, cache_modifier=".cg")
-                g1 += tl.load(part_ptr + s * n + col1, cache_modifier=".cg")
-                v0 += tl.load(part_ptr + s * n + half + col0, cache_modifier=".cg")
-                v1 += tl.load(part_ptr + s * n + half + col1, cache_modifier=".cg")
-            tl.store(out_ptr + col0, act_and_mul(g0, v0, dtype, ACT).to(dtype))
-            tl.store(out_ptr + col1, act_and_mul(g1, v1, dtype, ACT).to(dtype))
+        if last_of_split(count_ptr, SPLIT):
+            for col in tl.static_range(2):
+                cols = col0 + 8 * col
+                gate = split_sum(part_ptr, n, cols, SPLIT)
+                up = split_sum(part_ptr, n, half + cols, SPLIT)
+                tl.store(out_ptr + cols, act_and_mul(gate, up, dtype, ACT).to(dtype))
             tl.atomic_xchg(count_ptr, 0)
 
 
@@ -166,8 +164,8 @@ def _w13_kernel(
     kt_end = tl.minimum(kt_begin + tiles_per_split, k_tiles)
     w = w_ptr + expert * k_tiles * (2 * n)
     s = s_ptr + expert * ((k_tiles * 16) // GROUP) * n
-    r0, r1 = tile_dot(x_ptr, w, s, n, g, kt_begin, kt_end, 0, GROUP, BLOCK_KT, -1)
-    u0, u1 = tile_dot(x_ptr, w, s, n, g + n // 128, kt_begin, kt_end, 0, GROUP, BLOCK_KT, -1)
+    r0, r1 = tile_dot(x_ptr, w, s, n, g, kt_begin, kt_end, GROUP, BLOCK_KT)
+    u0, u1 = tile_dot(x_ptr, w, s, n, g + n // 128, kt_begin, kt_end, GROUP, BLOCK_KT)
     finish_act(
         r0, r1, u0, u1, part_ptr + slot * SPLIT * n, count_ptr + slot * (n // 128) + g,
         out_ptr + slot * (n // 2), n, g, split, SPLIT, ACT,
@@ -209,10 +207,8 @@ def _w2_kernel(
         g,
         kt_begin,
         kt_end,
-        0,
         GROUP,
         BLOCK_KT,
-        -1,
     )
     finish_tile(
         r0 * weight,
