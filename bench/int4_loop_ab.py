@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from moe_decode import graph_time_us, rotated  # noqa: E402  (bench/moe_decode.py)
+from moe_decode import fastest_tiles, rotated  # noqa: E402  (bench/moe_decode.py)
 
 from gemma4_quant.kernels import marlin_gemv, marlin_moe  # noqa: E402
 
@@ -57,16 +57,11 @@ def grid(sweep: dict) -> list[dict]:
     return [dict(zip(sweep, v, strict=True)) for v in itertools.product(*sweep.values())]
 
 
-def fastest(make, candidates: list[dict], calls: int) -> tuple[float, dict]:
-    best = (math.inf, {})
-    for tiles in candidates:
-        try:
-            us = graph_time_us(make(tiles), 5, 10) / calls
-        except Exception as exc:  # a tile that does not compile or fit
-            print(f"  {tiles}: {type(exc).__name__}"[:120], file=sys.stderr)
-            continue
-        best = min(best, (us, tiles), key=lambda b: b[0])
-    return best
+def fastest(name: str, make, candidates: list[dict], calls: int) -> tuple[float, dict]:
+    """``fastest_tiles``'s choice, with its time per call."""
+    timings: list[dict] = []
+    tiles = fastest_tiles(name, candidates, make, timings, calls)
+    return min(r["us"] for r in timings if r["tune"] == tiles), tiles
 
 
 def diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -95,7 +90,7 @@ def gemv_rows(old_gemv, gen: torch.Generator) -> list[dict]:
         row = {"shape": name, "k": k, "n": n}
         for side, module in (("a", old_gemv), ("b", marlin_gemv)):
             make = gemv_calls(module, x, copies)
-            us, tiles = fastest(make, grid(GEMV_SWEEP), count)
+            us, tiles = fastest(f"{name} {side}", make, grid(GEMV_SWEEP), count)
             row[f"{side}_us"], row[f"{side}_tiles"] = round(us, 2), tiles
         outs = [m.marlin_gemv(x, words, scales, GROUP, **row[f"{s}_tiles"])
                 for s, m in (("a", old_gemv), ("b", marlin_gemv))]  # fmt: skip
@@ -131,9 +126,9 @@ def moe_row(old_moe, gen: torch.Generator) -> dict:
                      for i in range(sets)]  # fmt: skip
             return lambda: [c() for c in calls]
 
-        us13, best13 = fastest(make, [{**t, "split2": 2, "block_kt2": 4, "warps2": 4}
+        _, best13 = fastest(f"W13 {side}", make, [{**t, "split2": 2, "block_kt2": 4, "warps2": 4}
                                       for t in grid(MOE_SWEEP13)], sets)  # fmt: skip
-        us, tiles = fastest(make, [{**best13, **t} for t in grid(MOE_SWEEP2)], sets)
+        us, tiles = fastest(f"W2 {side}", make, [{**best13, **t} for t in grid(MOE_SWEEP2)], sets)
         row[f"{side}_us"], row[f"{side}_tiles"] = round(us, 2), tiles
     outs = [m.marlin_moe(x, logits[0], scale, w13, s13, w2, s2, top_k=TOP_K, **row[f"{s}_tiles"])
             for s, m in (("a", old_moe), ("b", marlin_moe))]  # fmt: skip
