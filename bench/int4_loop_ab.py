@@ -35,10 +35,11 @@ GROUP = 32
 SHAPES = (("qkv", 2816, 8192), ("o", 4096, 2816), ("qkv_global", 2816, 10240),
           ("o_global", 8192, 2816))  # fmt: skip
 HIDDEN, INTER, EXPERTS, TOP_K = 2816, 704, 128, 8
-# small sweeps (each tile compiles once per side); they hold the earlier kernels' best
-GEMV_SWEEP = {"split": (4, 8, 16), "block_kt": (4, 8), "warps": (4, 8)}
-MOE_SWEEP13 = {"split13": (4, 8), "block_kt13": (4, 8), "warps13": (4,)}
-MOE_SWEEP2 = {"split2": (1, 2), "block_kt2": (2, 4), "warps2": (4,)}
+# small sweeps (each tile compiles once per side); they hold the earlier kernels' best, and
+# 16 row tiles a step, where the new loop's instructions per weight are lowest (int4_sass.py)
+GEMV_SWEEP = {"split": (4, 8, 16), "block_kt": (4, 8, 16), "warps": (4, 8)}
+MOE_SWEEP13 = {"split13": (4, 8), "block_kt13": (4, 8, 16), "warps13": (4,)}
+MOE_SWEEP2 = {"split2": (1, 2), "block_kt2": (2, 4, 8), "warps2": (4,)}
 
 
 def load_old(path: Path):
