@@ -123,16 +123,21 @@ def test_the_check_makes_its_inputs_on_the_cpu_whatever_the_default_device(
     assert not warnings()
 
 
-def test_marlin_decode_takes_no_shape_in_auto_until_one_is_measured(monkeypatch) -> None:
+def test_marlin_decode_takes_only_measured_shapes_in_auto(monkeypatch) -> None:
     """``marlin_decode`` shares the switch: on a CUDA build (here the CPU-build test is
-    turned off) ``auto`` applies it only once ``TILES`` names a shape measured faster end to
-    end (none yet: bench/results/h100-2026-12-05c), ``force`` applies it, ``off`` does not.
-    The kernel, the per-layer decision and the op: tests/test_marlin_gemv.py."""
+    turned off) ``auto`` applies it where ``TILES`` names a shape measured faster end to
+    end (26B-A4B's four projections on 9.0: bench/results/h100-2026-12-07), and not
+    without one; ``force`` applies it, ``off`` does not. The kernel, the per-layer decision
+    and the op: tests/test_marlin_gemv.py."""
     from gemma4_quant.patches import marlin_decode
 
     monkeypatch.setattr(fast_decode, "_cpu_build", lambda: False)
     monkeypatch.delenv("GEMMA4_QUANT_FAST_DECODE", raising=False)
-    assert marlin_decode.TILES == {}
+    assert set(marlin_decode.TILES) == {(9, 0)}
+    assert set(marlin_decode.TILES[(9, 0)]) == {(2816, 8192), (4096, 2816), (2816, 10240),
+                                                (8192, 2816)}  # fmt: skip
+    assert marlin_decode.detect().status is Status.NEEDED
+    monkeypatch.setattr(marlin_decode, "TILES", {})
     detection = marlin_decode.detect()
     assert detection.status is Status.NOT_NEEDED
     assert "no shape measured faster end to end" in detection.reason
@@ -140,6 +145,3 @@ def test_marlin_decode_takes_no_shape_in_auto_until_one_is_measured(monkeypatch)
     assert marlin_decode.detect().status is Status.NEEDED
     monkeypatch.setenv("GEMMA4_QUANT_FAST_DECODE", "off")
     assert marlin_decode.detect().reason.startswith("GEMMA4_QUANT_FAST_DECODE=off")
-    monkeypatch.setattr(marlin_decode, "TILES", {(9, 0): {(4096, 2816): {"split": 16}}})
-    monkeypatch.delenv("GEMMA4_QUANT_FAST_DECODE")
-    assert marlin_decode.detect().status is Status.NEEDED

@@ -199,6 +199,18 @@ def patch_module(monkeypatch):
     return marlin_moe_decode
 
 
+def test_auto_takes_only_the_measured_shape(patch_module) -> None:
+    """26B-A4B's experts on 9.0 were measured faster end to end with the kernel's default
+    tiles (bench/results/h100-2026-12-07); ``auto`` takes nothing else, ``force`` all."""
+    from gemma4_quant.kernels.marlin_moe import DEFAULT_TILES
+
+    assert patch_module.TILES == {(9, 0): {(2816, 704): DEFAULT_TILES}}
+    assert patch_module.tiles_for("auto", (9, 0), 2816, 704) == DEFAULT_TILES
+    assert patch_module.tiles_for("auto", (9, 0), 2816, 352) is None  # TP=2's half
+    assert patch_module.tiles_for("auto", (10, 0), 2816, 704) is None
+    assert patch_module.tiles_for("force", (8, 0), 256, 64) == DEFAULT_TILES
+
+
 def test_experts_that_agree_with_vllm_take_the_op(patch_module) -> None:
     """The check passes; the module's forward then gives one token the kernels' result and
     more tokens its own, and torch.compile traces the call whole."""

@@ -204,19 +204,20 @@ def test_a_kernel_that_computes_wrong_keeps_vllms(fresh, monkeypatch, caplog) ->
 def test_auto_takes_only_measured_gpus(fresh, monkeypatch) -> None:
     from gemma4_quant.kernels.router_decode import DEFAULT_TILES
 
-    assert fresh.TILES == {}, "no GPU measured faster end to end yet"
+    assert fresh.TILES == {(9, 0): DEFAULT_TILES}, "measured faster end to end: 9.0 only"
+    assert fresh.tiles_for("auto", (9, 0)) == DEFAULT_TILES
+    assert fresh.tiles_for("auto", (8, 0)) is None
+    assert not fresh.decide(_gate(256, 16), "auto", (8, 0), DEVICE)
+    assert fresh.tiles_for("force", (8, 0)) == DEFAULT_TILES
+    monkeypatch.setattr(fresh, "TILES", {})
     assert fresh.tiles_for("auto", (9, 0)) is None
     assert not fresh.decide(_gate(256, 16), "auto", (9, 0), DEVICE)
-    assert fresh.tiles_for("force", (8, 0)) == DEFAULT_TILES
-    monkeypatch.setattr(fresh, "TILES", {(9, 0): {"block_n": 2, "block_k": 512, "warps": 4}})
-    assert fresh.tiles_for("auto", (9, 0))["block_n"] == 2
-    assert fresh.tiles_for("auto", (8, 0)) is None
     assert not fresh.decide(_gate(256, 16), "off", (9, 0), DEVICE)
 
 
 def test_detection(fresh, monkeypatch) -> None:
     """Recognized on this vLLM; nothing to do on its CPU build; on a CUDA build ``auto``
-    takes it only once ``TILES`` names a GPU, ``force`` takes it, ``off`` does not."""
+    takes it where ``TILES`` names a GPU (9.0), ``force`` takes it, ``off`` does not."""
     from gemma4_quant.patches import Status, vllm_source
 
     text = vllm_source(fresh._MODEL)
@@ -228,6 +229,8 @@ def test_detection(fresh, monkeypatch) -> None:
     from gemma4_quant.patches import fast_decode
 
     monkeypatch.setattr(fast_decode, "_cpu_build", lambda: False)
+    assert fresh.detect().status is Status.NEEDED
+    monkeypatch.setattr(fresh, "TILES", {})
     detection = fresh.detect()
     assert detection.status is Status.NOT_NEEDED
     assert "no GPU measured faster end to end" in detection.reason

@@ -34,14 +34,13 @@ Numerics:
     activation dtype first, so the two differ by bf16 rounding (0.23 - 0.24% measured;
     against the exact product the kernel errs 0.16%, Marlin 0.22%).
 
-Speed (weights cycled past L2, bench/marlin_gemv.py; docs/gpu-results.md 3e - 3h, 3j):
-    with the loop before this one (a ``[kt, 8, 4, 4]`` tile whose scales and activations
-    moved between lanes through shared memory, four barriers a step), on an H100, Marlin /
-    this kernel 0.87 at 26B-A4B's q/k/v and 1.21 at its o projection, about twice the time
-    of its own grid and loads with no arithmetic. Compiled for an H100 (bench/int4_sass.py)
-    that loop issued 209 instructions per 32 weights a thread with four barriers; this one
-    issues 147 and none. This loop has not been timed on a GPU yet
-    (bench/int4_loop_ab.py times it against the earlier one).
+Speed (weights cycled past L2; docs/gpu-results.md 3e - 3k):
+    on an H100 (bench/int4_loop_ab.py, 3k) 9.9 us at 26B-A4B's q/k/v, 7.7 at its o
+    projection, 11.4 and 10.9 at the global layers', where Marlin took 9.8, 9.8, 11.8 and
+    12.8 (3g); 1.06 - 1.14x faster than the loop before this one (a ``[kt, 8, 4, 4]`` tile
+    whose scales and activations moved between lanes through shared memory: compiled for
+    an H100, 209 instructions per 32 weights a thread and four barriers, this loop 147 and
+    none; bench/int4_sass.py). It still takes 1.5 - 2 times its own grid's loads.
 """
 
 from __future__ import annotations

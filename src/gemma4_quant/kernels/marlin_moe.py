@@ -36,12 +36,12 @@ Numerics:
     W13 output and the activation rounded to the activation dtype, as vLLM's path rounds
     them; the weighted sum over experts stays in float32 and is rounded once.
 
-Speed (vLLM 0.26.0, each call its own routing; docs/gpu-results.md 3f, 3g):
-    on an H100 32.1 us against vLLM's 37.8 (routing kernel and ``fused_marlin_moe``, 7
-    kernels) for 26.8 MB; on an H200, before ``tile_dot`` prefetched its loads, 35.8
-    against 35.4. Error 0.31% against the exact product (vLLM 0.45%). Those figures are
-    of the loop before ``marlin_gemv``'s present one (which took about twice the time of its
-    loads) and of a W2 that computed the activation itself; this form is not timed yet.
+Speed (each call its own routing; docs/gpu-results.md 3f, 3g, 3k):
+    on an H100 28.2 us (bench/int4_loop_ab.py; the loop before this one, whose W2 also
+    computed the activation, 32.3) where vLLM 0.26.0's routing kernel and
+    ``fused_marlin_moe`` (7 kernels) took 37.8, for 26.8 MB; inside vLLM at one token 27.6
+    us a layer against 35.3 in 8 kernels. Error 0.31% against the exact product (vLLM
+    0.45%).
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ from .marlin_gemv import (
     tile_dot,
 )
 
-# The fastest of bench/marlin_moe.py's sweep at 26B-A4B's experts (hidden 2816, intermediate
-# 704, top 8 of 128) on an H200 (bench/results/h200-2026-12-06/marlin_moe.json): 35.8 us
+# The fastest of bench/int4_loop_ab.py's sweep at 26B-A4B's experts (hidden 2816,
+# intermediate 704, top 8 of 128) on an H100: 28.2 us, routing included
+# (bench/results/h100-2026-12-07/ab/int4_loop_ab.json)
 DEFAULT_TILES = {
     "split13": 8,
     "block_kt13": 4,

@@ -8,15 +8,15 @@ Why:
     Marlin's own repacked layout, so it needs no second copy of the weights
     (bench/marlin_gemv.py measures both kernels on the same weights).
 
-Measured (H100, vLLM 0.26.0's Marlin, weights cycled past L2; docs/gpu-results.md 3e):
-    Marlin / Triton 0.83 (q/k/v, 2816 -> 8192), 1.14 (o, 4096 -> 2816), 0.86 (global
-    q/k/v, 2816 -> 10240), 1.01 (global o, 8192 -> 2816); the kernel errs 0.16% against
-    the exact product where Marlin errs 0.22%. Inside vLLM (``force``, layer probes) the
-    one-token q/k/v and o match the bf16 twin within 0.24%. The one shape it wins saves
-    about 1.2 us of a sliding layer's ~125; no end-to-end run yet, so ``auto`` takes no
-    shape (``TILES`` is empty) and the patch says "not needed" unless forced. (The
-    kernel's nibble conversion by bit operations, measured since on an H200, changed
-    nothing: 0.73 at q/k/v, 1.11 at o; section 3f.)
+Measured (H100, vLLM 0.26.0; docs/gpu-results.md 3k):
+    the kernel alone (weights cycled past L2, bench/int4_loop_ab.py): 9.9 us at q/k/v
+    (2816 -> 8192), 7.7 at o (4096 -> 2816), 11.4 and 10.9 at the global layers' (2816 ->
+    10240, 8192 -> 2816), where Marlin took 9.8, 9.8, 11.8 and 12.8 on an H100 (3g): at
+    par at q/k/v, faster at the others; error 0.16% against the exact product (Marlin
+    0.22%). Inside vLLM at one token: 9.0 us a call against Marlin's 10.2, and the layer
+    probes match the bf16 twin within 0.24%. End to end with the other one-token patches:
+    decode 1.16x of stock at batch 1, 1.00x at 4, 16 and 64, so ``auto`` takes these four
+    shapes on compute capability 9.0 (``TILES``).
 
 How:
     Switched with fast_decode (``GEMMA4_QUANT_FAST_DECODE``: ``auto`` by default, ``off``,
@@ -87,12 +87,17 @@ OP = "marlin_linear"
 # cores; the kernel rounds only its float32 sums (~0.3% apart at 26B-A4B's shapes,
 # bench/marlin_gemv.py); a wrong row, column or group is off by tens of percent
 CHECK_TOLERANCE = 2e-2
-# (K, N) -> tiles of the shapes ``auto`` takes, by compute capability: none until one is
-# measured faster end to end (the micro-benchmark's winner, o at 4096 -> 2816 on 9.0, takes
-# split 16, 8 row tiles, 4 warps; bench/results/h100-2026-12-05c/marlin_gemv.json)
-TILES: dict[tuple[int, int], dict[tuple[int, int], dict[str, int]]] = {}
-# ``force``: the best tiles of 26B-A4B's q/k/v on an H100 (12 - 18% off the other shapes' best)
-_FORCED_TILES = {"split": 8, "block_kt": 8, "warps": 4}
+# (K, N) -> tiles of the shapes ``auto`` takes, by compute capability: 26B-A4B's four
+# projections on 9.0, each the fastest of bench/int4_loop_ab.py's sweep on an H100, and
+# measured faster end to end with them (bench/results/h100-2026-12-07)
+_SPLIT_K = {"split": 16, "block_kt": 4, "warps": 4}  # K >= 4096: o and global o
+_SPLIT_N = {"split": 8, "block_kt": 4, "warps": 4}  # K = 2816: q/k/v and global q/k/v
+TILES: dict[tuple[int, int], dict[tuple[int, int], dict[str, int]]] = {
+    (9, 0): {(2816, 8192): _SPLIT_N, (4096, 2816): _SPLIT_K, (2816, 10240): _SPLIT_N,
+             (8192, 2816): _SPLIT_K},
+}  # fmt: skip
+# ``force`` at any other shape or GPU
+_FORCED_TILES = _SPLIT_N
 
 
 def _code_recognized(kernel_text: str | None, model_text: str | None) -> bool:

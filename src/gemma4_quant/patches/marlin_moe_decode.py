@@ -9,19 +9,20 @@ Why:
     bound). ``gemma4_quant.kernels.marlin_moe`` does all of it in two kernels on Marlin's
     own repacked layout (no second copy of the experts).
 
-Measured (vLLM 0.26.0; docs/gpu-results.md 3f, 3g, 3i):
-    the kernels alone 32.1 us against vLLM's 37.8 (routing + ``fused_marlin_moe``) on an
-    H100, error 0.31% against the exact product (vLLM 0.45%). Inside vLLM (``force``)
-    every layer takes them, the one-token experts match the bf16 twin within 0.57%, and a
-    layer runs 8 - 9 kernels fewer. End to end on an H100, with fast_decode's dense MLP
-    kernels: decode 1.041 - 1.052x of stock at batch 1, 1.00x at 4 and 16; at 64 (where
-    both sides run vLLM's kernels, in the same GPU time) 0.970 - 0.977x in four runs and
-    1.005x in a fifth (3i). That does not show the 0.99 a default needs, so ``auto`` takes
-    no shape (``TILES`` is empty).
+Measured (vLLM 0.26.0; docs/gpu-results.md 3f, 3g, 3i, 3k):
+    the kernels alone 28.2 us on an H100 (routing included, experts cycled past L2,
+    bench/int4_loop_ab.py), where vLLM's routing + ``fused_marlin_moe`` took 37.8 (3g);
+    error 0.31% against the exact product (vLLM 0.45%). Inside vLLM every layer takes them,
+    the one-token experts match the bf16 twin within 0.57%, and a layer runs 8 - 9 kernels
+    fewer. End to end on an H100 with the other one-token patches: decode 1.16x of stock
+    at batch 1, 1.00x at 4, 16 and 64 (64 in two rounds), so ``auto`` takes 26B-A4B's experts on
+    compute capability 9.0 (``TILES``). Batch 64 runs vLLM's kernels on both sides; of the
+    nine plugin runs there with this path (3f - 3k), five landed 2.3 - 3.0% under stock's
+    usual level, a level stock's own runs also reach.
 
 How:
     Switched with fast_decode (``GEMMA4_QUANT_FAST_DECODE``: ``auto``, ``off``, ``force``);
-    ``auto`` takes only shapes in ``TILES`` (none until one is measured faster end to end).
+    ``auto`` takes only shapes in ``TILES`` (measured faster end to end on that GPU).
     The Gemma 4 module that builds the experts (``Gemma4MoE``, or the decoder layer where
     vLLM moved them) is wrapped: after its quant method's ``process_weights_after_loading``,
     the experts take the path only if: a CUDA GPU; compressed-tensors 4-bit symmetric
@@ -92,9 +93,15 @@ OP = "marlin_moe"
 # output before the sum; the kernels do neither (~0.3 - 0.5% apart, bench/marlin_moe.py);
 # a wrong expert, row or group is off by tens of percent
 CHECK_TOLERANCE = 2e-2
-# (hidden, intermediate) -> tiles of the shapes ``auto`` takes, by compute capability: none
-# until one is measured faster end to end (``force`` takes kernels.marlin_moe.DEFAULT_TILES)
-TILES: dict[tuple[int, int], dict[tuple[int, int], dict[str, int]]] = {}
+# (hidden, intermediate) -> tiles of the shapes ``auto`` takes, by compute capability:
+# 26B-A4B's experts on 9.0, measured faster end to end on an H100 with these tiles
+# (bench/results/h100-2026-12-07; ``force`` takes them at any shape and GPU)
+TILES: dict[tuple[int, int], dict[tuple[int, int], dict[str, int]]] = {
+    (9, 0): {
+        (2816, 704): {"split13": 8, "block_kt13": 4, "warps13": 4, "split2": 2, "block_kt2": 4,
+                      "warps2": 4},
+    },
+}  # fmt: skip
 
 
 def owner_of_experts(text: str | None) -> str | None:

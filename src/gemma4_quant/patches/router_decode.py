@@ -7,17 +7,16 @@ Why:
     reduction): 5.7 - 5.8 us per layer for 0.7 MB (docs/gpu-results.md 3d, 3i), about 5%
     of a layer. ``gemma4_quant.kernels.router_decode.router_proj`` is one kernel.
 
-Measured (H100, vLLM 0.26.0; docs/gpu-results.md 3i):
+Measured (H100, vLLM 0.26.0; docs/gpu-results.md 3i, 3k):
     the kernel alone 2.0 us against ``GateLinear``'s 5.8 with the weights in L2. Inside
-    vLLM, with the 4 x 512 tiles of that run, 5.8 us per layer, as cuBLAS (weights from
-    HBM), and one kernel fewer per layer. End to end with ``fast_decode`` and
-    ``marlin_moe_decode`` forced: decode 1.055 - 1.056x of stock at batch 1 (1.004 -
-    1.014x of those two alone), 0.995x at 16. One in-model run with untuned tiles is not
-    what a default needs, so ``auto`` takes no GPU (``TILES`` is empty).
+    vLLM with its default tiles (2 x 1024, 4 warps), 2.8 us per layer where cuBLAS's two
+    kernels take 5.8, and one kernel fewer per layer. End to end with the other one-token
+    patches: decode 1.16x of stock at batch 1, 1.00x at 4, 16 and 64, so ``auto`` takes
+    compute capability 9.0 (``TILES``).
 
 How:
     Switched with fast_decode (``GEMMA4_QUANT_FAST_DECODE``: ``auto``, ``off``, ``force``);
-    ``auto`` takes only GPUs in ``TILES`` (none until one is measured faster end to end).
+    ``auto`` takes only GPUs in ``TILES`` (measured faster end to end).
     ``Gemma4Router.__init__`` is wrapped: its ``proj`` takes the path only if: a CUDA GPU;
     an unquantized bf16 ``[E, H]`` weight without bias, float32 logits and no tensor
     parallel split; and the kernel computes one random token at this shape within 0.1% of
@@ -80,9 +79,10 @@ OP = "router_proj"
 
 # float32 sums of the same bf16 products; a wrong row or column is off by tens of percent
 CHECK_TOLERANCE = 1e-3
-# compute capability -> tiles of the GPUs ``auto`` takes: none until one is measured
-# faster end to end (``force`` takes kernels.router_decode.DEFAULT_TILES)
-TILES: dict[tuple[int, int], dict[str, int]] = {}
+# compute capability -> tiles of the GPUs ``auto`` takes: 9.0, measured faster end to end
+# on an H100 (bench/results/h100-2026-12-07; ``force`` takes kernels.router_decode's
+# DEFAULT_TILES, the same, on any GPU)
+TILES: dict[tuple[int, int], dict[str, int]] = {(9, 0): {"block_n": 2, "block_k": 1024, "warps": 4}}
 
 
 def forward_recognized(text: str | None) -> bool:
