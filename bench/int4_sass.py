@@ -4,7 +4,8 @@ Compiles ``marlin_gemv`` and ``marlin_moe``'s two kernels for CUDA capability 9.
 Triton's own ``ptxas`` (the ``triton`` wheel ships it and ``cuobjdump``; no driver, no
 GPU), specialized as a launch specializes them (pointers and multiples of 16 aligned),
 and prints per loop: instructions, weights per thread and step, instructions per weight,
-barriers and shared-memory operations (data moving between lanes), and registers.
+barriers and shared-memory operations (data moving between lanes), the load lead (the
+fewest instructions from a global load to the first use of what it loaded), and registers.
 
     python bench/int4_sass.py [--tiles 4x4,8x4,16x4] [--keep DIR]
 
@@ -33,6 +34,7 @@ from gemma4_quant.kernels import marlin_gemv, marlin_moe  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 _INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BACK = re.compile(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)")
+_LDG = re.compile(r"LDG\.E(?:\.(128|64))?\S*\s+R(\d+),")
 
 GEMV = {
     "x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "part_ptr": "*fp32",
@@ -76,9 +78,10 @@ def compile_sass(fn, signature: dict, consts: dict, warps: int, aligned: tuple, 
     return sass.splitlines(), int(regs.group(1)) if regs else -1
 
 
-def loops(lines: list[str]) -> list[collections.Counter]:
+def loops(lines: list[str]) -> list[tuple[collections.Counter, int]]:
     """Per backward branch (a loop; W13 runs two, its gate tile's and its up tile's), the
-    opcodes from its target to it."""
+    opcodes from its target to it, and the load lead: the fewest instructions from a
+    global load to the first instruction that reads what it loaded, going round the loop."""
     instrs = [(int(m.group(1), 16), m.group(2)) for m in map(_INSTR.match, lines) if m]
     found = []
     for addr, text in instrs:
@@ -87,20 +90,38 @@ def loops(lines: list[str]) -> list[collections.Counter]:
             start = int(back.group(1), 16)
             body = [t for a, t in instrs if start <= a <= addr]
             ops = (re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
-            found.append(collections.Counter(ops))
+            found.append((collections.Counter(ops), load_lead(body)))
     return found
+
+
+def load_lead(body: list[str]) -> int:
+    """The fewest instructions between a global load of ``body`` and its first reader (a
+    load issued that close to its use waits for memory unless other warps fill the gap)."""
+    leads = []
+    for i, text in enumerate(body):
+        load = _LDG.search(text)
+        if load is None:
+            continue
+        width = {"128": 4, "64": 2}.get(load.group(1) or "", 1)
+        loaded = {f"R{int(load.group(2)) + k}" for k in range(width)}
+        for d in range(1, len(body) + 1):
+            sources = body[(i + d) % len(body)].partition(",")[2]
+            if loaded & set(re.findall(r"\bR\d+\b", sources)):
+                leads.append(d)
+                break
+    return min(leads, default=-1)
 
 
 def row(name: str, fn, signature: dict, consts: dict, warps: int, aligned: tuple, out: Path):
     lines, regs = compile_sass(fn, signature, consts, warps, aligned, out)
     # a step: BLOCK_KT row tiles of 128 words, 8 weights each, over the program's threads
     weights = consts["BLOCK_KT"] * 128 * 8 // (32 * warps)
-    for i, ops in enumerate(loops(lines)):
+    for i, (ops, lead) in enumerate(loops(lines)):
         total = sum(ops.values())
         between = ops["BAR"] + ops["LDS"] + ops["STS"] + ops["STSM"] + ops["SHFL"]
         print(
             f"| {name}, loop {i + 1} | {consts['BLOCK_KT']} x {warps} | {total} | {weights} | "
-            f"{total / max(weights, 1):.2f} | {between} | {regs} |"
+            f"{total / max(weights, 1):.2f} | {between} | {lead} | {regs} |"
         )
 
 
@@ -113,8 +134,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     moe = {"TOPK": 8, "BLOCK_E": 128, "GROUP": 32}
     print("| kernel | BLOCK_KT x warps | loop instructions | weights a thread | per weight | "
-          "barriers + shared + shuffles | registers |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+          "barriers + shared + shuffles | load lead | registers |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     kernels = (  # name, kernel, signature, constants, specialized integers
         ("marlin_gemv", marlin_gemv._marlin_gemv_kernel, GEMV, {"GROUP": 32, "SPLIT": 4},
          ("n", "k_tiles")),
