@@ -107,11 +107,15 @@ EXPECTED = {
 }
 # No CPU build of these two: their code is read, never run (scripts/vllm_sources.py). They
 # need what 0.32.0 needs, but INC builds AutoRound experts quantized on CPU there
-# (INCWNA16MoEScheme); the patches 0.32.0's row leaves out are pinned too.
+# (INCWNA16MoEScheme); the patches 0.32.0's row leaves out are pinned too. Their sources
+# are a CUDA build's, so the one-token paths apply (``auto`` takes capability 9.0; which
+# layers take them is decided per layer, on a GPU).
 EXPECTED |= dict.fromkeys(
     ("0.33.0", "0.34.0"),
     {
         **EXPECTED["0.32.0"],
+        "marlin_moe_decode": "needed",
+        "router_decode": "needed",
         "unquantized_experts": "not needed",
         "moe_prefix": "needed",
         "k_eq_v_scheme": "needed",
