@@ -1,14 +1,18 @@
-"""The one-token int4 kernels of this checkout (b) against an earlier copy of them (a), on
-the same random weights in Marlin's layout, one GPU, no vLLM.
+"""The one-token kernels of this checkout (b) against an earlier copy of them (a), on the
+same random weights, one GPU, no vLLM.
 
-26B-A4B's attention projections (``marlin_gemv``) and its experts (``marlin_moe``, routing
-included, top 8 of 128). Weights are cycled past L2 as decode reads them (the projections:
-copies of the weights; the experts: router logits whose top 8 are disjoint from call to
-call). Each side gets the fastest tiles of the same sweep; b / a is printed per shape, with
-how far the two outputs differ (both are within 0.2% of the exact product; tests/).
+26B-A4B's attention projections (``marlin_gemv``), its experts (``marlin_moe``, routing
+included, top 8 of 128; both int4 in Marlin's layout) and its bf16 dense MLP
+(``dense_decode``'s two kernels, each timed alone). Weights are cycled past L2 as decode
+reads them (the projections and the dense MLP: copies of the weights; the experts: router
+logits whose top 8 are disjoint from call to call). Each side gets the fastest tiles of
+the same sweep (``--wide``: b also tries programs of up to 32 warps, a row tile a warp,
+where fewer programs share a tile's K); a / b is printed per shape, with how far the two
+outputs differ (both sides are within 0.2% of the exact product, 0.31% the experts; tests/).
 
     git archive REV src/gemma4_quant/kernels | tar -x -C OLD
-    python bench/int4_loop_ab.py --old OLD/src/gemma4_quant/kernels [--out F.json]
+    python bench/int4_loop_ab.py --old OLD/src/gemma4_quant/kernels [--out F.json] \
+        [--skip-moe] [--skip-dense] [--wide]
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from moe_decode import fastest_tiles, rotated  # noqa: E402  (bench/moe_decode.py)
 
-from gemma4_quant.kernels import marlin_gemv, marlin_moe  # noqa: E402
+from gemma4_quant.kernels import dense_decode, marlin_gemv, marlin_moe  # noqa: E402
 
 GROUP = 32
 # (name, K, N) of 26B-A4B's attention projections
@@ -40,29 +44,50 @@ HIDDEN, INTER, EXPERTS, TOP_K = 2816, 704, 128, 8
 GEMV_SWEEP = {"split": (4, 8, 16), "block_kt": (4, 8, 16), "warps": (4, 8)}
 MOE_SWEEP13 = {"split13": (4, 8), "block_kt13": (4, 8, 16), "warps13": (4,)}
 MOE_SWEEP2 = {"split2": (1, 2), "block_kt2": (2, 4, 8), "warps2": (4,)}
+# --wide: side b also tries whole row tiles a warp with up to 32 warps a program, where
+# fewer programs share a tile's K (fewer split-K atomics, the sum across warps in shared
+# memory instead)
+WIDE = ((8, 8), (16, 16), (32, 32), (16, 8), (32, 16))  # (row tiles a step, warps)
+GEMV_WIDE = [{"split": s, "block_kt": b, "warps": w} for s in (1, 2, 4, 8, 16) for b, w in WIDE]
+MOE_WIDE13 = [{"split13": s, "block_kt13": b, "warps13": w}
+              for s in (1, 2, 4, 8) for b, w in WIDE[:3]]  # fmt: skip
+MOE_WIDE2 = [{"split2": s, "block_kt2": b, "warps2": w} for s in (1, 2, 4) for b, w in WIDE[:2]]
+DENSE_INTER = 2112
+DENSE_SWEEP = {"block_n": (2, 4, 8), "block_k": (256, 512), "warps": (4, 8)}
 
 
-def load_old(path: Path):
-    """An earlier ``gemma4_quant/kernels`` folder as the package ``old_kernels``."""
+def load_kernels(path: Path | None = None):
+    """``marlin_gemv``, ``marlin_moe`` and ``dense_decode`` of this checkout, or of an earlier
+    ``gemma4_quant/kernels`` folder (imported as the package ``old_kernels``)."""
+    if path is None:
+        return marlin_gemv, marlin_moe, dense_decode
     spec = importlib.util.spec_from_file_location(
         "old_kernels", path / "__init__.py", submodule_search_locations=[str(path)]
     )
     package = importlib.util.module_from_spec(spec)
     sys.modules["old_kernels"] = package
     spec.loader.exec_module(package)
-    return (importlib.import_module("old_kernels.marlin_gemv"),
-            importlib.import_module("old_kernels.marlin_moe"))  # fmt: skip
+    return tuple(importlib.import_module(f"old_kernels.{name}")
+                 for name in ("marlin_gemv", "marlin_moe", "dense_decode"))  # fmt: skip
 
 
 def grid(sweep: dict) -> list[dict]:
     return [dict(zip(sweep, v, strict=True)) for v in itertools.product(*sweep.values())]
 
 
+TIMINGS: dict[str, list[dict]] = {}  # every tile's time, by kernel and side (--out)
+
+
 def fastest(name: str, make, candidates: list[dict], calls: int) -> tuple[float, dict]:
     """``fastest_tiles``'s choice, with its time per call."""
-    timings: list[dict] = []
+    timings = TIMINGS.setdefault(name, [])
     tiles = fastest_tiles(name, candidates, make, timings, calls)
     return min(r["us"] for r in timings if r["tune"] == tiles), tiles
+
+
+def sweep(side: str, standard: list[dict], wide: list[dict] | None) -> list[dict]:
+    """The tiles a side tries: ``standard``, and for side b ``wide`` too (``--wide``)."""
+    return standard + wide if side == "b" and wide else standard
 
 
 def diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -78,7 +103,7 @@ def gemv_calls(module, x: torch.Tensor, copies: list):
     return make
 
 
-def gemv_rows(old_gemv, gen: torch.Generator) -> list[dict]:
+def gemv_rows(old_gemv, gen: torch.Generator, wide: bool) -> list[dict]:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows = []
     for name, k, n in SHAPES:
@@ -91,7 +116,8 @@ def gemv_rows(old_gemv, gen: torch.Generator) -> list[dict]:
         row = {"shape": name, "k": k, "n": n}
         for side, module in (("a", old_gemv), ("b", marlin_gemv)):
             make = gemv_calls(module, x, copies)
-            us, tiles = fastest(f"{name} {side}", make, grid(GEMV_SWEEP), count)
+            tried = sweep(side, grid(GEMV_SWEEP), GEMV_WIDE if wide else None)
+            us, tiles = fastest(f"{name} {side}", make, tried, count)
             row[f"{side}_us"], row[f"{side}_tiles"] = round(us, 2), tiles
         outs = [m.marlin_gemv(x, words, scales, GROUP, **row[f"{s}_tiles"])
                 for s, m in (("a", old_gemv), ("b", marlin_gemv))]  # fmt: skip
@@ -102,7 +128,7 @@ def gemv_rows(old_gemv, gen: torch.Generator) -> list[dict]:
     return rows
 
 
-def moe_row(old_moe, gen: torch.Generator) -> dict:
+def moe_row(old_moe, gen: torch.Generator, wide: bool) -> dict:
     w13 = torch.randint(-(2**31), 2**31 - 1, (EXPERTS, HIDDEN // 16, 4 * INTER), generator=gen,
                         device="cuda", dtype=torch.int32)  # fmt: skip
     w2 = torch.randint(-(2**31), 2**31 - 1, (EXPERTS, INTER // 16, 2 * HIDDEN), generator=gen,
@@ -127,9 +153,11 @@ def moe_row(old_moe, gen: torch.Generator) -> dict:
                      for i in range(sets)]  # fmt: skip
             return lambda: [c() for c in calls]
 
-        _, best13 = fastest(f"W13 {side}", make, [{**t, "split2": 2, "block_kt2": 4, "warps2": 4}
-                                      for t in grid(MOE_SWEEP13)], sets)  # fmt: skip
-        us, tiles = fastest(f"W2 {side}", make, [{**best13, **t} for t in grid(MOE_SWEEP2)], sets)
+        tried = sweep(side, grid(MOE_SWEEP13), MOE_WIDE13 if wide else None)
+        w2_fixed = {"split2": 2, "block_kt2": 4, "warps2": 4}
+        _, best13 = fastest(f"W13 {side}", make, [{**t, **w2_fixed} for t in tried], sets)
+        tried = sweep(side, grid(MOE_SWEEP2), MOE_WIDE2 if wide else None)
+        us, tiles = fastest(f"W2 {side}", make, [{**best13, **t} for t in tried], sets)
         row[f"{side}_us"], row[f"{side}_tiles"] = round(us, 2), tiles
     outs = [m.marlin_moe(x, logits[0], scale, w13, s13, w2, s2, top_k=TOP_K, **row[f"{s}_tiles"])
             for s, m in (("a", old_moe), ("b", marlin_moe))]  # fmt: skip
@@ -139,24 +167,61 @@ def moe_row(old_moe, gen: torch.Generator) -> dict:
     return row
 
 
+def dense_rows(old_dense, gen: torch.Generator) -> list[dict]:
+    """``gate_up_act`` (2816 -> 2 x 2112, GELU(tanh) and-mul) and ``down`` (2112 -> 2816),
+    each timed alone on copies of its bf16 weights."""
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    x = torch.randn(1, HIDDEN, generator=gen, device="cuda").bfloat16()
+    act = torch.randn(1, DENSE_INTER, generator=gen, device="cuda").bfloat16()
+    kernels = (
+        ("dense gate_up", (2 * DENSE_INTER, HIDDEN), "1",
+         lambda m, w, t: m.gate_up_act(x, w, torch.empty_like(act), activation="gelu_tanh", **t)),
+        ("dense down", (HIDDEN, DENSE_INTER), "2",
+         lambda m, w, t: m.down(act, w, torch.empty_like(x), **t)),
+    )  # fmt: skip
+    rows = []
+    for name, shape, suffix, call in kernels:
+        w = (torch.randn(shape, generator=gen, device="cuda") / shape[1] ** 0.5).bfloat16()
+        count = max(2, math.ceil(3 * l2 / (w.numel() * 2)))
+        copies = [(w.clone(),) for _ in range(count)]
+        sweep = [{f"{key}{suffix}": v for key, v in t.items()} for t in grid(DENSE_SWEEP)]
+        row: dict = {"shape": name}
+        for side, module in (("a", old_dense), ("b", dense_decode)):
+
+            def make(tiles, module=module, call=call, copies=copies):
+                return rotated(lambda w_: lambda: call(module, w_, tiles), copies)
+
+            us, tiles = fastest(f"{name} {side}", make, sweep, count)
+            row[f"{side}_us"], row[f"{side}_tiles"] = round(us, 2), tiles
+        outs = [call(m, w, row[f"{s}_tiles"]) for s, m in (("a", old_dense), ("b", dense_decode))]
+        row["a_over_b"] = round(row["a_us"] / row["b_us"], 3)
+        row["output_diff"] = diff(outs[1], outs[0])
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old", type=Path, required=True, help="an earlier kernels folder")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--skip-moe", action="store_true")
+    parser.add_argument("--skip-dense", action="store_true")
+    parser.add_argument("--wide", action="store_true", help="side b also tries WIDE tiles")
     args = parser.parse_args()
-    old_gemv, old_moe = load_old(args.old)
+    old_gemv, old_moe, old_dense = load_kernels(args.old)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    rows = [] if args.skip_moe else [moe_row(old_moe, gen)]
-    rows += gemv_rows(old_gemv, gen)
+    rows = [] if args.skip_moe else [moe_row(old_moe, gen, args.wide)]
+    rows += gemv_rows(old_gemv, gen, args.wide)
+    rows += [] if args.skip_dense else dense_rows(old_dense, gen)
     print(f"\n{torch.cuda.get_device_name()}\n| shape | a us | b us | a / b | outputs differ |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['shape']} | {r['a_us']} | {r['b_us']} | {r['a_over_b']} | "
               f"{r['output_diff']:.2e} |")  # fmt: skip
     if args.out:
-        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows},
-                                       indent=1))  # fmt: skip
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows,
+                                        "timings": TIMINGS}, indent=1))  # fmt: skip
     return 0
 
 
