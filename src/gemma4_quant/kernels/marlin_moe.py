@@ -50,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tiles
 from .common import ACTIVATIONS, act_and_mul
 from .marlin_gemv import (
     TILE_N,
@@ -62,17 +63,7 @@ from .marlin_gemv import (
     tile_dot,
 )
 
-# The fastest of bench/int4_loop_ab.py's sweep at 26B-A4B's experts (hidden 2816,
-# intermediate 704, top 8 of 128) on an H100: 28.2 us, routing included
-# (bench/results/h100-2026-12-07/ab/int4_loop_ab.json)
-DEFAULT_TILES = {
-    "split13": 8,
-    "block_kt13": 4,
-    "warps13": 4,
-    "split2": 2,
-    "block_kt2": 4,
-    "warps2": 4,
-}
+DEFAULT_TILES = tiles.MARLIN_MOE
 
 
 @triton.jit

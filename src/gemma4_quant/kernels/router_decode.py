@@ -28,13 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tiles
 from .common import require_contiguous
 
-# bench/router_decode.py --tune on an H100 (weights in L2), 26B-A4B's shape, one token:
-# the router 2.36 us with these tiles (fastest), the projection alone 2.10 (fastest 2.07);
-# both 3.05 and 3.76 with the 4 x 512 tiles of the first end-to-end run, where the
-# projection took 5.8 us inside vLLM (its weights come from HBM there)
-DEFAULT_TILES = {"block_n": 2, "block_k": 1024, "warps": 4}
+DEFAULT_TILES = tiles.ROUTER
 
 
 @triton.jit

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     import torch
 
 from .. import envs, vllm_code
+from ..kernels import tiles as kernel_tiles
 from . import (
     Detection,
     cuda_device,
@@ -86,11 +87,8 @@ MEASURED_SHAPES = {(2816, 2112)}
 # bf16 is truncated instead (Triton's interpreter); a wrong row, column or gate/up pairing
 # is off by tens of percent
 CHECK_TOLERANCE = 3e-2
-# Tiles measured at one token (bench/dense_decode.py --tune), by compute capability
-TILES: dict[tuple[int, int], dict[str, int]] = {
-    (9, 0): {"block_n1": 4, "block_k1": 512, "warps1": 4,
-             "block_n2": 4, "block_k2": 512, "warps2": 4},
-}  # fmt: skip
+# Tiles measured at one token, by compute capability
+TILES: dict[tuple[int, int], dict[str, int]] = {(9, 0): kernel_tiles.DENSE_MLP}
 _FORCED_TILES = TILES[(9, 0)]
 
 

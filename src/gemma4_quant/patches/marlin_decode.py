@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     import torch
 
 from .. import envs, vllm_code
+from ..kernels import tiles as kernel_tiles
 from . import (
     Detection,
     cuda_device,
@@ -88,16 +89,13 @@ OP = "marlin_linear"
 # bench/marlin_gemv.py); a wrong row, column or group is off by tens of percent
 CHECK_TOLERANCE = 2e-2
 # (K, N) -> tiles of the shapes ``auto`` takes, by compute capability: 26B-A4B's four
-# projections on 9.0, each the fastest of bench/int4_loop_ab.py's sweep on an H100, and
-# measured faster end to end with them (bench/results/h100-2026-12-07)
-_SPLIT_K = {"split": 16, "block_kt": 4, "warps": 4}  # K >= 4096: o and global o
-_SPLIT_N = {"split": 8, "block_kt": 4, "warps": 4}  # K = 2816: q/k/v and global q/k/v
+# projections on 9.0, measured faster end to end with them
 TILES: dict[tuple[int, int], dict[tuple[int, int], dict[str, int]]] = {
-    (9, 0): {(2816, 8192): _SPLIT_N, (4096, 2816): _SPLIT_K, (2816, 10240): _SPLIT_N,
-             (8192, 2816): _SPLIT_K},
+    (9, 0): {(2816, 8192): kernel_tiles.GEMV_K2816, (4096, 2816): kernel_tiles.GEMV_K4096_UP,
+             (2816, 10240): kernel_tiles.GEMV_K2816, (8192, 2816): kernel_tiles.GEMV_K4096_UP},
 }  # fmt: skip
 # ``force`` at any other shape or GPU
-_FORCED_TILES = _SPLIT_N
+_FORCED_TILES = kernel_tiles.GEMV_K2816
 
 
 def _code_recognized(kernel_text: str | None, model_text: str | None) -> bool:

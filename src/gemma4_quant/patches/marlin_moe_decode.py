@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     import torch
 
 from .. import envs, vllm_code
+from ..kernels import tiles as kernel_tiles
 from . import (
     Detection,
     cuda_device,
@@ -94,14 +95,11 @@ OP = "marlin_moe"
 # a wrong expert, row or group is off by tens of percent
 CHECK_TOLERANCE = 2e-2
 # (hidden, intermediate) -> tiles of the shapes ``auto`` takes, by compute capability:
-# 26B-A4B's experts on 9.0, measured faster end to end on an H100 with these tiles
-# (bench/results/h100-2026-12-07; ``force`` takes them at any shape and GPU)
+# 26B-A4B's experts on 9.0, measured faster end to end with them (``force`` takes them at
+# any shape and GPU)
 TILES: dict[tuple[int, int], dict[tuple[int, int], dict[str, int]]] = {
-    (9, 0): {
-        (2816, 704): {"split13": 8, "block_kt13": 4, "warps13": 4, "split2": 2, "block_kt2": 4,
-                      "warps2": 4},
-    },
-}  # fmt: skip
+    (9, 0): {(2816, 704): kernel_tiles.MARLIN_MOE},
+}
 
 
 def owner_of_experts(text: str | None) -> str | None:
@@ -269,9 +267,7 @@ def tiles_for(
 ) -> dict[str, int] | None:
     tiles = TILES.get(capability, {}).get((hidden, inter))
     if tiles is None and mode == "force":
-        from ..kernels.marlin_moe import DEFAULT_TILES
-
-        tiles = dict(DEFAULT_TILES)
+        tiles = dict(kernel_tiles.MARLIN_MOE)
     return tiles
 
 

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     import torch
 
 from .. import envs, vllm_code
+from ..kernels import tiles as kernel_tiles
 from . import (
     Detection,
     cuda_device,
@@ -80,9 +81,8 @@ OP = "router_proj"
 # float32 sums of the same bf16 products; a wrong row or column is off by tens of percent
 CHECK_TOLERANCE = 1e-3
 # compute capability -> tiles of the GPUs ``auto`` takes: 9.0, measured faster end to end
-# on an H100 (bench/results/h100-2026-12-07; ``force`` takes kernels.router_decode's
-# DEFAULT_TILES, the same, on any GPU)
-TILES: dict[tuple[int, int], dict[str, int]] = {(9, 0): {"block_n": 2, "block_k": 1024, "warps": 4}}
+# (``force`` takes the same on any GPU)
+TILES: dict[tuple[int, int], dict[str, int]] = {(9, 0): kernel_tiles.ROUTER}
 
 
 def forward_recognized(text: str | None) -> bool:
@@ -151,9 +151,7 @@ def eligible(proj: Any) -> bool:
 def tiles_for(mode: str, capability: tuple[int, int]) -> dict[str, int] | None:
     tiles = TILES.get(capability)
     if tiles is None and mode == "force":
-        from ..kernels.router_decode import DEFAULT_TILES
-
-        tiles = dict(DEFAULT_TILES)
+        tiles = dict(kernel_tiles.ROUTER)
     return tiles
 
 
