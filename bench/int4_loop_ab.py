@@ -12,7 +12,7 @@ outputs differ (both sides are within 0.2% of the exact product, 0.31% the exper
 
     git archive REV src/gemma4_quant/kernels | tar -x -C OLD
     python bench/int4_loop_ab.py --old OLD/src/gemma4_quant/kernels [--out F.json] \
-        [--skip-moe] [--skip-dense] [--wide]
+        [--skip-moe] [--skip-dense] [--wide] [--shapes qkv,o,qkv_global,o_global]
 """
 
 from __future__ import annotations
@@ -103,10 +103,10 @@ def gemv_calls(module, x: torch.Tensor, copies: list):
     return make
 
 
-def gemv_rows(old_gemv, gen: torch.Generator, wide: bool) -> list[dict]:
+def gemv_rows(old_gemv, gen: torch.Generator, wide: bool, shapes: set[str]) -> list[dict]:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows = []
-    for name, k, n in SHAPES:
+    for name, k, n in (shape for shape in SHAPES if shape[0] in shapes):
         words = torch.randint(-(2**31), 2**31 - 1, (k // 16, 2 * n), generator=gen,
                               device="cuda", dtype=torch.int32)  # fmt: skip
         scales = (torch.rand(k // GROUP, n, generator=gen, device="cuda") * 0.02 + 0.005).bfloat16()
@@ -208,11 +208,13 @@ def main() -> int:
     parser.add_argument("--skip-moe", action="store_true")
     parser.add_argument("--skip-dense", action="store_true")
     parser.add_argument("--wide", action="store_true", help="side b also tries WIDE tiles")
+    parser.add_argument("--shapes", default=",".join(s[0] for s in SHAPES),
+                        help="the projections to time (default: all)")  # fmt: skip
     args = parser.parse_args()
     old_gemv, old_moe, old_dense = load_kernels(args.old)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = [] if args.skip_moe else [moe_row(old_moe, gen, args.wide)]
-    rows += gemv_rows(old_gemv, gen, args.wide)
+    rows += gemv_rows(old_gemv, gen, args.wide, set(args.shapes.split(",")))
     rows += [] if args.skip_dense else dense_rows(old_dense, gen)
     print(f"\n{torch.cuda.get_device_name()}\n| shape | a us | b us | a / b | outputs differ |")
     print("|---|---|---|---|---|")
