@@ -12,7 +12,7 @@ outputs differ (both sides are within 0.2% of the exact product, 0.31% the exper
 
     git archive REV src/gemma4_quant/kernels | tar -x -C OLD
     python bench/int4_loop_ab.py --old OLD/src/gemma4_quant/kernels [--out F.json] \
-        [--skip-moe] [--skip-dense] [--wide] [--shapes qkv,o,qkv_global,o_global]
+        [--skip-moe] [--skip-dense] [--wide] [--prefetch 1,2,4] [--shapes qkv,o,...]
 """
 
 from __future__ import annotations
@@ -103,7 +103,9 @@ def gemv_calls(module, x: torch.Tensor, copies: list):
     return make
 
 
-def gemv_rows(old_gemv, gen: torch.Generator, wide: bool, shapes: set[str]) -> list[dict]:
+def gemv_rows(
+    old_gemv, gen: torch.Generator, wide: bool, shapes: set[str], prefetch: list[int]
+) -> list[dict]:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows = []
     for name, k, n in (shape for shape in SHAPES if shape[0] in shapes):
@@ -117,6 +119,8 @@ def gemv_rows(old_gemv, gen: torch.Generator, wide: bool, shapes: set[str]) -> l
         for side, module in (("a", old_gemv), ("b", marlin_gemv)):
             make = gemv_calls(module, x, copies)
             tried = sweep(side, grid(GEMV_SWEEP), GEMV_WIDE if wide else None)
+            if side == "b":  # a's fastest tiles with each prefetch distance too
+                tried += [{**row["a_tiles"], "prefetch": d} for d in prefetch]
             us, tiles = fastest(f"{name} {side}", make, tried, count)
             row[f"{side}_us"], row[f"{side}_tiles"] = round(us, 2), tiles
         outs = [m.marlin_gemv(x, words, scales, GROUP, **row[f"{s}_tiles"])
@@ -128,7 +132,12 @@ def gemv_rows(old_gemv, gen: torch.Generator, wide: bool, shapes: set[str]) -> l
     return rows
 
 
-def moe_row(old_moe, gen: torch.Generator, wide: bool) -> dict:
+def tiles_of(tiles: dict, kernel: str) -> dict:
+    """The entries of MoE ``tiles`` that belong to kernel ``"13"`` or ``"2"``."""
+    return {key: v for key, v in tiles.items() if key.endswith(kernel)}
+
+
+def moe_row(old_moe, gen: torch.Generator, wide: bool, prefetch: list[int]) -> dict:
     w13 = torch.randint(-(2**31), 2**31 - 1, (EXPERTS, HIDDEN // 16, 4 * INTER), generator=gen,
                         device="cuda", dtype=torch.int32)  # fmt: skip
     w2 = torch.randint(-(2**31), 2**31 - 1, (EXPERTS, INTER // 16, 2 * HIDDEN), generator=gen,
@@ -153,11 +162,19 @@ def moe_row(old_moe, gen: torch.Generator, wide: bool) -> dict:
                      for i in range(sets)]  # fmt: skip
             return lambda: [c() for c in calls]
 
-        tried = sweep(side, grid(MOE_SWEEP13), MOE_WIDE13 if wide else None)
         w2_fixed = {"split2": 2, "block_kt2": 4, "warps2": 4}
-        _, best13 = fastest(f"W13 {side}", make, [{**t, **w2_fixed} for t in tried], sets)
-        tried = sweep(side, grid(MOE_SWEEP2), MOE_WIDE2 if wide else None)
-        us, tiles = fastest(f"W2 {side}", make, [{**best13, **t} for t in tried], sets)
+        tried = [
+            {**t, **w2_fixed} for t in sweep(side, grid(MOE_SWEEP13), MOE_WIDE13 if wide else None)
+        ]
+        if side == "b":  # a's fastest tiles with each prefetch distance too
+            tried += [{**row["a_tiles"], **w2_fixed, "prefetch13": d} for d in prefetch]
+        _, best13 = fastest(f"W13 {side}", make, tried, sets)
+        tried = [
+            {**best13, **t} for t in sweep(side, grid(MOE_SWEEP2), MOE_WIDE2 if wide else None)
+        ]
+        if side == "b":
+            tried += [{**best13, **tiles_of(row["a_tiles"], "2"), "prefetch2": d} for d in prefetch]
+        us, tiles = fastest(f"W2 {side}", make, tried, sets)
         row[f"{side}_us"], row[f"{side}_tiles"] = round(us, 2), tiles
     outs = [m.marlin_moe(x, logits[0], scale, w13, s13, w2, s2, top_k=TOP_K, **row[f"{s}_tiles"])
             for s, m in (("a", old_moe), ("b", marlin_moe))]  # fmt: skip
@@ -208,13 +225,19 @@ def main() -> int:
     parser.add_argument("--skip-moe", action="store_true")
     parser.add_argument("--skip-dense", action="store_true")
     parser.add_argument("--wide", action="store_true", help="side b also tries WIDE tiles")
+    parser.add_argument(
+        "--prefetch",
+        default="",
+        help="prefetch distances b also tries with a's fastest tiles, e.g. 1,2,4",
+    )
     parser.add_argument("--shapes", default=",".join(s[0] for s in SHAPES),
                         help="the projections to time (default: all)")  # fmt: skip
     args = parser.parse_args()
     old_gemv, old_moe, old_dense = load_kernels(args.old)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    rows = [] if args.skip_moe else [moe_row(old_moe, gen, args.wide)]
-    rows += gemv_rows(old_gemv, gen, args.wide, set(args.shapes.split(",")))
+    prefetch = [int(d) for d in args.prefetch.split(",") if d]
+    rows = [] if args.skip_moe else [moe_row(old_moe, gen, args.wide, prefetch)]
+    rows += gemv_rows(old_gemv, gen, args.wide, set(args.shapes.split(",")), prefetch)
     rows += [] if args.skip_dense else dense_rows(old_dense, gen)
     print(f"\n{torch.cuda.get_device_name()}\n| shape | a us | b us | a / b | outputs differ |")
     print("|---|---|---|---|---|")

@@ -129,6 +129,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiles", default="4x4,8x4,16x4", help="BLOCK_KT x warps, comma-separated")
     parser.add_argument("--keep", type=Path, help="keep the cubins here")
+    parser.add_argument("--prefetch", type=int, default=0, help="the loops' PREFETCH (steps)")
     args = parser.parse_args()
     out = args.keep or Path(tempfile.mkdtemp())
     out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +147,7 @@ def main() -> int:
     for tiles in args.tiles.split(","):
         block_kt, warps = map(int, tiles.split("x"))
         for name, fn, signature, consts, aligned in kernels:
-            consts = {**consts, "BLOCK_KT": block_kt}
+            consts = {**consts, "BLOCK_KT": block_kt, "PREFETCH": args.prefetch}
             row(name, fn, signature, consts, warps, aligned, out)
     return 0
 

@@ -107,6 +107,17 @@ def unit(v, HIGH: tl.constexpr):
 
 
 @triton.jit
+def prefetch_l2(ptr):
+    """Asks L2 for the line at each of ``ptr`` (``prefetch.global.L2``): no register waits
+    for it, so the step that later loads it finds it in L2 instead of memory."""
+    if PTX:
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptr], dtype=tl.int32,
+            is_pure=False, pack=1,
+        )  # fmt: skip
+
+
+@triton.jit
 def tile_dot(
     x_ptr,
     w_ptr,  # int32 [K / 16, 2 n] of one matrix
@@ -117,6 +128,7 @@ def tile_dot(
     kt_end,
     GROUP: tl.constexpr,
     BLOCK_KT: tl.constexpr,
+    PREFETCH: tl.constexpr = 0,
 ):
     """Rows ``16 kt_begin .. 16 kt_end`` of ``x @ W`` for the 64 columns of tile ``g``, in
     float32: two ``[8, 4]`` halves (ci, j), columns ``64 g + 16 j + ci`` and ``+ 8``.
@@ -128,7 +140,11 @@ def tile_dot(
     wait for their loads together). Four shifts put two nibbles of a word at a time into
     the top mantissa bits of 1.0 (bits 19 - 22: ``1 + n / 16``; bits 15 - 18:
     ``1 + n / 256``), so a nibble costs one and-or and one FMA; the offsets (the 1s and
-    the 8) come off once per lane and row tile."""
+    the 8) come off once per lane and row tile.
+
+    ``ptxas`` issues the next step's loads at the end of a step, so each step waits for
+    memory (docs/gpu-results.md 3k, 3l); ``PREFETCH`` > 0 also asks L2 for the words of
+    the step that many steps after the next one, so that step's loads wait for L2 only."""
     kt_idx = tl.arange(0, BLOCK_KT)[:, None, None]
     lane = tl.arange(0, 32)[None, :, None]  # 4 ci + t
     j = tl.arange(0, 4)[None, None, :]
@@ -145,6 +161,9 @@ def tile_dot(
         nw, nx00, nx01, nx10, nx11, ns0, ns1 = step_inputs(
             x_ptr, w_ptr, s_ptr, n, words, pairs, t, kt0 + BLOCK_KT + kt_idx, kt_end, GROUP
         )  # fmt: skip
+        if PREFETCH > 0:  # each lane its own 16 bytes of words (8 lanes share a line)
+            ahead = tl.minimum(kt0 + (1 + PREFETCH) * BLOCK_KT + kt_idx, kt_end - 1)
+            prefetch_l2(w_ptr + ahead * (2 * n) + g * 128 + 4 * lane)
         # nibble 4 a + 2 b + c: row 2 t + a + 8 c, column half b. With f = 1 + n / 16
         # (c = 1, bits 19 - 22) and 1 + n / 256 (c = 0, bits 15 - 18), the sum of
         # (n - 8) x over a word's four nibbles of one b is 16 (hi + 16 lo - off).
@@ -236,12 +255,13 @@ def _marlin_gemv_kernel(
     GROUP: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK_KT: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     g = tl.program_id(0)
     split = tl.program_id(1)
     kt_begin = split * tiles_per_split
     kt_end = tl.minimum(kt_begin + tiles_per_split, k_tiles)
-    r0, r1 = tile_dot(x_ptr, w_ptr, s_ptr, n, g, kt_begin, kt_end, GROUP, BLOCK_KT)
+    r0, r1 = tile_dot(x_ptr, w_ptr, s_ptr, n, g, kt_begin, kt_end, GROUP, BLOCK_KT, PREFETCH)
     finish_tile(r0, r1, part_ptr, count_ptr + g, out_ptr, n, g, split, SPLIT)
 
 
@@ -284,6 +304,7 @@ def marlin_gemv(
     block_kt: int = 4,
     warps: int = 4,
     stages: int = 3,
+    prefetch: int = 0,
 ) -> torch.Tensor:
     """``x [1, K] @ W [K, N]`` for one token, ``W`` in Marlin's 4-bit layout: ``[1, N]``."""
     k = x.shape[-1]
@@ -314,6 +335,7 @@ def marlin_gemv(
         GROUP=group,
         SPLIT=split,
         BLOCK_KT=block_kt,
+        PREFETCH=prefetch,
         num_warps=warps,
         num_stages=stages,
     )

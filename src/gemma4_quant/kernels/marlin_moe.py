@@ -147,6 +147,7 @@ def _w13_kernel(
     SPLIT: tl.constexpr,
     BLOCK_KT: tl.constexpr,
     ACT: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     g = tl.program_id(0)  # a tile of gate columns; its up columns are n / 128 tiles further
     slot = tl.program_id(1)
@@ -156,8 +157,8 @@ def _w13_kernel(
     kt_end = tl.minimum(kt_begin + tiles_per_split, k_tiles)
     w = w_ptr + expert * k_tiles * (2 * n)
     s = s_ptr + expert * ((k_tiles * 16) // GROUP) * n
-    r0, r1 = tile_dot(x_ptr, w, s, n, g, kt_begin, kt_end, GROUP, BLOCK_KT)
-    u0, u1 = tile_dot(x_ptr, w, s, n, g + n // 128, kt_begin, kt_end, GROUP, BLOCK_KT)
+    r0, r1 = tile_dot(x_ptr, w, s, n, g, kt_begin, kt_end, GROUP, BLOCK_KT, PREFETCH)
+    u0, u1 = tile_dot(x_ptr, w, s, n, g + n // 128, kt_begin, kt_end, GROUP, BLOCK_KT, PREFETCH)
     finish_act(
         r0, r1, u0, u1, part_ptr + slot * SPLIT * n, count_ptr + slot * (n // 128) + g,
         out_ptr + slot * (n // 2), n, g, split, SPLIT, ACT,
@@ -183,6 +184,7 @@ def _w2_kernel(
     GROUP: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK_KT: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     g = tl.program_id(0)
     slot = tl.program_id(1)
@@ -201,6 +203,7 @@ def _w2_kernel(
         kt_end,
         GROUP,
         BLOCK_KT,
+        PREFETCH,
     )
     finish_tile(
         r0 * weight,
@@ -338,6 +341,7 @@ def marlin_moe(
         GROUP=group,
         SPLIT=t["split13"],
         BLOCK_KT=t["block_kt13"],
+        PREFETCH=t.get("prefetch13", 0),
         ACT=ACTIVATIONS[activation],
         num_warps=t["warps13"],
     )
@@ -361,6 +365,7 @@ def marlin_moe(
         GROUP=group,
         SPLIT=t["split2"],
         BLOCK_KT=t["block_kt2"],
+        PREFETCH=t.get("prefetch2", 0),
         num_warps=t["warps2"],
     )
     return out
