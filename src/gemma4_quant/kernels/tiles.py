@@ -1,10 +1,10 @@
 """The tiles of the one-token kernels that were measured, in one module without Triton.
 
-The kernels take them as their defaults; the patches, which run in every vLLM process and
-must not import Triton there, decide with them which GPUs and shapes take a kernel. Each
-set was measured on an H100 (capability 9.0) at Gemma 4 26B-A4B's shapes, and the four
-kernels together with these tiles measured faster end to end (docs/gpu-results.md 3k, 3l;
-bench/results/h100-2026-12-07).
+The patches, which run in every vLLM process and must not import Triton there, decide
+with them which GPUs and shapes take a kernel (their ``TILES``); ``marlin_moe`` and
+``router_decode`` take theirs as their defaults too. Each set was measured on an H100
+(capability 9.0) at Gemma 4 26B-A4B's shapes, and the four kernels together with these
+tiles measured faster end to end (docs/gpu-results.md 3k, 3l; bench/results/h100-2026-12-07).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ MARLIN_MOE = {
 # weights come from HBM there)
 ROUTER = {"block_n": 2, "block_k": 1024, "warps": 4}
 
-# dense_decode, the bf16 dense MLP (hidden 2816, intermediate 2112; bench/dense_decode.py
-# --tune): gate_up 10.2 us, down 6.7 (bench/results/h100-2026-12-07b/twostream)
+# dense_decode, the bf16 dense MLP (hidden 2816, intermediate 2112), the fastest of
+# bench/int4_loop_ab.py's sweep: gate_up 10.2 us, down 6.7
+# (bench/results/h100-2026-12-07b/twostream, side a)
 DENSE_MLP = {"block_n1": 4, "block_k1": 512, "warps1": 4, "block_n2": 4, "block_k2": 512,
              "warps2": 4}  # fmt: skip
