@@ -201,14 +201,14 @@ def dense_rows(old_dense, gen: torch.Generator) -> list[dict]:
         w = (torch.randn(shape, generator=gen, device="cuda") / shape[1] ** 0.5).bfloat16()
         count = max(2, math.ceil(3 * l2 / (w.numel() * 2)))
         copies = [(w.clone(),) for _ in range(count)]
-        sweep = [{f"{key}{suffix}": v for key, v in t.items()} for t in grid(DENSE_SWEEP)]
+        tried = [{f"{key}{suffix}": v for key, v in t.items()} for t in grid(DENSE_SWEEP)]
         row: dict = {"shape": name}
         for side, module in (("a", old_dense), ("b", dense_decode)):
 
             def make(tiles, module=module, call=call, copies=copies):
                 return rotated(lambda w_: lambda: call(module, w_, tiles), copies)
 
-            us, tiles = fastest(f"{name} {side}", make, sweep, count)
+            us, tiles = fastest(f"{name} {side}", make, tried, count)
             row[f"{side}_us"], row[f"{side}_tiles"] = round(us, 2), tiles
         outs = [call(m, w, row[f"{s}_tiles"]) for s, m in (("a", old_dense), ("b", dense_decode))]
         row["a_over_b"] = round(row["a_us"] / row["b_us"], 3)
