@@ -30,7 +30,7 @@
 #   qat      the same for Google's QAT form alone (qat-w4a16-ct)
 #   fastab   full size on GPU 0, 0.26.0: the plugin with fast_decode (b) against stock (a),
 #            one run at a time, decode at batch 1 - 64 and greedy agreement (FASTAB_ROUNDS;
-#            FASTAB_ORDER picks the sides of a round, bench_run's letters: a b c m r f)
+#            FASTAB_ORDER picks the sides of a round, bench_run's letters: a b c m r f p)
 #   fastprobe layer probes with the one-token dense MLP path (variant fast) on 0.26.0
 #   gemvbench the one-token int4 GEMV on Marlin's layout against vLLM 0.26.0's Marlin GEMM,
 #            26B-A4B's attention projections (bench/marlin_gemv.py)
@@ -83,12 +83,13 @@ transformers.__version__, 'compressed-tensors', c.__version__)" | tee -a "$R/mac
   touch "$tgt/.installed-$rel$*"
 }
 
-bench_run() {  # name gpu release-target plugin(on|off|fast|nofast|nomarlin|moe|router|all) [cache [suffix]]
+bench_run() {  # name gpu release-target plugin(on|off|fast|nofast|nomarlin|moe|router|all|pdl) [cache [suffix]]
   # on: the plugin as installed (fast_decode is on by default); nofast: without fast_decode;
   # nomarlin: fast_decode's dense MLP kernels without marlin_decode's attention projections;
   # moe: the dense MLP kernels and marlin_moe_decode's experts, forced (no attention ones);
   # router: moe's and router_decode's router projection, forced; all: every one-token
-  # path forced (router's and marlin_decode's attention projections)
+  # path forced (router's and marlin_decode's attention projections); pdl: fast, and
+  # torch.compile's own kernels launched with programmatic dependent launch too
   local name=$1 gpu=$2 tgt=$3 plugin=$4 cache=${5:-$1} file="$1-gpu$2${6:-}" extra=()
   [ "$plugin" = off ] && extra=(VLLM_PLUGINS=none)
   [ "$plugin" = fast ] && extra=(GEMMA4_QUANT_FAST_DECODE=auto)
@@ -99,6 +100,7 @@ bench_run() {  # name gpu release-target plugin(on|off|fast|nofast|nomarlin|moe|
   [ "$plugin" = router ] && extra=(GEMMA4_QUANT_FAST_DECODE=force
     GEMMA4_QUANT_DISABLE_PATCHES=marlin_decode)
   [ "$plugin" = all ] && extra=(GEMMA4_QUANT_FAST_DECODE=force)
+  [ "$plugin" = pdl ] && extra=(GEMMA4_QUANT_FAST_DECODE=auto TORCHINDUCTOR_ENABLE_PDL=1)
   log "bench $name on GPU $gpu"
   env CUDA_VISIBLE_DEVICES="$gpu" PYTHONPATH="$tgt" VLLM_CACHE_ROOT="$WORK/vcache/$cache" \
     "${extra[@]}" python3 "$PROJ/bench/gpu_throughput.py" run "$FULL" \
@@ -350,6 +352,7 @@ if has fastab; then
         m) bench_run m-0.26.0-moe 0 "$T026" moe "" "-fast$round" ;;
         r) bench_run r-0.26.0-router 0 "$T026" router "" "-fast$round" ;;
         f) bench_run f-0.26.0-all 0 "$T026" all "" "-fast$round" ;;
+        p) bench_run p-0.26.0-pdl 0 "$T026" pdl "" "-fast$round" ;;
       esac
     done
   done
@@ -361,7 +364,8 @@ if has fastab; then
   for pair in a-0.26.0-stock:b-0.26.0-fast:: c-0.26.0-nomarlin:b-0.26.0-fast:-cb:-cb \
       a-0.26.0-stock:m-0.26.0-moe:-ma:-am a-0.26.0-stock:r-0.26.0-router:-ra:-ar \
       m-0.26.0-moe:r-0.26.0-router:-rm:-mr a-0.26.0-stock:f-0.26.0-all:-fa:-af \
-      r-0.26.0-router:f-0.26.0-all:-fr:-rf; do
+      r-0.26.0-router:f-0.26.0-all:-fr:-rf a-0.26.0-stock:p-0.26.0-pdl:-pa:-ap \
+      b-0.26.0-fast:p-0.26.0-pdl:-pb:-bp; do
     IFS=: read -r one two tag ptag <<< "$pair"
     ls "$F/$one"-gpu0-fast*.json "$F/$two"-gpu0-fast*.json > /dev/null 2>&1 || continue
     python3 "$PROJ/bench/gpu_throughput.py" ratio --a "$F/$one"-gpu0-fast*.json \

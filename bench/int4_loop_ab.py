@@ -109,9 +109,7 @@ def gemv_rows(
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows = []
     for name, k, n in (shape for shape in SHAPES if shape[0] in shapes):
-        words = torch.randint(-(2**31), 2**31 - 1, (k // 16, 2 * n), generator=gen,
-                              device="cuda", dtype=torch.int32)  # fmt: skip
-        scales = (torch.rand(k // GROUP, n, generator=gen, device="cuda") * 0.02 + 0.005).bfloat16()
+        words, scales = random_marlin(gen, k, n)
         x = torch.randn(1, k, generator=gen, device="cuda").bfloat16()
         count = max(2, math.ceil(3 * l2 / (words.numel() * 4 + scales.numel() * 2)))
         copies = [(words.clone(), scales.clone()) for _ in range(count)]
@@ -137,16 +135,26 @@ def tiles_of(tiles: dict, kernel: str) -> dict:
     return {key: v for key, v in tiles.items() if key.endswith(kernel)}
 
 
-def moe_row(old_moe, gen: torch.Generator, wide: bool, prefetch: list[int]) -> dict:
-    w13 = torch.randint(-(2**31), 2**31 - 1, (EXPERTS, HIDDEN // 16, 4 * INTER), generator=gen,
-                        device="cuda", dtype=torch.int32)  # fmt: skip
-    w2 = torch.randint(-(2**31), 2**31 - 1, (EXPERTS, INTER // 16, 2 * HIDDEN), generator=gen,
-                       device="cuda", dtype=torch.int32)  # fmt: skip
-    s13 = (torch.rand(EXPERTS, HIDDEN // GROUP, 2 * INTER, generator=gen, device="cuda") * 0.02
-           + 0.005).bfloat16()  # fmt: skip
-    s2 = (torch.rand(EXPERTS, INTER // GROUP, HIDDEN, generator=gen, device="cuda") * 0.02
-          + 0.005).bfloat16()  # fmt: skip
+def random_marlin(gen: torch.Generator, k: int, n: int, *experts: int):
+    """Random 4-bit words and scales of a ``[K, N]`` matrix in Marlin's layout (``experts``:
+    that many of them, stacked)."""
+    words = torch.randint(-(2**31), 2**31 - 1, (*experts, k // 16, 2 * n), generator=gen,
+                          device="cuda", dtype=torch.int32)  # fmt: skip
+    scales = torch.rand(*experts, k // GROUP, n, generator=gen, device="cuda") * 0.02 + 0.005
+    return words, scales.bfloat16()
+
+
+def random_experts(gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """26B-A4B's experts in Marlin's layout: w13, its scales, w2, its scales, and the
+    per-expert scale."""
+    w13, s13 = random_marlin(gen, HIDDEN, 2 * INTER, EXPERTS)
+    w2, s2 = random_marlin(gen, INTER, HIDDEN, EXPERTS)
     scale = torch.rand(EXPERTS, generator=gen, device="cuda").bfloat16() + 0.5
+    return w13, s13, w2, s2, scale
+
+
+def moe_row(old_moe, gen: torch.Generator, wide: bool, prefetch: list[int]) -> dict:
+    w13, s13, w2, s2, scale = random_experts(gen)
     x = torch.randn(1, HIDDEN, generator=gen, device="cuda").bfloat16()
     # one call per set of 8 experts, no two sets sharing one: no call finds its experts in L2
     sets = EXPERTS // TOP_K

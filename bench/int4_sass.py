@@ -130,6 +130,7 @@ def main() -> int:
     parser.add_argument("--tiles", default="4x4,8x4,16x4", help="BLOCK_KT x warps, comma-separated")
     parser.add_argument("--keep", type=Path, help="keep the cubins here")
     parser.add_argument("--prefetch", type=int, default=0, help="the loops' PREFETCH (steps)")
+    parser.add_argument("--pdl", type=int, default=0, help="the kernels' PDL (0 or 1)")
     args = parser.parse_args()
     out = args.keep or Path(tempfile.mkdtemp())
     out.mkdir(parents=True, exist_ok=True)
@@ -138,8 +139,8 @@ def main() -> int:
           "barriers + shared + shuffles | load lead | registers |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
     kernels = (  # name, kernel, signature, constants, specialized integers
-        ("marlin_gemv", marlin_gemv._marlin_gemv_kernel, GEMV, {"GROUP": 32, "SPLIT": 4},
-         ("n", "k_tiles")),
+        ("marlin_gemv", marlin_gemv._marlin_gemv_kernel, GEMV,
+         {"GROUP": 32, "SPLIT": 4, "LINES": 128}, ("n", "k_tiles")),
         ("marlin_moe W13", marlin_moe._w13_kernel, MOE, {**moe, "SPLIT": 8, "ACT": 2},
          ("n", "k_tiles")),
         ("marlin_moe W2", marlin_moe._w2_kernel, W2, {**moe, "SPLIT": 2}, ("n",)),
@@ -147,7 +148,7 @@ def main() -> int:
     for tiles in args.tiles.split(","):
         block_kt, warps = map(int, tiles.split("x"))
         for name, fn, signature, consts, aligned in kernels:
-            consts = {**consts, "BLOCK_KT": block_kt, "PREFETCH": args.prefetch}
+            consts = {**consts, "BLOCK_KT": block_kt, "PREFETCH": args.prefetch, "PDL": args.pdl}
             row(name, fn, signature, consts, warps, aligned, out)
     return 0
 

@@ -32,8 +32,8 @@ def reference(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> tor
     ("m", "hidden", "inter", "tiles"),
     [
         (1, 2816, 2112, {}),  # 26B-A4B's dense MLP
-        (2, 2816, 1056, {"block_n1": 16, "block_k1": 512}),  # one TP=2 rank, partial tiles
-        (3, 200, 72, {"block_n2": 16, "block_k2": 64}),  # nothing divides any tile
+        (2, 2816, 1056, {"block_n1": 16, "block_k1": 512, "pdl": 1}),  # one TP=2 rank
+        (3, 200, 72, {"block_n2": 16, "block_k2": 64, "pdl": 1}),  # nothing divides any tile
     ],
 )
 def test_matches_exact_product(m: int, hidden: int, inter: int, tiles: dict) -> None:

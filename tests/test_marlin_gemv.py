@@ -27,19 +27,20 @@ def _error(got: torch.Tensor, want: torch.Tensor) -> float:
 # Gemma 4 26B-A4B's attention projections: o of a sliding layer (K 4096, N 2816), q/k/v of a
 # global one (N 9216), and a K that the splits do not divide evenly (176 row tiles in 16
 # splits leaves the last split empty)
-# (the L2 prefetch is a no-op in the interpreter: its addresses are computed all the same)
+# (the L2 prefetches and the PDL wait are no-ops in the interpreter: their addresses are
+# computed all the same)
 @pytest.mark.parametrize(
-    ("k", "n", "group", "split", "block_kt", "prefetch"),
+    ("k", "n", "group", "split", "block_kt", "prefetch", "pdl"),
     [
-        (4096, 2816, 32, 8, 4, 2),
-        (2816, 9216, 32, 1, 8, 0),
-        (2816, 1024, 32, 16, 4, 1),
-        (2816, 1024, 128, 4, 2, 0),
-        (256, 128, 32, 2, 1, 3),
+        (4096, 2816, 32, 8, 4, 2, 1),
+        (2816, 9216, 32, 1, 8, 0, 0),
+        (2816, 1024, 32, 16, 4, 1, 1),
+        (2816, 1024, 128, 4, 2, 0, 0),
+        (256, 128, 32, 2, 1, 3, 1),
     ],
 )
 def test_matches_the_float32_product(
-    k: int, n: int, group: int, split: int, block_kt: int, prefetch: int
+    k: int, n: int, group: int, split: int, block_kt: int, prefetch: int, pdl: int
 ) -> None:
     gen = torch.Generator().manual_seed(k + n + group)
     words, scales, w = marlin_matrix(k, n, group, gen)
@@ -47,7 +48,7 @@ def test_matches_the_float32_product(
     want = x.float() @ w
     got = marlin_gemv(
         x.to(DEVICE), words.to(DEVICE), scales.to(DEVICE), group, split=split,
-        block_kt=block_kt, prefetch=prefetch,
+        block_kt=block_kt, prefetch=prefetch, pdl=pdl,
     )  # fmt: skip
     assert got.shape == (1, n) and got.dtype == torch.bfloat16
     # float32 sums rounded once to bf16: 2**-8 relative per element at most

@@ -103,7 +103,7 @@ def _run(x, logits, scale, tensors, top_k: int, **tiles):
         # leave the last share short (top 2 of 4 here: the interpreter's time is per program)
         (4, 2, 2816, 704, 32, {"split13": 3, "block_kt13": 8, "split2": 2}),
         (12, 4, 256, 192, 64, {"split13": 1, "split2": 1, "block_kt2": 1}),
-        (6, 3, 256, 128, 32, {"split13": 2, "prefetch13": 2, "prefetch2": 1}),
+        (6, 3, 256, 128, 32, {"split13": 2, "prefetch13": 2, "prefetch2": 1, "pdl": 1}),
         (6, 3, 512, 256, 128, {"split13": 2}),
     ],
 )

@@ -2,10 +2,87 @@
 
 from __future__ import annotations
 
+import functools
+import os
+
+import torch
 import triton
 import triton.language as tl
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+# Inline PTX where it compiles for a GPU; Triton's CPU interpreter (the tests) has none
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
+PTX = tl.constexpr(not INTERPRETED)
+
+
+@functools.cache
+def _pdl_device(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9 and _triton_launches_pdl()
+
+
+def _triton_launches_pdl() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_pdl" in CUDAOptions.__dataclass_fields__
+
+
+def pdl_for(pdl: int, device: torch.device) -> int:
+    """``pdl`` where the kernel can launch with programmatic dependent launch (a CUDA GPU of
+    compute capability 9.0 or later, a Triton that launches it), else 0; Triton's
+    interpreter keeps it (the wait is a no-op there, the prefetch addresses are computed)."""
+    if not pdl or INTERPRETED:
+        return pdl
+    if device.type != "cuda":
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return pdl if _pdl_device(index) else 0
+
+
+def launch_options(pdl: int) -> dict:
+    """The launch keywords of a kernel whose ``PDL`` is ``pdl`` (from ``pdl_for``)."""
+    return {"launch_pdl": True} if pdl and not INTERPRETED else {}
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """With programmatic dependent launch a kernel may start while the kernel before it on
+    the stream still runs, so that its launch and whatever it does before this call (L2
+    prefetches of its weights) overlap that kernel's tail. Here it waits until that kernel
+    has finished and its writes are visible (``griddepcontrol.wait``), then lets the next
+    kernel launch the same way. Nothing before this call may read what an earlier kernel
+    wrote, or write anything. Hopper (compute capability 9.0) and later."""
+    if PDL and PTX:
+        tl.inline_asm_elementwise(
+            "griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;\n\tmov.u32 $0, 0;",
+            "=r", [], dtype=tl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
+
+
+@triton.jit
+def prefetch_l2(ptr):
+    """Asks L2 for the line at each of ``ptr`` (``prefetch.global.L2``): no register waits
+    for it, so a later load finds it in L2 instead of memory."""
+    if PTX:
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptr], dtype=tl.int32,
+            is_pure=False, pack=1,
+        )  # fmt: skip
+
+
+@triton.jit
+def prefetch_rows(w_ptr, rows, n_rows, k, LINES: tl.constexpr):
+    """L2 prefetches of rows ``rows`` of a 16-bit ``[n_rows, k]`` matrix, ``LINES`` lines of
+    128 bytes a row from its start (addresses clamped into the matrix)."""
+    line = tl.arange(0, LINES)[None, :]
+    row = tl.minimum(rows, n_rows - 1)[:, None].to(tl.int64)
+    prefetch_l2(w_ptr + row * k + tl.minimum(line * 64, k - 1))
+
+
+def row_lines(k: int) -> int:
+    """``prefetch_rows``' ``LINES`` for rows of ``k`` 16-bit values."""
+    return triton.next_power_of_2(triton.cdiv(2 * k, 128))
 
 
 def require_contiguous(expected: dict, context: str) -> None:

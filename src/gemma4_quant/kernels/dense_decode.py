@@ -34,7 +34,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import ACTIVATIONS, act_and_mul, require_contiguous
+from .common import (
+    ACTIVATIONS,
+    act_and_mul,
+    launch_options,
+    pdl_for,
+    pdl_wait,
+    prefetch_rows,
+    require_contiguous,
+    row_lines,
+)
 
 # Tile defaults; bench/dense_decode.py --tune measures them on a GPU.
 DEFAULT_TILES = {
@@ -82,11 +91,16 @@ def _gate_up_act_kernel(
     ACT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
+    LINES: tl.constexpr,
 ):
     token = tl.program_id(1).to(tl.int64)
     # gate row n and up row I + n side by side (even / odd), split after the dot
     r = tl.arange(0, 2 * BLOCK_N)
     n = tl.program_id(0) * BLOCK_N + r // 2
+    if PDL:
+        prefetch_rows(w_ptr, tl.minimum(n, inter - 1) + (r % 2) * inter, 2 * inter, hidden, LINES)
+    pdl_wait(PDL)
     both = _rows_dot_bf16(
         w_ptr, x_ptr + token * hidden, n + (r % 2) * inter, n < inter, hidden, 2 * BLOCK_N, BLOCK_K
     )
@@ -105,10 +119,15 @@ def _down_kernel(
     hidden,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
+    LINES: tl.constexpr,
 ):
     token = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = rows < hidden
+    if PDL:
+        prefetch_rows(w_ptr, rows, hidden, inter, LINES)
+    pdl_wait(PDL)
     acc = _rows_dot_bf16(w_ptr, a_ptr + token * inter, rows, mask, inter, BLOCK_N, BLOCK_K)
     tl.store(out_ptr + token * hidden + rows, acc, mask=mask)
 
@@ -131,8 +150,10 @@ def gate_up_act(
     block_n1: int,
     block_k1: int,
     warps1: int,
+    pdl: int = 0,
 ) -> torch.Tensor:
     m, inter = out.shape
+    pdl = pdl_for(pdl, x.device)
     _gate_up_act_kernel[(triton.cdiv(inter, block_n1), m)](
         x,
         gate_up,
@@ -142,7 +163,10 @@ def gate_up_act(
         ACT=ACTIVATIONS[activation],
         BLOCK_N=block_n1,
         BLOCK_K=block_k1,
+        PDL=pdl,
+        LINES=row_lines(x.shape[1]),
         num_warps=warps1,
+        **launch_options(pdl),
     )
     return out
 
@@ -155,8 +179,10 @@ def down(
     block_n2: int,
     block_k2: int,
     warps2: int,
+    pdl: int = 0,
 ) -> torch.Tensor:
     m, hidden = out.shape
+    pdl = pdl_for(pdl, act.device)
     _down_kernel[(triton.cdiv(hidden, block_n2), m)](
         act,
         down_w,
@@ -165,7 +191,10 @@ def down(
         hidden,
         BLOCK_N=block_n2,
         BLOCK_K=block_k2,
+        PDL=pdl,
+        LINES=row_lines(act.shape[1]),
         num_warps=warps2,
+        **launch_options(pdl),
     )
     return out
 
@@ -181,7 +210,8 @@ def dense_decode(
     **tiles: int,
 ) -> torch.Tensor:
     """down(act(x @ gate.T) * (x @ up.T)) for ``x`` [M, H] (small M); ``tiles`` override
-    ``DEFAULT_TILES``."""
+    ``DEFAULT_TILES`` (``pdl``: both kernels launched with programmatic dependent launch,
+    each prefetching its weights into L2 before it waits for the kernel ahead)."""
     inter = check_shapes(x, gate_up, down_w)
     t = {**DEFAULT_TILES, **tiles}
     x = x.contiguous()
@@ -197,7 +227,14 @@ def dense_decode(
         block_n1=t["block_n1"],
         block_k1=t["block_k1"],
         warps1=t["warps1"],
+        pdl=t.get("pdl", 0),
     )
     return down(
-        workspace, down_w, out, block_n2=t["block_n2"], block_k2=t["block_k2"], warps2=t["warps2"]
+        workspace,
+        down_w,
+        out,
+        block_n2=t["block_n2"],
+        block_k2=t["block_k2"],
+        warps2=t["warps2"],
+        pdl=t.get("pdl", 0),
     )

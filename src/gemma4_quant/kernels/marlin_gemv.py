@@ -45,15 +45,13 @@ Speed (weights cycled past L2; docs/gpu-results.md 3e - 3k):
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .common import PTX, launch_options, pdl_for, pdl_wait, prefetch_l2
+
 TILE_N = 64  # columns per Marlin tile group (128 words)
-# Inline PTX where it compiles for a GPU; Triton's CPU interpreter (the tests) has none
-PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"))
 
 
 @triton.jit
@@ -104,17 +102,6 @@ def unit(v, HIGH: tl.constexpr):
             is_pure=True, pack=1,
         )  # fmt: skip
     return ((v & mask) | 0x3F800000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def prefetch_l2(ptr):
-    """Asks L2 for the line at each of ``ptr`` (``prefetch.global.L2``): no register waits
-    for it, so the step that later loads it finds it in L2 instead of memory."""
-    if PTX:
-        tl.inline_asm_elementwise(
-            "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptr], dtype=tl.int32,
-            is_pure=False, pack=1,
-        )  # fmt: skip
 
 
 @triton.jit
@@ -189,6 +176,25 @@ def tile_dot(
 
 
 @triton.jit
+def prefetch_slice(
+    w_ptr, s_ptr, n, g, kt_begin, kt_end, GROUP: tl.constexpr, LINES: tl.constexpr
+):  # fmt: skip
+    """L2 prefetches of what ``tile_dot`` will read of tile ``g``'s row tiles ``kt_begin ..
+    kt_end``: a row tile's 512 bytes of words (4 lines), a group row's 128 bytes of scales
+    (``LINES``: at least four a row tile; addresses clamped into the slice)."""
+    i = tl.arange(0, LINES)
+    kt = tl.minimum(kt_begin + i // 4, kt_end - 1)
+    prefetch_l2(w_ptr + kt * (2 * n) + g * 128 + (i % 4) * 32)
+    row = tl.minimum((kt_begin * 16) // GROUP + i, (kt_end * 16 - 1) // GROUP)
+    prefetch_l2(s_ptr + row * n + g * 64)
+
+
+def slice_lines(tiles_per_split: int) -> int:
+    """``prefetch_slice``'s ``LINES`` for a program's share of row tiles."""
+    return triton.next_power_of_2(4 * tiles_per_split)
+
+
+@triton.jit
 def tile_columns(g):
     """The output columns of tile ``g``'s two ``[8, 4]`` halves (ci, j): ``b = 0, 1``."""
     col0 = g * 64 + 16 * tl.arange(0, 4)[None, :] + tl.arange(0, 8)[:, None]
@@ -256,11 +262,16 @@ def _marlin_gemv_kernel(
     SPLIT: tl.constexpr,
     BLOCK_KT: tl.constexpr,
     PREFETCH: tl.constexpr,
+    PDL: tl.constexpr,
+    LINES: tl.constexpr,
 ):
     g = tl.program_id(0)
     split = tl.program_id(1)
     kt_begin = split * tiles_per_split
     kt_end = tl.minimum(kt_begin + tiles_per_split, k_tiles)
+    if PDL:  # the weights are the model's: they can come before the kernel ahead ends
+        prefetch_slice(w_ptr, s_ptr, n, g, kt_begin, kt_end, GROUP, LINES)
+    pdl_wait(PDL)
     r0, r1 = tile_dot(x_ptr, w_ptr, s_ptr, n, g, kt_begin, kt_end, GROUP, BLOCK_KT, PREFETCH)
     finish_tile(r0, r1, part_ptr, count_ptr + g, out_ptr, n, g, split, SPLIT)
 
@@ -305,8 +316,11 @@ def marlin_gemv(
     warps: int = 4,
     stages: int = 3,
     prefetch: int = 0,
+    pdl: int = 0,
 ) -> torch.Tensor:
-    """``x [1, K] @ W [K, N]`` for one token, ``W`` in Marlin's 4-bit layout: ``[1, N]``."""
+    """``x [1, K] @ W [K, N]`` for one token, ``W`` in Marlin's 4-bit layout: ``[1, N]``.
+    ``pdl``: launched with programmatic dependent launch, its weights prefetched into L2
+    before it waits for the kernel ahead (compute capability 9.0 and later)."""
     k = x.shape[-1]
     n = w_s.shape[-1]
     # one group over all of K is channelwise to Marlin, whose scales are permuted otherwise
@@ -318,6 +332,7 @@ def marlin_gemv(
             f"group {group}: expected ({k // 16}, {2 * n}) and ({k // group}, {n})"
         )
     x = aligned_pairs(x)
+    pdl = pdl_for(pdl, x.device)
     k_tiles = k // 16
     tiles_per_split = share(k_tiles, split, block_kt)
     part, count = workspace(n, split, x.device)
@@ -336,7 +351,10 @@ def marlin_gemv(
         SPLIT=split,
         BLOCK_KT=block_kt,
         PREFETCH=prefetch,
+        PDL=pdl,
+        LINES=slice_lines(tiles_per_split),
         num_warps=warps,
         num_stages=stages,
+        **launch_options(pdl),
     )
     return out

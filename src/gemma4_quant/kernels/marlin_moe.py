@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from . import tiles
-from .common import ACTIVATIONS, act_and_mul
+from .common import ACTIVATIONS, act_and_mul, launch_options, pdl_for, pdl_wait
 from .marlin_gemv import (
     TILE_N,
     aligned_pairs,
@@ -148,10 +148,12 @@ def _w13_kernel(
     BLOCK_KT: tl.constexpr,
     ACT: tl.constexpr,
     PREFETCH: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     g = tl.program_id(0)  # a tile of gate columns; its up columns are n / 128 tiles further
     slot = tl.program_id(1)
     split = tl.program_id(2)
+    pdl_wait(PDL)  # the logits come from the kernel ahead, and the weights' address from them
     expert, _ = route(logits_ptr, scale_ptr, slot, n_experts, TOPK, BLOCK_E)
     kt_begin = split * tiles_per_split
     kt_end = tl.minimum(kt_begin + tiles_per_split, k_tiles)
@@ -185,10 +187,12 @@ def _w2_kernel(
     SPLIT: tl.constexpr,
     BLOCK_KT: tl.constexpr,
     PREFETCH: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     g = tl.program_id(0)
     slot = tl.program_id(1)
     split = tl.program_id(2)
+    pdl_wait(PDL)
     expert, weight = route(logits_ptr, scale_ptr, slot, n_experts, TOPK, BLOCK_E)
     inter = k_tiles * 16
     kt_begin = split * tiles_per_split
@@ -299,7 +303,8 @@ def marlin_moe(
 ) -> torch.Tensor:
     """Gemma 4's routed experts for one token ``x`` ``[1, H]``: ``[1, H]``. ``router_logits``
     ``[1, E]`` (float32 as Gemma 4's router writes them), ``expert_scale`` ``[E]``; the
-    experts as Marlin's MoE holds them (above); ``tiles`` override ``DEFAULT_TILES``."""
+    experts as Marlin's MoE holds them (above); ``tiles`` override ``DEFAULT_TILES``
+    (``pdl``: both kernels launched with programmatic dependent launch)."""
     hidden = x.shape[-1]
     n_experts = router_logits.shape[-1]
     if x.numel() != hidden or router_logits.numel() != n_experts or top_k > n_experts:
@@ -313,6 +318,7 @@ def marlin_moe(
         )
     inter, group = check_shapes(hidden, n_experts, w13, s13, w2, s2)
     t = {**DEFAULT_TILES, **tiles}
+    pdl = pdl_for(t.get("pdl", 0), x.device)
     n13 = 2 * inter
     part13, count13, part2, count2 = workspace(
         top_k, n13, hidden, t["split13"], t["split2"], x.device
@@ -342,8 +348,10 @@ def marlin_moe(
         SPLIT=t["split13"],
         BLOCK_KT=t["block_kt13"],
         PREFETCH=t.get("prefetch13", 0),
+        PDL=pdl,
         ACT=ACTIVATIONS[activation],
         num_warps=t["warps13"],
+        **launch_options(pdl),
     )
     k2 = inter // 16
     per2 = share(k2, t["split2"], t["block_kt2"])
@@ -366,6 +374,8 @@ def marlin_moe(
         SPLIT=t["split2"],
         BLOCK_KT=t["block_kt2"],
         PREFETCH=t.get("prefetch2", 0),
+        PDL=pdl,
         num_warps=t["warps2"],
+        **launch_options(pdl),
     )
     return out

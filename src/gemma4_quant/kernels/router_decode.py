@@ -29,7 +29,14 @@ import triton
 import triton.language as tl
 
 from . import tiles
-from .common import require_contiguous
+from .common import (
+    launch_options,
+    pdl_for,
+    pdl_wait,
+    prefetch_rows,
+    require_contiguous,
+    row_lines,
+)
 
 DEFAULT_TILES = tiles.ROUTER
 
@@ -47,10 +54,15 @@ def _router_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NORM: tl.constexpr,
+    PDL: tl.constexpr,
+    LINES: tl.constexpr,
 ):
     token = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_experts
+    if PDL:
+        prefetch_rows(w_ptr, rows, n_experts, hidden, LINES)
+    pdl_wait(PDL)
     offs = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     squares = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -114,6 +126,7 @@ def _launch(
     n_experts = weight.shape[0]
     require_contiguous({"weight": (weight, (n_experts, hidden))}, f"for hidden {hidden}")
     t = {**DEFAULT_TILES, **tiles}
+    pdl = pdl_for(t.get("pdl", 0), x.device)
     x = x.reshape(-1, hidden).contiguous()
     if out is None:
         out = torch.empty((x.shape[0], n_experts), dtype=torch.float32, device=x.device)
@@ -129,6 +142,9 @@ def _launch(
         BLOCK_N=t["block_n"],
         BLOCK_K=t["block_k"],
         NORM=norm,
+        PDL=pdl,
+        LINES=row_lines(hidden),
         num_warps=t["warps"],
+        **launch_options(pdl),
     )
     return out

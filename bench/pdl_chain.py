@@ -1,0 +1,156 @@
+"""The one-token kernels of a Gemma 4 26B-A4B decoder layer in the order vLLM runs them, in
+one CUDA graph, with and without programmatic dependent launch (PDL); one GPU, no vLLM.
+
+A layer here: a stand-in kernel (the input norm), q/k/v (``marlin_gemv``), a stand-in
+(attention), o (``marlin_gemv``), a stand-in (the norms after attention), the dense MLP
+(``dense_decode``, two kernels), the router projection (``router_decode``), the experts
+(``marlin_moe``, two kernels, top 8 of 128) and a stand-in (the norms at the end). The
+stand-ins are one torch kernel each, launched without PDL, as torch.compile's kernels are
+in vLLM, so a PDL kernel after one of them gains only its launch; the dense MLP, the
+router and the experts run back to back as in vLLM. Weights: ``--layers`` distinct
+layers (past L2), the experts one pool of 128 that each layer's router picks from.
+
+PDL lets a kernel start while the one ahead finishes: the kernels that own their weights
+(q/k/v, o, the dense MLP, the router) prefetch them into L2 before they wait; the experts
+wait first (their weights depend on the routing). Each variant turns it on for some
+kernels; the outputs must equal the variant without it bit for bit (same kernels, same
+order of sums). Prints us per layer and the ratio to ``none``.
+
+    python bench/pdl_chain.py [--layers 4] [--repeats 8] [--out F.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from int4_loop_ab import (  # noqa: E402  (bench/int4_loop_ab.py)
+    DENSE_INTER,
+    EXPERTS,
+    GROUP,
+    HIDDEN,
+    TOP_K,
+    random_experts,
+    random_marlin,
+)
+from moe_decode import graph_time_us  # noqa: E402  (bench/moe_decode.py)
+
+from gemma4_quant.kernels import dense_decode, marlin_gemv, marlin_moe, router_decode  # noqa: E402
+from gemma4_quant.kernels import tiles as kernel_tiles  # noqa: E402
+
+Q_OUT, O_IN = 8192, 4096  # a sliding layer's q/k/v and o
+KERNELS = ("gemv", "dense", "router", "moe")
+VARIANTS = {
+    "none": (),
+    "all": KERNELS,
+    "gemv": ("gemv",),
+    "dense": ("dense",),
+    "router+moe": ("router", "moe"),
+    "dense+router+moe": ("dense", "router", "moe"),
+}
+
+
+def bf16(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    return (torch.randn(shape, generator=gen, device="cuda") / shape[-1] ** 0.5).bfloat16()
+
+
+def make_layers(gen: torch.Generator, count: int) -> list[dict]:
+    return [
+        {
+            "qkv": random_marlin(gen, HIDDEN, Q_OUT),
+            "o": random_marlin(gen, O_IN, HIDDEN),
+            "gate_up": bf16(gen, 2 * DENSE_INTER, HIDDEN),
+            "down": bf16(gen, HIDDEN, DENSE_INTER),
+            "router": bf16(gen, EXPERTS, HIDDEN),
+        }
+        for _ in range(count)
+    ]
+
+
+def make_experts(gen: torch.Generator) -> dict:
+    w13, s13, w2, s2, scale = random_experts(gen)
+    return {"w13": w13, "s13": s13, "w2": w2, "s2": s2, "scale": scale}
+
+
+def stand_in(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """One torch kernel in place of the norms and attention, launched without PDL."""
+    return torch.mul(t, factor)
+
+
+def layer(x: torch.Tensor, w: dict, experts: dict, pdl: tuple[str, ...], prefetch: int):
+    on = {name: int(name in pdl) for name in KERNELS}
+    gemv = {"pdl": on["gemv"], "prefetch": prefetch}
+    h = stand_in(x, 0.5)
+    qkv = marlin_gemv.marlin_gemv(h, *w["qkv"], GROUP, **kernel_tiles.GEMV_K2816, **gemv)
+    a = stand_in(qkv[:, :O_IN], 0.25)
+    o = marlin_gemv.marlin_gemv(a, *w["o"], GROUP, **kernel_tiles.GEMV_K4096_UP, **gemv)
+    h2 = stand_in(o, 0.1)
+    d = dense_decode.dense_decode(h2, w["gate_up"], w["down"], activation="gelu_tanh",
+                                  **kernel_tiles.DENSE_MLP, pdl=on["dense"])  # fmt: skip
+    logits = router_decode.router_proj(h2, w["router"], **kernel_tiles.ROUTER, pdl=on["router"])
+    m = marlin_moe.marlin_moe(
+        h2, logits, experts["scale"], experts["w13"], experts["s13"], experts["w2"],
+        experts["s2"], top_k=TOP_K, **kernel_tiles.MARLIN_MOE, pdl=on["moe"],
+        prefetch13=prefetch, prefetch2=prefetch,
+    )  # fmt: skip
+    return torch.add(d, m, alpha=0.5), logits
+
+
+def chain(x: torch.Tensor, layers: list[dict], experts: dict, pdl, prefetch: int, repeats: int):
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        h, logits = x, None
+        for _ in range(repeats):
+            for w in layers:
+                h, logits = layer(h, w, experts, pdl, prefetch)
+        return h, logits
+
+    return run
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4, help="distinct layers' weights")
+    parser.add_argument("--repeats", type=int, default=8, help="passes over them a graph")
+    parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--prefetch", default="0", help="in-loop L2 prefetch distances, 0,2")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    layers, experts = make_layers(gen, args.layers), make_experts(gen)
+    x = torch.randn(1, HIDDEN, generator=gen, device="cuda").bfloat16()
+    per_graph = args.layers * args.repeats
+    rows, reference = [], None
+    for prefetch in (int(d) for d in args.prefetch.split(",")):
+        for name in args.variants.split(","):
+            run = chain(x, layers, experts, VARIANTS[name], prefetch, args.repeats)
+            out, logits = run()
+            us = graph_time_us(run, 1, args.replays) / per_graph
+            if reference is None:
+                reference = (out.clone(), logits.clone())
+            same = bool(torch.equal(out, reference[0]) and torch.equal(logits, reference[1]))
+            row = {"variant": name, "prefetch": prefetch, "us_per_layer": round(us, 2),
+                   "same_output": same}  # fmt: skip
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    base = rows[0]["us_per_layer"]
+    print(f"\n{torch.cuda.get_device_name()}, {args.layers} layers x {args.repeats} a graph")
+    print("| PDL on | in-loop prefetch | us / layer | none / this | outputs equal |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['prefetch']} | {r['us_per_layer']} | "
+              f"{base / r['us_per_layer']:.3f} | {r['same_output']} |")  # fmt: skip
+    if args.out:
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows},
+                                       indent=1))  # fmt: skip
+    return 0 if all(r["same_output"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
