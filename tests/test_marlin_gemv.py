@@ -85,6 +85,21 @@ def test_split_counters_are_left_at_zero_for_the_next_call():
         assert _error(got, x.float() @ w) < 5e-3
 
 
+def test_pdl_launches_only_where_a_gpu_can_take_it(monkeypatch) -> None:
+    """Programmatic dependent launch needs compute capability 9.0 and a Triton that launches
+    it: anywhere else a tile's ``pdl`` turns into a plain launch, so ``force`` on an older GPU
+    or a CPU tensor never compiles ``griddepcontrol``; the interpreter keeps it (its wait is a
+    no-op, the prefetch addresses are computed, as the product tests above check)."""
+    from gemma4_quant.kernels import common
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(common, "INTERPRETED", False)
+    assert common.pdl_for(1, cpu) == 0 and common.pdl_for(0, cpu) == 0
+    assert common.launch_options(1) == {"launch_pdl": True} and common.launch_options(0) == {}
+    monkeypatch.setattr(common, "INTERPRETED", True)
+    assert common.pdl_for(1, cpu) == 1 and common.launch_options(1) == {}
+
+
 def test_a_mis_shaped_weight_is_refused_by_name():
     gen = torch.Generator().manual_seed(2)
     words, scales, _ = marlin_matrix(256, 128, 32, gen)
