@@ -140,7 +140,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     kernels = (  # name, kernel, signature, constants, specialized integers
         ("marlin_gemv", marlin_gemv._marlin_gemv_kernel, GEMV,
-         {"GROUP": 32, "SPLIT": 4, "LINES": 128}, ("n", "k_tiles")),
+         {"GROUP": 32, "SPLIT": 4}, ("n", "k_tiles")),
         ("marlin_moe W13", marlin_moe._w13_kernel, MOE, {**moe, "SPLIT": 8, "ACT": 2},
          ("n", "k_tiles")),
         ("marlin_moe W2", marlin_moe._w2_kernel, W2, {**moe, "SPLIT": 2}, ("n",)),

@@ -16,9 +16,10 @@ The blocks are the decoder layer's (vLLM's ``Gemma4DecoderLayer.forward`` with
 - ``end_of_layer``: ``norm(norm(d) + norm(m)) + h`` times the layer scalar, and the next
   layer's input norm.
 
-Each variant compiles the block from cold (``torch._dynamo.reset``) and times it in a CUDA
-graph of 64 calls on distinct inputs, at each batch; the outputs must match the default's
-within bf16 rounding. Prints us per call and default / variant.
+Each variant compiles the block from cold (``torch._dynamo.reset``), for the batch alone or
+with the batch symbolic (``dynamic``, as vLLM compiles its graph for every batch size),
+and times it in a CUDA graph of 64 calls on distinct inputs, at each batch; the outputs
+must match the default's within bf16 rounding. Prints us per call and default / variant.
 
     python bench/norm_block.py [--batches 1,16,64] [--out F.json]
 """
@@ -95,6 +96,8 @@ def persistent_rows(limit: int):
 VARIANTS = {
     "default": contextlib.nullcontext,
     "persistent": lambda: persistent_rows(PERSISTENT_UP_TO),
+    "dynamic": contextlib.nullcontext,  # the batch symbolic, as vLLM compiles a graph
+    "dynamic+persistent": lambda: persistent_rows(PERSISTENT_UP_TO),
 }
 
 
@@ -120,7 +123,10 @@ def main() -> int:
             for variant, context in VARIANTS.items():
                 torch._dynamo.reset()
                 with context():
-                    compiled = torch.compile(fn, dynamic=False)
+                    dynamic = variant.startswith("dynamic")
+                    compiled = torch.compile(fn, dynamic=None if dynamic else False)
+                    for t in sets[0][:acts] if dynamic else ():
+                        torch._dynamo.mark_dynamic(t, 0)
                     outs = compiled(*sets[0])
                     run = [lambda c=compiled, s=s: c(*s) for s in sets]
                     us = graph_time_us(lambda run=run: [r() for r in run], 1, 20) / CALLS

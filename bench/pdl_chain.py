@@ -10,11 +10,10 @@ in vLLM, so a PDL kernel after one of them gains only its launch; the dense MLP,
 router and the experts run back to back as in vLLM. Weights: ``--layers`` distinct
 layers (past L2), the experts one pool of 128 that each layer's router picks from.
 
-PDL lets a kernel start while the one ahead finishes: the kernels that own their weights
-(q/k/v, o, the dense MLP, the router) prefetch them into L2 before they wait; the experts
-wait first (their weights depend on the routing). Each variant turns it on for some
-kernels; the outputs must equal the variant without it bit for bit (same kernels, same
-order of sums). Prints us per layer and the ratio to ``none``.
+PDL lets a kernel start while the one ahead finishes (``pdl_wait``). Each variant turns it
+on for some kernels; ``--prefetch`` sets the int4 loops' L2 prefetch distance too. The
+outputs must equal the first variant's bit for bit (same kernels, same order of sums).
+Prints us per layer and the ratio to the first.
 
     python bench/pdl_chain.py [--layers 4] [--repeats 8] [--out F.json]
 """
@@ -79,8 +78,9 @@ def make_experts(gen: torch.Generator) -> dict:
 
 
 def stand_in(t: torch.Tensor, factor: float) -> torch.Tensor:
-    """One torch kernel in place of the norms and attention, launched without PDL."""
-    return torch.mul(t, factor)
+    """Torch's RMS norm in place of the norms and attention, launched without PDL (it keeps
+    the activations from growing layer over layer into infinities)."""
+    return torch.nn.functional.rms_norm(t * factor, (t.shape[-1],), eps=1e-6)
 
 
 def layer(x: torch.Tensor, w: dict, experts: dict, pdl: tuple[str, ...], prefetch: int):

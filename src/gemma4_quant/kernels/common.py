@@ -48,11 +48,12 @@ def launch_options(pdl: int) -> dict:
 @triton.jit
 def pdl_wait(PDL: tl.constexpr):
     """With programmatic dependent launch a kernel may start while the kernel before it on
-    the stream still runs, so that its launch and whatever it does before this call (L2
-    prefetches of its weights) overlap that kernel's tail. Here it waits until that kernel
-    has finished and its writes are visible (``griddepcontrol.wait``), then lets the next
-    kernel launch the same way. Nothing before this call may read what an earlier kernel
-    wrote, or write anything. Hopper (compute capability 9.0) and later."""
+    the stream still runs, so that its launch overlaps that kernel's tail. Here it waits
+    until that kernel has finished and its writes are visible (``griddepcontrol.wait``),
+    then lets the next kernel launch the same way. Nothing before this call may read what
+    an earlier kernel wrote, or write anything. Hopper (compute capability 9.0) and later.
+    Measured no faster in a layer's chain of these kernels on an H100, and L2 prefetches
+    of a kernel's weights before the wait slower (docs/gpu-results.md 3m)."""
     if PDL and PTX:
         tl.inline_asm_elementwise(
             "griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;\n\tmov.u32 $0, 0;",
@@ -69,20 +70,6 @@ def prefetch_l2(ptr):
             "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptr], dtype=tl.int32,
             is_pure=False, pack=1,
         )  # fmt: skip
-
-
-@triton.jit
-def prefetch_rows(w_ptr, rows, n_rows, k, LINES: tl.constexpr):
-    """L2 prefetches of rows ``rows`` of a 16-bit ``[n_rows, k]`` matrix, ``LINES`` lines of
-    128 bytes a row from its start (addresses clamped into the matrix)."""
-    line = tl.arange(0, LINES)[None, :]
-    row = tl.minimum(rows, n_rows - 1)[:, None].to(tl.int64)
-    prefetch_l2(w_ptr + row * k + tl.minimum(line * 64, k - 1))
-
-
-def row_lines(k: int) -> int:
-    """``prefetch_rows``' ``LINES`` for rows of ``k`` 16-bit values."""
-    return triton.next_power_of_2(triton.cdiv(2 * k, 128))
 
 
 def require_contiguous(expected: dict, context: str) -> None:

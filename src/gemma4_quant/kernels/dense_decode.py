@@ -40,9 +40,7 @@ from .common import (
     launch_options,
     pdl_for,
     pdl_wait,
-    prefetch_rows,
     require_contiguous,
-    row_lines,
 )
 
 # Tile defaults; bench/dense_decode.py --tune measures them on a GPU.
@@ -92,14 +90,11 @@ def _gate_up_act_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
-    LINES: tl.constexpr,
 ):
     token = tl.program_id(1).to(tl.int64)
     # gate row n and up row I + n side by side (even / odd), split after the dot
     r = tl.arange(0, 2 * BLOCK_N)
     n = tl.program_id(0) * BLOCK_N + r // 2
-    if PDL:
-        prefetch_rows(w_ptr, tl.minimum(n, inter - 1) + (r % 2) * inter, 2 * inter, hidden, LINES)
     pdl_wait(PDL)
     both = _rows_dot_bf16(
         w_ptr, x_ptr + token * hidden, n + (r % 2) * inter, n < inter, hidden, 2 * BLOCK_N, BLOCK_K
@@ -120,13 +115,10 @@ def _down_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
-    LINES: tl.constexpr,
 ):
     token = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = rows < hidden
-    if PDL:
-        prefetch_rows(w_ptr, rows, hidden, inter, LINES)
     pdl_wait(PDL)
     acc = _rows_dot_bf16(w_ptr, a_ptr + token * inter, rows, mask, inter, BLOCK_N, BLOCK_K)
     tl.store(out_ptr + token * hidden + rows, acc, mask=mask)
@@ -164,7 +156,6 @@ def gate_up_act(
         BLOCK_N=block_n1,
         BLOCK_K=block_k1,
         PDL=pdl,
-        LINES=row_lines(x.shape[1]),
         num_warps=warps1,
         **launch_options(pdl),
     )
@@ -192,7 +183,6 @@ def down(
         BLOCK_N=block_n2,
         BLOCK_K=block_k2,
         PDL=pdl,
-        LINES=row_lines(act.shape[1]),
         num_warps=warps2,
         **launch_options(pdl),
     )
@@ -210,8 +200,8 @@ def dense_decode(
     **tiles: int,
 ) -> torch.Tensor:
     """down(act(x @ gate.T) * (x @ up.T)) for ``x`` [M, H] (small M); ``tiles`` override
-    ``DEFAULT_TILES`` (``pdl``: both kernels launched with programmatic dependent launch,
-    each prefetching its weights into L2 before it waits for the kernel ahead)."""
+    ``DEFAULT_TILES`` (``pdl``: both kernels launched with programmatic dependent
+    launch)."""
     inter = check_shapes(x, gate_up, down_w)
     t = {**DEFAULT_TILES, **tiles}
     x = x.contiguous()

@@ -131,7 +131,8 @@ def tile_dot(
 
     ``ptxas`` issues the next step's loads at the end of a step, so each step waits for
     memory (docs/gpu-results.md 3k, 3l); ``PREFETCH`` > 0 also asks L2 for the words of
-    the step that many steps after the next one, so that step's loads wait for L2 only."""
+    the step that many steps after the next one, so that step's loads wait for L2 only
+    (measured 2% slower at distance 2 in a layer's chain of these kernels, 3m)."""
     kt_idx = tl.arange(0, BLOCK_KT)[:, None, None]
     lane = tl.arange(0, 32)[None, :, None]  # 4 ci + t
     j = tl.arange(0, 4)[None, None, :]
@@ -173,25 +174,6 @@ def tile_dot(
     r0 = tl.reshape(tl.sum(acc0, axis=0), (8, 4, 4))  # (ci, t, j)
     r1 = tl.reshape(tl.sum(acc1, axis=0), (8, 4, 4))
     return 16.0 * tl.sum(r0, axis=1), 16.0 * tl.sum(r1, axis=1)
-
-
-@triton.jit
-def prefetch_slice(
-    w_ptr, s_ptr, n, g, kt_begin, kt_end, GROUP: tl.constexpr, LINES: tl.constexpr
-):  # fmt: skip
-    """L2 prefetches of what ``tile_dot`` will read of tile ``g``'s row tiles ``kt_begin ..
-    kt_end``: a row tile's 512 bytes of words (4 lines), a group row's 128 bytes of scales
-    (``LINES``: at least four a row tile; addresses clamped into the slice)."""
-    i = tl.arange(0, LINES)
-    kt = tl.minimum(kt_begin + i // 4, kt_end - 1)
-    prefetch_l2(w_ptr + kt * (2 * n) + g * 128 + (i % 4) * 32)
-    row = tl.minimum((kt_begin * 16) // GROUP + i, (kt_end * 16 - 1) // GROUP)
-    prefetch_l2(s_ptr + row * n + g * 64)
-
-
-def slice_lines(tiles_per_split: int) -> int:
-    """``prefetch_slice``'s ``LINES`` for a program's share of row tiles."""
-    return triton.next_power_of_2(4 * tiles_per_split)
 
 
 @triton.jit
@@ -263,14 +245,11 @@ def _marlin_gemv_kernel(
     BLOCK_KT: tl.constexpr,
     PREFETCH: tl.constexpr,
     PDL: tl.constexpr,
-    LINES: tl.constexpr,
 ):
     g = tl.program_id(0)
     split = tl.program_id(1)
     kt_begin = split * tiles_per_split
     kt_end = tl.minimum(kt_begin + tiles_per_split, k_tiles)
-    if PDL:  # the weights are the model's: they can come before the kernel ahead ends
-        prefetch_slice(w_ptr, s_ptr, n, g, kt_begin, kt_end, GROUP, LINES)
     pdl_wait(PDL)
     r0, r1 = tile_dot(x_ptr, w_ptr, s_ptr, n, g, kt_begin, kt_end, GROUP, BLOCK_KT, PREFETCH)
     finish_tile(r0, r1, part_ptr, count_ptr + g, out_ptr, n, g, split, SPLIT)
@@ -319,8 +298,8 @@ def marlin_gemv(
     pdl: int = 0,
 ) -> torch.Tensor:
     """``x [1, K] @ W [K, N]`` for one token, ``W`` in Marlin's 4-bit layout: ``[1, N]``.
-    ``pdl``: launched with programmatic dependent launch, its weights prefetched into L2
-    before it waits for the kernel ahead (compute capability 9.0 and later)."""
+    ``pdl``: launched with programmatic dependent launch (compute capability 9.0 and later;
+    measured no faster, docs/gpu-results.md 3m)."""
     k = x.shape[-1]
     n = w_s.shape[-1]
     # one group over all of K is channelwise to Marlin, whose scales are permuted otherwise
@@ -352,7 +331,6 @@ def marlin_gemv(
         BLOCK_KT=block_kt,
         PREFETCH=prefetch,
         PDL=pdl,
-        LINES=slice_lines(tiles_per_split),
         num_warps=warps,
         num_stages=stages,
         **launch_options(pdl),

@@ -33,9 +33,7 @@ from .common import (
     launch_options,
     pdl_for,
     pdl_wait,
-    prefetch_rows,
     require_contiguous,
-    row_lines,
 )
 
 DEFAULT_TILES = tiles.ROUTER
@@ -55,13 +53,10 @@ def _router_kernel(
     BLOCK_K: tl.constexpr,
     NORM: tl.constexpr,
     PDL: tl.constexpr,
-    LINES: tl.constexpr,
 ):
     token = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_experts
-    if PDL:
-        prefetch_rows(w_ptr, rows, n_experts, hidden, LINES)
     pdl_wait(PDL)
     offs = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -143,7 +138,6 @@ def _launch(
         BLOCK_K=t["block_k"],
         NORM=norm,
         PDL=pdl,
-        LINES=row_lines(hidden),
         num_warps=t["warps"],
         **launch_options(pdl),
     )
