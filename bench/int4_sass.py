@@ -7,7 +7,7 @@ and prints per loop: instructions, weights per thread and step, instructions per
 barriers and shared-memory operations (data moving between lanes), the load lead (the
 fewest instructions from a global load to the first use of what it loaded), and registers.
 
-    python bench/int4_sass.py [--tiles 4x4,8x4,16x4] [--keep DIR]
+    python bench/int4_sass.py [--tiles 4x4,8x4,16x4] [--keep DIR] [--prefetch N] [--pdl 1]
 
 Tiles are ``BLOCK_KT x warps``. An instruction count is not a time: a loop can wait on its
 loads however few instructions it issues (bench/marlin_gemv.py times them on a GPU).
