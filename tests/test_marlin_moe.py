@@ -119,6 +119,30 @@ def test_matches_gemma4_routing_and_the_float32_product(
     assert _error(got, reference(x, logits, scale, f13, f2, top_k)) < 5e-3
 
 
+def test_nan_logits_route_to_an_expert_in_range():
+    """All-NaN logits match no expert in the top-k search; the routing then takes the last
+    expert (its weight NaN, as the softmax's), never one past it. The experts here sit in a
+    larger tensor whose experts past the 12 routed have NaN scales, so a read past the last
+    shows up in the activations W13 writes (on the GPU it would be an illegal address)."""
+    from gemma4_quant.kernels import marlin_moe as kernels
+
+    n, top_k, hidden, inter, group = 12, 4, 256, 128, 32
+    (w13, s13, _, _), _ = experts(17, hidden, inter, group, seed=7)  # 16: the block of 12
+    s13[n:] = float("nan")
+    x, _, scale = _inputs(hidden, n, seed=7)
+    logits = torch.full((1, n), float("nan"))
+    act = torch.empty(top_k, inter, dtype=torch.bfloat16)
+    part, count, _, _ = kernels.workspace(top_k, 2 * inter, hidden, 1, 1, torch.device(DEVICE))
+    kernels._w13_kernel[(inter // 64, top_k, 1)](
+        x, logits, scale, w13, s13, part, count, act, n, 2 * inter, hidden // 16, hidden // 16,
+        TOPK=top_k, BLOCK_E=16, GROUP=group, SPLIT=1, BLOCK_KT=4, ACT=2, PREFETCH=0, PDL=0,
+    )  # fmt: skip
+    assert torch.isfinite(act.float()).all()
+    got = _run(x, logits, scale, (w13[:n], s13[:n], *experts(n, hidden, inter, group, 7)[0][2:]),
+               top_k)  # fmt: skip
+    assert got.shape == (1, hidden) and torch.isnan(got.float()).all()
+
+
 def test_padded_intermediate_adds_nothing():
     """Marlin pads an intermediate size that is not a multiple of 64 (a TP=2 rank of 26B-A4B:
     352 -> 384) with zero scales; the padded rows must add nothing."""

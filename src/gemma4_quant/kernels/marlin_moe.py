@@ -70,7 +70,7 @@ DEFAULT_TILES = tiles.MARLIN_MOE
 def route(logits_ptr, scale_ptr, slot, n_experts, TOPK: tl.constexpr, BLOCK_E: tl.constexpr):
     """The expert and routing weight of top-k ``slot``: softmax over all experts, top k,
     renormalized over the top k, times the expert's scale (Gemma 4's routing). Ties go to
-    the lower expert id."""
+    the lower expert id; NaN logits give NaN weights and an expert id in range."""
     e = tl.arange(0, BLOCK_E)
     logits = tl.load(logits_ptr + e, mask=e < n_experts, other=float("-inf")).to(tl.float32)
     top = tl.max(logits, axis=0)
@@ -80,7 +80,8 @@ def route(logits_ptr, scale_ptr, slot, n_experts, TOPK: tl.constexpr, BLOCK_E: t
     expert = 0
     for i in tl.static_range(TOPK):
         best = tl.max(work, axis=0)
-        idx = tl.min(tl.where(work == best, e, BLOCK_E), axis=0)
+        # NaN logits match no expert: the last one then, never an address past the experts
+        idx = tl.minimum(tl.min(tl.where(work == best, e, BLOCK_E), axis=0), n_experts - 1)
         p = tl.exp(best - top)
         denom += p
         expert = tl.where(slot == i, idx, expert)
