@@ -31,7 +31,7 @@ def _triton_launches_pdl() -> bool:
 def pdl_for(pdl: int, device: torch.device) -> int:
     """``pdl`` where the kernel can launch with programmatic dependent launch (a CUDA GPU of
     compute capability 9.0 or later, a Triton that launches it), else 0; Triton's
-    interpreter keeps it (the wait is a no-op there, the prefetch addresses are computed)."""
+    interpreter keeps it (the wait is a no-op there)."""
     if not pdl or INTERPRETED:
         return pdl
     if device.type != "cuda":
