@@ -30,7 +30,7 @@
 #   qat      the same for Google's QAT form alone (qat-w4a16-ct)
 #   fastab   full size on GPU 0, 0.26.0: the plugin with fast_decode (b) against stock (a),
 #            one run at a time, decode at batch 1 - 64 and greedy agreement (FASTAB_ROUNDS;
-#            FASTAB_ORDER picks the sides of a round, bench_run's letters: a b c m r f p)
+#            FASTAB_ORDER picks the sides of a round, bench_run's letters: a b c m r f p s t)
 #   fastprobe layer probes with the one-token dense MLP path (variant fast) on 0.26.0
 #   gemvbench the one-token int4 GEMV on Marlin's layout against vLLM 0.26.0's Marlin GEMM,
 #            26B-A4B's attention projections (bench/marlin_gemv.py)
@@ -83,13 +83,15 @@ transformers.__version__, 'compressed-tensors', c.__version__)" | tee -a "$R/mac
   touch "$tgt/.installed-$rel$*"
 }
 
-bench_run() {  # name gpu release-target plugin(on|off|fast|nofast|nomarlin|moe|router|all|pdl) [cache [suffix]]
+bench_run() {  # name gpu release-target plugin(on|off|fast|...|pdl|static|stockstatic) [cache [suffix]]
   # on: the plugin as installed (fast_decode is on by default); nofast: without fast_decode;
   # nomarlin: fast_decode's dense MLP kernels without marlin_decode's attention projections;
   # moe: the dense MLP kernels and marlin_moe_decode's experts, forced (no attention ones);
   # router: moe's and router_decode's router projection, forced; all: every one-token
   # path forced (router's and marlin_decode's attention projections); pdl: fast, and
-  # torch.compile's own kernels launched with programmatic dependent launch too
+  # torch.compile's own kernels launched with programmatic dependent launch too; static:
+  # fast, and vLLM's compile_sizes [1] (batch 1 also compiled with the batch fixed);
+  # stockstatic: stock vLLM with the same
   local name=$1 gpu=$2 tgt=$3 plugin=$4 cache=${5:-$1} file="$1-gpu$2${6:-}" extra=()
   [ "$plugin" = off ] && extra=(VLLM_PLUGINS=none)
   [ "$plugin" = fast ] && extra=(GEMMA4_QUANT_FAST_DECODE=auto)
@@ -101,10 +103,13 @@ bench_run() {  # name gpu release-target plugin(on|off|fast|nofast|nomarlin|moe|
     GEMMA4_QUANT_DISABLE_PATCHES=marlin_decode)
   [ "$plugin" = all ] && extra=(GEMMA4_QUANT_FAST_DECODE=force)
   [ "$plugin" = pdl ] && extra=(GEMMA4_QUANT_FAST_DECODE=auto TORCHINDUCTOR_ENABLE_PDL=1)
+  [ "$plugin" = static ] && extra=(GEMMA4_QUANT_FAST_DECODE=auto)
+  [ "$plugin" = stockstatic ] && extra=(VLLM_PLUGINS=none)
   log "bench $name on GPU $gpu"
   env CUDA_VISIBLE_DEVICES="$gpu" PYTHONPATH="$tgt" VLLM_CACHE_ROOT="$WORK/vcache/$cache" \
     "${extra[@]}" python3 "$PROJ/bench/gpu_throughput.py" run "$FULL" \
-    "$R/fullsize/$file.json" --label "$name" ${BENCH_ARGS:-} > "$R/fullsize/$file.out" 2>&1
+    "$R/fullsize/$file.json" --label "$name" ${BENCH_ARGS:-} \
+    $(case $plugin in *static) echo --compile-sizes 1 ;; esac) > "$R/fullsize/$file.out" 2>&1
   log "bench $name on GPU $gpu: rc=$?"
 }
 
@@ -353,6 +358,8 @@ if has fastab; then
         r) bench_run r-0.26.0-router 0 "$T026" router "" "-fast$round" ;;
         f) bench_run f-0.26.0-all 0 "$T026" all "" "-fast$round" ;;
         p) bench_run p-0.26.0-pdl 0 "$T026" pdl "" "-fast$round" ;;
+        s) bench_run s-0.26.0-static 0 "$T026" static "" "-fast$round" ;;
+        t) bench_run t-0.26.0-stockstatic 0 "$T026" stockstatic "" "-fast$round" ;;
       esac
     done
   done
@@ -365,7 +372,9 @@ if has fastab; then
       a-0.26.0-stock:m-0.26.0-moe:-ma:-am a-0.26.0-stock:r-0.26.0-router:-ra:-ar \
       m-0.26.0-moe:r-0.26.0-router:-rm:-mr a-0.26.0-stock:f-0.26.0-all:-fa:-af \
       r-0.26.0-router:f-0.26.0-all:-fr:-rf a-0.26.0-stock:p-0.26.0-pdl:-pa:-ap \
-      b-0.26.0-fast:p-0.26.0-pdl:-pb:-bp; do
+      b-0.26.0-fast:p-0.26.0-pdl:-pb:-bp b-0.26.0-fast:s-0.26.0-static:-sb:-bs \
+      a-0.26.0-stock:s-0.26.0-static:-sa:-as t-0.26.0-stockstatic:s-0.26.0-static:-st:-ts \
+      a-0.26.0-stock:t-0.26.0-stockstatic:-ta:-at; do
     IFS=: read -r one two tag ptag <<< "$pair"
     ls "$F/$one"-gpu0-fast*.json "$F/$two"-gpu0-fast*.json > /dev/null 2>&1 || continue
     python3 "$PROJ/bench/gpu_throughput.py" ratio --a "$F/$one"-gpu0-fast*.json \

@@ -68,7 +68,10 @@ def child(args: argparse.Namespace) -> int:
         max_num_seqs=max(args.batches),
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=False,
-        compilation_config={"cudagraph_capture_sizes": CAPTURE_SIZES},
+        compilation_config={
+            "cudagraph_capture_sizes": CAPTURE_SIZES,
+            **({"compile_sizes": args.compile_sizes} if args.compile_sizes else {}),
+        },
         enforce_eager=args.enforce_eager,
         seed=0,
     )
@@ -262,6 +265,8 @@ def run(args: argparse.Namespace) -> int:
         str(args.profile_steps),
         *(["--enforce-eager"] if args.enforce_eager else []),
     ]
+    if args.compile_sizes:
+        cmd += ["--compile-sizes", ",".join(map(str, args.compile_sizes))]
     env = {**os.environ, "BENCH_T0": repr(time.time())}
     peak_total = peak_single = 0
     with open(log_path, "w") as log:
@@ -526,6 +531,13 @@ def main(argv: list[str] | None = None) -> int:
             "--enforce-eager",
             action="store_true",
             help="no torch.compile / CUDA graphs (a quick load-time run; decode is slower)",
+        )
+        p.add_argument(
+            "--compile-sizes",
+            type=lambda s: [int(x) for x in s.split(",")],
+            default=None,
+            help="vLLM's compile_sizes: batch sizes torch.compile also builds a graph for with "
+            "the batch fixed (default: none, the batch symbolic only)",
         )
         p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
         p.add_argument("--check-tokens", type=int, default=32)

@@ -1,12 +1,13 @@
-"""Gemma 4's norm blocks as torch.compile builds them, timed with Inductor's defaults and with
-a persistent reduction for rows of up to 4096; one GPU, no vLLM.
+"""Gemma 4's norm blocks as torch.compile builds them, against one Triton kernel a block that
+issues every load first; one GPU, no vLLM.
 
 Inside vLLM, at one token, a 26B-A4B decoder layer spends 14.6 us of an H100 in four
 Inductor kernels around its projections (docs/gpu-results.md 3l), 6.6 us in the one after
 attention's o projection. Inductor makes a row of more than 1024 (hidden 2816) a looped
 reduction: one program walks the row once per dependent sum (post-attention norm, then
-the residual's norm), so one SM does it all at one token. A persistent reduction holds the
-row in registers and reads it once.
+the residual's norm), so one SM does it all at one token. The ``triton`` variant holds the
+row in registers and reads it once (the post-attention block's kernel is
+``gemma4_quant.kernels.norm_blocks``'s, with the same roundings).
 
 The blocks are the decoder layer's (vLLM's ``Gemma4DecoderLayer.forward`` with
 ``RMSNorm.forward_native``):
@@ -16,12 +17,22 @@ The blocks are the decoder layer's (vLLM's ``Gemma4DecoderLayer.forward`` with
 - ``end_of_layer``: ``norm(norm(d) + norm(m)) + h`` times the layer scalar, and the next
   layer's input norm.
 
-Each variant compiles the block from cold (``torch._dynamo.reset``), for the batch alone or
-with the batch symbolic (``dynamic``, as vLLM compiles its graph for every batch size),
+Each Inductor variant compiles the block from cold (``torch._dynamo.reset``), for the batch
+alone or with the batch symbolic (``dynamic``, as vLLM compiles its graph for every batch size),
 and times it in a CUDA graph of 64 calls on distinct inputs, at each batch; the outputs
-must match the default's within bf16 rounding. Prints us per call and default / variant.
+must match the default's within bf16 rounding (Inductor keeps some products in float32
+where eager rounds them: the Triton kernels, which round as eager does, differ by ~0.5%).
+Prints us per call and default / variant.
 
-    python bench/norm_block.py [--batches 1,16,64] [--out F.json]
+In that graph every input and weight stays in L2 (64 sets of ~34 KB), where inside vLLM
+the norms' weights were last read a whole decode step earlier, ~2.4 GB of weights ago.
+``--cold`` times each call behind a write of 128 MB (the L2 flushed), from the GPU's own
+trace (the block's kernels only, not the flush): a looped reduction waits for memory once
+per step of each of its passes, the Triton kernels once. (A persistent reduction asked of
+Inductor through its choices handler was never taken with torch 2.11: the traces name
+``triton_red_`` kernels, so that variant is gone.)
+
+    python bench/norm_block.py [--batches 1,16,64] [--cold] [--out F.json]
 """
 
 from __future__ import annotations
@@ -29,17 +40,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from moe_decode import graph_time_us  # noqa: E402  (bench/moe_decode.py)
 
 HIDDEN, EPS, CALLS = 2816, 1e-6, 64
-PERSISTENT_UP_TO = 4096
 
 
 def rms(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
@@ -65,40 +79,98 @@ def end_of_layer(d, m, h, w1, w2, w, scalar, w_next):
 BLOCKS = {"post_attention": (post_attention, 2, 4), "end_of_layer": (end_of_layer, 3, 5)}
 
 
-@contextlib.contextmanager
-def persistent_rows(limit: int):
-    """Inductor's choices with inner reductions of up to ``limit`` persistent."""
-    from torch._inductor import config
-    from torch._inductor.choices import InductorChoices
-    from torch._inductor.codegen.simd_kernel_features import SIMDKernelFeatures
-    from torch._inductor.runtime.hints import ReductionHint
-    from torch._inductor.virtualized import V
+@triton.jit
+def _rms(x, w, mask, n: tl.constexpr, eps: tl.constexpr):
+    # vLLM's forward_native: float32 statistics, rounded to bf16, then times the weight
+    var = tl.sum(tl.where(mask, x * x, 0.0), axis=0) / n
+    y = (x * tl.rsqrt(var + eps)).to(tl.bfloat16).to(tl.float32)
+    return (y * w).to(tl.bfloat16).to(tl.float32)
 
-    class Persistent(InductorChoices):
-        @staticmethod
-        def should_use_persistent_reduction(features: SIMDKernelFeatures, cooperative_reduction):
-            if (
-                config.triton.persistent_reductions
-                and not cooperative_reduction
-                and features.get_reduction_hint() == ReductionHint.INNER
-                and V.graph.sizevars.statically_known_leq(features.reduction_numel, limit)
-            ):
-                return True
-            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
 
-    V.set_choices_handler(Persistent())
-    try:
-        yield
-    finally:
-        V.set_choices_handler(InductorChoices())
+@triton.jit
+def end_of_layer_kernel(d, m, h, w1, w2, w, scalar, w_next, y_out, next_out,
+                        N: tl.constexpr, BLOCK: tl.constexpr, EPS: tl.constexpr):  # fmt: skip
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    xd = tl.load(d + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    xm = tl.load(m + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    xh = tl.load(h + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    v1 = tl.load(w1 + cols, mask=mask, other=0.0).to(tl.float32)
+    v2 = tl.load(w2 + cols, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(w + cols, mask=mask, other=0.0).to(tl.float32)
+    sc = tl.load(scalar + cols, mask=mask, other=0.0).to(tl.float32)
+    vn = tl.load(w_next + cols, mask=mask, other=0.0).to(tl.float32)
+    both = (_rms(xd, v1, mask, N, EPS) + _rms(xm, v2, mask, N, EPS)).to(tl.bfloat16)
+    y = (_rms(both.to(tl.float32), v, mask, N, EPS) + xh).to(tl.bfloat16).to(tl.float32)
+    y = (y * sc).to(tl.bfloat16).to(tl.float32)
+    tl.store(y_out + row * N + cols, y.to(tl.bfloat16), mask=mask)
+    tl.store(next_out + row * N + cols, _rms(y, vn, mask, N, EPS).to(tl.bfloat16), mask=mask)
+
+
+def _hand_kernels():
+    """One program a row, every load issued before the first sum: a single memory latency."""
+    block = triton.next_power_of_2(HIDDEN)
+
+    def post_attention_hand(o, residual, w_pa, w_ff, w_ff2, r_scale):
+        # the plugin's kernel (``norm_blocks``); the router's root as vLLM rounds it
+        from gemma4_quant.kernels.norm_blocks import post_attention_norms
+
+        root = torch.tensor(HIDDEN**-0.5).bfloat16().item()
+        return post_attention_norms(o, residual, w_pa, w_ff, w_ff2, r_scale, root, EPS)
+
+    def end_of_layer_hand(d, m, h, w1, w2, w, scalar, w_next):
+        outs = [torch.empty_like(d) for _ in range(2)]
+        end_of_layer_kernel[(d.shape[0],)](d, m, h, w1, w2, w, scalar, w_next, *outs,
+                                           HIDDEN, block, EPS, num_warps=8)  # fmt: skip
+        return tuple(outs)
+
+    return {"post_attention": post_attention_hand, "end_of_layer": end_of_layer_hand}
 
 
 VARIANTS = {
     "default": contextlib.nullcontext,
-    "persistent": lambda: persistent_rows(PERSISTENT_UP_TO),
     "dynamic": contextlib.nullcontext,  # the batch symbolic, as vLLM compiles a graph
-    "dynamic+persistent": lambda: persistent_rows(PERSISTENT_UP_TO),
+    "triton": contextlib.nullcontext,  # _hand_kernels: one Triton kernel, not Inductor's
 }
+
+
+def cold_us(calls: list, replays: int = 10) -> tuple[float, list[str]]:
+    """GPU microseconds per call of the kernels of ``calls``, each call behind an L2 flush,
+    in one CUDA graph, from the profiler's trace (the flush's own kernels left out), and
+    the names of those kernels."""
+    flush = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
+
+    def run() -> None:
+        for call in calls:
+            flush.zero_()
+            call()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        events = json.loads(Path(path).read_text()).get("traceEvents", [])
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memset")]
+    flushes = [e for e in kernels if any(k in e["name"].lower() for k in ("fill", "memset"))]
+    if len(flushes) != replays * len(calls):
+        raise RuntimeError(f"{len(flushes)} flush kernels traced, expected {replays * len(calls)}")
+    block = [e for e in kernels if e not in flushes]
+    names = sorted({e["name"] for e in block})
+    return sum(float(e["dur"]) for e in block) / (replays * len(calls)), names
 
 
 def inputs(gen: torch.Generator, batch: int, rows: int, vectors: int) -> list[torch.Tensor]:
@@ -112,6 +184,7 @@ def inputs(gen: torch.Generator, batch: int, rows: int, vectors: int) -> list[to
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--cold", action="store_true", help="each call behind an L2 flush")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -124,21 +197,29 @@ def main() -> int:
                 torch._dynamo.reset()
                 with context():
                     dynamic = variant.startswith("dynamic")
-                    compiled = torch.compile(fn, dynamic=None if dynamic else False)
+                    if variant == "triton":
+                        compiled = _hand_kernels()[name]
+                    else:
+                        compiled = torch.compile(fn, dynamic=None if dynamic else False)
                     for t in sets[0][:acts] if dynamic else ():
                         torch._dynamo.mark_dynamic(t, 0)
                     outs = compiled(*sets[0])
                     run = [lambda c=compiled, s=s: c(*s) for s in sets]
-                    us = graph_time_us(lambda run=run: [r() for r in run], 1, 20) / CALLS
+                    names = None
+                    if args.cold:
+                        us, names = cold_us(run)
+                    else:
+                        us = graph_time_us(lambda run=run: [r() for r in run], 1, 20) / CALLS
                 if reference is None:
                     reference = outs
                 err = max(((a.float() - b.float()).norm() / b.float().norm()).item()
                           for a, b in zip(outs, reference, strict=True))  # fmt: skip
                 row = {"block": name, "batch": batch, "variant": variant, "us": round(us, 2),
-                       "diff_vs_default": err}  # fmt: skip
+                       "diff_vs_default": err, "kernels": names}  # fmt: skip
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    print(f"\n{torch.cuda.get_device_name()}\n| block | batch | variant | us | default / this |")
+    device = torch.cuda.get_device_name() + ", L2 flushed" * args.cold
+    print(f"\n{device}\n| block | batch | variant | us | default / this |")
     print("|---|---|---|---|---|")
     base = {}
     for r in rows:
@@ -147,8 +228,8 @@ def main() -> int:
         print(f"| {r['block']} | {r['batch']} | {r['variant']} | {r['us']} | "
               f"{base[key] / r['us']:.3f} |")  # fmt: skip
     if args.out:
-        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows},
-                                       indent=1))  # fmt: skip
+        out = {"device": torch.cuda.get_device_name(), "cold": args.cold, "rows": rows}
+        args.out.write_text(json.dumps(out, indent=1))
     return 0 if all(r["diff_vs_default"] < 1e-2 for r in rows) else 1
 
 
