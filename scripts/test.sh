@@ -206,7 +206,7 @@ triton() {
       triton==3.6.0 && touch "$TRITON_DIR/.ready"; }
   PYTHONPATH="$ROOT/$TRITON_DIR" TRITON_INTERPRET=1 ".venvs/vllm-$last/bin/python" -m pytest \
     tests/test_moe_decode.py tests/test_dense_decode.py tests/test_marlin_gemv.py tests/test_marlin_moe.py \
-    tests/test_router_decode.py \
+    tests/test_router_decode.py tests/test_norm_blocks.py \
     -p no:cacheprovider -q -rs --durations=15
 }
 upstream() { bash upstream/check.sh; }

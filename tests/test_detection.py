@@ -25,6 +25,7 @@ from gemma4_quant.patches import (
     load_guard,
     marlin_decode,
     marlin_moe_decode,
+    norm_blocks,
     router,
     router_decode,
     tied_lm_head,
@@ -65,6 +66,10 @@ CASES = {
     "router_decode": (
         router_decode,
         [("model_executor/models/gemma4.py", "Gemma4Router.forward")],
+    ),
+    "norm_blocks": (
+        norm_blocks,
+        [("model_executor/models/gemma4.py", "Gemma4DecoderLayer.forward")],
     ),
     "kv_shared_layers": (
         kv_shared_layers,

@@ -56,6 +56,7 @@ PATCH_MODULES: tuple[str, ...] = (
     "marlin_decode",
     "marlin_moe_decode",
     "router_decode",
+    "norm_blocks",
 )
 
 

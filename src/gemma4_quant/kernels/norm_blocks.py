@@ -1,0 +1,126 @@
+"""Gemma 4's norms between attention and the feed-forward blocks, in one Triton kernel.
+
+Why:
+    After attention's o projection a decoder layer normalizes o (``post_attention_layernorm``),
+    adds the residual, and normalizes the sum three ways: the dense MLP's input
+    (``pre_feedforward_layernorm``), the experts' (``pre_feedforward_layernorm_2``) and the
+    router's (``Gemma4Router.norm``, no weight, then ``root_size`` and ``scale``). The hidden
+    size (2816) is past Inductor's limit for a persistent reduction (1024), so torch.compile
+    makes this a looped reduction: one program a token walks the row once per dependent
+    sum, waiting on memory at every step, and at one token the weights come from DRAM
+    (read a whole decode step earlier). Inside vLLM 0.26.0 on an H100 that kernel took
+    6.6 - 10.5 us a layer at batch 1; alone, with L2 flushed before each call, 3.98 us,
+    where this kernel takes 2.66 (batch 64: 4.28 against 3.20; bench/norm_block.py
+    ``--cold``, docs/gpu-results.md 3n).
+
+How:
+    One program a token holds the whole row (the hidden size rounded up to a power of two)
+    and issues every load before the first sum: one memory latency, one pass.
+
+Numerics:
+    vLLM's eager roundings (``vllm.ir.ops.rms_norm``): float32 statistics, the normed row
+    rounded to bf16, times the weight rounded to bf16; the residual sum and each scaling
+    rounded to bf16. Roundings are to nearest even (``_to_bf16``; under Triton's CPU
+    interpreter, whose own conversion truncates, through the float32 bits), so the
+    interpreter gives the GPU's numbers. What differs from vLLM's eager path is the order
+    of the float32 sum of squares and, on a GPU, Triton's approximate reciprocal square
+    root: at 64 tokens no value differs from torch's on an H100.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import PTX
+
+
+@triton.jit
+def _to_bf16(x):
+    """``x`` rounded to the nearest bf16 (ties to even), kept in float32: the GPU's own
+    conversion; under the interpreter, whose conversion truncates, through the bits."""
+    if PTX:
+        return x.to(tl.bfloat16).to(tl.float32)
+    else:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _post_attention_kernel(
+    o,
+    residual,
+    w_post,
+    w_ff,
+    w_ff2,
+    scale,
+    h_out,
+    ff_out,
+    ff2_out,
+    router_out,
+    root,
+    eps,
+    N: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64) * N
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(o + row + cols, mask=mask, other=0.0).to(tl.float32)
+    res = tl.load(residual + row + cols, mask=mask, other=0.0).to(tl.float32)
+    wp = tl.load(w_post + cols, mask=mask, other=0.0).to(tl.float32)
+    wf = tl.load(w_ff + cols, mask=mask, other=0.0).to(tl.float32)
+    wf2 = tl.load(w_ff2 + cols, mask=mask, other=0.0).to(tl.float32)
+    sc = tl.load(scale + cols, mask=mask, other=0.0).to(tl.float32)
+
+    x = _to_bf16(x * tl.rsqrt(tl.sum(x * x, axis=0) / N + eps))
+    h = _to_bf16(_to_bf16(x * wp) + res)
+    hn = _to_bf16(h * tl.rsqrt(tl.sum(h * h, axis=0) / N + eps))
+    router = _to_bf16(_to_bf16(hn * root) * sc)
+
+    tl.store(h_out + row + cols, h.to(h_out.dtype.element_ty), mask=mask)
+    tl.store(ff_out + row + cols, _to_bf16(hn * wf).to(ff_out.dtype.element_ty), mask=mask)
+    tl.store(ff2_out + row + cols, _to_bf16(hn * wf2).to(ff2_out.dtype.element_ty), mask=mask)
+    tl.store(router_out + row + cols, router.to(router_out.dtype.element_ty), mask=mask)
+
+
+def _check(o: torch.Tensor, residual: torch.Tensor, vectors: dict[str, torch.Tensor]) -> None:
+    hidden = o.shape[-1]
+    if o.dtype != torch.bfloat16 or o.dim() != 2 or not o.is_contiguous():
+        raise ValueError(f"post_attention_norms: o must be a contiguous bf16 [T, H], got "
+                         f"{o.dtype} {tuple(o.shape)}")  # fmt: skip
+    if residual.shape != o.shape or residual.dtype != o.dtype or not residual.is_contiguous():
+        raise ValueError(f"post_attention_norms: residual must match o {tuple(o.shape)} bf16, "
+                         f"got {residual.dtype} {tuple(residual.shape)}")  # fmt: skip
+    for name, v in vectors.items():
+        if v.shape != (hidden,) or v.dtype != o.dtype or not v.is_contiguous():
+            raise ValueError(f"post_attention_norms: {name} must be a contiguous bf16 "
+                             f"[{hidden}], got {v.dtype} {tuple(v.shape)}")  # fmt: skip
+
+
+def post_attention_norms(
+    o: torch.Tensor,
+    residual: torch.Tensor,
+    w_post: torch.Tensor,
+    w_ff: torch.Tensor,
+    w_ff2: torch.Tensor,
+    scale: torch.Tensor,
+    root: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(h, dense MLP input, experts' input, router input)`` of tokens ``o`` [T, H]:
+    ``h = rms(o) * w_post + residual``, then ``rms(h)`` times ``w_ff``, times ``w_ff2``, and
+    times ``root`` then ``scale``. ``root`` as vLLM holds it (``root_size`` rounded to
+    bf16)."""
+    _check(o, residual, {"w_post": w_post, "w_ff": w_ff, "w_ff2": w_ff2, "scale": scale})
+    outs = tuple(torch.empty_like(o) for _ in range(4))
+    tokens, hidden = o.shape
+    if tokens:
+        block = triton.next_power_of_2(hidden)
+        _post_attention_kernel[(tokens,)](
+            o, residual, w_post, w_ff, w_ff2, scale, *outs, float(root), float(eps),
+            N=hidden, BLOCK=block, num_warps=max(1, min(8, block // 512)),  # 8 at 2816: timed
+        )  # fmt: skip
+    return outs

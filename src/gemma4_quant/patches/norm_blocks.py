@@ -1,0 +1,368 @@
+"""Decode: the norms between Gemma 4's attention and its feed-forward blocks in one kernel.
+
+Why:
+    Between attention's o projection and the dense MLP, the router and the experts, a
+    Gemma 4 MoE decoder layer computes ``h = post_attention_layernorm(o) + residual`` and
+    three norms of ``h`` (the dense MLP's input, the experts' input and the router's,
+    whose scalings sit in ``Gemma4Router.forward``). torch.compile fuses them into one
+    looped reduction (the hidden size, 2816, is past its persistent limit of 1024), which
+    waits on memory once per step of each dependent pass: inside vLLM 0.26.0 on an H100
+    6.6 - 10.5 us a layer at batch 1, the largest kernel outside the projections.
+    ``gemma4_quant.kernels.norm_blocks`` does it in one pass after one wait: with L2
+    flushed before each call, 2.66 us against Inductor's 3.98 at batch 1, 3.20 against
+    4.28 at batch 64 (docs/gpu-results.md 3n).
+
+How:
+    ``Gemma4DecoderLayer.__init__`` is wrapped: a layer takes the path where the model
+    is built on a CUDA GPU, the layer has its MoE block and no per-layer input (26B-A4B),
+    its four norms share one epsilon, and the kernel compiles and matches vLLM's norms on
+    one token on this GPU (checked once per process; a failure leaves vLLM's forward with
+    one warning). Its ``forward`` then runs the layer's statements as vLLM's does, except
+    that those norms are one custom op, ``gemma4_quant::post_attention_norms``, and the
+    router's projection takes the op's router input. Every other layer keeps vLLM's
+    forward. ``auto`` takes it on no GPU yet: the kernel alone is faster, the end-to-end
+    decode is not measured (``GEMMA4_QUANT_FAST_DECODE=force`` takes it on any CUDA GPU).
+
+Upstream PR:
+    None. Inductor's persistent-reduction limit (or a fused-norm pass in vLLM's compile
+    passes for rows this wide) would remove it.
+
+Releases:
+    Every release whose ``Gemma4DecoderLayer.forward`` and ``Gemma4Router.forward`` are
+    statement for statement the ones this module knows (read: 0.26.0, whose experts are
+    ``self.moe``, and 0.32.0 - 0.34.0, ``self.experts``); detected from the code, never the
+    version.
+
+Removal:
+    When torch.compile's kernel for these norms is as fast (bench/norm_block.py
+    ``--cold`` measures both).
+"""
+
+from __future__ import annotations
+
+import ast
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+from .. import envs, vllm_code
+from . import (
+    Detection,
+    cuda_device,
+    define_op,
+    info_once,
+    one_token_agrees,
+    vllm_source,
+    when_imported,
+    wrap_once,
+)
+from .fast_decode import switched_off
+
+NAME = "norm_blocks"
+SUMMARY = (
+    "decode: the norms between attention and the feed-forward blocks in one Triton kernel "
+    "(forced only, until measured end to end)"
+)
+
+_MODEL = "model_executor/models/gemma4.py"
+MODEL_MODULE = "vllm.model_executor.models.gemma4"
+_MARK = "__gemma4_quant_norm_blocks__"
+_FLAG = "_gemma4_quant_norm_blocks"
+OP = "post_attention_norms"
+# GPUs (compute capability) where ``auto`` takes it: measured faster end to end; none yet
+MEASURED: frozenset[tuple[int, int]] = frozenset()
+# rounded the same way as vLLM's eager norms; only the order of a float32 sum differs
+CHECK_TOLERANCE = 1e-2
+
+# Gemma4DecoderLayer.forward, asserts left out; {experts}: the MoE block's attribute
+_LAYER_FORWARD = """\
+residual = hidden_states
+hidden_states = self.input_layernorm(residual)
+hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states, **kwargs)
+hidden_states = self.post_attention_layernorm(hidden_states)
+hidden_states = hidden_states + residual
+residual = hidden_states
+hidden_states = self.pre_feedforward_layernorm(hidden_states)
+hidden_states = self.mlp(hidden_states)
+if self.enable_moe_block:
+    hidden_states_1 = self.post_feedforward_layernorm_1(hidden_states)
+    hidden_states_2 = self.pre_feedforward_layernorm_2(residual)
+    router_logits = self.router(residual)
+    hidden_states_2 = self.{experts}(hidden_states_2, router_logits)
+    hidden_states_2 = self.post_feedforward_layernorm_2(hidden_states_2)
+    hidden_states = hidden_states_1 + hidden_states_2
+hidden_states = self.post_feedforward_layernorm(hidden_states)
+hidden_states = hidden_states + residual
+if per_layer_input is not None and self.per_layer_input_gate is not None:
+    gate = self.per_layer_input_gate(hidden_states)
+    gate = torch.nn.functional.gelu(gate, approximate='tanh')
+    gated_per_layer = gate * per_layer_input
+    per_layer_contribution = self.per_layer_projection(gated_per_layer)
+    per_layer_contribution = self.post_per_layer_input_norm(per_layer_contribution)
+    hidden_states = hidden_states + per_layer_contribution
+hidden_states = hidden_states * self.layer_scalar
+return (hidden_states, None)"""
+_ROUTER_FORWARD = """\
+x = self.norm(x)
+x = x * self.root_size.to(x.dtype)
+x = x * self.scale.to(x.dtype)
+router_logits, _ = self.proj(x)
+return router_logits"""
+
+
+def _body(function: ast.FunctionDef) -> str:
+    """The function's statements, docstring and asserts left out, as ``ast.unparse``
+    writes them."""
+
+    class NoAsserts(ast.NodeTransformer):
+        def visit_Assert(self, node: ast.Assert) -> None:  # noqa: N802
+            return None
+
+    statements = list(function.body)
+    if statements and isinstance(statements[0], ast.Expr):
+        if isinstance(statements[0].value, ast.Constant):
+            statements = statements[1:]
+    cleaned = [NoAsserts().visit(ast.parse(ast.unparse(s)).body[0]) for s in statements]
+    return "\n".join(ast.unparse(s) for s in cleaned if s is not None)
+
+
+def experts_attribute(text: str | None) -> str | None:
+    """The MoE block's attribute (``moe`` or ``experts``) where both forwards are the
+    ones this patch knows; None otherwise."""
+    layer = vllm_code.find_function(text, "Gemma4DecoderLayer.forward")
+    router = vllm_code.find_function(text, "Gemma4Router.forward")
+    if layer is None or router is None or _body(router) != _ROUTER_FORWARD:
+        return None
+    body = _body(layer)
+    return next((a for a in ("moe", "experts") if body == _LAYER_FORWARD.format(experts=a)), None)
+
+
+def detect() -> Detection:
+    experts = experts_attribute(vllm_source(_MODEL))
+    if experts is None:
+        return Detection.unrecognized(
+            "Gemma4DecoderLayer.forward or Gemma4Router.forward is not the one this patch knows"
+        )
+    off = switched_off("vLLM's forward", "the kernel is", bool(MEASURED), what="GPU")
+    if off is not None:
+        return off
+    return Detection.needed(
+        "Gemma4DecoderLayer.forward recognized: the norms after attention take one Triton "
+        "kernel (decided per layer when the model is built)",
+        findings=experts,
+    )
+
+
+def apply(detection: Detection) -> None:
+    experts = detection.findings
+    when_imported(MODEL_MODULE, lambda module: patch_model(module, experts))
+
+
+def patch_model(module: ModuleType, experts: str) -> None:
+    def make_init(original: Any) -> Any:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: N807
+            original(self, *args, **kwargs)
+            from vllm.platforms import current_platform
+
+            root = None
+            if current_platform.is_cuda():
+                root = decide(self, envs.fast_decode_mode(), "cuda")
+            setattr(self, _FLAG, root)
+
+        return __init__
+
+    def make_forward(original: Any) -> Any:
+        def forward(
+            self,
+            positions: torch.Tensor,
+            hidden_states: torch.Tensor,
+            residual: torch.Tensor | None,
+            per_layer_input: torch.Tensor | None = None,
+            **kwargs: Any,
+        ) -> tuple[torch.Tensor, None]:
+            root = getattr(self, _FLAG, None)
+            if root is None or per_layer_input is not None:
+                return original(self, positions, hidden_states, residual, per_layer_input,
+                                **kwargs)  # fmt: skip
+            return _forward(self, experts, root, positions, hidden_states, **kwargs)
+
+        return forward
+
+    wrap_once(module.Gemma4DecoderLayer, "__init__", _MARK, make_init)
+    wrap_once(module.Gemma4DecoderLayer, "forward", _MARK, make_forward)
+
+
+def _forward(
+    layer: Any, experts: str, root: float, positions: Any, hidden_states: Any, **kwargs: Any
+) -> Any:
+    """vLLM's forward of a layer with its MoE block and no per-layer input, the four norms
+    after attention one op; ``root``: the router's ``root_size`` in the activations' dtype,
+    read when the layer was built (a tensor's value read here would break the graph)."""
+    import torch
+
+    residual = hidden_states
+    hidden_states = layer.input_layernorm(residual)
+    hidden_states = layer.self_attn(positions=positions, hidden_states=hidden_states, **kwargs)
+    router = layer.router
+    residual, dense_in, experts_in, router_in = getattr(torch.ops.gemma4_quant, OP)(
+        hidden_states,
+        residual,
+        layer.post_attention_layernorm.weight,
+        layer.pre_feedforward_layernorm.weight,
+        layer.pre_feedforward_layernorm_2.weight,
+        router.scale,
+        root,
+        layer.post_attention_layernorm.variance_epsilon,
+    )
+    hidden_states_1 = layer.post_feedforward_layernorm_1(layer.mlp(dense_in))
+    router_logits, _ = router.proj(router_in)
+    hidden_states_2 = getattr(layer, experts)(experts_in, router_logits)
+    hidden_states_2 = layer.post_feedforward_layernorm_2(hidden_states_2)
+    hidden_states = layer.post_feedforward_layernorm(hidden_states_1 + hidden_states_2)
+    hidden_states = hidden_states + residual
+    return hidden_states * layer.layer_scalar, None
+
+
+def eligible(layer: Any) -> bool:
+    """A layer with its MoE block and router, no per-layer input, bf16 weighted norms after
+    attention sharing one epsilon, and the router's weightless norm with that epsilon."""
+    import torch
+
+    if not getattr(layer, "enable_moe_block", False):
+        return False
+    if getattr(layer, "per_layer_input_gate", None) is not None:
+        return False
+    router = getattr(layer, "router", None)
+    norms = [
+        getattr(layer, n, None)
+        for n in ("post_attention_layernorm", "pre_feedforward_layernorm",
+                  "pre_feedforward_layernorm_2")
+    ]  # fmt: skip
+    if router is None or any(n is None for n in norms):
+        return False
+    eps = {getattr(n, "variance_epsilon", None) for n in [*norms, getattr(router, "norm", None)]}
+    hidden = layer.hidden_size
+    vectors = [n.weight for n in norms] + [getattr(router, "scale", None)]
+    return (
+        len(eps) == 1
+        and None not in eps
+        and all(getattr(n, "has_weight", True) for n in norms)
+        and all(getattr(n, "variance_size_override", None) is None for n in norms)
+        and all(
+            isinstance(v, torch.Tensor) and v.shape == (hidden,) and v.dtype == torch.bfloat16
+            for v in vectors
+        )
+    )
+
+
+def decide(layer: Any, mode: str, device: str) -> float | None:
+    """The router's ``root_size`` in bf16 where ``layer`` takes the op (registered then);
+    None where it keeps vLLM's forward."""
+    import torch
+
+    if mode == "off" or not eligible(layer):
+        return None
+    if mode != "force" and torch.cuda.get_device_capability() not in MEASURED:
+        return None
+    try:
+        root = float(layer.router.root_size.detach().to("cpu", torch.bfloat16).item())
+    except (AttributeError, RuntimeError, NotImplementedError):  # no buffer, or no data
+        return None
+    eps = layer.post_attention_layernorm.variance_epsilon
+    if not kernel_works(layer.hidden_size, eps, device):
+        return None
+    register_op()
+    info_once(
+        NAME,
+        "gemma4_quant: norm_blocks: Gemma 4's norms after attention take one Triton kernel on %s",
+        cuda_device() if device == "cuda" else "the CPU (Triton's interpreter)",
+    )
+    return root
+
+
+_checked: dict[tuple, bool] = {}
+
+
+def kernel_works(hidden: int, eps: float, device: str) -> bool:
+    """One token through the kernel at this width, once per process, against the same
+    norms in torch: a Triton that cannot compile it, or a GPU where it computes wrong,
+    leaves vLLM's forward, with one warning."""
+    key = (hidden, eps, device)
+    if key not in _checked:
+        _checked[key] = _check(hidden, eps, device)
+    return _checked[key]
+
+
+def reference(o, residual, w_post, w_ff, w_ff2, scale, root: float, eps: float):  # noqa: ANN001, ANN201
+    """The same four outputs in torch, with vLLM's eager roundings."""
+    import torch
+
+    def rms(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    h = rms(o) * w_post + residual
+    hn = rms(h)
+    router = hn * torch.tensor(root, dtype=h.dtype) * scale
+    return h, hn * w_ff, hn * w_ff2, router
+
+
+def _check(hidden: int, eps: float, device: str) -> bool:
+    import torch
+
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        from ..kernels.norm_blocks import post_attention_norms
+
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        o = (torch.randn(1, hidden, generator=gen, device="cpu") * 4).bfloat16()
+        residual = (torch.randn(1, hidden, generator=gen, device="cpu") * 20).bfloat16()
+        vectors = [(1 + 0.3 * torch.randn(hidden, generator=gen, device="cpu")).bfloat16()
+                   for _ in range(4)]  # fmt: skip
+        root = torch.tensor(hidden**-0.5).bfloat16().item()
+        want = reference(o, residual, *vectors, root, eps)
+        got = post_attention_norms(o.to(device), residual.to(device),
+                                   *(v.to(device) for v in vectors), root, eps)  # fmt: skip
+        return torch.cat([g.cpu() for g in got]), torch.cat(want)
+
+    return one_token_agrees(
+        NAME, compute, CHECK_TOLERANCE, f"torch's norms at hidden {hidden}",
+        "Gemma 4's decoder layers keep vLLM's forward",
+    )  # fmt: skip
+
+
+def register_op() -> None:
+    """``torch.ops.gemma4_quant.post_attention_norms``."""
+    import torch
+
+    def post_attention_norms(
+        o: torch.Tensor,
+        residual: torch.Tensor,
+        w_post: torch.Tensor,
+        w_ff: torch.Tensor,
+        w_ff2: torch.Tensor,
+        scale: torch.Tensor,
+        root: float,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        from ..kernels.norm_blocks import post_attention_norms as kernel
+
+        return kernel(o.contiguous(), residual.contiguous(), w_post, w_ff, w_ff2, scale, root,
+                      eps)  # fmt: skip
+
+    def fake(o, residual, w_post, w_ff, w_ff2, scale, root, eps):  # noqa: ANN001, ANN202
+        return tuple(torch.empty_like(o) for _ in range(4))
+
+    define_op(
+        OP,
+        "(Tensor o, Tensor residual, Tensor w_post, Tensor w_ff, Tensor w_ff2, Tensor scale, "
+        "float root, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
+        post_attention_norms,
+        fake,
+    )
+
+
+def doctor_rules() -> tuple[()]:
+    # Nothing a checkpoint shows that decides whether it loads: the path changes speed.
+    return ()

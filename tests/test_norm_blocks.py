@@ -1,0 +1,212 @@
+"""The post-attention norms in one kernel (``gemma4_quant.kernels.norm_blocks``) against
+vLLM's own modules run eagerly: ``RMSNorm.forward_native`` for the post-attention norm and
+both pre-feed-forward norms, and ``Gemma4Router.forward``'s weightless norm and scalings.
+
+Runs Triton's interpreter on CPU (``TRITON_INTERPRET=1``); speed is
+``bench/norm_block.py``'s, on a GPU. Skips where Triton is not installed.
+"""
+
+from __future__ import annotations
+
+import pytest
+from triton_env import DEVICE, need_triton
+
+torch = need_triton()
+
+from gemma4_quant.kernels.norm_blocks import post_attention_norms  # noqa: E402
+
+EPS = 1e-6
+
+
+def _vectors(hidden: int, gen) -> list:
+    return [(1 + 0.3 * torch.randn(hidden, generator=gen)).to(torch.bfloat16) for _ in range(4)]
+
+
+def vllm_eager(o, residual, w_post, w_ff, w_ff2, scale):
+    """The decoder layer's statements between attention and the feed-forward blocks, with
+    vLLM's RMSNorm modules (eager) and the router's scalings as ``Gemma4Router.forward``."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.layernorm import RMSNorm
+
+    hidden = o.shape[-1]
+    with set_current_vllm_config(VllmConfig()):
+        norms = [RMSNorm(hidden, eps=EPS) for _ in range(3)]
+        router_norm = RMSNorm(hidden, eps=EPS, has_weight=False)
+    for norm, w in zip(norms, (w_post, w_ff, w_ff2), strict=True):
+        norm.weight.data = w.clone()
+    h = norms[0].forward_native(o) + residual
+    root = torch.tensor(hidden**-0.5)
+    router = router_norm.forward_native(h) * root.to(h.dtype) * scale.to(h.dtype)
+    return h, norms[1].forward_native(h), norms[2].forward_native(h), router
+
+
+@pytest.mark.parametrize(
+    ("tokens", "hidden"),
+    [(1, 2816), (3, 2816), (2, 200), (0, 2816)],  # 26B-A4B; a width no power of two divides
+)
+def test_matches_vllms_modules(tokens: int, hidden: int) -> None:
+    gen = torch.Generator().manual_seed(tokens * 7 + hidden)
+    o = (torch.randn(tokens, hidden, generator=gen) * 4).to(torch.bfloat16)
+    residual = (torch.randn(tokens, hidden, generator=gen) * 20).to(torch.bfloat16)
+    vectors = _vectors(hidden, gen)
+    want = vllm_eager(o, residual, *vectors)
+    root = torch.tensor(hidden**-0.5).to(torch.bfloat16).item()
+    got = post_attention_norms(
+        o.to(DEVICE), residual.to(DEVICE), *(v.to(DEVICE) for v in vectors), root, EPS
+    )
+    for name, g, w in zip(("h", "dense input", "experts' input", "router input"), got, want,
+                          strict=True):  # fmt: skip
+        g = g.cpu()
+        assert g.dtype == torch.bfloat16 and g.shape == w.shape, name
+        if not tokens:
+            continue
+        # only the float32 sum of squares is ordered differently: a few values one bf16
+        # step apart, never more
+        step = w.float().abs().clamp_min(1e-30) * 2.0**-7
+        assert ((g.float() - w.float()).abs() <= step).all(), name
+        assert (g != w).float().mean().item() < 0.01, name
+
+
+def test_rejects_mismatched_shapes() -> None:
+    o = torch.zeros(1, 64, dtype=torch.bfloat16, device=DEVICE)
+    v = torch.ones(64, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match="w_ff2 must be a contiguous bf16 \\[64\\]"):
+        post_attention_norms(o, o, v, v, v[:32], v, 0.125, EPS)
+    with pytest.raises(ValueError, match="residual must match o"):
+        post_attention_norms(o, o.float(), v, v, v, v, 0.125, EPS)
+
+
+# ------------------------------------------------------------ the norm_blocks patch
+
+
+def test_the_forwards_are_recognized_and_edits_are_not() -> None:
+    from gemma4_quant.patches import norm_blocks, vllm_source
+
+    text = vllm_source(norm_blocks._MODEL)
+    assert norm_blocks.experts_attribute(text) in ("moe", "experts")
+    for old, new in [
+        ("hidden_states = hidden_states + residual", "hidden_states = residual + hidden_states"),
+        ("x = x * self.scale.to(x.dtype)", "x = x * self.scale"),
+        ("hidden_states = self.post_attention_layernorm(hidden_states)", "pass"),
+    ]:
+        edited = text.replace(old, new, 1)
+        assert edited != text and norm_blocks.experts_attribute(edited) is None, old
+
+
+def test_detection(monkeypatch) -> None:
+    """Nothing to do on vLLM's CPU build; on a CUDA build ``auto`` takes no GPU yet (the
+    kernel is measured faster alone, not end to end), ``force`` takes it."""
+    from gemma4_quant.patches import Status, fast_decode, norm_blocks
+
+    monkeypatch.delenv("GEMMA4_QUANT_FAST_DECODE", raising=False)
+    assert "CPU build" in norm_blocks.detect().reason
+    monkeypatch.setattr(fast_decode, "_cpu_build", lambda: False)
+    assert norm_blocks.MEASURED == frozenset()
+    assert norm_blocks.detect().status is Status.NOT_NEEDED
+    monkeypatch.setenv("GEMMA4_QUANT_FAST_DECODE", "force")
+    detection = norm_blocks.detect()
+    assert detection.status is Status.NEEDED and detection.findings in ("moe", "experts")
+
+
+class AttentionOutput(torch.nn.Module):
+    """In place of the layer's attention, which needs vLLM's forward context: a fixed
+    function of its input, so that both forwards see the same attention output."""
+
+    def forward(self, positions, hidden_states, **kwargs):  # noqa: ANN001, ANN201
+        return hidden_states * 3 - 1
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """vLLM's own Gemma 4 MoE model (a tiny bf16 checkpoint, loaded by vLLM's loader),
+    built as vLLM builds it on CPU."""
+    from conftest import CheckpointFactory
+    from load_model import vllm_model
+    from vllm.config import get_current_vllm_config
+    from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+    checkpoint = CheckpointFactory(tmp_path_factory.mktemp("checkpoints"))("bf16")
+    with vllm_model(str(checkpoint)) as (model, loader, model_config):
+        loader.load_weights(model, model_config)
+        process_weights_after_loading(model, model_config, torch.device("cpu"))
+        yield model, get_current_vllm_config()
+
+
+def test_a_layer_gives_vllms_outputs(tiny_model, monkeypatch) -> None:
+    """Each MoE layer's forward with the op against vLLM's forward of the same layer, the
+    norms' weights and the router's scale made far from one: the same residual stream."""
+    from vllm.config import set_current_vllm_config
+    from vllm.forward_context import set_forward_context
+
+    from gemma4_quant.patches import norm_blocks, vllm_source
+
+    model, vllm_config = tiny_model
+    monkeypatch.setattr(norm_blocks, "_checked", {})
+    experts = norm_blocks.experts_attribute(vllm_source(norm_blocks._MODEL))
+    layers = [m for m in model.modules() if type(m).__name__ == "Gemma4DecoderLayer"]
+    assert layers and all(norm_blocks.eligible(layer) for layer in layers)
+    gen = torch.Generator().manual_seed(5)
+    for layer in layers:
+        monkeypatch.setattr(layer, "self_attn", AttentionOutput())
+        with torch.no_grad():
+            for norm in ("post_attention_layernorm", "pre_feedforward_layernorm",
+                         "pre_feedforward_layernorm_2"):  # fmt: skip
+                weight = getattr(layer, norm).weight
+                weight.copy_(1 + 0.5 * torch.randn(weight.shape, generator=gen))
+            layer.router.scale.copy_(torch.rand(layer.router.scale.shape, generator=gen) + 0.5)
+        root = norm_blocks.decide(layer, "force", DEVICE)
+        assert root == torch.tensor(layer.hidden_size**-0.5).bfloat16().item()
+        hidden = layer.hidden_size
+        for tokens in (1, 3):
+            x = (torch.randn(tokens, hidden, generator=gen) * 2).bfloat16()
+            positions = torch.arange(tokens)
+            with set_current_vllm_config(vllm_config), set_forward_context(None, vllm_config):
+                want, none = type(layer).forward(layer, positions, x, None)
+                got, also_none = norm_blocks._forward(layer, experts, root, positions, x)
+            assert none is None and also_none is None
+            assert got.dtype == want.dtype and got.shape == want.shape
+            error = ((got.float() - want.float()).norm() / want.float().norm()).item()
+            # bit for bit here; a CPU that orders torch's float32 sum of squares
+            # otherwise may move a few values one bf16 step
+            assert error < 1e-2, (layer.layer_idx, tokens, error)
+
+
+def test_layers_the_op_does_not_fit_keep_vllms_forward(tiny_model, monkeypatch) -> None:
+    from gemma4_quant.patches import norm_blocks
+
+    layer = next(m for m in tiny_model[0].modules() if type(m).__name__ == "Gemma4DecoderLayer")
+    assert norm_blocks.decide(layer, "off", DEVICE) is None
+    monkeypatch.setattr(layer, "enable_moe_block", False)
+    assert not norm_blocks.eligible(layer)
+    monkeypatch.setattr(layer, "enable_moe_block", True)
+    monkeypatch.setattr(layer.pre_feedforward_layernorm_2, "variance_epsilon", 1e-5)
+    assert not norm_blocks.eligible(layer), "the norms must share one epsilon"
+
+
+def test_a_kernel_that_computes_wrong_keeps_vllms_forward(monkeypatch, caplog) -> None:
+    from gemma4_quant.patches import norm_blocks
+
+    monkeypatch.setattr(norm_blocks, "_checked", {})
+    right = norm_blocks.reference
+    monkeypatch.setattr(norm_blocks, "reference", lambda *a: [t * 0 for t in right(*a)])
+    with caplog.at_level("WARNING", logger="vllm.gemma4_quant"):
+        assert not norm_blocks.kernel_works(256, EPS, DEVICE)
+    assert "against torch's norms at hidden 256" in caplog.text
+    assert "keep vLLM's forward" in caplog.text
+
+
+def test_the_op_traces_whole() -> None:
+    from gemma4_quant.patches import norm_blocks
+
+    norm_blocks.register_op()
+    op = torch.ops.gemma4_quant.post_attention_norms
+    gen = torch.Generator().manual_seed(2)
+    o = torch.randn(2, 256, generator=gen).bfloat16().to(DEVICE)
+    v = (torch.rand(256, generator=gen) + 0.5).bfloat16().to(DEVICE)
+
+    def block(o: torch.Tensor) -> torch.Tensor:
+        h, a, b, r = op(o, o * 2, v, v, v, v, 0.0625, EPS)
+        return h + a + b + r
+
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True, dynamic=True)
+    assert torch.equal(compiled(o), block(o))
