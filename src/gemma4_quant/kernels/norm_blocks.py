@@ -9,8 +9,8 @@ Why:
     makes this a looped reduction: one program a token walks the row once per dependent
     sum, waiting on memory at every step, and at one token the weights come from DRAM
     (read a whole decode step earlier). Inside vLLM 0.26.0 on an H100 that kernel took
-    6.6 - 10.5 us a layer at batch 1; alone, with L2 flushed before each call, 3.98 us,
-    where this kernel takes 2.66 (batch 64: 4.28 against 3.20; bench/norm_block.py
+    6.6 - 10.5 us a layer at batch 1; alone, with L2 flushed before each call, 3.95 us,
+    where this kernel takes 3.23 (batch 64: 4.28 against 3.73; bench/norm_block.py
     ``--cold``, docs/gpu-results.md 3n).
 
 How:
@@ -20,11 +20,12 @@ How:
 Numerics:
     vLLM's eager roundings (``vllm.ir.ops.rms_norm``): float32 statistics, the normed row
     rounded to bf16, times the weight rounded to bf16; the residual sum and each scaling
-    rounded to bf16. Roundings are to nearest even (``_to_bf16``; under Triton's CPU
-    interpreter, whose own conversion truncates, through the float32 bits), so the
-    interpreter gives the GPU's numbers. What differs from vLLM's eager path is the order
-    of the float32 sum of squares and, on a GPU, Triton's approximate reciprocal square
-    root: at 64 tokens no value differs from torch's on an H100.
+    rounded to bf16, to nearest even through the float32 bits (``_to_bf16``). A whole
+    layer then gives vLLM's eager outputs bit for bit on CPU, and the kernel's values equal
+    torch's on an H100 at 1 and 64 tokens. Keeping float32 between the steps, as
+    torch.compile's own kernel does, is 0.6 us faster a call on an H100 (2.59 against
+    3.23 us, L2 flushed), but its router input moves routing for near-tied tokens (a tiny
+    layer: 12% off vLLM's eager output for one token of three).
 """
 
 from __future__ import annotations
@@ -33,19 +34,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import PTX
-
 
 @triton.jit
 def _to_bf16(x):
-    """``x`` rounded to the nearest bf16 (ties to even), kept in float32: the GPU's own
-    conversion; under the interpreter, whose conversion truncates, through the bits."""
-    if PTX:
-        return x.to(tl.bfloat16).to(tl.float32)
-    else:
-        bits = x.to(tl.int32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits & -65536).to(tl.float32, bitcast=True)
+    """``x`` rounded to the nearest bf16 (ties to even), kept in float32, through the bits:
+    Triton folds ``x.to(tl.bfloat16).to(tl.float32)`` away when compiling for a GPU, and
+    its interpreter's conversion truncates."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits & -65536).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -9,7 +9,7 @@ Why:
     waits on memory once per step of each dependent pass: inside vLLM 0.26.0 on an H100
     6.6 - 10.5 us a layer at batch 1, the largest kernel outside the projections.
     ``gemma4_quant.kernels.norm_blocks`` does it in one pass after one wait: with L2
-    flushed before each call, 2.66 us against Inductor's 3.98 at batch 1, 3.20 against
+    flushed before each call, 3.23 us against Inductor's 3.95 at batch 1, 3.73 against
     4.28 at batch 64 (docs/gpu-results.md 3n).
 
 How:
