@@ -88,7 +88,7 @@ bench_run() {  # name gpu release-target plugin(on|off|fast|...|pdl|static|stock
   # nomarlin: fast_decode's dense MLP kernels without marlin_decode's attention projections;
   # moe: the dense MLP kernels and marlin_moe_decode's experts, forced (no attention ones);
   # router: moe's and router_decode's router projection, forced; all: every one-token
-  # path forced (router's and marlin_decode's attention projections); pdl: fast, and
+  # path forced (router's and marlin_decode's attention projections, norm_blocks); pdl: fast, and
   # torch.compile's own kernels launched with programmatic dependent launch too; static:
   # fast, and vLLM's compile_sizes [1] (batch 1 also compiled with the batch fixed);
   # stockstatic: stock vLLM with the same
@@ -371,7 +371,8 @@ if has fastab; then
   for pair in a-0.26.0-stock:b-0.26.0-fast:: c-0.26.0-nomarlin:b-0.26.0-fast:-cb:-cb \
       a-0.26.0-stock:m-0.26.0-moe:-ma:-am a-0.26.0-stock:r-0.26.0-router:-ra:-ar \
       m-0.26.0-moe:r-0.26.0-router:-rm:-mr a-0.26.0-stock:f-0.26.0-all:-fa:-af \
-      r-0.26.0-router:f-0.26.0-all:-fr:-rf a-0.26.0-stock:p-0.26.0-pdl:-pa:-ap \
+      r-0.26.0-router:f-0.26.0-all:-fr:-rf b-0.26.0-fast:f-0.26.0-all:-fb:-bf \
+      a-0.26.0-stock:p-0.26.0-pdl:-pa:-ap \
       b-0.26.0-fast:p-0.26.0-pdl:-pb:-bp b-0.26.0-fast:s-0.26.0-static:-sb:-bs \
       a-0.26.0-stock:s-0.26.0-static:-sa:-as t-0.26.0-stockstatic:s-0.26.0-static:-st:-ts \
       a-0.26.0-stock:t-0.26.0-stockstatic:-ta:-at; do
