@@ -38,7 +38,6 @@ Inductor through its choices handler was never taken with torch 2.11: the traces
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -128,11 +127,9 @@ def _hand_kernels():
     return {"post_attention": post_attention_hand, "end_of_layer": end_of_layer_hand}
 
 
-VARIANTS = {
-    "default": contextlib.nullcontext,
-    "dynamic": contextlib.nullcontext,  # the batch symbolic, as vLLM compiles a graph
-    "triton": contextlib.nullcontext,  # _hand_kernels: one Triton kernel, not Inductor's
-}
+# default: Inductor, the batch fixed; dynamic: the batch symbolic, as vLLM compiles its graph;
+# triton: _hand_kernels, one Triton kernel a block, not Inductor's
+VARIANTS = ("default", "dynamic", "triton")
 
 
 def cold_us(calls: list, replays: int = 10) -> tuple[float, list[str]]:
@@ -193,23 +190,22 @@ def main() -> int:
         for batch in (int(b) for b in args.batches.split(",")):
             sets = [inputs(gen, batch, acts, vectors) for _ in range(CALLS)]
             reference = None
-            for variant, context in VARIANTS.items():
+            for variant in VARIANTS:
                 torch._dynamo.reset()
-                with context():
-                    dynamic = variant.startswith("dynamic")
-                    if variant == "triton":
-                        compiled = _hand_kernels()[name]
-                    else:
-                        compiled = torch.compile(fn, dynamic=None if dynamic else False)
-                    for t in sets[0][:acts] if dynamic else ():
-                        torch._dynamo.mark_dynamic(t, 0)
-                    outs = compiled(*sets[0])
-                    run = [lambda c=compiled, s=s: c(*s) for s in sets]
-                    names = None
-                    if args.cold:
-                        us, names = cold_us(run)
-                    else:
-                        us = graph_time_us(lambda run=run: [r() for r in run], 1, 20) / CALLS
+                dynamic = variant == "dynamic"
+                if variant == "triton":
+                    compiled = _hand_kernels()[name]
+                else:
+                    compiled = torch.compile(fn, dynamic=None if dynamic else False)
+                for t in sets[0][:acts] if dynamic else ():
+                    torch._dynamo.mark_dynamic(t, 0)
+                outs = compiled(*sets[0])
+                run = [lambda c=compiled, s=s: c(*s) for s in sets]
+                names = None
+                if args.cold:
+                    us, names = cold_us(run)
+                else:
+                    us = graph_time_us(lambda run=run: [r() for r in run], 1, 20) / CALLS
                 if reference is None:
                     reference = outs
                 err = max(((a.float() - b.float()).norm() / b.float().norm()).item()

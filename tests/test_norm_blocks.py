@@ -70,9 +70,9 @@ def test_matches_vllms_modules(tokens: int, hidden: int) -> None:
 def test_rejects_mismatched_shapes() -> None:
     o = torch.zeros(1, 64, dtype=torch.bfloat16, device=DEVICE)
     v = torch.ones(64, dtype=torch.bfloat16, device=DEVICE)
-    with pytest.raises(ValueError, match="w_ff2 must be a contiguous bf16 \\[64\\]"):
+    with pytest.raises(ValueError, match="w_ff2 \\(32,\\) must be a contiguous \\[64\\]"):
         post_attention_norms(o, o, v, v, v[:32], v, 0.125, EPS)
-    with pytest.raises(ValueError, match="residual must match o"):
+    with pytest.raises(ValueError, match="residual must be bf16 like o"):
         post_attention_norms(o, o.float(), v, v, v, v, 0.125, EPS)
 
 

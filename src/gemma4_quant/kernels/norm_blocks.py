@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import require_contiguous
+
 
 @triton.jit
 def _to_bf16(x):
@@ -84,17 +86,16 @@ def _post_attention_kernel(
 
 
 def _check(o: torch.Tensor, residual: torch.Tensor, vectors: dict[str, torch.Tensor]) -> None:
-    hidden = o.shape[-1]
     if o.dtype != torch.bfloat16 or o.dim() != 2 or not o.is_contiguous():
         raise ValueError(f"post_attention_norms: o must be a contiguous bf16 [T, H], got "
                          f"{o.dtype} {tuple(o.shape)}")  # fmt: skip
-    if residual.shape != o.shape or residual.dtype != o.dtype or not residual.is_contiguous():
-        raise ValueError(f"post_attention_norms: residual must match o {tuple(o.shape)} bf16, "
-                         f"got {residual.dtype} {tuple(residual.shape)}")  # fmt: skip
-    for name, v in vectors.items():
-        if v.shape != (hidden,) or v.dtype != o.dtype or not v.is_contiguous():
-            raise ValueError(f"post_attention_norms: {name} must be a contiguous bf16 "
-                             f"[{hidden}], got {v.dtype} {tuple(v.shape)}")  # fmt: skip
+    hidden = o.shape[-1]
+    expected = {"residual": (residual, tuple(o.shape))}
+    expected |= {name: (v, (hidden,)) for name, v in vectors.items()}
+    require_contiguous(expected, f"for o {tuple(o.shape)}")
+    for name, (t, _) in expected.items():
+        if t.dtype != o.dtype:
+            raise ValueError(f"post_attention_norms: {name} must be bf16 like o, got {t.dtype}")
 
 
 def post_attention_norms(

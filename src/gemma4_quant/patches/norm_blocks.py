@@ -41,6 +41,7 @@ Removal:
 from __future__ import annotations
 
 import ast
+import copy
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -120,12 +121,12 @@ def _body(function: ast.FunctionDef) -> str:
         def visit_Assert(self, node: ast.Assert) -> None:  # noqa: N802
             return None
 
-    statements = list(function.body)
+    statements = copy.deepcopy(function.body)  # the parsed tree is cached and shared
     if statements and isinstance(statements[0], ast.Expr):
         if isinstance(statements[0].value, ast.Constant):
             statements = statements[1:]
-    cleaned = [NoAsserts().visit(ast.parse(ast.unparse(s)).body[0]) for s in statements]
-    return "\n".join(ast.unparse(s) for s in cleaned if s is not None)
+    kept = [NoAsserts().visit(s) for s in statements]
+    return "\n".join(ast.unparse(s) for s in kept if s is not None)
 
 
 def experts_attribute(text: str | None) -> str | None:
