@@ -195,6 +195,17 @@ def test_a_kernel_that_computes_wrong_keeps_vllms_forward(monkeypatch, caplog) -
     assert "keep vLLM's forward" in caplog.text
 
 
+def test_the_check_holds_under_vllms_default_device(monkeypatch) -> None:
+    """vLLM builds the model, and so runs this check, with its target device as torch's
+    default (``with torch.device("cuda")``); a tensor the check makes without naming its
+    device lands there and meets the CPU ones. "meta" stands in for the GPU here."""
+    from gemma4_quant.patches import norm_blocks
+
+    monkeypatch.setattr(norm_blocks, "_checked", {})
+    with torch.device("meta"):
+        assert norm_blocks.kernel_works(256, EPS, DEVICE)
+
+
 def test_the_op_traces_whole() -> None:
     from gemma4_quant.patches import norm_blocks
 

@@ -201,6 +201,13 @@ def test_a_kernel_that_computes_wrong_keeps_vllms(fresh, monkeypatch, caplog) ->
     assert not hasattr(proj, fresh.FLAG)
 
 
+def test_the_check_holds_under_vllms_default_device(fresh) -> None:
+    """vLLM builds the model, and so runs this check, with its target device as torch's
+    default (CUDA on a GPU); "meta" stands in for it here."""
+    with torch.device("meta"):
+        assert fresh.kernel_works(fresh.TILES[(9, 0)], 16, 256, DEVICE)
+
+
 def test_auto_takes_only_measured_gpus(fresh, monkeypatch) -> None:
     from gemma4_quant.kernels.router_decode import DEFAULT_TILES
 

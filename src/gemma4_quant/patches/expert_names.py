@@ -160,7 +160,7 @@ def _split_per_expert(
             shards = {"down_proj": [rows, cols]}
         for expert in range(num_experts):
             for shard, shape in shards.items():
-                value = torch.tensor(shape, dtype=tensor.dtype)
+                value = torch.tensor(shape, dtype=tensor.dtype, device=tensor.device)
                 yield per_expert_name(pre, expert, shard, suffix), value
         return
     # g_idx [E, in_features]: gate and up read the same input columns

@@ -306,7 +306,7 @@ def reference(o, residual, w_post, w_ff, w_ff2, scale, root: float, eps: float):
 
     h = rms(o) * w_post + residual
     hn = rms(h)
-    router = hn * torch.tensor(root, dtype=h.dtype) * scale
+    router = hn * torch.tensor(root, dtype=h.dtype, device=h.device) * scale
     return h, hn * w_ff, hn * w_ff2, router
 
 
@@ -314,6 +314,7 @@ def _check(hidden: int, eps: float, device: str) -> bool:
     import torch
 
     def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        # explicit CPU tensors: vLLM builds the model under a default device of its own
         from ..kernels.norm_blocks import post_attention_norms
 
         gen = torch.Generator(device="cpu").manual_seed(0)
@@ -321,7 +322,7 @@ def _check(hidden: int, eps: float, device: str) -> bool:
         residual = (torch.randn(1, hidden, generator=gen, device="cpu") * 20).bfloat16()
         vectors = [(1 + 0.3 * torch.randn(hidden, generator=gen, device="cpu")).bfloat16()
                    for _ in range(4)]  # fmt: skip
-        root = torch.tensor(hidden**-0.5).bfloat16().item()
+        root = torch.tensor(hidden**-0.5, device="cpu").bfloat16().item()
         want = reference(o, residual, *vectors, root, eps)
         got = post_attention_norms(o.to(device), residual.to(device),
                                    *(v.to(device) for v in vectors), root, eps)  # fmt: skip
