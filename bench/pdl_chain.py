@@ -12,10 +12,14 @@ layers (past L2), the experts one pool of 128 that each layer's router picks fro
 
 PDL lets a kernel start while the one ahead finishes (``pdl_wait``). Each variant turns it
 on for some kernels; ``--prefetch`` sets the int4 loops' L2 prefetch distance too. The
-outputs must equal the first variant's bit for bit (same kernels, same order of sums).
-Prints us per layer and the ratio to the first.
+``side`` variants run the dense MLP and the router with the experts on two streams (forked
+after the norms' stand-in, joined before the sum: two branches of the graph), as a patch
+could inside one custom op: ``side`` puts the dense MLP on the second stream, ``side-moe``
+the router and the experts. The outputs must equal the first variant's bit for bit (same
+kernels, same order of sums). Prints us per layer and the ratio to the first.
 
-    python bench/pdl_chain.py [--layers 4] [--repeats 8] [--out F.json]
+    python bench/pdl_chain.py [--layers 4] [--repeats 8] [--variants none,side,side-moe]
+        [--out F.json]
 """
 
 from __future__ import annotations
@@ -52,7 +56,10 @@ VARIANTS = {
     "dense": ("dense",),
     "router+moe": ("router", "moe"),
     "dense+router+moe": ("dense", "router", "moe"),
+    "side": ("side",),
+    "side-moe": ("side-moe",),
 }
+_SIDE: list[torch.cuda.Stream] = []
 
 
 def bf16(gen: torch.Generator, *shape: int) -> torch.Tensor:
@@ -83,31 +90,58 @@ def stand_in(t: torch.Tensor, factor: float) -> torch.Tensor:
     return torch.nn.functional.rms_norm(t * factor, (t.shape[-1],), eps=1e-6)
 
 
-def layer(x: torch.Tensor, w: dict, experts: dict, pdl: tuple[str, ...], prefetch: int):
-    on = {name: int(name in pdl) for name in KERNELS}
+def layer(x: torch.Tensor, w: dict, experts: dict, variant: tuple[str, ...], prefetch: int):
+    on = {name: int(name in variant) for name in KERNELS}
     gemv = {"pdl": on["gemv"], "prefetch": prefetch}
     h = stand_in(x, 0.5)
     qkv = marlin_gemv.marlin_gemv(h, *w["qkv"], GROUP, **kernel_tiles.GEMV_K2816, **gemv)
     a = stand_in(qkv[:, :O_IN], 0.25)
     o = marlin_gemv.marlin_gemv(a, *w["o"], GROUP, **kernel_tiles.GEMV_K4096_UP, **gemv)
     h2 = stand_in(o, 0.1)
-    d = dense_decode.dense_decode(h2, w["gate_up"], w["down"], activation="gelu_tanh",
-                                  **kernel_tiles.DENSE_MLP, pdl=on["dense"])  # fmt: skip
-    logits = router_decode.router_proj(h2, w["router"], **kernel_tiles.ROUTER, pdl=on["router"])
-    m = marlin_moe.marlin_moe(
-        h2, logits, experts["scale"], experts["w13"], experts["s13"], experts["w2"],
-        experts["s2"], top_k=TOP_K, **kernel_tiles.MARLIN_MOE, pdl=on["moe"],
-        prefetch13=prefetch, prefetch2=prefetch,
-    )  # fmt: skip
+
+    def dense() -> torch.Tensor:
+        return dense_decode.dense_decode(h2, w["gate_up"], w["down"], activation="gelu_tanh",
+                                         **kernel_tiles.DENSE_MLP, pdl=on["dense"])  # fmt: skip
+
+    def moe() -> tuple[torch.Tensor, torch.Tensor]:
+        logits = router_decode.router_proj(h2, w["router"], **kernel_tiles.ROUTER,
+                                           pdl=on["router"])  # fmt: skip
+        return marlin_moe.marlin_moe(
+            h2, logits, experts["scale"], experts["w13"], experts["s13"], experts["w2"],
+            experts["s2"], top_k=TOP_K, **kernel_tiles.MARLIN_MOE, pdl=on["moe"],
+            prefetch13=prefetch, prefetch2=prefetch,
+        ), logits  # fmt: skip
+
+    if "side" in variant:
+        d, (m, logits) = two_streams(dense, moe)
+    elif "side-moe" in variant:
+        (m, logits), d = two_streams(moe, dense)
+    else:
+        d, (m, logits) = dense(), moe()
     return torch.add(d, m, alpha=0.5), logits
 
 
-def chain(x: torch.Tensor, layers: list[dict], experts: dict, pdl, prefetch: int, repeats: int):
+def two_streams(aside, here):  # noqa: ANN001, ANN201
+    """``aside()`` on a second stream, ``here()`` on this one, both after what this stream
+    has queued; this stream then waits for both (a fork and a join inside a CUDA graph)."""
+    if not _SIDE:
+        _SIDE.append(torch.cuda.Stream())
+    main, side = torch.cuda.current_stream(), _SIDE[0]
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        a = aside()
+    b = here()
+    main.wait_stream(side)
+    return a, b
+
+
+def chain(x: torch.Tensor, layers: list[dict], experts: dict, variant, prefetch: int,
+          repeats: int):  # fmt: skip
     def run() -> tuple[torch.Tensor, torch.Tensor]:
         h, logits = x, None
         for _ in range(repeats):
             for w in layers:
-                h, logits = layer(h, w, experts, pdl, prefetch)
+                h, logits = layer(h, w, experts, variant, prefetch)
         return h, logits
 
     return run
@@ -141,7 +175,7 @@ def main() -> int:
             rows.append(row)
     base = rows[0]["us_per_layer"]
     print(f"\n{torch.cuda.get_device_name()}, {args.layers} layers x {args.repeats} a graph")
-    print("| PDL on | in-loop prefetch | us / layer | none / this | outputs equal |")
+    print("| variant | in-loop prefetch | us / layer | none / this | outputs equal |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['prefetch']} | {r['us_per_layer']} | "
