@@ -30,7 +30,7 @@
 #   qat      the same for Google's QAT form alone (qat-w4a16-ct)
 #   fastab   full size on GPU 0, 0.26.0: the plugin with fast_decode (b) against stock (a),
 #            one run at a time, decode at batch 1 - 64 and greedy agreement (FASTAB_ROUNDS;
-#            FASTAB_ORDER picks the sides of a round, bench_run's letters: a b c m r f p s t)
+#            FASTAB_ORDER picks the sides of a round, bench_run's letters: a b c m r n f p s t)
 #   fastprobe layer probes with the one-token dense MLP path (variant fast) on 0.26.0
 #   gemvbench the one-token int4 GEMV on Marlin's layout against vLLM 0.26.0's Marlin GEMM,
 #            26B-A4B's attention projections (bench/marlin_gemv.py)
@@ -88,7 +88,8 @@ bench_run() {  # name gpu release-target plugin(on|off|fast|...|pdl|static|stock
   # nomarlin: fast_decode's dense MLP kernels without marlin_decode's attention projections;
   # moe: the dense MLP kernels and marlin_moe_decode's experts, forced (no attention ones);
   # router: moe's and router_decode's router projection, forced; all: every one-token
-  # path forced (router's and marlin_decode's attention projections, norm_blocks); pdl: fast, and
+  # path forced (router's and marlin_decode's attention projections, norm_blocks, ffn_streams);
+  # nostreams: all without ffn_streams (norm_blocks' forward, one stream); pdl: fast, and
   # torch.compile's own kernels launched with programmatic dependent launch too; static:
   # fast, and vLLM's compile_sizes [1] (batch 1 also compiled with the batch fixed);
   # stockstatic: stock vLLM with the same
@@ -102,6 +103,8 @@ bench_run() {  # name gpu release-target plugin(on|off|fast|...|pdl|static|stock
   [ "$plugin" = router ] && extra=(GEMMA4_QUANT_FAST_DECODE=force
     GEMMA4_QUANT_DISABLE_PATCHES=marlin_decode)
   [ "$plugin" = all ] && extra=(GEMMA4_QUANT_FAST_DECODE=force)
+  [ "$plugin" = nostreams ] && extra=(GEMMA4_QUANT_FAST_DECODE=force
+    GEMMA4_QUANT_DISABLE_PATCHES=ffn_streams)
   [ "$plugin" = pdl ] && extra=(GEMMA4_QUANT_FAST_DECODE=auto TORCHINDUCTOR_ENABLE_PDL=1)
   [ "$plugin" = static ] && extra=(GEMMA4_QUANT_FAST_DECODE=auto)
   [ "$plugin" = stockstatic ] && extra=(VLLM_PLUGINS=none)
@@ -356,6 +359,7 @@ if has fastab; then
         c) bench_run c-0.26.0-nomarlin 0 "$T026" nomarlin "" "-fast$round" ;;
         m) bench_run m-0.26.0-moe 0 "$T026" moe "" "-fast$round" ;;
         r) bench_run r-0.26.0-router 0 "$T026" router "" "-fast$round" ;;
+        n) bench_run n-0.26.0-nostreams 0 "$T026" nostreams "" "-fast$round" ;;
         f) bench_run f-0.26.0-all 0 "$T026" all "" "-fast$round" ;;
         p) bench_run p-0.26.0-pdl 0 "$T026" pdl "" "-fast$round" ;;
         s) bench_run s-0.26.0-static 0 "$T026" static "" "-fast$round" ;;
@@ -372,6 +376,7 @@ if has fastab; then
       a-0.26.0-stock:m-0.26.0-moe:-ma:-am a-0.26.0-stock:r-0.26.0-router:-ra:-ar \
       m-0.26.0-moe:r-0.26.0-router:-rm:-mr a-0.26.0-stock:f-0.26.0-all:-fa:-af \
       r-0.26.0-router:f-0.26.0-all:-fr:-rf b-0.26.0-fast:f-0.26.0-all:-fb:-bf \
+      b-0.26.0-fast:n-0.26.0-nostreams:-nb:-bn n-0.26.0-nostreams:f-0.26.0-all:-fn:-nf \
       a-0.26.0-stock:p-0.26.0-pdl:-pa:-ap \
       b-0.26.0-fast:p-0.26.0-pdl:-pb:-bp b-0.26.0-fast:s-0.26.0-static:-sb:-bs \
       a-0.26.0-stock:s-0.26.0-static:-sa:-as t-0.26.0-stockstatic:s-0.26.0-static:-st:-ts \

@@ -13,10 +13,10 @@ layers (past L2), the experts one pool of 128 that each layer's router picks fro
 PDL lets a kernel start while the one ahead finishes (``pdl_wait``). Each variant turns it
 on for some kernels; ``--prefetch`` sets the int4 loops' L2 prefetch distance too. The
 ``side`` variants run the dense MLP and the router with the experts on two streams (forked
-after the norms' stand-in, joined before the sum: two branches of the graph), as a patch
-could inside one custom op: ``side`` puts the dense MLP on the second stream, ``side-moe``
-the router and the experts. The outputs must equal the first variant's bit for bit (same
-kernels, same order of sums). Prints us per layer and the ratio to the first.
+after the norms' stand-in, joined before the sum: two branches of the graph) with the
+patch's own ``ffn_streams.two_streams``: ``side`` puts the dense MLP on the second stream,
+``side-moe`` the router and the experts. The outputs must equal the first variant's bit
+for bit (same kernels, same order of sums). Prints us per layer and the ratio to the first.
 
     python bench/pdl_chain.py [--layers 4] [--repeats 8] [--variants none,side,side-moe]
         [--out F.json]
@@ -46,6 +46,7 @@ from moe_decode import graph_time_us  # noqa: E402  (bench/moe_decode.py)
 
 from gemma4_quant.kernels import dense_decode, marlin_gemv, marlin_moe, router_decode  # noqa: E402
 from gemma4_quant.kernels import tiles as kernel_tiles  # noqa: E402
+from gemma4_quant.patches.ffn_streams import two_streams  # noqa: E402  (the patch's own)
 
 Q_OUT, O_IN = 8192, 4096  # a sliding layer's q/k/v and o
 KERNELS = ("gemv", "dense", "router", "moe")
@@ -60,6 +61,12 @@ VARIANTS = {
     "side-moe": ("side-moe",),
 }
 _SIDE: list[torch.cuda.Stream] = []
+
+
+def side_stream() -> torch.cuda.Stream:
+    if not _SIDE:
+        _SIDE.append(torch.cuda.Stream())
+    return _SIDE[0]
 
 
 def bf16(gen: torch.Generator, *shape: int) -> torch.Tensor:
@@ -113,26 +120,12 @@ def layer(x: torch.Tensor, w: dict, experts: dict, variant: tuple[str, ...], pre
         ), logits  # fmt: skip
 
     if "side" in variant:
-        d, (m, logits) = two_streams(dense, moe)
+        d, (m, logits) = two_streams(dense, moe, side_stream())
     elif "side-moe" in variant:
-        (m, logits), d = two_streams(moe, dense)
+        (m, logits), d = two_streams(moe, dense, side_stream())
     else:
         d, (m, logits) = dense(), moe()
     return torch.add(d, m, alpha=0.5), logits
-
-
-def two_streams(aside, here):  # noqa: ANN001, ANN201
-    """``aside()`` on a second stream, ``here()`` on this one, both after what this stream
-    has queued; this stream then waits for both (a fork and a join inside a CUDA graph)."""
-    if not _SIDE:
-        _SIDE.append(torch.cuda.Stream())
-    main, side = torch.cuda.current_stream(), _SIDE[0]
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        a = aside()
-    b = here()
-    main.wait_stream(side)
-    return a, b
 
 
 def chain(x: torch.Tensor, layers: list[dict], experts: dict, variant, prefetch: int,

@@ -21,6 +21,7 @@ from gemma4_quant.patches import (
     expert_loader,
     expert_names,
     fast_decode,
+    ffn_streams,
     kv_shared_layers,
     load_guard,
     marlin_decode,
@@ -69,6 +70,10 @@ CASES = {
     ),
     "norm_blocks": (
         norm_blocks,
+        [("model_executor/models/gemma4.py", "Gemma4DecoderLayer.forward")],
+    ),
+    "ffn_streams": (
+        ffn_streams,
         [("model_executor/models/gemma4.py", "Gemma4DecoderLayer.forward")],
     ),
     "kv_shared_layers": (

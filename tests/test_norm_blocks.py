@@ -93,18 +93,23 @@ def test_the_forwards_are_recognized_and_edits_are_not() -> None:
         assert edited != text and norm_blocks.experts_attribute(edited) is None, old
 
 
-def test_detection(monkeypatch) -> None:
-    """Nothing to do on vLLM's CPU build; on a CUDA build ``auto`` takes no GPU yet (the
-    kernel is measured faster alone, not end to end), ``force`` takes it."""
-    from gemma4_quant.patches import Status, fast_decode, norm_blocks
+@pytest.mark.parametrize("name", ["norm_blocks", "ffn_streams"])
+def test_detection(monkeypatch, name: str) -> None:
+    """Nothing to do on vLLM's CPU build; on a CUDA build ``auto`` takes no GPU yet (faster
+    alone, not measured end to end), ``force`` takes it. ``ffn_streams`` reads the forwards
+    ``norm_blocks`` reads."""
+    import importlib
 
+    from gemma4_quant.patches import Status, fast_decode
+
+    patch = importlib.import_module(f"gemma4_quant.patches.{name}")
     monkeypatch.delenv("GEMMA4_QUANT_FAST_DECODE", raising=False)
-    assert "CPU build" in norm_blocks.detect().reason
+    assert "CPU build" in patch.detect().reason
     monkeypatch.setattr(fast_decode, "_cpu_build", lambda: False)
-    assert norm_blocks.MEASURED == frozenset()
-    assert norm_blocks.detect().status is Status.NOT_NEEDED
+    assert patch.MEASURED == frozenset()
+    assert patch.detect().status is Status.NOT_NEEDED
     monkeypatch.setenv("GEMMA4_QUANT_FAST_DECODE", "force")
-    detection = norm_blocks.detect()
+    detection = patch.detect()
     assert detection.status is Status.NEEDED and detection.findings in ("moe", "experts")
 
 
@@ -132,22 +137,28 @@ def tiny_model(tmp_path_factory):
         yield model, get_current_vllm_config()
 
 
-def test_a_layer_gives_vllms_outputs(tiny_model, monkeypatch) -> None:
+@pytest.mark.parametrize("pair", [False, True], ids=["norm_blocks", "with-ffn_streams"])
+def test_a_layer_gives_vllms_outputs(tiny_model, monkeypatch, pair: bool) -> None:
     """Each MoE layer's forward with the op against vLLM's forward of the same layer, the
-    norms' weights and the router's scale made far from one: the same residual stream."""
+    norms' weights and the router's scale made far from one: the same residual stream.
+    ``with-ffn_streams``: the dense MLP, the router and the experts as ``ffn_streams``' op
+    too (one stream here: on CPU, as for more than one token on a GPU)."""
     from vllm.config import set_current_vllm_config
     from vllm.forward_context import set_forward_context
 
-    from gemma4_quant.patches import norm_blocks, vllm_source
+    from gemma4_quant.patches import ffn_streams, norm_blocks, vllm_source
 
     model, vllm_config = tiny_model
     monkeypatch.setattr(norm_blocks, "_checked", {})
+    monkeypatch.setattr(ffn_streams, "_layers", {})
     experts = norm_blocks.experts_attribute(vllm_source(norm_blocks._MODEL))
     layers = [m for m in model.modules() if type(m).__name__ == "Gemma4DecoderLayer"]
     assert layers and all(norm_blocks.eligible(layer) for layer in layers)
     gen = torch.Generator().manual_seed(5)
     for layer in layers:
-        monkeypatch.setattr(layer, "self_attn", AttentionOutput())
+        # through the module dict: monkeypatch's undo of a submodule set as an attribute
+        # deletes it, and the model is the whole module's
+        monkeypatch.setitem(layer._modules, "self_attn", AttentionOutput())
         with torch.no_grad():
             for norm in ("post_attention_layernorm", "pre_feedforward_layernorm",
                          "pre_feedforward_layernorm_2"):  # fmt: skip
@@ -156,6 +167,10 @@ def test_a_layer_gives_vllms_outputs(tiny_model, monkeypatch) -> None:
             layer.router.scale.copy_(torch.rand(layer.router.scale.shape, generator=gen) + 0.5)
         root = norm_blocks.decide(layer, "force", DEVICE)
         assert root == torch.tensor(layer.hidden_size**-0.5).bfloat16().item()
+        monkeypatch.setattr(layer, norm_blocks._FLAG, root, raising=False)
+        key = ffn_streams.decide(layer, experts, "force", DEVICE) if pair else None
+        assert (key is not None) == pair
+        monkeypatch.setattr(layer, norm_blocks.STREAMS_FLAG, key, raising=False)
         hidden = layer.hidden_size
         for tokens in (1, 3):
             x = (torch.randn(tokens, hidden, generator=gen) * 2).bfloat16()
@@ -181,6 +196,50 @@ def test_layers_the_op_does_not_fit_keep_vllms_forward(tiny_model, monkeypatch) 
     monkeypatch.setattr(layer, "enable_moe_block", True)
     monkeypatch.setattr(layer.pre_feedforward_layernorm_2, "variance_epsilon", 1e-5)
     assert not norm_blocks.eligible(layer), "the norms must share one epsilon"
+
+
+def test_layers_ffn_streams_does_not_fit_keep_the_order(tiny_model, monkeypatch) -> None:
+    """Only a layer ``norm_blocks`` took, with its dense MLP whole on this GPU (a split one
+    would all-reduce on the second stream), takes the pair; ``off`` takes none."""
+    from gemma4_quant.patches import ffn_streams, norm_blocks, vllm_source
+
+    monkeypatch.setattr(ffn_streams, "_layers", {})
+    experts = norm_blocks.experts_attribute(vllm_source(norm_blocks._MODEL))
+    layer = next(m for m in tiny_model[0].modules() if type(m).__name__ == "Gemma4DecoderLayer")
+    monkeypatch.setattr(layer, norm_blocks._FLAG, None, raising=False)
+    assert ffn_streams.decide(layer, experts, "force", DEVICE) is None
+    monkeypatch.setattr(layer, norm_blocks._FLAG, 0.0625)
+    assert ffn_streams.decide(layer, experts, "off", DEVICE) is None
+    monkeypatch.setattr(layer.mlp.down_proj, "tp_size", 2)
+    assert ffn_streams.decide(layer, experts, "force", DEVICE) is None
+    monkeypatch.setattr(layer.mlp.down_proj, "tp_size", 1)
+    assert ffn_streams.decide(layer, experts, "force", DEVICE) == 0
+
+
+def test_ffn_pair_traces_whole(tiny_model, monkeypatch) -> None:
+    """torch.compile sees ``ffn_pair`` as one node and gives its eager values."""
+    from vllm.config import set_current_vllm_config
+    from vllm.forward_context import set_forward_context
+
+    from gemma4_quant.patches import ffn_streams, norm_blocks, vllm_source
+
+    model, vllm_config = tiny_model
+    monkeypatch.setattr(ffn_streams, "_layers", {})
+    experts = norm_blocks.experts_attribute(vllm_source(norm_blocks._MODEL))
+    layer = next(m for m in model.modules() if type(m).__name__ == "Gemma4DecoderLayer")
+    monkeypatch.setattr(layer, norm_blocks._FLAG, 0.0625, raising=False)
+    key = ffn_streams.decide(layer, experts, "force", DEVICE)
+    op = torch.ops.gemma4_quant.ffn_pair
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, layer.hidden_size, generator=gen).bfloat16().to(DEVICE)
+
+    def block(x: torch.Tensor) -> torch.Tensor:
+        dense, routed = op(x, x * 2, x * 3, key)
+        return dense + routed
+
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True, dynamic=True)
+    with set_current_vllm_config(vllm_config), set_forward_context(None, vllm_config):
+        assert torch.equal(compiled(x), block(x))
 
 
 def test_a_kernel_that_computes_wrong_keeps_vllms_forward(monkeypatch, caplog) -> None:

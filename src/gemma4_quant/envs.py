@@ -38,10 +38,11 @@ def fallback_mode() -> str:
 
 
 def fast_decode_mode() -> str:
-    """``GEMMA4_QUANT_FAST_DECODE``: ``auto`` (default: the one-token kernels of
+    """``GEMMA4_QUANT_FAST_DECODE``: ``auto`` (default: the one-token paths of
     ``fast_decode``, ``marlin_decode``, ``marlin_moe_decode`` and ``router_decode`` run on
-    GPUs and shapes where they were measured faster end to end), ``off`` (vLLM's kernels
-    everywhere) or ``force`` (any CUDA GPU and shape)."""
+    GPUs and shapes where they were measured faster end to end; ``norm_blocks`` and
+    ``ffn_streams`` nowhere yet), ``off`` (vLLM's kernels everywhere) or ``force`` (any
+    CUDA GPU and shape)."""
     return _mode("GEMMA4_QUANT_FAST_DECODE", FAST_DECODE_MODES)
 
 

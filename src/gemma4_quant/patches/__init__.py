@@ -57,6 +57,7 @@ PATCH_MODULES: tuple[str, ...] = (
     "marlin_moe_decode",
     "router_decode",
     "norm_blocks",
+    "ffn_streams",  # after norm_blocks: it rides on that patch's forward
 )
 
 

@@ -71,6 +71,8 @@ _MODEL = "model_executor/models/gemma4.py"
 MODEL_MODULE = "vllm.model_executor.models.gemma4"
 _MARK = "__gemma4_quant_norm_blocks__"
 _FLAG = "_gemma4_quant_norm_blocks"
+# set by ffn_streams on the layers whose dense MLP and experts it makes one op: their key
+STREAMS_FLAG = "_gemma4_quant_ffn_streams"
 OP = "post_attention_norms"
 # GPUs (compute capability) where ``auto`` takes it: measured faster end to end; none yet
 MEASURED: frozenset[tuple[int, int]] = frozenset()
@@ -161,18 +163,27 @@ def apply(detection: Detection) -> None:
     when_imported(MODEL_MODULE, lambda module: patch_model(module, experts))
 
 
-def patch_model(module: ModuleType, experts: str) -> None:
+def decide_at_init(module: ModuleType, mark: str, flag: str, decide: Any) -> None:
+    """``Gemma4DecoderLayer.__init__`` wrapped once more (``mark``): after it, the layer's
+    ``flag`` holds ``decide(layer, mode)`` on CUDA builds, None elsewhere."""
+
     def make_init(original: Any) -> Any:
         def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: N807
             original(self, *args, **kwargs)
             from vllm.platforms import current_platform
 
-            root = None
+            value = None
             if current_platform.is_cuda():
-                root = decide(self, envs.fast_decode_mode(), "cuda")
-            setattr(self, _FLAG, root)
+                value = decide(self, envs.fast_decode_mode())
+            setattr(self, flag, value)
 
         return __init__
+
+    wrap_once(module.Gemma4DecoderLayer, "__init__", mark, make_init)
+
+
+def patch_model(module: ModuleType, experts: str) -> None:
+    decide_at_init(module, _MARK, _FLAG, lambda layer, mode: decide(layer, mode, "cuda"))
 
     def make_forward(original: Any) -> Any:
         def forward(
@@ -191,7 +202,6 @@ def patch_model(module: ModuleType, experts: str) -> None:
 
         return forward
 
-    wrap_once(module.Gemma4DecoderLayer, "__init__", _MARK, make_init)
     wrap_once(module.Gemma4DecoderLayer, "forward", _MARK, make_forward)
 
 
@@ -217,10 +227,17 @@ def _forward(
         root,
         layer.post_attention_layernorm.variance_epsilon,
     )
-    hidden_states_1 = layer.post_feedforward_layernorm_1(layer.mlp(dense_in))
-    router_logits, _ = router.proj(router_in)
-    hidden_states_2 = getattr(layer, experts)(experts_in, router_logits)
-    hidden_states_2 = layer.post_feedforward_layernorm_2(hidden_states_2)
+    key = getattr(layer, STREAMS_FLAG, None)
+    if key is None:
+        dense_out = layer.mlp(dense_in)
+        router_logits, _ = router.proj(router_in)
+        experts_out = getattr(layer, experts)(experts_in, router_logits)
+    else:  # ffn_streams: the same modules in one op, the dense MLP on a second stream
+        dense_out, experts_out = torch.ops.gemma4_quant.ffn_pair(
+            dense_in, experts_in, router_in, key
+        )
+    hidden_states_1 = layer.post_feedforward_layernorm_1(dense_out)
+    hidden_states_2 = layer.post_feedforward_layernorm_2(experts_out)
     hidden_states = layer.post_feedforward_layernorm(hidden_states_1 + hidden_states_2)
     hidden_states = hidden_states + residual
     return hidden_states * layer.layer_scalar, None
