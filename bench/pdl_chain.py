@@ -14,9 +14,10 @@ PDL lets a kernel start while the one ahead finishes (``pdl_wait``). Each varian
 on for some kernels; ``--prefetch`` sets the int4 loops' L2 prefetch distance too. The
 ``side`` variants run the dense MLP and the router with the experts on two streams (forked
 after the norms' stand-in, joined before the sum: two branches of the graph) with the
-patch's own ``ffn_streams.two_streams``: ``side`` puts the dense MLP on the second stream,
-``side-moe`` the router and the experts. The outputs must equal the first variant's bit
-for bit (same kernels, same order of sums). Prints us per layer and the ratio to the first.
+patch's own ``ffn_streams.two_streams`` and stream: ``side`` puts the dense MLP on the
+second stream, ``side-moe`` the router and the experts. The outputs must equal the first
+variant's bit for bit (same kernels, same order of sums). Prints us per layer and the
+ratio to the first.
 
     python bench/pdl_chain.py [--layers 4] [--repeats 8] [--variants none,side,side-moe]
         [--out F.json]
@@ -46,7 +47,7 @@ from moe_decode import graph_time_us  # noqa: E402  (bench/moe_decode.py)
 
 from gemma4_quant.kernels import dense_decode, marlin_gemv, marlin_moe, router_decode  # noqa: E402
 from gemma4_quant.kernels import tiles as kernel_tiles  # noqa: E402
-from gemma4_quant.patches.ffn_streams import two_streams  # noqa: E402  (the patch's own)
+from gemma4_quant.patches.ffn_streams import side_stream, two_streams  # noqa: E402
 
 Q_OUT, O_IN = 8192, 4096  # a sliding layer's q/k/v and o
 KERNELS = ("gemv", "dense", "router", "moe")
@@ -60,13 +61,6 @@ VARIANTS = {
     "side": ("side",),
     "side-moe": ("side-moe",),
 }
-_SIDE: list[torch.cuda.Stream] = []
-
-
-def side_stream() -> torch.cuda.Stream:
-    if not _SIDE:
-        _SIDE.append(torch.cuda.Stream())
-    return _SIDE[0]
 
 
 def bf16(gen: torch.Generator, *shape: int) -> torch.Tensor:

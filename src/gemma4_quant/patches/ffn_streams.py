@@ -103,7 +103,7 @@ def eligible(layer: Any, experts: str) -> bool:
     return all(getattr(p, "tp_size", None) == 1 for p in projections)
 
 
-# key -> (the layer, weakly; its experts' attribute; the second stream or None on CPU)
+# key -> (the layer, weakly; its experts' attribute; the second stream, None on a CPU)
 _layers: dict[int, tuple[Any, str, Any]] = {}
 
 
@@ -116,8 +116,7 @@ def decide(layer: Any, experts: str, mode: str, device: str) -> int | None:
         return None
     if mode != "force" and torch.cuda.get_device_capability() not in MEASURED:
         return None
-    # made here, not at the first call: a CUDA graph may be capturing then
-    stream = torch.cuda.Stream() if device == "cuda" else None
+    stream = side_stream() if device == "cuda" else None
     key = len(_layers)
     _layers[key] = (weakref.ref(layer), experts, stream)
     register_op()
@@ -128,6 +127,20 @@ def decide(layer: Any, experts: str, mode: str, device: str) -> int | None:
         cuda_device() if device == "cuda" else "the CPU (one stream)",
     )
     return key
+
+
+_streams: dict[int, Any] = {}
+
+
+def side_stream() -> torch.cuda.Stream:
+    """This GPU's second stream, one for every layer (they run one after the other); made
+    when the model is built, not at the first call: a CUDA graph may be capturing then."""
+    import torch
+
+    device = torch.cuda.current_device()
+    if device not in _streams:
+        _streams[device] = torch.cuda.Stream(device)
+    return _streams[device]
 
 
 def pair(
