@@ -146,7 +146,7 @@ def test_a_layer_gives_vllms_outputs(tiny_model, monkeypatch, pair: bool) -> Non
     from vllm.config import set_current_vllm_config
     from vllm.forward_context import set_forward_context
 
-    from gemma4_quant.patches import ffn_streams, norm_blocks, vllm_source
+    from gemma4_quant.patches import fast_decode, ffn_streams, norm_blocks, vllm_source
 
     model, vllm_config = tiny_model
     monkeypatch.setattr(norm_blocks, "_checked", {})
@@ -168,6 +168,9 @@ def test_a_layer_gives_vllms_outputs(tiny_model, monkeypatch, pair: bool) -> Non
         root = norm_blocks.decide(layer, "force", DEVICE)
         assert root == torch.tensor(layer.hidden_size**-0.5).bfloat16().item()
         monkeypatch.setattr(layer, norm_blocks._FLAG, root, raising=False)
+        # as fast_decode marks a dense MLP it takes (vLLM's own forward here on CPU)
+        tiles = fast_decode.TILES[(9, 0)]
+        monkeypatch.setattr(layer.mlp, fast_decode._FLAG, tiles, raising=False)
         key = ffn_streams.decide(layer, experts, "force", DEVICE) if pair else None
         assert (key is not None) == pair
         monkeypatch.setattr(layer, norm_blocks.STREAMS_FLAG, key, raising=False)
@@ -199,17 +202,23 @@ def test_layers_the_op_does_not_fit_keep_vllms_forward(tiny_model, monkeypatch) 
 
 
 def test_layers_ffn_streams_does_not_fit_keep_the_order(tiny_model, monkeypatch) -> None:
-    """Only a layer ``norm_blocks`` took, with its dense MLP whole on this GPU (a split one
-    would all-reduce on the second stream), takes the pair; ``off`` takes none."""
-    from gemma4_quant.patches import ffn_streams, norm_blocks, vllm_source
+    """Only a layer ``norm_blocks`` took, with its dense MLP ``fast_decode``'s and whole on
+    this GPU (a split one would all-reduce on the second stream), takes the pair; ``off``
+    takes none."""
+    from gemma4_quant.patches import fast_decode, ffn_streams, norm_blocks, vllm_source
 
     monkeypatch.setattr(ffn_streams, "_layers", {})
     experts = norm_blocks.experts_attribute(vllm_source(norm_blocks._MODEL))
     layer = next(m for m in tiny_model[0].modules() if type(m).__name__ == "Gemma4DecoderLayer")
+    tiles = fast_decode.TILES[(9, 0)]
     monkeypatch.setattr(layer, norm_blocks._FLAG, None, raising=False)
+    monkeypatch.setattr(layer.mlp, fast_decode._FLAG, tiles, raising=False)
     assert ffn_streams.decide(layer, experts, "force", DEVICE) is None
     monkeypatch.setattr(layer, norm_blocks._FLAG, 0.0625)
     assert ffn_streams.decide(layer, experts, "off", DEVICE) is None
+    monkeypatch.setattr(layer.mlp, fast_decode._FLAG, None)
+    assert ffn_streams.decide(layer, experts, "force", DEVICE) is None, "vLLM's own MLP"
+    monkeypatch.setattr(layer.mlp, fast_decode._FLAG, tiles)
     monkeypatch.setattr(layer.mlp.down_proj, "tp_size", 2)
     assert ffn_streams.decide(layer, experts, "force", DEVICE) is None
     monkeypatch.setattr(layer.mlp.down_proj, "tp_size", 1)
@@ -221,13 +230,14 @@ def test_ffn_pair_traces_whole(tiny_model, monkeypatch) -> None:
     from vllm.config import set_current_vllm_config
     from vllm.forward_context import set_forward_context
 
-    from gemma4_quant.patches import ffn_streams, norm_blocks, vllm_source
+    from gemma4_quant.patches import fast_decode, ffn_streams, norm_blocks, vllm_source
 
     model, vllm_config = tiny_model
     monkeypatch.setattr(ffn_streams, "_layers", {})
     experts = norm_blocks.experts_attribute(vllm_source(norm_blocks._MODEL))
     layer = next(m for m in model.modules() if type(m).__name__ == "Gemma4DecoderLayer")
     monkeypatch.setattr(layer, norm_blocks._FLAG, 0.0625, raising=False)
+    monkeypatch.setattr(layer.mlp, fast_decode._FLAG, fast_decode.TILES[(9, 0)], raising=False)
     key = ffn_streams.decide(layer, experts, "force", DEVICE)
     op = torch.ops.gemma4_quant.ffn_pair
     gen = torch.Generator().manual_seed(4)

@@ -12,8 +12,9 @@ Why:
 How:
     Rides on ``norm_blocks``' forward of a layer (its MoE block, no per-layer input).
     ``Gemma4DecoderLayer.__init__`` is wrapped once more: where ``norm_blocks`` took the
-    layer, the model is built on a CUDA GPU and neither the dense MLP nor the experts are
-    split across GPUs, the layer's dense MLP, router projection and experts become one
+    layer, ``fast_decode`` took its dense MLP (one op at every batch size, not split
+    across GPUs: split, it would all-reduce on the second stream) and the model is built
+    on a CUDA GPU, the layer's dense MLP, router projection and experts become one
     custom op, ``gemma4_quant::ffn_pair`` (torch.compile and CUDA graphs see one node).
     The experts, and whatever they exchange with other GPUs, stay on the layer's stream.
     For one token the op forks a second stream after this one's work, runs the dense MLP
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     import torch
 
 from . import Detection, cuda_device, define_op, info_once, vllm_source, when_imported
+from .fast_decode import _FLAG as FAST_DECODE_FLAG
 from .fast_decode import switched_off
 from .norm_blocks import _FLAG as NORM_BLOCKS_FLAG
 from .norm_blocks import _MODEL as MODEL_FILE
@@ -93,12 +95,16 @@ def patch_model(module: ModuleType, experts: str) -> None:
 
 
 def eligible(layer: Any, experts: str) -> bool:
-    """A layer ``norm_blocks`` took, whose dense MLP is whole on this GPU: a split one
-    would all-reduce on the second stream (the experts, and whatever they exchange with
-    other GPUs, stay on this one)."""
+    """A layer ``norm_blocks`` took, whose dense MLP ``fast_decode`` took: one custom op at
+    every batch size, so called inside this op it runs the kernels it runs in vLLM's graph
+    (vLLM's own MLP, called eagerly, would run its activation unfused), and whole on this
+    GPU: a split one would all-reduce on the second stream (the experts, and whatever they
+    exchange with other GPUs, stay on this one)."""
     if getattr(layer, NORM_BLOCKS_FLAG, None) is None or getattr(layer, experts, None) is None:
         return False
     mlp = getattr(layer, "mlp", None)
+    if getattr(mlp, FAST_DECODE_FLAG, None) is None:
+        return False
     projections = [getattr(mlp, n, None) for n in ("gate_up_proj", "down_proj")]
     return all(getattr(p, "tp_size", None) == 1 for p in projections)
 
