@@ -15,7 +15,8 @@ on for some kernels; ``--prefetch`` sets the int4 loops' L2 prefetch distance to
 ``side`` variants run the dense MLP and the router with the experts on two streams (forked
 after the norms' stand-in, joined before the sum: two branches of the graph) with the
 patch's own ``ffn_streams.two_streams`` and stream: ``side`` puts the dense MLP on the
-second stream, ``side-moe`` the router and the experts. The outputs must equal the first
+second stream, ``side-moe`` the router and the experts (``side-all`` and ``side-moe-all``
+with PDL on every kernel too). The outputs must equal the first
 variant's bit for bit (same kernels, same order of sums). Prints us per layer and the
 ratio to the first.
 
@@ -60,6 +61,8 @@ VARIANTS = {
     "dense+router+moe": ("dense", "router", "moe"),
     "side": ("side",),
     "side-moe": ("side-moe",),
+    "side-all": ("side", *KERNELS),
+    "side-moe-all": ("side-moe", *KERNELS),
 }
 
 

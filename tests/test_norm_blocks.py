@@ -1,6 +1,8 @@
 """The post-attention norms in one kernel (``gemma4_quant.kernels.norm_blocks``) against
 vLLM's own modules run eagerly: ``RMSNorm.forward_native`` for the post-attention norm and
-both pre-feed-forward norms, and ``Gemma4Router.forward``'s weightless norm and scalings.
+both pre-feed-forward norms, and ``Gemma4Router.forward``'s weightless norm and scalings;
+the end of a layer (both post-feed-forward norms, their sum, the last norm, the residual
+and the layer scalar) in another, the same way.
 
 Runs Triton's interpreter on CPU (``TRITON_INTERPRET=1``); speed is
 ``bench/norm_block.py``'s, on a GPU. Skips where Triton is not installed.
@@ -13,7 +15,7 @@ from triton_env import DEVICE, need_triton
 
 torch = need_triton()
 
-from gemma4_quant.kernels.norm_blocks import post_attention_norms  # noqa: E402
+from gemma4_quant.kernels.norm_blocks import end_of_layer_norms, post_attention_norms  # noqa: E402
 
 EPS = 1e-6
 
@@ -67,6 +69,43 @@ def test_matches_vllms_modules(tokens: int, hidden: int) -> None:
         assert (g != w).float().mean().item() < 0.01, name
 
 
+def vllm_eager_end(dense, experts, residual, w1, w2, w, scalar):
+    """The decoder layer's statements after its feed-forward blocks, with vLLM's RMSNorm
+    modules (eager)."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.layernorm import RMSNorm
+
+    hidden = dense.shape[-1]
+    with set_current_vllm_config(VllmConfig()):
+        norms = [RMSNorm(hidden, eps=EPS) for _ in range(3)]
+    for norm, weight in zip(norms, (w1, w2, w), strict=True):
+        norm.weight.data = weight.clone()
+    both = norms[0].forward_native(dense) + norms[1].forward_native(experts)
+    return (norms[2].forward_native(both) + residual) * scalar
+
+
+@pytest.mark.parametrize(("tokens", "hidden"), [(1, 2816), (3, 2816), (2, 200), (0, 2816)])
+def test_end_of_layer_matches_vllms_modules(tokens: int, hidden: int) -> None:
+    gen = torch.Generator().manual_seed(tokens * 5 + hidden)
+    dense, experts = (torch.randn(2, tokens, hidden, generator=gen) * 3).to(torch.bfloat16)
+    residual = (torch.randn(tokens, hidden, generator=gen) * 20).to(torch.bfloat16)
+    vectors = _vectors(hidden, gen)[:3]
+    scalar = torch.tensor([0.7]).to(torch.bfloat16)
+    want = vllm_eager_end(dense, experts, residual, *vectors, scalar)
+    got = end_of_layer_norms(
+        *(t.to(DEVICE) for t in (dense, experts, residual, *vectors, scalar)), EPS
+    ).cpu()
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    if not tokens:
+        return
+    step = want.float().abs().clamp_min(1e-30) * 2.0**-7
+    assert ((got.float() - want.float()).abs() <= step).all()
+    assert (got != want).float().mean().item() < 0.01
+    # the two blocks' norms swapped: the test bites
+    swapped = vllm_eager_end(dense, experts, residual, vectors[1], vectors[0], vectors[2], scalar)
+    assert (got != swapped).float().mean().item() > 0.5
+
+
 def test_rejects_mismatched_shapes() -> None:
     o = torch.zeros(1, 64, dtype=torch.bfloat16, device=DEVICE)
     v = torch.ones(64, dtype=torch.bfloat16, device=DEVICE)
@@ -74,6 +113,10 @@ def test_rejects_mismatched_shapes() -> None:
         post_attention_norms(o, o, v, v, v[:32], v, 0.125, EPS)
     with pytest.raises(ValueError, match="residual must be bf16 like o"):
         post_attention_norms(o, o.float(), v, v, v, v, 0.125, EPS)
+    with pytest.raises(ValueError, match="scalar \\(64,\\) must be a contiguous \\[1\\]"):
+        end_of_layer_norms(o, o, o, v, v, v, v, EPS)
+    with pytest.raises(ValueError, match="experts \\(2, 64\\) must be a contiguous \\[1, 64\\]"):
+        end_of_layer_norms(o, torch.cat([o, o]), o, v, v, v, v[:1], EPS)
 
 
 # ------------------------------------------------------------ the norm_blocks patch
@@ -160,11 +203,11 @@ def test_a_layer_gives_vllms_outputs(tiny_model, monkeypatch, pair: bool) -> Non
         # deletes it, and the model is the whole module's
         monkeypatch.setitem(layer._modules, "self_attn", AttentionOutput())
         with torch.no_grad():
-            for norm in ("post_attention_layernorm", "pre_feedforward_layernorm",
-                         "pre_feedforward_layernorm_2"):  # fmt: skip
+            for norm in norm_blocks.NORMS:
                 weight = getattr(layer, norm).weight
                 weight.copy_(1 + 0.5 * torch.randn(weight.shape, generator=gen))
             layer.router.scale.copy_(torch.rand(layer.router.scale.shape, generator=gen) + 0.5)
+            layer.layer_scalar.fill_(0.3 + layer.layer_idx * 0.5)
         root = norm_blocks.decide(layer, "force", DEVICE)
         assert root == torch.tensor(layer.hidden_size**-0.5).bfloat16().item()
         monkeypatch.setattr(layer, norm_blocks._FLAG, root, raising=False)
@@ -199,6 +242,11 @@ def test_layers_the_op_does_not_fit_keep_vllms_forward(tiny_model, monkeypatch) 
     monkeypatch.setattr(layer, "enable_moe_block", True)
     monkeypatch.setattr(layer.pre_feedforward_layernorm_2, "variance_epsilon", 1e-5)
     assert not norm_blocks.eligible(layer), "the norms must share one epsilon"
+    monkeypatch.setattr(layer.pre_feedforward_layernorm_2, "variance_epsilon",
+                        layer.post_feedforward_layernorm.variance_epsilon)  # fmt: skip
+    assert norm_blocks.eligible(layer)
+    monkeypatch.setitem(layer._buffers, "layer_scalar", layer.layer_scalar.float())
+    assert not norm_blocks.eligible(layer), "the layer scalar must be bf16"
 
 
 def test_layers_ffn_streams_does_not_fit_keep_the_order(tiny_model, monkeypatch) -> None:
@@ -275,18 +323,20 @@ def test_the_check_holds_under_vllms_default_device(monkeypatch) -> None:
         assert norm_blocks.kernel_works(256, EPS, DEVICE)
 
 
-def test_the_op_traces_whole() -> None:
+def test_the_ops_trace_whole() -> None:
     from gemma4_quant.patches import norm_blocks
 
     norm_blocks.register_op()
     op = torch.ops.gemma4_quant.post_attention_norms
+    end = torch.ops.gemma4_quant.end_of_layer_norms
     gen = torch.Generator().manual_seed(2)
     o = torch.randn(2, 256, generator=gen).bfloat16().to(DEVICE)
     v = (torch.rand(256, generator=gen) + 0.5).bfloat16().to(DEVICE)
+    scalar = torch.tensor([0.5]).bfloat16().to(DEVICE)
 
     def block(o: torch.Tensor) -> torch.Tensor:
         h, a, b, r = op(o, o * 2, v, v, v, v, 0.0625, EPS)
-        return h + a + b + r
+        return end(a, b + r, h, v, v, v, scalar, EPS)
 
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True, dynamic=True)
     assert torch.equal(compiled(o), block(o))

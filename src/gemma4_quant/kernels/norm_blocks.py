@@ -1,4 +1,5 @@
-"""Gemma 4's norms between attention and the feed-forward blocks, in one Triton kernel.
+"""Gemma 4's norms between attention and the feed-forward blocks, and those at the end of a
+decoder layer, in one Triton kernel each.
 
 Why:
     After attention's o projection a decoder layer normalizes o (``post_attention_layernorm``),
@@ -12,6 +13,12 @@ Why:
     6.6 - 10.5 us a layer at batch 1; alone, with L2 flushed before each call, 3.95 us,
     where this kernel takes 3.23 (batch 64: 4.28 against 3.73; bench/norm_block.py
     ``--cold``, docs/gpu-results.md 3n).
+
+    At the end of the layer torch.compile's kernel for the two post-feed-forward norms,
+    their sum, the last norm, the residual add and the layer scalar took 4.6 us a layer on
+    an H200 at batch 1 (docs/gpu-results.md 3o); the same block with the next layer's
+    input norm took 2.8 us in one program a token where Inductor took 5.8 (bench/norm_block.py
+    ``--cold``, H100, 3n).
 
 How:
     One program a token holds the whole row (the hidden size rounded up to a power of two)
@@ -85,17 +92,60 @@ def _post_attention_kernel(
     tl.store(router_out + row + cols, router.to(router_out.dtype.element_ty), mask=mask)
 
 
-def _check(o: torch.Tensor, residual: torch.Tensor, vectors: dict[str, torch.Tensor]) -> None:
+@triton.jit
+def _rms_bf16(x, w, n, eps):
+    """vLLM's eager ``rms_norm`` of a float32 row holding bf16 values (zero past ``n``):
+    float32 statistics, the normed row rounded, times the weight rounded."""
+    return _to_bf16(_to_bf16(x * tl.rsqrt(tl.sum(x * x, axis=0) / n + eps)) * w)
+
+
+@triton.jit
+def _end_of_layer_kernel(
+    dense,
+    experts,
+    residual,
+    w1,
+    w2,
+    w,
+    scalar,
+    out,
+    eps,
+    N: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64) * N
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    d = tl.load(dense + row + cols, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(experts + row + cols, mask=mask, other=0.0).to(tl.float32)
+    res = tl.load(residual + row + cols, mask=mask, other=0.0).to(tl.float32)
+    v1 = tl.load(w1 + cols, mask=mask, other=0.0).to(tl.float32)
+    v2 = tl.load(w2 + cols, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(w + cols, mask=mask, other=0.0).to(tl.float32)
+    sc = tl.load(scalar).to(tl.float32)
+
+    both = _to_bf16(_rms_bf16(d, v1, N, eps) + _rms_bf16(m, v2, N, eps))
+    y = _to_bf16(_to_bf16(_rms_bf16(both, v, N, eps) + res) * sc)
+    tl.store(out + row + cols, y.to(out.dtype.element_ty), mask=mask)
+
+
+def _check(
+    op: str, rows: dict[str, torch.Tensor], vectors: dict[str, torch.Tensor], scalars=()
+) -> None:
+    """Every row tensor a contiguous bf16 [T, H] like the first, every vector [H], every
+    scalar [1]: a clear error naming the tensor, not a wrong read."""
+    first, o = next(iter(rows.items()))
     if o.dtype != torch.bfloat16 or o.dim() != 2 or not o.is_contiguous():
-        raise ValueError(f"post_attention_norms: o must be a contiguous bf16 [T, H], got "
+        raise ValueError(f"{op}: {first} must be a contiguous bf16 [T, H], got "
                          f"{o.dtype} {tuple(o.shape)}")  # fmt: skip
     hidden = o.shape[-1]
-    expected = {"residual": (residual, tuple(o.shape))}
+    expected = {name: (t, tuple(o.shape)) for name, t in rows.items() if name != first}
     expected |= {name: (v, (hidden,)) for name, v in vectors.items()}
-    require_contiguous(expected, f"for o {tuple(o.shape)}")
+    expected |= {name: (v, (1,)) for name, v in dict(scalars).items()}
+    require_contiguous(expected, f"for {first} {tuple(o.shape)}")
     for name, (t, _) in expected.items():
         if t.dtype != o.dtype:
-            raise ValueError(f"post_attention_norms: {name} must be bf16 like o, got {t.dtype}")
+            raise ValueError(f"{op}: {name} must be bf16 like {first}, got {t.dtype}")
 
 
 def post_attention_norms(
@@ -112,7 +162,8 @@ def post_attention_norms(
     ``h = rms(o) * w_post + residual``, then ``rms(h)`` times ``w_ff``, times ``w_ff2``, and
     times ``root`` then ``scale``. ``root`` as vLLM holds it (``root_size`` rounded to
     bf16)."""
-    _check(o, residual, {"w_post": w_post, "w_ff": w_ff, "w_ff2": w_ff2, "scale": scale})
+    _check("post_attention_norms", {"o": o, "residual": residual},
+           {"w_post": w_post, "w_ff": w_ff, "w_ff2": w_ff2, "scale": scale})  # fmt: skip
     outs = tuple(torch.empty_like(o) for _ in range(4))
     tokens, hidden = o.shape
     if tokens:
@@ -122,3 +173,29 @@ def post_attention_norms(
             N=hidden, BLOCK=block, num_warps=max(1, min(8, block // 512)),  # 8 at 2816: timed
         )  # fmt: skip
     return outs
+
+
+def end_of_layer_norms(
+    dense: torch.Tensor,
+    experts: torch.Tensor,
+    residual: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w: torch.Tensor,
+    scalar: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """The layer's output from its dense MLP's and experts' outputs [T, H]:
+    ``(rms(rms(dense) * w1 + rms(experts) * w2) * w + residual) * scalar``, each step
+    rounded to bf16 as vLLM's eager forward rounds it; ``scalar`` the layer scalar [1]."""
+    _check("end_of_layer_norms", {"dense": dense, "experts": experts, "residual": residual},
+           {"w1": w1, "w2": w2, "w": w}, {"scalar": scalar})  # fmt: skip
+    out = torch.empty_like(dense)
+    tokens, hidden = dense.shape
+    if tokens:
+        block = triton.next_power_of_2(hidden)
+        _end_of_layer_kernel[(tokens,)](
+            dense, experts, residual, w1, w2, w, scalar, out, float(eps),
+            N=hidden, BLOCK=block, num_warps=max(1, min(8, block // 512)),
+        )  # fmt: skip
+    return out

@@ -1,4 +1,5 @@
-"""Decode: the norms between Gemma 4's attention and its feed-forward blocks in one kernel.
+"""Decode: the norms between Gemma 4's attention and its feed-forward blocks in one kernel,
+and those at the end of a decoder layer in another.
 
 Why:
     Between attention's o projection and the dense MLP, the router and the experts, a
@@ -10,7 +11,9 @@ Why:
     6.6 - 10.5 us a layer at batch 1, the largest kernel outside the projections.
     ``gemma4_quant.kernels.norm_blocks`` does it in one pass after one wait: with L2
     flushed before each call, 3.23 us against Inductor's 3.95 at batch 1, 3.73 against
-    4.28 at batch 64 (docs/gpu-results.md 3n).
+    4.28 at batch 64 (docs/gpu-results.md 3n). At the end of the layer the two
+    post-feed-forward norms, their sum, the last norm, the residual add and the layer
+    scalar are another looped reduction (4.6 us a layer on an H200, 3o).
 
 How:
     ``Gemma4DecoderLayer.__init__`` is wrapped: a layer takes the path where the model
@@ -18,9 +21,11 @@ How:
     its four norms share one epsilon, and the kernel compiles and matches vLLM's norms on
     one token on this GPU (checked once per process; a failure leaves vLLM's forward with
     one warning). Its ``forward`` then runs the layer's statements as vLLM's does, except
-    that those norms are one custom op, ``gemma4_quant::post_attention_norms``, and the
-    router's projection takes the op's router input. Every other layer keeps vLLM's
-    forward. ``auto`` takes it on no GPU yet: the kernel alone is faster, the end-to-end
+    that those norms are one custom op, ``gemma4_quant::post_attention_norms``, the
+    router's projection takes the op's router input, and the statements after the
+    feed-forward blocks are a second op, ``gemma4_quant::end_of_layer_norms`` (its norms
+    share that epsilon; the layer scalar is one bf16 value). Every other layer keeps
+    vLLM's forward. ``auto`` takes it on no GPU yet: the kernel alone is faster, the end-to-end
     decode is not measured (``GEMMA4_QUANT_FAST_DECODE=force`` takes it on any CUDA GPU).
 
 Upstream PR:
@@ -63,8 +68,8 @@ from .fast_decode import switched_off
 
 NAME = "norm_blocks"
 SUMMARY = (
-    "decode: the norms between attention and the feed-forward blocks in one Triton kernel "
-    "(forced only, until measured end to end)"
+    "decode: the norms after attention, and those at the end of a layer, in one Triton "
+    "kernel each (forced only, until measured end to end)"
 )
 
 _MODEL = "model_executor/models/gemma4.py"
@@ -74,6 +79,7 @@ _FLAG = "_gemma4_quant_norm_blocks"
 # set by ffn_streams on the layers whose dense MLP and experts it makes one op: their key
 STREAMS_FLAG = "_gemma4_quant_ffn_streams"
 OP = "post_attention_norms"
+END_OP = "end_of_layer_norms"
 # GPUs (compute capability) where ``auto`` takes it: measured faster end to end; none yet
 MEASURED: frozenset[tuple[int, int]] = frozenset()
 # rounded the same way as vLLM's eager norms; only the order of a float32 sum differs
@@ -152,8 +158,9 @@ def detect() -> Detection:
     if off is not None:
         return off
     return Detection.needed(
-        "Gemma4DecoderLayer.forward recognized: the norms after attention take one Triton "
-        "kernel (decided per layer when the model is built)",
+        "Gemma4DecoderLayer.forward recognized: the norms after attention and those at the "
+        "end of the layer take one Triton kernel each (decided per layer when the model is "
+        "built)",
         findings=experts,
     )
 
@@ -236,16 +243,29 @@ def _forward(
         dense_out, experts_out = torch.ops.gemma4_quant.ffn_pair(
             dense_in, experts_in, router_in, key
         )
-    hidden_states_1 = layer.post_feedforward_layernorm_1(dense_out)
-    hidden_states_2 = layer.post_feedforward_layernorm_2(experts_out)
-    hidden_states = layer.post_feedforward_layernorm(hidden_states_1 + hidden_states_2)
-    hidden_states = hidden_states + residual
-    return hidden_states * layer.layer_scalar, None
+    hidden_states = getattr(torch.ops.gemma4_quant, END_OP)(
+        dense_out,
+        experts_out,
+        residual,
+        layer.post_feedforward_layernorm_1.weight,
+        layer.post_feedforward_layernorm_2.weight,
+        layer.post_feedforward_layernorm.weight,
+        layer.layer_scalar,
+        layer.post_attention_layernorm.variance_epsilon,
+    )
+    return hidden_states, None
+
+
+# the layer's weighted norms the ops compute: after attention, then at the end
+NORMS = ("post_attention_layernorm", "pre_feedforward_layernorm", "pre_feedforward_layernorm_2",
+         "post_feedforward_layernorm_1", "post_feedforward_layernorm_2",
+         "post_feedforward_layernorm")  # fmt: skip
 
 
 def eligible(layer: Any) -> bool:
-    """A layer with its MoE block and router, no per-layer input, bf16 weighted norms after
-    attention sharing one epsilon, and the router's weightless norm with that epsilon."""
+    """A layer with its MoE block and router, no per-layer input, bf16 weighted norms
+    sharing one epsilon, the router's weightless norm with that epsilon, and a bf16 layer
+    scalar of one value."""
     import torch
 
     if not getattr(layer, "enable_moe_block", False):
@@ -253,18 +273,18 @@ def eligible(layer: Any) -> bool:
     if getattr(layer, "per_layer_input_gate", None) is not None:
         return False
     router = getattr(layer, "router", None)
-    norms = [
-        getattr(layer, n, None)
-        for n in ("post_attention_layernorm", "pre_feedforward_layernorm",
-                  "pre_feedforward_layernorm_2")
-    ]  # fmt: skip
+    norms = [getattr(layer, n, None) for n in NORMS]
+    scalar = getattr(layer, "layer_scalar", None)
     if router is None or any(n is None for n in norms):
         return False
     eps = {getattr(n, "variance_epsilon", None) for n in [*norms, getattr(router, "norm", None)]}
     hidden = layer.hidden_size
     vectors = [n.weight for n in norms] + [getattr(router, "scale", None)]
     return (
-        len(eps) == 1
+        isinstance(scalar, torch.Tensor)
+        and scalar.shape == (1,)
+        and scalar.dtype == torch.bfloat16
+        and len(eps) == 1
         and None not in eps
         and all(getattr(n, "has_weight", True) for n in norms)
         and all(getattr(n, "variance_size_override", None) is None for n in norms)
@@ -294,7 +314,8 @@ def decide(layer: Any, mode: str, device: str) -> float | None:
     register_op()
     info_once(
         NAME,
-        "gemma4_quant: norm_blocks: Gemma 4's norms after attention take one Triton kernel on %s",
+        "gemma4_quant: norm_blocks: Gemma 4's norms after attention and at the end of a layer "
+        "take one Triton kernel each on %s",
         cuda_device() if device == "cuda" else "the CPU (Triton's interpreter)",
     )
     return root
@@ -313,18 +334,27 @@ def kernel_works(hidden: int, eps: float, device: str) -> bool:
     return _checked[key]
 
 
-def reference(o, residual, w_post, w_ff, w_ff2, scale, root: float, eps: float):  # noqa: ANN001, ANN201
-    """The same four outputs in torch, with vLLM's eager roundings."""
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     import torch
 
-    def rms(x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
-    h = rms(o) * w_post + residual
-    hn = rms(h)
+
+def reference(o, residual, w_post, w_ff, w_ff2, scale, root: float, eps: float):  # noqa: ANN001, ANN201
+    """The post-attention op's four outputs in torch, with vLLM's eager roundings."""
+    import torch
+
+    h = _rms(o, eps) * w_post + residual
+    hn = _rms(h, eps)
     router = hn * torch.tensor(root, dtype=h.dtype, device=h.device) * scale
     return h, hn * w_ff, hn * w_ff2, router
+
+
+def end_reference(dense, experts, residual, w1, w2, w, scalar, eps: float):  # noqa: ANN001, ANN201
+    """The end-of-layer op's output in torch, with vLLM's eager roundings."""
+    both = _rms(dense, eps) * w1 + _rms(experts, eps) * w2
+    return (_rms(both, eps) * w + residual) * scalar
 
 
 def _check(hidden: int, eps: float, device: str) -> bool:
@@ -332,17 +362,31 @@ def _check(hidden: int, eps: float, device: str) -> bool:
 
     def compute() -> tuple[torch.Tensor, torch.Tensor]:
         # explicit CPU tensors: vLLM builds the model under a default device of its own
-        from ..kernels.norm_blocks import post_attention_norms
+        from ..kernels.norm_blocks import end_of_layer_norms, post_attention_norms
 
         gen = torch.Generator(device="cpu").manual_seed(0)
-        o = (torch.randn(1, hidden, generator=gen, device="cpu") * 4).bfloat16()
-        residual = (torch.randn(1, hidden, generator=gen, device="cpu") * 20).bfloat16()
-        vectors = [(1 + 0.3 * torch.randn(hidden, generator=gen, device="cpu")).bfloat16()
-                   for _ in range(4)]  # fmt: skip
+
+        def rows(scale: float, count: int) -> list[torch.Tensor]:
+            return [(torch.randn(1, hidden, generator=gen, device="cpu") * scale).bfloat16()
+                    for _ in range(count)]  # fmt: skip
+
+        def vectors(count: int) -> list[torch.Tensor]:
+            return [(1 + 0.3 * torch.randn(hidden, generator=gen, device="cpu")).bfloat16()
+                    for _ in range(count)]  # fmt: skip
+
+        o, residual = rows(4, 1) + rows(20, 1)
+        post = vectors(4)
         root = torch.tensor(hidden**-0.5, device="cpu").bfloat16().item()
-        want = reference(o, residual, *vectors, root, eps)
-        got = post_attention_norms(o.to(device), residual.to(device),
-                                   *(v.to(device) for v in vectors), root, eps)  # fmt: skip
+        dense, experts = rows(3, 2)
+        end = vectors(3) + [torch.tensor([1.5], device="cpu").bfloat16()]
+        want = [*reference(o, residual, *post, root, eps),
+                end_reference(dense, experts, residual, *end, eps)]  # fmt: skip
+
+        def on(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [t.to(device) for t in tensors]
+
+        got = [*post_attention_norms(*on([o, residual, *post]), root, eps),
+               end_of_layer_norms(*on([dense, experts, residual, *end]), eps)]  # fmt: skip
         return torch.cat([g.cpu() for g in got]), torch.cat(want)
 
     return one_token_agrees(
@@ -352,7 +396,7 @@ def _check(hidden: int, eps: float, device: str) -> bool:
 
 
 def register_op() -> None:
-    """``torch.ops.gemma4_quant.post_attention_norms``."""
+    """``torch.ops.gemma4_quant.post_attention_norms`` and ``end_of_layer_norms``."""
     import torch
 
     def post_attention_norms(
@@ -379,6 +423,32 @@ def register_op() -> None:
         "float root, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
         post_attention_norms,
         fake,
+    )
+
+    def end_of_layer_norms(
+        dense: torch.Tensor,
+        experts: torch.Tensor,
+        residual: torch.Tensor,
+        w1: torch.Tensor,
+        w2: torch.Tensor,
+        w: torch.Tensor,
+        scalar: torch.Tensor,
+        eps: float,
+    ) -> torch.Tensor:
+        from ..kernels.norm_blocks import end_of_layer_norms as kernel
+
+        return kernel(dense.contiguous(), experts.contiguous(), residual.contiguous(), w1, w2, w,
+                      scalar, eps)  # fmt: skip
+
+    def end_fake(dense, experts, residual, w1, w2, w, scalar, eps):  # noqa: ANN001, ANN202
+        return torch.empty_like(dense)
+
+    define_op(
+        END_OP,
+        "(Tensor dense, Tensor experts, Tensor residual, Tensor w1, Tensor w2, Tensor w, "
+        "Tensor scalar, float eps) -> Tensor",
+        end_of_layer_norms,
+        end_fake,
     )
 
 
