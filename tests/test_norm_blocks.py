@@ -15,7 +15,11 @@ from triton_env import DEVICE, need_triton
 
 torch = need_triton()
 
-from gemma4_quant.kernels.norm_blocks import end_of_layer_norms, post_attention_norms  # noqa: E402
+from gemma4_quant.kernels.norm_blocks import (  # noqa: E402
+    end_of_layer_norms,
+    end_of_layer_norms_next,
+    post_attention_norms,
+)
 
 EPS = 1e-6
 
@@ -104,6 +108,23 @@ def test_end_of_layer_matches_vllms_modules(tokens: int, hidden: int) -> None:
     # the two blocks' norms swapped: the test bites
     swapped = vllm_eager_end(dense, experts, residual, vectors[1], vectors[0], vectors[2], scalar)
     assert (got != swapped).float().mean().item() > 0.5
+    # with the next layer's input norm: the same output, and that norm of it
+    w_next = _vectors(hidden, gen)[0]
+    chained, normed = end_of_layer_norms_next(
+        *(t.to(DEVICE) for t in (dense, experts, residual, *vectors, scalar, w_next)), EPS
+    )
+    assert torch.equal(chained.cpu(), got)
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.layernorm import RMSNorm
+
+    with set_current_vllm_config(VllmConfig()):
+        norm = RMSNorm(hidden, eps=EPS)
+    norm.weight.data = w_next.clone()
+    want_next = norm.forward_native(got)
+    assert (
+        (normed.cpu().float() - want_next.float()).abs() <= want_next.float().abs() * 2.0**-7
+    ).all()
+    assert (normed.cpu() != want_next).float().mean().item() < 0.01
 
 
 def test_rejects_mismatched_shapes() -> None:
@@ -232,6 +253,116 @@ def test_a_layer_gives_vllms_outputs(tiny_model, monkeypatch, pair: bool) -> Non
             assert error < 1e-2, (layer.layer_idx, tokens, error)
 
 
+def test_the_model_loop_is_recognized_and_edits_are_not() -> None:
+    from gemma4_quant.patches import norm_blocks, vllm_source
+
+    text = vllm_source(norm_blocks._MODEL)
+    assert norm_blocks.chains_layers(text)
+    for old, new in [
+        ("        residual = None\n        aux", "        residual = hidden_states\n        aux"),
+        ("hidden_states, _ = self.norm(hidden_states, residual)",
+         "hidden_states = self.norm(hidden_states + residual)"),
+        ("layer_idx + 1, hidden_states, residual", "layer_idx + 1, hidden_states + residual, None"),
+        ("    residual = None\n    for idx, layer",
+         "    residual = hidden_states\n    for idx, layer"),  # the fast prefill's loop
+    ]:  # fmt: skip
+        edited = text.replace(old, new, 1)
+        assert edited != text and not norm_blocks.chains_layers(edited), old
+        assert norm_blocks.experts_attribute(edited), "the layer's forward is still known"
+
+
+def test_linked_layers_give_vllms_model_output(tiny_model, monkeypatch) -> None:
+    """vLLM's own ``Gemma4Model.forward`` over every layer, each with the ops and linked
+    (a layer's end-of-layer op computes the next one's input norm and hands it on as the
+    residual vLLM's loop passes), against the same model with vLLM's layer forward: the
+    same output, and with EAGLE-3's hidden states on, the same hidden states too."""
+    from vllm.config import set_current_vllm_config
+    from vllm.forward_context import set_forward_context
+
+    from gemma4_quant.patches import norm_blocks, vllm_source
+
+    model, vllm_config = tiny_model
+    monkeypatch.setattr(norm_blocks, "_checked", {})
+    experts = norm_blocks.experts_attribute(vllm_source(norm_blocks._MODEL))
+    inner = next(m for m in model.modules() if type(m).__name__ == "Gemma4Model")
+    layers = list(inner.layers)
+    assert len(layers) > 2
+    gen = torch.Generator().manual_seed(9)
+    roots = {}
+    for layer in layers:
+        monkeypatch.setitem(layer._modules, "self_attn", AttentionOutput())
+        with torch.no_grad():
+            for norm in norm_blocks.NORMS:
+                weight = getattr(layer, norm).weight
+                weight.copy_(1 + 0.5 * torch.randn(weight.shape, generator=gen))
+            layer.layer_scalar.fill_(0.5 + layer.layer_idx * 0.25)
+        roots[layer] = norm_blocks.decide(layer, "force", DEVICE)
+    ids = torch.tensor([3, 17, 5, 9])
+    positions = torch.arange(len(ids))
+
+    def run() -> torch.Tensor:
+        with (
+            torch.no_grad(),
+            set_current_vllm_config(vllm_config),
+            set_forward_context(None, vllm_config),
+        ):
+            return inner(ids, positions, None)
+
+    want = run()
+    monkeypatch.setattr(inner, "aux_hidden_state_layers", (1, 2))
+    want_aux = run()
+    monkeypatch.setattr(inner, "aux_hidden_state_layers", ())
+
+    def forward(self, positions, hidden_states, residual, per_layer_input=None, **kwargs):  # noqa: ANN001, ANN202
+        return norm_blocks._forward(self, experts, roots[self], positions, hidden_states,
+                                    residual, **kwargs)  # fmt: skip
+
+    for layer in layers:
+        monkeypatch.setattr(layer, norm_blocks._FLAG, roots[layer], raising=False)
+        monkeypatch.setattr(layer, norm_blocks._NEXT, None, raising=False)
+    monkeypatch.setattr(type(layers[0]), "forward", forward)
+    assert torch.equal(run(), want), "unlinked"
+    norm_blocks.link_layers(inner)
+    linked = [getattr(layer, norm_blocks._NEXT) is not None for layer in layers]
+    assert linked == [True] * (len(layers) - 1) + [False]
+    got = run()
+    error = ((got.float() - want.float()).norm() / want.float().norm()).item()
+    assert error < 1e-2, error  # bit for bit here, as for one layer
+    monkeypatch.setattr(inner, "aux_hidden_state_layers", (1, 2))
+    got_hidden, got_aux = run()
+    assert torch.equal(got_hidden, got) and len(got_aux) == len(want_aux[1]) == 2
+    for g, w in zip(got_aux, want_aux[1], strict=True):
+        assert ((g.float() - w.float()).norm() / w.float().norm()).item() < 1e-2
+    monkeypatch.setattr(inner, "aux_hidden_state_layers", ())
+    # the test bites: a link to the wrong norm changes the output
+    wrong = norm_blocks._Next(inner, layers[0].post_feedforward_layernorm)
+    monkeypatch.setattr(layers[0], norm_blocks._NEXT, wrong)
+    error = ((run().float() - want.float()).norm() / want.float().norm()).item()
+    assert error > 0.05, error
+
+
+def test_links_skip_layers_without_the_ops(tiny_model, monkeypatch) -> None:
+    from gemma4_quant.patches import norm_blocks
+
+    inner = next(m for m in tiny_model[0].modules() if type(m).__name__ == "Gemma4Model")
+    layers = list(inner.layers)
+    for index, layer in enumerate(layers):
+        monkeypatch.setattr(layer, norm_blocks._FLAG, None if index == 1 else 0.0625,
+                            raising=False)  # fmt: skip
+        monkeypatch.setattr(layer, norm_blocks._NEXT, None, raising=False)
+    norm_blocks.link_layers(inner)
+    linked = [getattr(layer, norm_blocks._NEXT) is not None for layer in layers]
+    assert linked == [False, False] + [True] * (len(layers) - 3) + [False]
+    # pipeline parallel: only this process's share
+    for layer in layers:
+        monkeypatch.setattr(layer, norm_blocks._FLAG, 0.0625)
+        monkeypatch.setattr(layer, norm_blocks._NEXT, None)
+    monkeypatch.setattr(inner, "end_layer", 2)
+    norm_blocks.link_layers(inner)
+    assert [getattr(layer, norm_blocks._NEXT) is not None for layer in layers[:3]] == [
+        True, False, False]  # fmt: skip
+
+
 def test_layers_the_op_does_not_fit_keep_vllms_forward(tiny_model, monkeypatch) -> None:
     from gemma4_quant.patches import norm_blocks
 
@@ -336,7 +467,8 @@ def test_the_ops_trace_whole() -> None:
 
     def block(o: torch.Tensor) -> torch.Tensor:
         h, a, b, r = op(o, o * 2, v, v, v, v, 0.0625, EPS)
-        return end(a, b + r, h, v, v, v, scalar, EPS)
+        y, normed = torch.ops.gemma4_quant.end_of_layer_norms_next(a, b, h, v, v, v, scalar, v, EPS)
+        return end(y, normed + r, h, v, v, v, scalar, EPS)
 
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True, dynamic=True)
     assert torch.equal(compiled(o), block(o))

@@ -18,7 +18,7 @@ Why:
     their sum, the last norm, the residual add and the layer scalar took 4.6 us a layer on
     an H200 at batch 1 (docs/gpu-results.md 3o); the same block with the next layer's
     input norm took 2.8 us in one program a token where Inductor took 5.8 (bench/norm_block.py
-    ``--cold``, H100, 3n).
+    ``--cold``, H100, 3n); ``end_of_layer_norms_next`` computes that input norm too.
 
 How:
     One program a token holds the whole row (the hidden size rounded up to a power of two)
@@ -108,10 +108,13 @@ def _end_of_layer_kernel(
     w2,
     w,
     scalar,
+    w_next,
     out,
+    next_out,
     eps,
     N: tl.constexpr,
     BLOCK: tl.constexpr,
+    NEXT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64) * N
     cols = tl.arange(0, BLOCK)
@@ -127,6 +130,10 @@ def _end_of_layer_kernel(
     both = _to_bf16(_rms_bf16(d, v1, N, eps) + _rms_bf16(m, v2, N, eps))
     y = _to_bf16(_to_bf16(_rms_bf16(both, v, N, eps) + res) * sc)
     tl.store(out + row + cols, y.to(out.dtype.element_ty), mask=mask)
+    if NEXT:  # the next layer's input norm of this output
+        vn = tl.load(w_next + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(next_out + row + cols, _rms_bf16(y, vn, N, eps).to(next_out.dtype.element_ty),
+                 mask=mask)  # fmt: skip
 
 
 def _check(
@@ -175,6 +182,33 @@ def post_attention_norms(
     return outs
 
 
+def _end_of_layer(
+    dense: torch.Tensor,
+    experts: torch.Tensor,
+    residual: torch.Tensor,
+    vectors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    scalar: torch.Tensor,
+    w_next: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    names = ("w1", "w2", "w") + (("w_next",) if w_next is not None else ())
+    op = "end_of_layer_norms" + ("_next" if w_next is not None else "")
+    _check(op, {"dense": dense, "experts": experts, "residual": residual},
+           dict(zip(names, (*vectors, w_next), strict=False)), {"scalar": scalar})  # fmt: skip
+    out = torch.empty_like(dense)
+    next_out = torch.empty_like(dense) if w_next is not None else out
+    tokens, hidden = dense.shape
+    if tokens:
+        block = triton.next_power_of_2(hidden)
+        _end_of_layer_kernel[(tokens,)](
+            dense, experts, residual, *vectors, scalar,
+            w_next if w_next is not None else vectors[2], out, next_out, float(eps),
+            N=hidden, BLOCK=block, NEXT=w_next is not None,
+            num_warps=max(1, min(8, block // 512)),
+        )  # fmt: skip
+    return out, next_out
+
+
 def end_of_layer_norms(
     dense: torch.Tensor,
     experts: torch.Tensor,
@@ -188,14 +222,20 @@ def end_of_layer_norms(
     """The layer's output from its dense MLP's and experts' outputs [T, H]:
     ``(rms(rms(dense) * w1 + rms(experts) * w2) * w + residual) * scalar``, each step
     rounded to bf16 as vLLM's eager forward rounds it; ``scalar`` the layer scalar [1]."""
-    _check("end_of_layer_norms", {"dense": dense, "experts": experts, "residual": residual},
-           {"w1": w1, "w2": w2, "w": w}, {"scalar": scalar})  # fmt: skip
-    out = torch.empty_like(dense)
-    tokens, hidden = dense.shape
-    if tokens:
-        block = triton.next_power_of_2(hidden)
-        _end_of_layer_kernel[(tokens,)](
-            dense, experts, residual, w1, w2, w, scalar, out, float(eps),
-            N=hidden, BLOCK=block, num_warps=max(1, min(8, block // 512)),
-        )  # fmt: skip
-    return out
+    return _end_of_layer(dense, experts, residual, (w1, w2, w), scalar, None, eps)[0]
+
+
+def end_of_layer_norms_next(
+    dense: torch.Tensor,
+    experts: torch.Tensor,
+    residual: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w: torch.Tensor,
+    scalar: torch.Tensor,
+    w_next: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``end_of_layer_norms``' output ``y`` and the next layer's input, ``rms(y) * w_next``
+    (the same epsilon), from one read of the row."""
+    return _end_of_layer(dense, experts, residual, (w1, w2, w), scalar, w_next, eps)

@@ -18,15 +18,26 @@ Why:
 How:
     ``Gemma4DecoderLayer.__init__`` is wrapped: a layer takes the path where the model
     is built on a CUDA GPU, the layer has its MoE block and no per-layer input (26B-A4B),
-    its four norms share one epsilon, and the kernel compiles and matches vLLM's norms on
-    one token on this GPU (checked once per process; a failure leaves vLLM's forward with
-    one warning). Its ``forward`` then runs the layer's statements as vLLM's does, except
-    that those norms are one custom op, ``gemma4_quant::post_attention_norms``, the
+    its seven weighted norms and the router's share one epsilon, its layer scalar is one
+    bf16 value, and the kernels compile and match vLLM's norms on one token on this GPU
+    (checked once per process; a failure leaves vLLM's forward with one warning). Its
+    ``forward`` then runs the layer's statements as vLLM's does, except that the norms
+    after attention are one custom op, ``gemma4_quant::post_attention_norms``, the
     router's projection takes the op's router input, and the statements after the
-    feed-forward blocks are a second op, ``gemma4_quant::end_of_layer_norms`` (its norms
-    share that epsilon; the layer scalar is one bf16 value). Every other layer keeps
-    vLLM's forward. ``auto`` takes it on no GPU yet: the kernel alone is faster, the end-to-end
-    decode is not measured (``GEMMA4_QUANT_FAST_DECODE=force`` takes it on any CUDA GPU).
+    feed-forward blocks are a second op, ``gemma4_quant::end_of_layer_norms``. Every
+    other layer keeps vLLM's forward.
+
+    Across layers: where ``Gemma4Model.forward`` hands a layer's second output (the
+    residual, None in Gemma 4) only to the next layer's call and to the final norm (the
+    lines this module knows), ``Gemma4Model.__init__`` is wrapped too and links each
+    layer that takes the ops to the next one in this process's share of the model that
+    takes them: its end-of-layer op (``end_of_layer_norms_next``) also computes that
+    layer's input norm and hands it on as the residual, and that layer skips its own
+    input norm. The last layer hands on None. While EAGLE-3 keeps hidden states
+    (``aux_hidden_state_layers``, which adds the residual to them), no layer hands one on.
+
+    ``auto`` takes it on no GPU yet: the kernels alone are faster, the end-to-end decode
+    is not measured (``GEMMA4_QUANT_FAST_DECODE=force`` takes it on any CUDA GPU).
 
 Upstream PR:
     None. Inductor's persistent-reduction limit (or a fused-norm pass in vLLM's compile
@@ -35,8 +46,9 @@ Upstream PR:
 Releases:
     Every release whose ``Gemma4DecoderLayer.forward`` and ``Gemma4Router.forward`` are
     statement for statement the ones this module knows (read: 0.26.0, whose experts are
-    ``self.moe``, and 0.32.0 - 0.34.0, ``self.experts``); detected from the code, never the
-    version.
+    ``self.moe``, and 0.32.0 - 0.34.0, ``self.experts``); the links where
+    ``Gemma4Model.forward``'s residual lines are the known ones too (the same releases);
+    detected from the code, never the version.
 
 Removal:
     When torch.compile's kernel for these norms is as fast (bench/norm_block.py
@@ -47,6 +59,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import re
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +93,10 @@ _FLAG = "_gemma4_quant_norm_blocks"
 STREAMS_FLAG = "_gemma4_quant_ffn_streams"
 OP = "post_attention_norms"
 END_OP = "end_of_layer_norms"
+NEXT_OP = "end_of_layer_norms_next"
+# on a layer whose next layer (in this process's share of the model) takes the ops too: that
+# layer's input norm, which this layer's end-of-layer op computes (see ``link_layers``)
+_NEXT = "_gemma4_quant_norm_blocks_next"
 # GPUs (compute capability) where ``auto`` takes it: measured faster end to end; none yet
 MEASURED: frozenset[tuple[int, int]] = frozenset()
 # rounded the same way as vLLM's eager norms; only the order of a float32 sum differs
@@ -121,6 +138,20 @@ router_logits, _ = self.proj(x)
 return router_logits"""
 
 
+# Gemma4Model.forward's lines that touch the residual between layers: a layer's second output
+# goes to the next layer's call only, or, after the last layer, to the final norm (and to
+# EAGLE-3's hidden states, which ``_forward`` leaves alone)
+_MODEL_RESIDUAL = (
+    "residual = None",
+    "aux_hidden_states = self._maybe_add_hidden_state([], 0, hidden_states, residual)",
+    "hidden_states, residual = layer(positions, hidden_states, residual, "
+    "per_layer_input=layer_per_input, **kwargs)",
+    "self._maybe_add_hidden_state(aux_hidden_states, layer_idx + 1, hidden_states, residual)",
+    "if residual is None:",
+    "hidden_states, _ = self.norm(hidden_states, residual)",
+)
+
+
 def _body(function: ast.FunctionDef) -> str:
     """The function's statements, docstring and asserts left out, as ``ast.unparse``
     writes them."""
@@ -148,6 +179,31 @@ def experts_attribute(text: str | None) -> str | None:
     return next((a for a in ("moe", "experts") if body == _LAYER_FORWARD.format(experts=a)), None)
 
 
+# _run_decoder_layers (the KV-sharing fast prefill's loop over a share of the layers): the
+# same hand-on, and the last layer's second output dropped
+_SLICE_RESIDUAL = (
+    "residual = None",
+    "hidden_states, residual = layer(positions, hidden_states, residual, "
+    "per_layer_input=layer_per_input, **kwargs)",
+)
+
+
+def _residual_lines(function: ast.FunctionDef) -> tuple[str, ...]:
+    lines = [line.strip() for line in _body(function).splitlines()]
+    return tuple(line for line in lines if re.search(r"\bresidual\b", line))
+
+
+def chains_layers(text: str | None) -> bool:
+    """Whether ``Gemma4Model.forward`` (and the fast prefill's loop, where there is one)
+    passes a layer's second output to the next layer and nowhere else that a normed row
+    would change (the lines this patch knows)."""
+    model = vllm_code.find_function(text, "Gemma4Model.forward")
+    if model is None or _residual_lines(model) != _MODEL_RESIDUAL:
+        return False
+    loop = vllm_code.find_function(text, "_run_decoder_layers")
+    return loop is None or _residual_lines(loop) == _SLICE_RESIDUAL
+
+
 def detect() -> Detection:
     experts = experts_attribute(vllm_source(_MODEL))
     if experts is None:
@@ -167,7 +223,8 @@ def detect() -> Detection:
 
 def apply(detection: Detection) -> None:
     experts = detection.findings
-    when_imported(MODEL_MODULE, lambda module: patch_model(module, experts))
+    chain = chains_layers(vllm_source(_MODEL))
+    when_imported(MODEL_MODULE, lambda module: patch_model(module, experts, chain))
 
 
 def decide_at_init(module: ModuleType, mark: str, flag: str, decide: Any) -> None:
@@ -189,8 +246,18 @@ def decide_at_init(module: ModuleType, mark: str, flag: str, decide: Any) -> Non
     wrap_once(module.Gemma4DecoderLayer, "__init__", mark, make_init)
 
 
-def patch_model(module: ModuleType, experts: str) -> None:
+def patch_model(module: ModuleType, experts: str, chain: bool = False) -> None:
     decide_at_init(module, _MARK, _FLAG, lambda layer, mode: decide(layer, mode, "cuda"))
+    if chain:
+
+        def make_model_init(original: Any) -> Any:
+            def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: N807
+                original(self, *args, **kwargs)
+                link_layers(self)
+
+            return __init__
+
+        wrap_once(module.Gemma4Model, "__init__", _MARK, make_model_init)
 
     def make_forward(original: Any) -> Any:
         def forward(
@@ -205,23 +272,66 @@ def patch_model(module: ModuleType, experts: str) -> None:
             if root is None or per_layer_input is not None:
                 return original(self, positions, hidden_states, residual, per_layer_input,
                                 **kwargs)  # fmt: skip
-            return _forward(self, experts, root, positions, hidden_states, **kwargs)
+            # residual: None, or this layer's normed input from the layer before (linked)
+            return _forward(self, experts, root, positions, hidden_states, residual, **kwargs)
 
         return forward
 
     wrap_once(module.Gemma4DecoderLayer, "forward", _MARK, make_forward)
 
 
+class _Next:
+    """The next layer's input norm, and the model, whose EAGLE-3 layers (set after it is
+    built) read every layer's second output. A plain object, so that neither registers as
+    a submodule of the layer."""
+
+    def __init__(self, model: Any, norm: Any) -> None:
+        self.model = model
+        self.norm = norm
+
+
+def link_layers(model: Any) -> None:
+    """Each layer the ops take whose next layer in this process's share of the model
+    (pipeline parallel: ``start_layer`` to ``end_layer``) takes them too computes that
+    layer's input norm in its end-of-layer op and hands it on as its second output (the
+    residual vLLM's loop passes on); the last layer hands on None, for the final norm."""
+    layers = list(getattr(model, "layers", ()))
+    share = layers[getattr(model, "start_layer", 0) : getattr(model, "end_layer", len(layers))]
+    links = 0
+    for layer, following in zip(share, share[1:], strict=False):
+        if getattr(layer, _FLAG, None) is not None and getattr(following, _FLAG, None) is not None:
+            setattr(layer, _NEXT, _Next(model, following.input_layernorm))
+            links += 1
+    if links:
+        info_once(
+            f"{NAME}-links",
+            "gemma4_quant: norm_blocks: %d of Gemma 4's layers compute the next layer's input "
+            "norm in their end-of-layer kernel",
+            links,
+        )
+
+
 def _forward(
-    layer: Any, experts: str, root: float, positions: Any, hidden_states: Any, **kwargs: Any
+    layer: Any,
+    experts: str,
+    root: float,
+    positions: Any,
+    hidden_states: Any,
+    normed: Any = None,
+    **kwargs: Any,
 ) -> Any:
-    """vLLM's forward of a layer with its MoE block and no per-layer input, the four norms
-    after attention one op; ``root``: the router's ``root_size`` in the activations' dtype,
-    read when the layer was built (a tensor's value read here would break the graph)."""
+    """vLLM's forward of a layer with its MoE block and no per-layer input, the norms
+    after attention one op and those at the end another; ``root``: the router's
+    ``root_size`` in the activations' dtype, read when the layer was built (a tensor's
+    value read here would break the graph); ``normed``: the layer's input norm, computed
+    by the layer before."""
     import torch
 
     residual = hidden_states
-    hidden_states = layer.input_layernorm(residual)
+    if normed is None:
+        hidden_states = layer.input_layernorm(residual)
+    else:
+        hidden_states = normed
     hidden_states = layer.self_attn(positions=positions, hidden_states=hidden_states, **kwargs)
     router = layer.router
     residual, dense_in, experts_in, router_in = getattr(torch.ops.gemma4_quant, OP)(
@@ -243,7 +353,7 @@ def _forward(
         dense_out, experts_out = torch.ops.gemma4_quant.ffn_pair(
             dense_in, experts_in, router_in, key
         )
-    hidden_states = getattr(torch.ops.gemma4_quant, END_OP)(
+    end = (
         dense_out,
         experts_out,
         residual,
@@ -251,15 +361,20 @@ def _forward(
         layer.post_feedforward_layernorm_2.weight,
         layer.post_feedforward_layernorm.weight,
         layer.layer_scalar,
-        layer.post_attention_layernorm.variance_epsilon,
     )
-    return hidden_states, None
+    eps = layer.post_attention_layernorm.variance_epsilon
+    following = getattr(layer, _NEXT, None)
+    if following is None or getattr(following.model, "aux_hidden_state_layers", ()):
+        return getattr(torch.ops.gemma4_quant, END_OP)(*end, eps), None
+    # EAGLE-3 adds the second output to the hidden states it keeps: none when it is on
+    return getattr(torch.ops.gemma4_quant, NEXT_OP)(*end, following.norm.weight, eps)
 
 
-# the layer's weighted norms the ops compute: after attention, then at the end
-NORMS = ("post_attention_layernorm", "pre_feedforward_layernorm", "pre_feedforward_layernorm_2",
-         "post_feedforward_layernorm_1", "post_feedforward_layernorm_2",
-         "post_feedforward_layernorm")  # fmt: skip
+# the layer's weighted norms the ops compute: after attention, at the end, and (from the
+# layer before, when linked) its input norm
+NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+         "pre_feedforward_layernorm_2", "post_feedforward_layernorm_1",
+         "post_feedforward_layernorm_2", "post_feedforward_layernorm")  # fmt: skip
 
 
 def eligible(layer: Any) -> bool:
@@ -362,7 +477,7 @@ def _check(hidden: int, eps: float, device: str) -> bool:
 
     def compute() -> tuple[torch.Tensor, torch.Tensor]:
         # explicit CPU tensors: vLLM builds the model under a default device of its own
-        from ..kernels.norm_blocks import end_of_layer_norms, post_attention_norms
+        from ..kernels import norm_blocks as kernels
 
         gen = torch.Generator(device="cpu").manual_seed(0)
 
@@ -379,14 +494,17 @@ def _check(hidden: int, eps: float, device: str) -> bool:
         root = torch.tensor(hidden**-0.5, device="cpu").bfloat16().item()
         dense, experts = rows(3, 2)
         end = vectors(3) + [torch.tensor([1.5], device="cpu").bfloat16()]
-        want = [*reference(o, residual, *post, root, eps),
-                end_reference(dense, experts, residual, *end, eps)]  # fmt: skip
+        (w_next,) = vectors(1)
+        y = end_reference(dense, experts, residual, *end, eps)
+        want = [*reference(o, residual, *post, root, eps), y, y, _rms(y, eps) * w_next]
 
         def on(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
             return [t.to(device) for t in tensors]
 
-        got = [*post_attention_norms(*on([o, residual, *post]), root, eps),
-               end_of_layer_norms(*on([dense, experts, residual, *end]), eps)]  # fmt: skip
+        got = [*kernels.post_attention_norms(*on([o, residual, *post]), root, eps),
+               kernels.end_of_layer_norms(*on([dense, experts, residual, *end]), eps),
+               *kernels.end_of_layer_norms_next(*on([dense, experts, residual, *end, w_next]),
+                                                eps)]  # fmt: skip
         return torch.cat([g.cpu() for g in got]), torch.cat(want)
 
     return one_token_agrees(
@@ -396,7 +514,8 @@ def _check(hidden: int, eps: float, device: str) -> bool:
 
 
 def register_op() -> None:
-    """``torch.ops.gemma4_quant.post_attention_norms`` and ``end_of_layer_norms``."""
+    """``torch.ops.gemma4_quant.post_attention_norms``, ``end_of_layer_norms`` and
+    ``end_of_layer_norms_next``."""
     import torch
 
     def post_attention_norms(
@@ -449,6 +568,33 @@ def register_op() -> None:
         "Tensor scalar, float eps) -> Tensor",
         end_of_layer_norms,
         end_fake,
+    )
+
+    def end_of_layer_norms_next(
+        dense: torch.Tensor,
+        experts: torch.Tensor,
+        residual: torch.Tensor,
+        w1: torch.Tensor,
+        w2: torch.Tensor,
+        w: torch.Tensor,
+        scalar: torch.Tensor,
+        w_next: torch.Tensor,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..kernels.norm_blocks import end_of_layer_norms_next as kernel
+
+        return kernel(dense.contiguous(), experts.contiguous(), residual.contiguous(), w1, w2, w,
+                      scalar, w_next, eps)  # fmt: skip
+
+    def next_fake(dense, experts, residual, w1, w2, w, scalar, w_next, eps):  # noqa: ANN001, ANN202
+        return torch.empty_like(dense), torch.empty_like(dense)
+
+    define_op(
+        NEXT_OP,
+        "(Tensor dense, Tensor experts, Tensor residual, Tensor w1, Tensor w2, Tensor w, "
+        "Tensor scalar, Tensor w_next, float eps) -> (Tensor, Tensor)",
+        end_of_layer_norms_next,
+        next_fake,
     )
 
 
