@@ -6,8 +6,9 @@ Inductor kernels around its projections (docs/gpu-results.md 3l), 6.6 us in the 
 attention's o projection. Inductor makes a row of more than 1024 (hidden 2816) a looped
 reduction: one program walks the row once per dependent sum (post-attention norm, then
 the residual's norm), so one SM does it all at one token. The ``triton`` variant holds the
-row in registers and reads it once (the post-attention block's kernel is
-``gemma4_quant.kernels.norm_blocks``'s, with the same roundings).
+row in registers and reads it once: both blocks' kernels are the plugin's
+(``gemma4_quant.kernels.norm_blocks``: ``post_attention_norms`` and, linked,
+``end_of_layer_norms_next``), rounding each step as vLLM's eager modules do.
 
 The blocks are the decoder layer's (vLLM's ``Gemma4DecoderLayer.forward`` with
 ``RMSNorm.forward_native``):
@@ -45,8 +46,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import triton
-import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -71,45 +70,16 @@ def post_attention(o, residual, w_pa, w_ff, w_ff2, r_scale):
 
 
 def end_of_layer(d, m, h, w1, w2, w, scalar, w_next):
-    y = (rms(rms(d, w1) + rms(m, w2), w) + h) * scalar
+    # the layer scalar is one value ([1]); the inputs hold a vector in its place
+    y = (rms(rms(d, w1) + rms(m, w2), w) + h) * scalar[:1]
     return y, rms(y, w_next)
 
 
 BLOCKS = {"post_attention": (post_attention, 2, 4), "end_of_layer": (end_of_layer, 3, 5)}
 
 
-@triton.jit
-def _rms(x, w, mask, n: tl.constexpr, eps: tl.constexpr):
-    # vLLM's forward_native: float32 statistics, rounded to bf16, then times the weight
-    var = tl.sum(tl.where(mask, x * x, 0.0), axis=0) / n
-    y = (x * tl.rsqrt(var + eps)).to(tl.bfloat16).to(tl.float32)
-    return (y * w).to(tl.bfloat16).to(tl.float32)
-
-
-@triton.jit
-def end_of_layer_kernel(d, m, h, w1, w2, w, scalar, w_next, y_out, next_out,
-                        N: tl.constexpr, BLOCK: tl.constexpr, EPS: tl.constexpr):  # fmt: skip
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < N
-    xd = tl.load(d + row * N + cols, mask=mask, other=0.0).to(tl.float32)
-    xm = tl.load(m + row * N + cols, mask=mask, other=0.0).to(tl.float32)
-    xh = tl.load(h + row * N + cols, mask=mask, other=0.0).to(tl.float32)
-    v1 = tl.load(w1 + cols, mask=mask, other=0.0).to(tl.float32)
-    v2 = tl.load(w2 + cols, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(w + cols, mask=mask, other=0.0).to(tl.float32)
-    sc = tl.load(scalar + cols, mask=mask, other=0.0).to(tl.float32)
-    vn = tl.load(w_next + cols, mask=mask, other=0.0).to(tl.float32)
-    both = (_rms(xd, v1, mask, N, EPS) + _rms(xm, v2, mask, N, EPS)).to(tl.bfloat16)
-    y = (_rms(both.to(tl.float32), v, mask, N, EPS) + xh).to(tl.bfloat16).to(tl.float32)
-    y = (y * sc).to(tl.bfloat16).to(tl.float32)
-    tl.store(y_out + row * N + cols, y.to(tl.bfloat16), mask=mask)
-    tl.store(next_out + row * N + cols, _rms(y, vn, mask, N, EPS).to(tl.bfloat16), mask=mask)
-
-
 def _hand_kernels():
     """One program a row, every load issued before the first sum: a single memory latency."""
-    block = triton.next_power_of_2(HIDDEN)
 
     def post_attention_hand(o, residual, w_pa, w_ff, w_ff2, r_scale):
         # the plugin's kernel (``norm_blocks``); the router's root as vLLM rounds it
@@ -119,10 +89,10 @@ def _hand_kernels():
         return post_attention_norms(o, residual, w_pa, w_ff, w_ff2, r_scale, root, EPS)
 
     def end_of_layer_hand(d, m, h, w1, w2, w, scalar, w_next):
-        outs = [torch.empty_like(d) for _ in range(2)]
-        end_of_layer_kernel[(d.shape[0],)](d, m, h, w1, w2, w, scalar, w_next, *outs,
-                                           HIDDEN, block, EPS, num_warps=8)  # fmt: skip
-        return tuple(outs)
+        # the plugin's kernel (``norm_blocks``, linked: with the next layer's input norm)
+        from gemma4_quant.kernels.norm_blocks import end_of_layer_norms_next
+
+        return end_of_layer_norms_next(d, m, h, w1, w2, w, scalar[:1], w_next, EPS)
 
     return {"post_attention": post_attention_hand, "end_of_layer": end_of_layer_hand}
 
