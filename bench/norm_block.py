@@ -8,7 +8,8 @@ reduction: one program walks the row once per dependent sum (post-attention norm
 the residual's norm), so one SM does it all at one token. The ``triton`` variant holds the
 row in registers and reads it once: both blocks' kernels are the plugin's
 (``gemma4_quant.kernels.norm_blocks``: ``post_attention_norms`` and, linked,
-``end_of_layer_norms_next``), rounding each step as vLLM's eager modules do.
+``end_of_layer_norms`` with the next input norm's weight), rounding each step as vLLM's
+eager modules do.
 
 The blocks are the decoder layer's (vLLM's ``Gemma4DecoderLayer.forward`` with
 ``RMSNorm.forward_native``):
@@ -90,9 +91,9 @@ def _hand_kernels():
 
     def end_of_layer_hand(d, m, h, w1, w2, w, scalar, w_next):
         # the plugin's kernel (``norm_blocks``, linked: with the next layer's input norm)
-        from gemma4_quant.kernels.norm_blocks import end_of_layer_norms_next
+        from gemma4_quant.kernels.norm_blocks import end_of_layer_norms
 
-        return end_of_layer_norms_next(d, m, h, w1, w2, w, scalar[:1], w_next, EPS)
+        return end_of_layer_norms(d, m, h, w1, w2, w, scalar[:1], EPS, w_next)
 
     return {"post_attention": post_attention_hand, "end_of_layer": end_of_layer_hand}
 

@@ -17,7 +17,6 @@ torch = need_triton()
 
 from gemma4_quant.kernels.norm_blocks import (  # noqa: E402
     end_of_layer_norms,
-    end_of_layer_norms_next,
     post_attention_norms,
 )
 
@@ -96,9 +95,11 @@ def test_end_of_layer_matches_vllms_modules(tokens: int, hidden: int) -> None:
     vectors = _vectors(hidden, gen)[:3]
     scalar = torch.tensor([0.7]).to(torch.bfloat16)
     want = vllm_eager_end(dense, experts, residual, *vectors, scalar)
-    got = end_of_layer_norms(
+    got, no_next = end_of_layer_norms(
         *(t.to(DEVICE) for t in (dense, experts, residual, *vectors, scalar)), EPS
-    ).cpu()
+    )
+    got = got.cpu()
+    assert no_next is None
     assert got.dtype == torch.bfloat16 and got.shape == want.shape
     if not tokens:
         return
@@ -110,8 +111,10 @@ def test_end_of_layer_matches_vllms_modules(tokens: int, hidden: int) -> None:
     assert (got != swapped).float().mean().item() > 0.5
     # with the next layer's input norm: the same output, and that norm of it
     w_next = _vectors(hidden, gen)[0]
-    chained, normed = end_of_layer_norms_next(
-        *(t.to(DEVICE) for t in (dense, experts, residual, *vectors, scalar, w_next)), EPS
+    chained, normed = end_of_layer_norms(
+        *(t.to(DEVICE) for t in (dense, experts, residual, *vectors, scalar)),
+        EPS,
+        w_next.to(DEVICE),
     )
     assert torch.equal(chained.cpu(), got)
     from vllm.config import VllmConfig, set_current_vllm_config
@@ -185,6 +188,23 @@ class AttentionOutput(torch.nn.Module):
         return hidden_states * 3 - 1
 
 
+def stand_in_attention_and_move_norms(layer, monkeypatch, gen) -> None:  # noqa: ANN001
+    """The layer's attention replaced by ``AttentionOutput``; its norms' weights, the
+    router's scale and the layer scalar made far from one, so that a norm or a scaling
+    applied wrongly shows."""
+    from gemma4_quant.patches import norm_blocks
+
+    # through the module dict: monkeypatch's undo of a submodule set as an attribute
+    # deletes it, and the model is the whole module's
+    monkeypatch.setitem(layer._modules, "self_attn", AttentionOutput())
+    with torch.no_grad():
+        for norm in norm_blocks.NORMS:
+            weight = getattr(layer, norm).weight
+            weight.copy_(1 + 0.5 * torch.randn(weight.shape, generator=gen))
+        layer.router.scale.copy_(torch.rand(layer.router.scale.shape, generator=gen) + 0.5)
+        layer.layer_scalar.fill_(0.3 + layer.layer_idx * 0.5)
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """vLLM's own Gemma 4 MoE model (a tiny bf16 checkpoint, loaded by vLLM's loader),
@@ -220,15 +240,7 @@ def test_a_layer_gives_vllms_outputs(tiny_model, monkeypatch, pair: bool) -> Non
     assert layers and all(norm_blocks.eligible(layer) for layer in layers)
     gen = torch.Generator().manual_seed(5)
     for layer in layers:
-        # through the module dict: monkeypatch's undo of a submodule set as an attribute
-        # deletes it, and the model is the whole module's
-        monkeypatch.setitem(layer._modules, "self_attn", AttentionOutput())
-        with torch.no_grad():
-            for norm in norm_blocks.NORMS:
-                weight = getattr(layer, norm).weight
-                weight.copy_(1 + 0.5 * torch.randn(weight.shape, generator=gen))
-            layer.router.scale.copy_(torch.rand(layer.router.scale.shape, generator=gen) + 0.5)
-            layer.layer_scalar.fill_(0.3 + layer.layer_idx * 0.5)
+        stand_in_attention_and_move_norms(layer, monkeypatch, gen)
         root = norm_blocks.decide(layer, "force", DEVICE)
         assert root == torch.tensor(layer.hidden_size**-0.5).bfloat16().item()
         monkeypatch.setattr(layer, norm_blocks._FLAG, root, raising=False)
@@ -290,12 +302,7 @@ def test_linked_layers_give_vllms_model_output(tiny_model, monkeypatch) -> None:
     gen = torch.Generator().manual_seed(9)
     roots = {}
     for layer in layers:
-        monkeypatch.setitem(layer._modules, "self_attn", AttentionOutput())
-        with torch.no_grad():
-            for norm in norm_blocks.NORMS:
-                weight = getattr(layer, norm).weight
-                weight.copy_(1 + 0.5 * torch.randn(weight.shape, generator=gen))
-            layer.layer_scalar.fill_(0.5 + layer.layer_idx * 0.25)
+        stand_in_attention_and_move_norms(layer, monkeypatch, gen)
         roots[layer] = norm_blocks.decide(layer, "force", DEVICE)
     ids = torch.tensor([3, 17, 5, 9])
     positions = torch.arange(len(ids))
@@ -467,8 +474,8 @@ def test_the_ops_trace_whole() -> None:
 
     def block(o: torch.Tensor) -> torch.Tensor:
         h, a, b, r = op(o, o * 2, v, v, v, v, 0.0625, EPS)
-        y, normed = torch.ops.gemma4_quant.end_of_layer_norms_next(a, b, h, v, v, v, scalar, v, EPS)
-        return end(y, normed + r, h, v, v, v, scalar, EPS)
+        y, normed = end(a, b, h, v, v, v, scalar, v, EPS)
+        return end(y, normed + r, h, v, v, v, scalar, None, EPS)[0]
 
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True, dynamic=True)
     assert torch.equal(compiled(o), block(o))

@@ -18,7 +18,8 @@ Why:
     their sum, the last norm, the residual add and the layer scalar took 4.6 us a layer on
     an H200 at batch 1 (docs/gpu-results.md 3o); the same block with the next layer's
     input norm took 2.8 us in one program a token where Inductor took 5.8 (bench/norm_block.py
-    ``--cold``, H100, 3n); ``end_of_layer_norms_next`` computes that input norm too.
+    ``--cold``, H100, 3n); ``end_of_layer_norms`` computes that input norm too, given its
+    weight.
 
 How:
     One program a token holds the whole row (the hidden size rounded up to a power of two)
@@ -55,6 +56,19 @@ def _to_bf16(x):
 
 
 @triton.jit
+def _normed_bf16(x, n, eps):
+    """vLLM's eager ``rms_norm`` of a float32 row holding bf16 values (zero past ``n``),
+    before its weight: float32 statistics, the normed row rounded to bf16."""
+    return _to_bf16(x * tl.rsqrt(tl.sum(x * x, axis=0) / n + eps))
+
+
+@triton.jit
+def _rms_bf16(x, w, n, eps):
+    """The same norm times its weight, the product rounded."""
+    return _to_bf16(_normed_bf16(x, n, eps) * w)
+
+
+@triton.jit
 def _post_attention_kernel(
     o,
     residual,
@@ -81,22 +95,14 @@ def _post_attention_kernel(
     wf2 = tl.load(w_ff2 + cols, mask=mask, other=0.0).to(tl.float32)
     sc = tl.load(scale + cols, mask=mask, other=0.0).to(tl.float32)
 
-    x = _to_bf16(x * tl.rsqrt(tl.sum(x * x, axis=0) / N + eps))
-    h = _to_bf16(_to_bf16(x * wp) + res)
-    hn = _to_bf16(h * tl.rsqrt(tl.sum(h * h, axis=0) / N + eps))
+    h = _to_bf16(_rms_bf16(x, wp, N, eps) + res)
+    hn = _normed_bf16(h, N, eps)
     router = _to_bf16(_to_bf16(hn * root) * sc)
 
     tl.store(h_out + row + cols, h.to(h_out.dtype.element_ty), mask=mask)
     tl.store(ff_out + row + cols, _to_bf16(hn * wf).to(ff_out.dtype.element_ty), mask=mask)
     tl.store(ff2_out + row + cols, _to_bf16(hn * wf2).to(ff2_out.dtype.element_ty), mask=mask)
     tl.store(router_out + row + cols, router.to(router_out.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _rms_bf16(x, w, n, eps):
-    """vLLM's eager ``rms_norm`` of a float32 row holding bf16 values (zero past ``n``):
-    float32 statistics, the normed row rounded, times the weight rounded."""
-    return _to_bf16(_to_bf16(x * tl.rsqrt(tl.sum(x * x, axis=0) / n + eps)) * w)
 
 
 @triton.jit
@@ -182,33 +188,6 @@ def post_attention_norms(
     return outs
 
 
-def _end_of_layer(
-    dense: torch.Tensor,
-    experts: torch.Tensor,
-    residual: torch.Tensor,
-    vectors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    scalar: torch.Tensor,
-    w_next: torch.Tensor | None,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    names = ("w1", "w2", "w") + (("w_next",) if w_next is not None else ())
-    op = "end_of_layer_norms" + ("_next" if w_next is not None else "")
-    _check(op, {"dense": dense, "experts": experts, "residual": residual},
-           dict(zip(names, (*vectors, w_next), strict=False)), {"scalar": scalar})  # fmt: skip
-    out = torch.empty_like(dense)
-    next_out = torch.empty_like(dense) if w_next is not None else out
-    tokens, hidden = dense.shape
-    if tokens:
-        block = triton.next_power_of_2(hidden)
-        _end_of_layer_kernel[(tokens,)](
-            dense, experts, residual, *vectors, scalar,
-            w_next if w_next is not None else vectors[2], out, next_out, float(eps),
-            N=hidden, BLOCK=block, NEXT=w_next is not None,
-            num_warps=max(1, min(8, block // 512)),
-        )  # fmt: skip
-    return out, next_out
-
-
 def end_of_layer_norms(
     dense: torch.Tensor,
     experts: torch.Tensor,
@@ -218,24 +197,25 @@ def end_of_layer_norms(
     w: torch.Tensor,
     scalar: torch.Tensor,
     eps: float,
-) -> torch.Tensor:
-    """The layer's output from its dense MLP's and experts' outputs [T, H]:
+    w_next: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's output ``y`` from its dense MLP's and experts' outputs [T, H]:
     ``(rms(rms(dense) * w1 + rms(experts) * w2) * w + residual) * scalar``, each step
-    rounded to bf16 as vLLM's eager forward rounds it; ``scalar`` the layer scalar [1]."""
-    return _end_of_layer(dense, experts, residual, (w1, w2, w), scalar, None, eps)[0]
-
-
-def end_of_layer_norms_next(
-    dense: torch.Tensor,
-    experts: torch.Tensor,
-    residual: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
-    w: torch.Tensor,
-    scalar: torch.Tensor,
-    w_next: torch.Tensor,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``end_of_layer_norms``' output ``y`` and the next layer's input, ``rms(y) * w_next``
-    (the same epsilon), from one read of the row."""
-    return _end_of_layer(dense, experts, residual, (w1, w2, w), scalar, w_next, eps)
+    rounded to bf16 as vLLM's eager forward rounds it; ``scalar`` the layer scalar [1].
+    With ``w_next`` also the next layer's input, ``rms(y) * w_next`` (the same epsilon),
+    from the same read of the row; else None."""
+    vectors = {"w1": w1, "w2": w2, "w": w} | ({"w_next": w_next} if w_next is not None else {})
+    _check("end_of_layer_norms", {"dense": dense, "experts": experts, "residual": residual},
+           vectors, {"scalar": scalar})  # fmt: skip
+    out = torch.empty_like(dense)
+    next_out = torch.empty_like(dense) if w_next is not None else None
+    tokens, hidden = dense.shape
+    if tokens:
+        block = triton.next_power_of_2(hidden)
+        _end_of_layer_kernel[(tokens,)](
+            dense, experts, residual, w1, w2, w, scalar,
+            w if w_next is None else w_next, out, out if next_out is None else next_out,
+            float(eps), N=hidden, BLOCK=block, NEXT=w_next is not None,
+            num_warps=max(1, min(8, block // 512)),
+        )  # fmt: skip
+    return out, next_out

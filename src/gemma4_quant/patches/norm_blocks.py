@@ -31,8 +31,8 @@ How:
     residual, None in Gemma 4) only to the next layer's call and to the final norm (the
     lines this module knows), ``Gemma4Model.__init__`` is wrapped too and links each
     layer that takes the ops to the next one in this process's share of the model that
-    takes them: its end-of-layer op (``end_of_layer_norms_next``) also computes that
-    layer's input norm and hands it on as the residual, and that layer skips its own
+    takes them: its end-of-layer op, given that layer's input norm's weight, also computes
+    that layer's input norm and hands it on as the residual, and that layer skips its own
     input norm. The last layer hands on None. While EAGLE-3 keeps hidden states
     (``aux_hidden_state_layers``, which adds the residual to them), no layer hands one on.
 
@@ -93,7 +93,6 @@ _FLAG = "_gemma4_quant_norm_blocks"
 STREAMS_FLAG = "_gemma4_quant_ffn_streams"
 OP = "post_attention_norms"
 END_OP = "end_of_layer_norms"
-NEXT_OP = "end_of_layer_norms_next"
 # on a layer whose next layer (in this process's share of the model) takes the ops too: that
 # layer's input norm, which this layer's end-of-layer op computes (see ``link_layers``)
 _NEXT = "_gemma4_quant_norm_blocks_next"
@@ -362,12 +361,13 @@ def _forward(
         layer.post_feedforward_layernorm.weight,
         layer.layer_scalar,
     )
-    eps = layer.post_attention_layernorm.variance_epsilon
     following = getattr(layer, _NEXT, None)
-    if following is None or getattr(following.model, "aux_hidden_state_layers", ()):
-        return getattr(torch.ops.gemma4_quant, END_OP)(*end, eps), None
-    # EAGLE-3 adds the second output to the hidden states it keeps: none when it is on
-    return getattr(torch.ops.gemma4_quant, NEXT_OP)(*end, following.norm.weight, eps)
+    if following is not None and getattr(following.model, "aux_hidden_state_layers", ()):
+        following = None  # EAGLE-3 adds the second output to the hidden states it keeps
+    w_next = None if following is None else following.norm.weight
+    eps = layer.post_attention_layernorm.variance_epsilon
+    hidden_states, normed = getattr(torch.ops.gemma4_quant, END_OP)(*end, w_next, eps)
+    return hidden_states, None if following is None else normed
 
 
 # the layer's weighted norms the ops compute: after attention, at the end, and (from the
@@ -502,9 +502,9 @@ def _check(hidden: int, eps: float, device: str) -> bool:
             return [t.to(device) for t in tensors]
 
         got = [*kernels.post_attention_norms(*on([o, residual, *post]), root, eps),
-               kernels.end_of_layer_norms(*on([dense, experts, residual, *end]), eps),
-               *kernels.end_of_layer_norms_next(*on([dense, experts, residual, *end, w_next]),
-                                                eps)]  # fmt: skip
+               kernels.end_of_layer_norms(*on([dense, experts, residual, *end]), eps)[0],
+               *kernels.end_of_layer_norms(*on([dense, experts, residual, *end]), eps,
+                                           w_next.to(device))]  # fmt: skip
         return torch.cat([g.cpu() for g in got]), torch.cat(want)
 
     return one_token_agrees(
@@ -514,8 +514,7 @@ def _check(hidden: int, eps: float, device: str) -> bool:
 
 
 def register_op() -> None:
-    """``torch.ops.gemma4_quant.post_attention_norms``, ``end_of_layer_norms`` and
-    ``end_of_layer_norms_next``."""
+    """``torch.ops.gemma4_quant.post_attention_norms`` and ``end_of_layer_norms``."""
     import torch
 
     def post_attention_norms(
@@ -552,49 +551,26 @@ def register_op() -> None:
         w2: torch.Tensor,
         w: torch.Tensor,
         scalar: torch.Tensor,
+        w_next: torch.Tensor | None,
         eps: float,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         from ..kernels.norm_blocks import end_of_layer_norms as kernel
 
-        return kernel(dense.contiguous(), experts.contiguous(), residual.contiguous(), w1, w2, w,
-                      scalar, eps)  # fmt: skip
+        y, normed = kernel(dense.contiguous(), experts.contiguous(), residual.contiguous(), w1,
+                           w2, w, scalar, eps, w_next)  # fmt: skip
+        return y, normed if normed is not None else y.new_empty(0)  # no next layer's input
 
-    def end_fake(dense, experts, residual, w1, w2, w, scalar, eps):  # noqa: ANN001, ANN202
-        return torch.empty_like(dense)
+    def end_fake(dense, experts, residual, w1, w2, w, scalar, w_next, eps):  # noqa: ANN001, ANN202
+        return torch.empty_like(dense), (
+            torch.empty_like(dense) if w_next is not None else dense.new_empty(0)
+        )
 
     define_op(
         END_OP,
         "(Tensor dense, Tensor experts, Tensor residual, Tensor w1, Tensor w2, Tensor w, "
-        "Tensor scalar, float eps) -> Tensor",
+        "Tensor scalar, Tensor? w_next, float eps) -> (Tensor, Tensor)",
         end_of_layer_norms,
         end_fake,
-    )
-
-    def end_of_layer_norms_next(
-        dense: torch.Tensor,
-        experts: torch.Tensor,
-        residual: torch.Tensor,
-        w1: torch.Tensor,
-        w2: torch.Tensor,
-        w: torch.Tensor,
-        scalar: torch.Tensor,
-        w_next: torch.Tensor,
-        eps: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..kernels.norm_blocks import end_of_layer_norms_next as kernel
-
-        return kernel(dense.contiguous(), experts.contiguous(), residual.contiguous(), w1, w2, w,
-                      scalar, w_next, eps)  # fmt: skip
-
-    def next_fake(dense, experts, residual, w1, w2, w, scalar, w_next, eps):  # noqa: ANN001, ANN202
-        return torch.empty_like(dense), torch.empty_like(dense)
-
-    define_op(
-        NEXT_OP,
-        "(Tensor dense, Tensor experts, Tensor residual, Tensor w1, Tensor w2, Tensor w, "
-        "Tensor scalar, Tensor w_next, float eps) -> (Tensor, Tensor)",
-        end_of_layer_norms_next,
-        next_fake,
     )
 
 
