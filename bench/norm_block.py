@@ -17,7 +17,11 @@ The blocks are the decoder layer's (vLLM's ``Gemma4DecoderLayer.forward`` with
 - ``post_attention``: ``h = norm(o) + residual``; the dense MLP's, the experts' and the
   router's inputs (``norm(h)`` with three weights and the router's scalings);
 - ``end_of_layer``: ``norm(norm(d) + norm(m)) + h`` times the layer scalar, and the next
-  layer's input norm.
+  layer's input norm;
+- ``post_attention_router``: ``post_attention`` with the router's projection ([128, 2816]
+  bf16, float32 logits) in place of its input: ``triton`` is the plugin's two kernels
+  (``post_attention_norms``, then ``router_decode``'s), ``fused`` its one
+  (``post_attention_router``), ``default`` Inductor's norms and cuBLAS.
 
 Each Inductor variant compiles the block from cold (``torch._dynamo.reset``), for the batch
 alone or with the batch symbolic (``dynamic``, as vLLM compiles its graph for every batch size),
@@ -70,13 +74,23 @@ def post_attention(o, residual, w_pa, w_ff, w_ff2, r_scale):
     return h, rms(h, w_ff), rms(h, w_ff2), router_in
 
 
+def post_attention_router(o, residual, w_pa, w_ff, w_ff2, r_scale, w_router):
+    h, ff, ff2, router_in = post_attention(o, residual, w_pa, w_ff, w_ff2, r_scale)
+    return h, ff, ff2, torch.mm(router_in, w_router.t(), out_dtype=torch.float32)
+
+
 def end_of_layer(d, m, h, w1, w2, w, scalar, w_next):
     # the layer scalar is one value ([1]); the inputs hold a vector in its place
     y = (rms(rms(d, w1) + rms(m, w2), w) + h) * scalar[:1]
     return y, rms(y, w_next)
 
 
-BLOCKS = {"post_attention": (post_attention, 2, 4), "end_of_layer": (end_of_layer, 3, 5)}
+BLOCKS = {
+    "post_attention": (post_attention, 2, 4),
+    "end_of_layer": (end_of_layer, 3, 5),
+    "post_attention_router": (post_attention_router, 2, 4),
+}
+EXPERTS = 128  # the router's rows
 
 
 def _hand_kernels():
@@ -95,12 +109,31 @@ def _hand_kernels():
 
         return end_of_layer_norms(d, m, h, w1, w2, w, scalar[:1], EPS, w_next)
 
-    return {"post_attention": post_attention_hand, "end_of_layer": end_of_layer_hand}
+    def post_attention_router_hand(o, residual, w_pa, w_ff, w_ff2, r_scale, w_router):
+        # the plugin's kernels without the fusion: the norms' kernel, then router_decode's
+        from gemma4_quant.kernels.router_decode import router_proj
+
+        h, ff, ff2, router_in = post_attention_hand(o, residual, w_pa, w_ff, w_ff2, r_scale)
+        return h, ff, ff2, router_proj(router_in, w_router)
+
+    def post_attention_router_fused(o, residual, w_pa, w_ff, w_ff2, r_scale, w_router):
+        from gemma4_quant.kernels.norm_blocks import post_attention_router as kernel
+
+        root = torch.tensor(HIDDEN**-0.5).bfloat16().item()
+        return kernel(o, residual, w_pa, w_ff, w_ff2, r_scale, w_router, root, EPS)
+
+    return {
+        "post_attention": post_attention_hand,
+        "end_of_layer": end_of_layer_hand,
+        "post_attention_router": post_attention_router_hand,
+        "post_attention_router/fused": post_attention_router_fused,
+    }
 
 
 # default: Inductor, the batch fixed; dynamic: the batch symbolic, as vLLM compiles its graph;
-# triton: _hand_kernels, one Triton kernel a block, not Inductor's
-VARIANTS = ("default", "dynamic", "triton")
+# triton: _hand_kernels, one Triton kernel a block, not Inductor's; fused: the router's
+# projection inside the post-attention kernel (that block only)
+VARIANTS = ("default", "dynamic", "triton", "fused")
 
 
 def cold_us(calls: list, replays: int = 10) -> tuple[float, list[str]]:
@@ -141,12 +174,19 @@ def cold_us(calls: list, replays: int = 10) -> tuple[float, list[str]]:
     return sum(float(e["dur"]) for e in block) / (replays * len(calls)), names
 
 
-def inputs(gen: torch.Generator, batch: int, rows: int, vectors: int) -> list[torch.Tensor]:
+def inputs(gen: torch.Generator, batch: int, rows: int, vectors: int, router: bool):
     def vec() -> torch.Tensor:
         return (1 + 0.1 * torch.randn(HIDDEN, generator=gen, device="cuda")).bfloat16()
 
     acts = [torch.randn(batch, HIDDEN, generator=gen, device="cuda") for _ in range(rows)]
-    return [a.bfloat16() for a in acts] + [vec() for _ in range(vectors)]
+    weights = []
+    if router:
+        weights = [torch.randn(EXPERTS, HIDDEN, generator=gen, device="cuda") / HIDDEN**0.5]
+    return (
+        [a.bfloat16() for a in acts]
+        + [vec() for _ in range(vectors)]
+        + [w.bfloat16() for w in weights]
+    )
 
 
 def main() -> int:
@@ -159,13 +199,18 @@ def main() -> int:
     rows = []
     for name, (fn, acts, vectors) in BLOCKS.items():
         for batch in (int(b) for b in args.batches.split(",")):
-            sets = [inputs(gen, batch, acts, vectors) for _ in range(CALLS)]
+            router = name == "post_attention_router"
+            sets = [inputs(gen, batch, acts, vectors, router) for _ in range(CALLS)]
             reference = None
             for variant in VARIANTS:
+                if variant == "fused" and not router:
+                    continue
                 torch._dynamo.reset()
                 dynamic = variant == "dynamic"
                 if variant == "triton":
                     compiled = _hand_kernels()[name]
+                elif variant == "fused":
+                    compiled = _hand_kernels()[f"{name}/fused"]
                 else:
                     compiled = torch.compile(fn, dynamic=None if dynamic else False)
                 for t in sets[0][:acts] if dynamic else ():

@@ -18,6 +18,7 @@ torch = need_triton()
 from gemma4_quant.kernels.norm_blocks import (  # noqa: E402
     end_of_layer_norms,
     post_attention_norms,
+    post_attention_router,
 )
 
 EPS = 1e-6
@@ -70,6 +71,35 @@ def test_matches_vllms_modules(tokens: int, hidden: int) -> None:
         step = w.float().abs().clamp_min(1e-30) * 2.0**-7
         assert ((g.float() - w.float()).abs() <= step).all(), name
         assert (g != w).float().mean().item() < 0.01, name
+
+
+@pytest.mark.parametrize(
+    ("tokens", "hidden", "experts"),
+    [(1, 2816, 128), (2, 200, 7), (0, 2816, 128)],  # 26B-A4B; odd widths and expert counts
+)
+def test_post_attention_router_matches(tokens: int, hidden: int, experts: int) -> None:
+    """The kernel with the router's projection: the rows of ``post_attention_norms`` bit for
+    bit, and logits equal to the float32 product of vLLM's router input and the weight up
+    to the order of the sum."""
+    gen = torch.Generator().manual_seed(tokens * 3 + hidden + experts)
+    o = (torch.randn(tokens, hidden, generator=gen) * 4).to(torch.bfloat16)
+    residual = (torch.randn(tokens, hidden, generator=gen) * 20).to(torch.bfloat16)
+    vectors = _vectors(hidden, gen)
+    weight = (torch.randn(experts, hidden, generator=gen) / hidden**0.5).to(torch.bfloat16)
+    root = torch.tensor(hidden**-0.5).to(torch.bfloat16).item()
+    on = [t.to(DEVICE) for t in (o, residual, *vectors)]
+    *rows, logits = post_attention_router(*on, weight.to(DEVICE), root, EPS)
+    for got, want in zip(rows, post_attention_norms(*on, root, EPS)[:3], strict=True):
+        assert torch.equal(got, want)
+    assert logits.dtype == torch.float32 and tuple(logits.shape) == (tokens, experts)
+    if not tokens:
+        return
+    want = vllm_eager(o, residual, *vectors)[3].float() @ weight.float().T
+    logits = logits.cpu()
+    assert ((logits - want).norm() / want.norm()).item() < 1e-5
+    # the rows of another expert: the test bites
+    shifted = want.roll(1, dims=-1)
+    assert ((logits - shifted).norm() / want.norm()).item() > 0.5
 
 
 def vllm_eager_end(dense, experts, residual, w1, w2, w, scalar):
@@ -205,6 +235,18 @@ def stand_in_attention_and_move_norms(layer, monkeypatch, gen) -> None:  # noqa:
         layer.layer_scalar.fill_(0.3 + layer.layer_idx * 0.5)
 
 
+def keep_router_weight(proj, monkeypatch, gen) -> None:  # noqa: ANN001
+    """A random bf16 weight for the router's projection, dispatched to vLLM's CPU GEMM with
+    the weight kept: vLLM's CPU build drops it after loading, and the kernels read it."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    experts, hidden = proj.output_size, proj.input_size
+    weight = (torch.randn(experts, hidden, generator=gen) / hidden**0.5).bfloat16()
+    monkeypatch.setitem(proj._parameters, "weight", torch.nn.Parameter(weight, False))
+    monkeypatch.setattr(proj, "cpu_linear", proj.cpu_linear, raising=False)
+    dispatch_cpu_unquantized_gemm(proj, remove_weight=False)
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """vLLM's own Gemma 4 MoE model (a tiny bf16 checkpoint, loaded by vLLM's loader),
@@ -221,28 +263,54 @@ def tiny_model(tmp_path_factory):
         yield model, get_current_vllm_config()
 
 
-@pytest.mark.parametrize("pair", [False, True], ids=["norm_blocks", "with-ffn_streams"])
-def test_a_layer_gives_vllms_outputs(tiny_model, monkeypatch, pair: bool) -> None:
+@pytest.mark.parametrize(
+    ("pair", "router"),
+    [(False, False), (True, False), (False, True), (True, True)],
+    ids=["norm_blocks", "with-ffn_streams", "with-router", "with-both"],
+)
+def test_a_layer_gives_vllms_outputs(tiny_model, monkeypatch, pair: bool, router: bool) -> None:
     """Each MoE layer's forward with the op against vLLM's forward of the same layer, the
     norms' weights and the router's scale made far from one: the same residual stream.
     ``with-ffn_streams``: the dense MLP, the router and the experts as ``ffn_streams``' op
-    too (one stream here: on CPU, as for more than one token on a GPU)."""
+    too (one stream here: on CPU, as for more than one token on a GPU). ``with-router``:
+    ``router_decode`` takes the router's projection, so one token's logits come from the
+    kernel after attention (more tokens: that patch's op, vLLM's projection)."""
     from vllm.config import set_current_vllm_config
     from vllm.forward_context import set_forward_context
 
-    from gemma4_quant.patches import fast_decode, ffn_streams, norm_blocks, vllm_source
+    from gemma4_quant.patches import (
+        fast_decode,
+        ffn_streams,
+        norm_blocks,
+        router_decode,
+        vllm_source,
+    )
 
     model, vllm_config = tiny_model
     monkeypatch.setattr(norm_blocks, "_checked", {})
     monkeypatch.setattr(ffn_streams, "_layers", {})
+    monkeypatch.setattr(router_decode, "_layers", {})
+    monkeypatch.setattr(router_decode, "_checked", {})
     experts = norm_blocks.experts_attribute(vllm_source(norm_blocks._MODEL))
     layers = [m for m in model.modules() if type(m).__name__ == "Gemma4DecoderLayer"]
     assert layers and all(norm_blocks.eligible(layer) for layer in layers)
     gen = torch.Generator().manual_seed(5)
     for layer in layers:
         stand_in_attention_and_move_norms(layer, monkeypatch, gen)
+        keep_router_weight(layer.router.proj, monkeypatch, gen)
+        hidden = layer.hidden_size
+        inputs = [(torch.randn(tokens, hidden, generator=gen) * 2).bfloat16() for tokens in (1, 3)]
+        with set_current_vllm_config(vllm_config), set_forward_context(None, vllm_config):
+            wants = [type(layer).forward(layer, torch.arange(len(x)), x, None) for x in inputs]
+        proj = layer.router.proj
+        monkeypatch.setattr(proj, "forward", proj.forward, raising=False)
+        monkeypatch.setattr(proj, router_decode.FLAG, None, raising=False)
+        if router:  # as router_decode takes the projection when the router is built
+            assert router_decode.decide(proj, "force", (9, 0), DEVICE)
+        monkeypatch.setattr(layer, norm_blocks.ROUTER_FLAG, None, raising=False)
         root = norm_blocks.decide(layer, "force", DEVICE)
         assert root == torch.tensor(layer.hidden_size**-0.5).bfloat16().item()
+        assert (getattr(layer, norm_blocks.ROUTER_FLAG) is not None) == router
         monkeypatch.setattr(layer, norm_blocks._FLAG, root, raising=False)
         # as fast_decode marks a dense MLP it takes (vLLM's own forward here on CPU)
         tiles = fast_decode.TILES[(9, 0)]
@@ -250,13 +318,10 @@ def test_a_layer_gives_vllms_outputs(tiny_model, monkeypatch, pair: bool) -> Non
         key = ffn_streams.decide(layer, experts, "force", DEVICE) if pair else None
         assert (key is not None) == pair
         monkeypatch.setattr(layer, norm_blocks.STREAMS_FLAG, key, raising=False)
-        hidden = layer.hidden_size
-        for tokens in (1, 3):
-            x = (torch.randn(tokens, hidden, generator=gen) * 2).bfloat16()
-            positions = torch.arange(tokens)
+        for x, (want, none) in zip(inputs, wants, strict=True):
+            tokens = len(x)
             with set_current_vllm_config(vllm_config), set_forward_context(None, vllm_config):
-                want, none = type(layer).forward(layer, positions, x, None)
-                got, also_none = norm_blocks._forward(layer, experts, root, positions, x)
+                got, also_none = norm_blocks._forward(layer, experts, root, torch.arange(tokens), x)
             assert none is None and also_none is None
             assert got.dtype == want.dtype and got.shape == want.shape
             error = ((got.float() - want.float()).norm() / want.float().norm()).item()
@@ -448,6 +513,11 @@ def test_a_kernel_that_computes_wrong_keeps_vllms_forward(monkeypatch, caplog) -
         assert not norm_blocks.kernel_works(256, EPS, DEVICE)
     assert "against torch's norms at hidden 256" in caplog.text
     assert "keep vLLM's forward" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vllm.gemma4_quant"):
+        assert not norm_blocks.router_kernel_works(256, 8, EPS, DEVICE)
+    assert "router product at hidden 256, 8 experts" in caplog.text
+    assert "keeps its own projection kernel" in caplog.text
 
 
 def test_the_check_holds_under_vllms_default_device(monkeypatch) -> None:
@@ -459,6 +529,7 @@ def test_the_check_holds_under_vllms_default_device(monkeypatch) -> None:
     monkeypatch.setattr(norm_blocks, "_checked", {})
     with torch.device("meta"):
         assert norm_blocks.kernel_works(256, EPS, DEVICE)
+        assert norm_blocks.router_kernel_works(256, 8, EPS, DEVICE)
 
 
 def test_the_ops_trace_whole() -> None:
@@ -479,3 +550,15 @@ def test_the_ops_trace_whole() -> None:
 
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True, dynamic=True)
     assert torch.equal(compiled(o), block(o))
+    # one token through the kernel with the router's projection (more tokens take
+    # router_decode's op, whose keys its own tests trace)
+    router = torch.ops.gemma4_quant.post_attention_router
+    weight = torch.randn(8, 256, generator=gen).bfloat16().to(DEVICE)
+
+    def routed(o: torch.Tensor) -> torch.Tensor:
+        h, a, b, logits = router(o, o * 2, v, v, v, v, weight, 0.0625, EPS, 0)
+        return logits.sum(-1) + (h + a + b).float().sum(-1)
+
+    one = o[:1]
+    compiled = torch.compile(routed, backend="aot_eager", fullgraph=True, dynamic=True)
+    assert torch.equal(compiled(one), routed(one))

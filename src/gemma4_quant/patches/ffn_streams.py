@@ -52,7 +52,13 @@ from .fast_decode import _FLAG as FAST_DECODE_FLAG
 from .fast_decode import switched_off
 from .norm_blocks import _FLAG as NORM_BLOCKS_FLAG
 from .norm_blocks import _MODEL as MODEL_FILE
-from .norm_blocks import MODEL_MODULE, STREAMS_FLAG, decide_at_init, experts_attribute
+from .norm_blocks import (
+    MODEL_MODULE,
+    ROUTER_FLAG,
+    STREAMS_FLAG,
+    decide_at_init,
+    experts_attribute,
+)
 
 NAME = "ffn_streams"
 SUMMARY = (
@@ -150,17 +156,20 @@ def side_stream() -> torch.cuda.Stream:
 
 
 def pair(
-    layer: Any, experts: str, stream: Any, dense_in: Any, experts_in: Any, router_in: Any
+    layer: Any, experts: str, stream: Any, dense_in: Any, experts_in: Any, routing: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dense MLP output, experts' output) of the layer's own modules; for one token on a
-    GPU the dense MLP on ``stream``."""
+    GPU the dense MLP on ``stream``. ``routing``: the router's input, or its logits where
+    ``norm_blocks``' kernel computes them (its ``ROUTER_FLAG``)."""
 
     def dense() -> torch.Tensor:
         return layer.mlp(dense_in)
 
     def routed() -> torch.Tensor:
-        router_logits, _ = layer.router.proj(router_in)
-        return getattr(layer, experts)(experts_in, router_logits)
+        logits = routing
+        if getattr(layer, ROUTER_FLAG, None) is None:
+            logits, _ = layer.router.proj(routing)
+        return getattr(layer, experts)(experts_in, logits)
 
     if stream is None or dense_in.shape[0] != 1 or not dense_in.is_cuda:
         return dense(), routed()
@@ -184,21 +193,21 @@ def two_streams(aside: Callable[[], Any], here: Callable[[], Any], stream: Any) 
 
 
 def register_op() -> None:
-    """``torch.ops.gemma4_quant.ffn_pair(dense_in, experts_in, router_in, key)``."""
+    """``torch.ops.gemma4_quant.ffn_pair(dense_in, experts_in, routing, key)``."""
     import torch
 
     def ffn_pair(
-        dense_in: torch.Tensor, experts_in: torch.Tensor, router_in: torch.Tensor, key: int
+        dense_in: torch.Tensor, experts_in: torch.Tensor, routing: torch.Tensor, key: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         layer_ref, experts, stream = _layers[key]
-        return pair(layer_ref(), experts, stream, dense_in, experts_in, router_in)
+        return pair(layer_ref(), experts, stream, dense_in, experts_in, routing)
 
-    def fake(dense_in, experts_in, router_in, key):  # noqa: ANN001, ANN202
+    def fake(dense_in, experts_in, routing, key):  # noqa: ANN001, ANN202
         return torch.empty_like(dense_in), torch.empty_like(experts_in)
 
     define_op(
         OP,
-        "(Tensor dense_in, Tensor experts_in, Tensor router_in, int key) -> (Tensor, Tensor)",
+        "(Tensor dense_in, Tensor experts_in, Tensor routing, int key) -> (Tensor, Tensor)",
         ffn_pair,
         fake,
     )

@@ -25,7 +25,12 @@ How:
     after attention are one custom op, ``gemma4_quant::post_attention_norms``, the
     router's projection takes the op's router input, and the statements after the
     feed-forward blocks are a second op, ``gemma4_quant::end_of_layer_norms``. Every
-    other layer keeps vLLM's forward.
+    other layer keeps vLLM's forward. Where ``router_decode`` took the router's
+    projection (one token through its kernel), the first op is
+    ``gemma4_quant::post_attention_router`` instead: for one token the same kernel also
+    computes the router's logits (one kernel, and one kernel boundary, fewer a layer;
+    checked once per process against torch and the float32 product); more tokens run
+    the norms' kernel and that patch's op.
 
     Across layers: where ``Gemma4Model.forward`` hands a layer's second output (the
     residual, None in Gemma 4) only to the next layer's call and to the final norm (the
@@ -92,7 +97,11 @@ _FLAG = "_gemma4_quant_norm_blocks"
 # set by ffn_streams on the layers whose dense MLP and experts it makes one op: their key
 STREAMS_FLAG = "_gemma4_quant_ffn_streams"
 OP = "post_attention_norms"
+ROUTER_OP = "post_attention_router"
 END_OP = "end_of_layer_norms"
+# on a layer that takes the ops: where ``router_decode`` took its router's projection, that
+# projection's key, and one token's router logits come from the post-attention kernel
+ROUTER_FLAG = "_gemma4_quant_norm_blocks_router"
 # on a layer whose next layer (in this process's share of the model) takes the ops too: that
 # layer's input norm, which this layer's end-of-layer op computes (see ``link_layers``)
 _NEXT = "_gemma4_quant_norm_blocks_next"
@@ -333,25 +342,32 @@ def _forward(
         hidden_states = normed
     hidden_states = layer.self_attn(positions=positions, hidden_states=hidden_states, **kwargs)
     router = layer.router
-    residual, dense_in, experts_in, router_in = getattr(torch.ops.gemma4_quant, OP)(
+    norms = (
         hidden_states,
         residual,
         layer.post_attention_layernorm.weight,
         layer.pre_feedforward_layernorm.weight,
         layer.pre_feedforward_layernorm_2.weight,
         router.scale,
-        root,
-        layer.post_attention_layernorm.variance_epsilon,
     )
+    eps = layer.post_attention_layernorm.variance_epsilon
+    # the router's input, or (ROUTER_FLAG) its logits
+    fused = getattr(layer, ROUTER_FLAG, None)
+    if fused is None:
+        residual, dense_in, experts_in, routing = getattr(torch.ops.gemma4_quant, OP)(
+            *norms, root, eps
+        )
+    else:
+        residual, dense_in, experts_in, routing = getattr(torch.ops.gemma4_quant, ROUTER_OP)(
+            *norms, router.proj.weight, root, eps, fused
+        )
     key = getattr(layer, STREAMS_FLAG, None)
     if key is None:
         dense_out = layer.mlp(dense_in)
-        router_logits, _ = router.proj(router_in)
+        router_logits = routing if fused is not None else router.proj(routing)[0]
         experts_out = getattr(layer, experts)(experts_in, router_logits)
     else:  # ffn_streams: the same modules in one op, the dense MLP on a second stream
-        dense_out, experts_out = torch.ops.gemma4_quant.ffn_pair(
-            dense_in, experts_in, router_in, key
-        )
+        dense_out, experts_out = torch.ops.gemma4_quant.ffn_pair(dense_in, experts_in, routing, key)
     end = (
         dense_out,
         experts_out,
@@ -365,7 +381,6 @@ def _forward(
     if following is not None and getattr(following.model, "aux_hidden_state_layers", ()):
         following = None  # EAGLE-3 adds the second output to the hidden states it keeps
     w_next = None if following is None else following.norm.weight
-    eps = layer.post_attention_layernorm.variance_epsilon
     hidden_states, normed = getattr(torch.ops.gemma4_quant, END_OP)(*end, w_next, eps)
     return hidden_states, None if following is None else normed
 
@@ -427,13 +442,38 @@ def decide(layer: Any, mode: str, device: str) -> float | None:
     if not kernel_works(layer.hidden_size, eps, device):
         return None
     register_op()
+    where = cuda_device() if device == "cuda" else "the CPU (Triton's interpreter)"
     info_once(
         NAME,
         "gemma4_quant: norm_blocks: Gemma 4's norms after attention and at the end of a layer "
         "take one Triton kernel each on %s",
-        cuda_device() if device == "cuda" else "the CPU (Triton's interpreter)",
+        where,
     )
+    fused = fused_router(layer, eps, device)
+    setattr(layer, ROUTER_FLAG, fused)
+    if fused is not None:
+        info_once(
+            f"{NAME}-router",
+            "gemma4_quant: norm_blocks: for one token the kernel after attention also "
+            "computes Gemma 4's router logits on %s",
+            where,
+        )
     return root
+
+
+def fused_router(layer: Any, eps: float, device: str) -> int | None:
+    """``router_decode``'s key of the layer's router projection where that patch took it
+    (an unquantized bf16 [E, H] weight, float32 logits, not split) and the post-attention
+    kernel computes its logits right here; None otherwise (the projection stays a kernel
+    of its own)."""
+    from .router_decode import FLAG as ROUTER_DECODE_FLAG
+
+    proj = getattr(getattr(layer, "router", None), "proj", None)
+    key = getattr(proj, ROUTER_DECODE_FLAG, None)
+    if key is None:
+        return None
+    experts, hidden = proj.weight.shape
+    return key if router_kernel_works(hidden, experts, eps, device) else None
 
 
 _checked: dict[tuple, bool] = {}
@@ -446,6 +486,15 @@ def kernel_works(hidden: int, eps: float, device: str) -> bool:
     key = (hidden, eps, device)
     if key not in _checked:
         _checked[key] = _check(hidden, eps, device)
+    return _checked[key]
+
+
+def router_kernel_works(hidden: int, experts: int, eps: float, device: str) -> bool:
+    """The post-attention kernel with the router's projection, checked as ``kernel_works``
+    checks the others: against the same norms in torch and the float32 product."""
+    key = ("router", hidden, experts, eps, device)
+    if key not in _checked:
+        _checked[key] = _check_router(hidden, experts, eps, device)
     return _checked[key]
 
 
@@ -513,8 +562,43 @@ def _check(hidden: int, eps: float, device: str) -> bool:
     )  # fmt: skip
 
 
+def _check_router(hidden: int, experts: int, eps: float, device: str) -> bool:
+    import torch
+
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        from ..kernels.norm_blocks import post_attention_router
+
+        gen = torch.Generator(device="cpu").manual_seed(1)
+
+        def randn(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=gen, device="cpu")
+
+        o, residual = (randn(1, hidden) * 4).bfloat16(), (randn(1, hidden) * 20).bfloat16()
+        vectors = [(1 + 0.3 * randn(hidden)).bfloat16() for _ in range(4)]
+        weight = (randn(experts, hidden) / hidden**0.5).bfloat16()
+        root = torch.tensor(hidden**-0.5, device="cpu").bfloat16().item()
+        *rows, router_in = reference(o, residual, *vectors, root, eps)
+        want = [*rows, router_in.float() @ weight.float().T]
+        got = post_attention_router(*(t.to(device) for t in (o, residual, *vectors, weight)),
+                                    root, eps)  # fmt: skip
+
+        # each output to its reference's scale: the logits count as much as the rows
+        def scaled(tensors: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat([t.cpu().float().flatten() / w.float().norm()
+                              for t, w in zip(tensors, want, strict=True)])  # fmt: skip
+
+        return scaled(list(got)), scaled(want)
+
+    return one_token_agrees(
+        NAME, compute, CHECK_TOLERANCE,
+        f"torch's norms and the float32 router product at hidden {hidden}, {experts} experts",
+        "Gemma 4's router keeps its own projection kernel",
+    )  # fmt: skip
+
+
 def register_op() -> None:
-    """``torch.ops.gemma4_quant.post_attention_norms`` and ``end_of_layer_norms``."""
+    """``torch.ops.gemma4_quant.post_attention_norms``, ``post_attention_router`` and
+    ``end_of_layer_norms``."""
     import torch
 
     def post_attention_norms(
@@ -541,6 +625,42 @@ def register_op() -> None:
         "float root, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
         post_attention_norms,
         fake,
+    )
+
+    def post_attention_router(
+        o: torch.Tensor,
+        residual: torch.Tensor,
+        w_post: torch.Tensor,
+        w_ff: torch.Tensor,
+        w_ff2: torch.Tensor,
+        scale: torch.Tensor,
+        router_w: torch.Tensor,
+        root: float,
+        eps: float,
+        key: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        from ..kernels import norm_blocks as kernels
+
+        o, residual = o.contiguous(), residual.contiguous()
+        if o.shape[0] == 1:
+            return kernels.post_attention_router(o, residual, w_post, w_ff, w_ff2, scale,
+                                                 router_w, root, eps)  # fmt: skip
+        # more tokens: the norms' kernel, then the projection as router_decode runs it (its
+        # op gives them vLLM's)
+        *rows, router_in = kernels.post_attention_norms(o, residual, w_post, w_ff, w_ff2,
+                                                        scale, root, eps)  # fmt: skip
+        return (*rows, torch.ops.gemma4_quant.router_proj(router_in, router_w, key))
+
+    def router_fake(o, residual, w_post, w_ff, w_ff2, scale, router_w, root, eps, key):  # noqa: ANN001, ANN202
+        logits = o.new_empty((o.shape[0], router_w.shape[0]), dtype=torch.float32)
+        return (*(torch.empty_like(o) for _ in range(3)), logits)
+
+    define_op(
+        ROUTER_OP,
+        "(Tensor o, Tensor residual, Tensor w_post, Tensor w_ff, Tensor w_ff2, Tensor scale, "
+        "Tensor router_w, float root, float eps, int key) -> (Tensor, Tensor, Tensor, Tensor)",
+        post_attention_router,
+        router_fake,
     )
 
     def end_of_layer_norms(
