@@ -30,7 +30,7 @@
 #   qat      the same for Google's QAT form alone (qat-w4a16-ct)
 #   fastab   full size on GPU 0, 0.26.0: the plugin with fast_decode (b) against stock (a),
 #            one run at a time, decode at batch 1 - 64 and greedy agreement (FASTAB_ROUNDS;
-#            FASTAB_ORDER picks the sides of a round, bench_run's letters: a b c m r n f p s t)
+#            FASTAB_ORDER picks the sides of a round, bench_run's letters: a b c m r n f g p s t)
 #   fastprobe layer probes with the one-token dense MLP path (variant fast) on 0.26.0
 #   gemvbench the one-token int4 GEMV on Marlin's layout against vLLM 0.26.0's Marlin GEMM,
 #            26B-A4B's attention projections (bench/marlin_gemv.py)
@@ -89,7 +89,8 @@ bench_run() {  # name gpu release-target plugin(on|off|fast|...|pdl|static|stock
   # moe: the dense MLP kernels and marlin_moe_decode's experts, forced (no attention ones);
   # router: moe's and router_decode's router projection, forced; all: every one-token
   # path forced (router's and marlin_decode's attention projections, norm_blocks, ffn_streams);
-  # nostreams: all without ffn_streams (norm_blocks' forward, one stream); pdl: fast, and
+  # nostreams: all without ffn_streams (norm_blocks' forward, one stream); allreg: all, the
+  # int4 kernels with a register limit (FASTAB_MAXNREG, 96); pdl: fast, and
   # torch.compile's own kernels launched with programmatic dependent launch too; static:
   # fast, and vLLM's compile_sizes [1] (batch 1 also compiled with the batch fixed);
   # stockstatic: stock vLLM with the same
@@ -105,6 +106,8 @@ bench_run() {  # name gpu release-target plugin(on|off|fast|...|pdl|static|stock
   [ "$plugin" = all ] && extra=(GEMMA4_QUANT_FAST_DECODE=force)
   [ "$plugin" = nostreams ] && extra=(GEMMA4_QUANT_FAST_DECODE=force
     GEMMA4_QUANT_DISABLE_PATCHES=ffn_streams)
+  [ "$plugin" = allreg ] && extra=(GEMMA4_QUANT_FAST_DECODE=force
+    GEMMA4_QUANT_INT4_MAXNREG="${FASTAB_MAXNREG:-96}")
   [ "$plugin" = pdl ] && extra=(GEMMA4_QUANT_FAST_DECODE=auto TORCHINDUCTOR_ENABLE_PDL=1)
   [ "$plugin" = static ] && extra=(GEMMA4_QUANT_FAST_DECODE=auto)
   [ "$plugin" = stockstatic ] && extra=(VLLM_PLUGINS=none)
@@ -361,6 +364,7 @@ if has fastab; then
         r) bench_run r-0.26.0-router 0 "$T026" router "" "-fast$round" ;;
         n) bench_run n-0.26.0-nostreams 0 "$T026" nostreams "" "-fast$round" ;;
         f) bench_run f-0.26.0-all 0 "$T026" all "" "-fast$round" ;;
+        g) bench_run g-0.26.0-allreg 0 "$T026" allreg "" "-fast$round" ;;
         p) bench_run p-0.26.0-pdl 0 "$T026" pdl "" "-fast$round" ;;
         s) bench_run s-0.26.0-static 0 "$T026" static "" "-fast$round" ;;
         t) bench_run t-0.26.0-stockstatic 0 "$T026" stockstatic "" "-fast$round" ;;
@@ -377,6 +381,8 @@ if has fastab; then
       m-0.26.0-moe:r-0.26.0-router:-rm:-mr a-0.26.0-stock:f-0.26.0-all:-fa:-af \
       r-0.26.0-router:f-0.26.0-all:-fr:-rf b-0.26.0-fast:f-0.26.0-all:-fb:-bf \
       b-0.26.0-fast:n-0.26.0-nostreams:-nb:-bn n-0.26.0-nostreams:f-0.26.0-all:-fn:-nf \
+      f-0.26.0-all:g-0.26.0-allreg:-gf:-fg a-0.26.0-stock:g-0.26.0-allreg:-ga:-ag \
+      b-0.26.0-fast:g-0.26.0-allreg:-gb:-bg \
       a-0.26.0-stock:p-0.26.0-pdl:-pa:-ap \
       b-0.26.0-fast:p-0.26.0-pdl:-pb:-bp b-0.26.0-fast:s-0.26.0-static:-sb:-bs \
       a-0.26.0-stock:s-0.26.0-static:-sa:-as t-0.26.0-stockstatic:s-0.26.0-static:-st:-ts \

@@ -12,7 +12,12 @@ outputs differ (both sides are within 0.2% of the exact product, 0.31% the exper
 
     git archive REV src/gemma4_quant/kernels | tar -x -C OLD
     python bench/int4_loop_ab.py --old OLD/src/gemma4_quant/kernels [--out F.json] \
-        [--skip-moe] [--skip-dense] [--wide] [--prefetch 1,2,4] [--shapes qkv,o,...]
+        [--skip-moe] [--skip-dense] [--wide] [--prefetch 1,2,4] [--shapes qkv,o,...] \
+        [--maxnreg 80,96,128]
+
+``--maxnreg``: side b also tries ``MAXNREG_SWEEP*``'s tiles with each register limit for
+``ptxas`` (the kernels' ``maxnreg`` tiles; bench/int4_sass.py shows what it does to the
+loops).
 """
 
 from __future__ import annotations
@@ -52,6 +57,10 @@ GEMV_WIDE = [{"split": s, "block_kt": b, "warps": w} for s in (1, 2, 4, 8, 16) f
 MOE_WIDE13 = [{"split13": s, "block_kt13": b, "warps13": w}
               for s in (1, 2, 4, 8) for b, w in WIDE[:3]]  # fmt: skip
 MOE_WIDE2 = [{"split2": s, "block_kt2": b, "warps2": w} for s in (1, 2, 4) for b, w in WIDE[:2]]
+# --maxnreg: the tiles side b also tries with each register limit
+MAXNREG_SWEEP = {"split": (4, 8, 16), "block_kt": (4, 8), "warps": (4,)}
+MAXNREG_SWEEP13 = {"split13": (4, 8), "block_kt13": (4, 8), "warps13": (4,)}
+MAXNREG_SWEEP2 = {"split2": (1, 2), "block_kt2": (4, 8), "warps2": (4,)}
 DENSE_INTER = 2112
 DENSE_SWEEP = {"block_n": (2, 4, 8), "block_k": (256, 512), "warps": (4, 8)}
 
@@ -90,6 +99,13 @@ def sweep(side: str, standard: list[dict], wide: list[dict] | None) -> list[dict
     return standard + wide if side == "b" and wide else standard
 
 
+def with_maxnreg(side: str, tiles: dict, limits: list[int], suffix: str = "") -> list[dict]:
+    """For side b, ``grid(tiles)`` with each register limit (``--maxnreg``)."""
+    if side != "b":
+        return []
+    return [{**t, f"maxnreg{suffix}": r} for t in grid(tiles) for r in limits]
+
+
 def diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -104,7 +120,12 @@ def gemv_calls(module, x: torch.Tensor, copies: list):
 
 
 def gemv_rows(
-    old_gemv, gen: torch.Generator, wide: bool, shapes: set[str], prefetch: list[int]
+    old_gemv,
+    gen: torch.Generator,
+    wide: bool,
+    shapes: set[str],
+    prefetch: list[int],
+    maxnreg: list[int],
 ) -> list[dict]:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows = []
@@ -117,6 +138,7 @@ def gemv_rows(
         for side, module in (("a", old_gemv), ("b", marlin_gemv)):
             make = gemv_calls(module, x, copies)
             tried = sweep(side, grid(GEMV_SWEEP), GEMV_WIDE if wide else None)
+            tried += with_maxnreg(side, MAXNREG_SWEEP, maxnreg)
             if side == "b":  # a's fastest tiles with each prefetch distance too
                 tried += [{**row["a_tiles"], "prefetch": d} for d in prefetch]
             us, tiles = fastest(f"{name} {side}", make, tried, count)
@@ -153,7 +175,9 @@ def random_experts(gen: torch.Generator) -> tuple[torch.Tensor, ...]:
     return w13, s13, w2, s2, scale
 
 
-def moe_row(old_moe, gen: torch.Generator, wide: bool, prefetch: list[int]) -> dict:
+def moe_row(
+    old_moe, gen: torch.Generator, wide: bool, prefetch: list[int], maxnreg: list[int]
+) -> dict:
     w13, s13, w2, s2, scale = random_experts(gen)
     x = torch.randn(1, HIDDEN, generator=gen, device="cuda").bfloat16()
     # one call per set of 8 experts, no two sets sharing one: no call finds its experts in L2
@@ -174,12 +198,14 @@ def moe_row(old_moe, gen: torch.Generator, wide: bool, prefetch: list[int]) -> d
         tried = [
             {**t, **w2_fixed} for t in sweep(side, grid(MOE_SWEEP13), MOE_WIDE13 if wide else None)
         ]
+        tried += [{**t, **w2_fixed} for t in with_maxnreg(side, MAXNREG_SWEEP13, maxnreg, "13")]
         if side == "b":  # a's fastest tiles with each prefetch distance too
             tried += [{**row["a_tiles"], **w2_fixed, "prefetch13": d} for d in prefetch]
         _, best13 = fastest(f"W13 {side}", make, tried, sets)
         tried = [
             {**best13, **t} for t in sweep(side, grid(MOE_SWEEP2), MOE_WIDE2 if wide else None)
         ]
+        tried += [{**best13, **t} for t in with_maxnreg(side, MAXNREG_SWEEP2, maxnreg, "2")]
         if side == "b":
             tried += [{**best13, **tiles_of(row["a_tiles"], "2"), "prefetch2": d} for d in prefetch]
         us, tiles = fastest(f"W2 {side}", make, tried, sets)
@@ -238,14 +264,17 @@ def main() -> int:
         default="",
         help="prefetch distances b also tries with a's fastest tiles, e.g. 1,2,4",
     )
+    parser.add_argument("--maxnreg", default="", help="register limits b also tries, 80,96,128")
     parser.add_argument("--shapes", default=",".join(s[0] for s in SHAPES),
                         help="the projections to time (default: all)")  # fmt: skip
     args = parser.parse_args()
     old_gemv, old_moe, old_dense = load_kernels(args.old)
     gen = torch.Generator(device="cuda").manual_seed(0)
     prefetch = [int(d) for d in args.prefetch.split(",") if d]
-    rows = [] if args.skip_moe else [moe_row(old_moe, gen, args.wide, prefetch)]
-    rows += gemv_rows(old_gemv, gen, args.wide, set(args.shapes.split(",")), prefetch)
+    maxnreg = [int(r) for r in args.maxnreg.split(",") if r]
+    rows = [] if args.skip_moe else [moe_row(old_moe, gen, args.wide, prefetch, maxnreg)]
+    shapes = set(args.shapes.split(","))
+    rows += gemv_rows(old_gemv, gen, args.wide, shapes, prefetch, maxnreg)
     rows += [] if args.skip_dense else dense_rows(old_dense, gen)
     print(f"\n{torch.cuda.get_device_name()}\n| shape | a us | b us | a / b | outputs differ |")
     print("|---|---|---|---|---|")

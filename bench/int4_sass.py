@@ -8,9 +8,13 @@ barriers and shared-memory operations (data moving between lanes), the load lead
 fewest instructions from a global load to the first use of what it loaded), and registers.
 
     python bench/int4_sass.py [--tiles 4x4,8x4,16x4] [--keep DIR] [--prefetch N] [--pdl 1]
+        [--maxnreg 96]
 
 Tiles are ``BLOCK_KT x warps``. An instruction count is not a time: a loop can wait on its
 loads however few instructions it issues (bench/marlin_gemv.py times them on a GPU).
+``--maxnreg`` compiles with that register limit (the kernels' ``maxnreg`` tiles): without
+one, ``ptxas`` keeps the loops in 56 - 80 registers by issuing the next step's loads late
+in a step (load lead 28 - 43); at 96 it issues them at the top (119 - 127).
 """
 
 from __future__ import annotations
@@ -54,7 +58,9 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def compile_sass(fn, signature: dict, consts: dict, warps: int, aligned: tuple, out: Path):
+def compile_sass(
+    fn, signature: dict, consts: dict, warps: int, aligned: tuple, out: Path, maxnreg: int = 0
+):
     """SASS lines and the resource line of ``fn`` compiled for ``TARGET``."""
     sig = {**signature, **{name: "constexpr" for name in consts}}
     names = list(sig)
@@ -66,7 +72,7 @@ def compile_sass(fn, signature: dict, consts: dict, warps: int, aligned: tuple, 
     kernel = triton.compile(
         ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
         target=TARGET,
-        options={"num_warps": warps},
+        options={"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})},
     )
     cubin = out / f"{fn.__name__}-{consts.get('BLOCK_KT')}-{warps}.cubin"
     cubin.write_bytes(kernel.asm["cubin"])
@@ -112,8 +118,11 @@ def load_lead(body: list[str]) -> int:
     return min(leads, default=-1)
 
 
-def row(name: str, fn, signature: dict, consts: dict, warps: int, aligned: tuple, out: Path):
-    lines, regs = compile_sass(fn, signature, consts, warps, aligned, out)
+def row(
+    name: str, fn, signature: dict, consts: dict, warps: int, aligned: tuple, out: Path,
+    maxnreg: int = 0,
+):  # fmt: skip
+    lines, regs = compile_sass(fn, signature, consts, warps, aligned, out, maxnreg)
     # a step: BLOCK_KT row tiles of 128 words, 8 weights each, over the program's threads
     weights = consts["BLOCK_KT"] * 128 * 8 // (32 * warps)
     for i, (ops, lead) in enumerate(loops(lines)):
@@ -131,6 +140,7 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, help="keep the cubins here")
     parser.add_argument("--prefetch", type=int, default=0, help="the loops' PREFETCH (steps)")
     parser.add_argument("--pdl", type=int, default=0, help="the kernels' PDL (0 or 1)")
+    parser.add_argument("--maxnreg", type=int, default=0, help="ptxas' register limit (0: none)")
     args = parser.parse_args()
     out = args.keep or Path(tempfile.mkdtemp())
     out.mkdir(parents=True, exist_ok=True)
@@ -149,7 +159,7 @@ def main() -> int:
         block_kt, warps = map(int, tiles.split("x"))
         for name, fn, signature, consts, aligned in kernels:
             consts = {**consts, "BLOCK_KT": block_kt, "PREFETCH": args.prefetch, "PDL": args.pdl}
-            row(name, fn, signature, consts, warps, aligned, out)
+            row(name, fn, signature, consts, warps, aligned, out, args.maxnreg)
     return 0
 
 

@@ -21,7 +21,10 @@ variant's bit for bit (same kernels, same order of sums). Prints us per layer an
 ratio to the first.
 
     python bench/pdl_chain.py [--layers 4] [--repeats 8] [--variants none,side,side-moe]
-        [--out F.json]
+        [--maxnreg 0,96] [--out F.json]
+
+``--maxnreg``: each variant again with that register limit for the int4 kernels' ``ptxas``
+(0: none; bench/int4_sass.py shows what it does to their loops).
 """
 
 from __future__ import annotations
@@ -94,9 +97,12 @@ def stand_in(t: torch.Tensor, factor: float) -> torch.Tensor:
     return torch.nn.functional.rms_norm(t * factor, (t.shape[-1],), eps=1e-6)
 
 
-def layer(x: torch.Tensor, w: dict, experts: dict, variant: tuple[str, ...], prefetch: int):
+def layer(
+    x: torch.Tensor, w: dict, experts: dict, variant: tuple[str, ...], prefetch: int,
+    maxnreg: int = 0,
+):  # fmt: skip
     on = {name: int(name in variant) for name in KERNELS}
-    gemv = {"pdl": on["gemv"], "prefetch": prefetch}
+    gemv = {"pdl": on["gemv"], "prefetch": prefetch, "maxnreg": maxnreg}
     h = stand_in(x, 0.5)
     qkv = marlin_gemv.marlin_gemv(h, *w["qkv"], GROUP, **kernel_tiles.GEMV_K2816, **gemv)
     a = stand_in(qkv[:, :O_IN], 0.25)
@@ -113,7 +119,7 @@ def layer(x: torch.Tensor, w: dict, experts: dict, variant: tuple[str, ...], pre
         return marlin_moe.marlin_moe(
             h2, logits, experts["scale"], experts["w13"], experts["s13"], experts["w2"],
             experts["s2"], top_k=TOP_K, **kernel_tiles.MARLIN_MOE, pdl=on["moe"],
-            prefetch13=prefetch, prefetch2=prefetch,
+            prefetch13=prefetch, prefetch2=prefetch, maxnreg13=maxnreg, maxnreg2=maxnreg,
         ), logits  # fmt: skip
 
     if "side" in variant:
@@ -126,12 +132,12 @@ def layer(x: torch.Tensor, w: dict, experts: dict, variant: tuple[str, ...], pre
 
 
 def chain(x: torch.Tensor, layers: list[dict], experts: dict, variant, prefetch: int,
-          repeats: int):  # fmt: skip
+          repeats: int, maxnreg: int = 0):  # fmt: skip
     def run() -> tuple[torch.Tensor, torch.Tensor]:
         h, logits = x, None
         for _ in range(repeats):
             for w in layers:
-                h, logits = layer(h, w, experts, variant, prefetch)
+                h, logits = layer(h, w, experts, variant, prefetch, maxnreg)
         return h, logits
 
     return run
@@ -144,6 +150,7 @@ def main() -> int:
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--prefetch", default="0", help="in-loop L2 prefetch distances, 0,2")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--maxnreg", default="0", help="int4 kernels' register limits, 0,96")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -151,24 +158,25 @@ def main() -> int:
     x = torch.randn(1, HIDDEN, generator=gen, device="cuda").bfloat16()
     per_graph = args.layers * args.repeats
     rows, reference = [], None
-    for prefetch in (int(d) for d in args.prefetch.split(",")):
+    settings = [(int(d), int(r)) for r in args.maxnreg.split(",") for d in args.prefetch.split(",")]
+    for prefetch, maxnreg in settings:
         for name in args.variants.split(","):
-            run = chain(x, layers, experts, VARIANTS[name], prefetch, args.repeats)
+            run = chain(x, layers, experts, VARIANTS[name], prefetch, args.repeats, maxnreg)
             out, logits = run()
             us = graph_time_us(run, 1, args.replays) / per_graph
             if reference is None:
                 reference = (out.clone(), logits.clone())
             same = bool(torch.equal(out, reference[0]) and torch.equal(logits, reference[1]))
-            row = {"variant": name, "prefetch": prefetch, "us_per_layer": round(us, 2),
-                   "same_output": same}  # fmt: skip
+            row = {"variant": name, "prefetch": prefetch, "maxnreg": maxnreg,
+                   "us_per_layer": round(us, 2), "same_output": same}  # fmt: skip
             print(json.dumps(row), flush=True)
             rows.append(row)
     base = rows[0]["us_per_layer"]
     print(f"\n{torch.cuda.get_device_name()}, {args.layers} layers x {args.repeats} a graph")
-    print("| variant | in-loop prefetch | us / layer | none / this | outputs equal |")
-    print("|---|---|---|---|---|")
+    print("| variant | in-loop prefetch | maxnreg | us / layer | none / this | outputs equal |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['prefetch']} | {r['us_per_layer']} | "
+        print(f"| {r['variant']} | {r['prefetch']} | {r['maxnreg']} | {r['us_per_layer']} | "
               f"{base / r['us_per_layer']:.3f} | {r['same_output']} |")  # fmt: skip
     if args.out:
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows},

@@ -100,6 +100,25 @@ def test_pdl_launches_only_where_a_gpu_can_take_it(monkeypatch) -> None:
     assert common.pdl_for(1, cpu) == 1 and common.launch_options(1) == {}
 
 
+def test_a_register_limit_is_passed_where_triton_takes_it(monkeypatch) -> None:
+    """A tile's ``maxnreg`` reaches the launch as Triton's register limit for ``ptxas``
+    (a Triton without the option launches without it) and leaves the arithmetic alone."""
+    from gemma4_quant.kernels import common
+
+    assert common.launch_options(0, 0) == {} and common.launch_options(0) == {}
+    monkeypatch.setattr(common, "_triton_takes_maxnreg", lambda: True)
+    assert common.launch_options(0, 96) == {"maxnreg": 96}
+    monkeypatch.setattr(common, "_triton_takes_maxnreg", lambda: False)
+    assert common.launch_options(0, 96) == {}
+    monkeypatch.undo()
+    gen = torch.Generator().manual_seed(6)
+    words, scales, _ = marlin_matrix(512, 256, 32, gen)
+    x = torch.randn(1, 512, generator=gen).bfloat16().to(DEVICE)
+    words, scales = words.to(DEVICE), scales.to(DEVICE)
+    plain = marlin_gemv(x, words, scales, 32, split=2)
+    assert torch.equal(marlin_gemv(x, words, scales, 32, split=2, maxnreg=96), plain)
+
+
 def test_a_mis_shaped_weight_is_refused_by_name():
     gen = torch.Generator().manual_seed(2)
     words, scales, _ = marlin_matrix(256, 128, 32, gen)
@@ -233,3 +252,6 @@ def test_auto_takes_only_measured_shapes(fresh, monkeypatch) -> None:
     assert fresh.tiles_for("auto", (9, 0), 4096, 2816) == fresh._FORCED_TILES
     assert fresh.tiles_for("auto", (8, 0), 4096, 2816) is None
     assert fresh.tiles_for("force", (8, 0), 512, 256) == fresh._FORCED_TILES
+    monkeypatch.setenv("GEMMA4_QUANT_INT4_MAXNREG", "96")  # for measuring: every tile
+    assert fresh.tiles_for("auto", (9, 0), 4096, 2816) == {**fresh._FORCED_TILES, "maxnreg": 96}
+    assert fresh.tiles_for("auto", (8, 0), 4096, 2816) is None

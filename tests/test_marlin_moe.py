@@ -104,6 +104,7 @@ def _run(x, logits, scale, tensors, top_k: int, **tiles):
         (4, 2, 2816, 704, 32, {"split13": 3, "block_kt13": 8, "split2": 2}),
         (12, 4, 256, 192, 64, {"split13": 1, "split2": 1, "block_kt2": 1}),
         (6, 3, 256, 128, 32, {"split13": 2, "prefetch13": 2, "prefetch2": 1, "pdl": 1}),
+        (6, 3, 256, 128, 32, {"split13": 2, "maxnreg13": 96, "maxnreg2": 128}),
         (6, 3, 512, 256, 128, {"split13": 2}),
     ],
 )
@@ -234,6 +235,21 @@ def test_auto_takes_only_the_measured_shape(patch_module) -> None:
     assert patch_module.tiles_for("auto", (9, 0), 2816, 352) is None  # TP=2's half
     assert patch_module.tiles_for("auto", (10, 0), 2816, 704) is None
     assert patch_module.tiles_for("force", (8, 0), 256, 64) == DEFAULT_TILES
+
+
+def test_a_register_limit_from_the_environment_reaches_both_kernels(patch_module, monkeypatch):
+    """``GEMMA4_QUANT_INT4_MAXNREG`` (for measuring) adds ``ptxas``' register limit to both
+    kernels' tiles wherever the patch takes the experts; a value out of range leaves them."""
+    from gemma4_quant.kernels.marlin_moe import DEFAULT_TILES
+
+    monkeypatch.setenv("GEMMA4_QUANT_INT4_MAXNREG", "96")
+    limited = {**DEFAULT_TILES, "maxnreg13": 96, "maxnreg2": 96}
+    assert patch_module.tiles_for("auto", (9, 0), 2816, 704) == limited
+    assert patch_module.tiles_for("force", (8, 0), 256, 64) == limited
+    assert patch_module.tiles_for("auto", (10, 0), 2816, 704) is None
+    for wrong in ("lots", "1000", "-1"):
+        monkeypatch.setenv("GEMMA4_QUANT_INT4_MAXNREG", wrong)
+        assert patch_module.tiles_for("auto", (9, 0), 2816, 704) == DEFAULT_TILES
 
 
 def test_experts_that_agree_with_vllm_take_the_op(patch_module) -> None:

@@ -7,7 +7,7 @@ import logging
 import os
 from functools import cache
 
-__all__ = ["disabled", "disabled_patches", "fallback_mode", "fast_decode_mode"]
+__all__ = ["disabled", "disabled_patches", "fallback_mode", "fast_decode_mode", "int4_maxnreg"]
 
 FALLBACK_MODES = ("auto", "off", "force")
 # auto first: the default (end to end, docs/gpu-results.md 3d: 1.017 at batch 1, 1.001 - 1.005
@@ -44,6 +44,18 @@ def fast_decode_mode() -> str:
     ``ffn_streams`` nowhere yet), ``off`` (vLLM's kernels everywhere) or ``force`` (any
     CUDA GPU and shape)."""
     return _mode("GEMMA4_QUANT_FAST_DECODE", FAST_DECODE_MODES)
+
+
+def int4_maxnreg() -> int:
+    """``GEMMA4_QUANT_INT4_MAXNREG=N``: the one-token int4 kernels (``marlin_decode``,
+    ``marlin_moe_decode``) compiled with a register limit of ``N`` for ``ptxas`` in place of
+    their tiles' own, for measuring it (bench/int4_sass.py shows what it changes); unset or
+    0: the tiles' (kernels/tiles.py)."""
+    raw = os.environ.get("GEMMA4_QUANT_INT4_MAXNREG", "0").strip()
+    if raw.isdigit() and (int(raw) == 0 or 24 <= int(raw) <= 255):
+        return int(raw)
+    _warn_bad_value("GEMMA4_QUANT_INT4_MAXNREG", raw, ("0", "24 - 255"), "0")
+    return 0
 
 
 def _mode(name: str, modes: tuple[str, ...]) -> str:

@@ -40,9 +40,28 @@ def pdl_for(pdl: int, device: torch.device) -> int:
     return pdl if _pdl_device(index) else 0
 
 
-def launch_options(pdl: int) -> dict:
-    """The launch keywords of a kernel whose ``PDL`` is ``pdl`` (from ``pdl_for``)."""
-    return {"launch_pdl": True} if pdl and not INTERPRETED else {}
+@functools.cache
+def _triton_takes_maxnreg() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "maxnreg" in CUDAOptions.__dataclass_fields__
+
+
+def launch_options(pdl: int, maxnreg: int = 0) -> dict:
+    """The launch keywords of a kernel whose ``PDL`` is ``pdl`` (from ``pdl_for``), and a
+    register limit for ``ptxas`` where ``maxnreg`` is set (a Triton without the option
+    compiles without it).
+
+    The limit changes more than occupancy: left to itself, ``ptxas`` compiles the int4
+    loops in 56 registers by issuing the next step's loads at the end of a step, where
+    they are waited for at once (docs/gpu-results.md 3l); allowed 96, it issues them at
+    the top, a whole step ahead (``bench/int4_sass.py --maxnreg``)."""
+    options = {"launch_pdl": True} if pdl and not INTERPRETED else {}
+    if maxnreg and _triton_takes_maxnreg():
+        options["maxnreg"] = maxnreg
+    return options
 
 
 @triton.jit

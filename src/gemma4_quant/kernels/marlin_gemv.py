@@ -130,9 +130,12 @@ def tile_dot(
     the 8) come off once per lane and row tile.
 
     ``ptxas`` issues the next step's loads at the end of a step, so each step waits for
-    memory (docs/gpu-results.md 3k, 3l); ``PREFETCH`` > 0 also asks L2 for the words of
-    the step that many steps after the next one, so that step's loads wait for L2 only
-    (measured 2% slower at distance 2 in a layer's chain of these kernels, 3m)."""
+    memory (docs/gpu-results.md 3k, 3l), unless the launch allows it more registers
+    (``maxnreg`` 96: the loads at the top of the step, 80 - 94 registers instead of 56 -
+    80; ``bench/int4_sass.py --maxnreg``, not yet timed); ``PREFETCH`` > 0 also asks L2
+    for the words of the step that many steps after the next one, so that step's loads
+    wait for L2 only (measured 2% slower at distance 2 in a layer's chain of these
+    kernels, 3m)."""
     kt_idx = tl.arange(0, BLOCK_KT)[:, None, None]
     lane = tl.arange(0, 32)[None, :, None]  # 4 ci + t
     j = tl.arange(0, 4)[None, None, :]
@@ -296,10 +299,12 @@ def marlin_gemv(
     stages: int = 3,
     prefetch: int = 0,
     pdl: int = 0,
+    maxnreg: int = 0,
 ) -> torch.Tensor:
     """``x [1, K] @ W [K, N]`` for one token, ``W`` in Marlin's 4-bit layout: ``[1, N]``.
     ``pdl``: launched with programmatic dependent launch (compute capability 9.0 and later;
-    measured no faster, docs/gpu-results.md 3m)."""
+    measured no faster, docs/gpu-results.md 3m); ``maxnreg``: ``ptxas``' register limit
+    (``common.launch_options``)."""
     k = x.shape[-1]
     n = w_s.shape[-1]
     # one group over all of K is channelwise to Marlin, whose scales are permuted otherwise
@@ -333,6 +338,6 @@ def marlin_gemv(
         PDL=pdl,
         num_warps=warps,
         num_stages=stages,
-        **launch_options(pdl),
+        **launch_options(pdl, maxnreg),
     )
     return out

@@ -305,7 +305,8 @@ def marlin_moe(
     """Gemma 4's routed experts for one token ``x`` ``[1, H]``: ``[1, H]``. ``router_logits``
     ``[1, E]`` (float32 as Gemma 4's router writes them), ``expert_scale`` ``[E]``; the
     experts as Marlin's MoE holds them (above); ``tiles`` override ``DEFAULT_TILES``
-    (``pdl``: both kernels launched with programmatic dependent launch)."""
+    (``pdl``: both kernels launched with programmatic dependent launch; ``maxnreg13``,
+    ``maxnreg2``: ``ptxas``' register limit of each, ``common.launch_options``)."""
     hidden = x.shape[-1]
     n_experts = router_logits.shape[-1]
     if x.numel() != hidden or router_logits.numel() != n_experts or top_k > n_experts:
@@ -352,7 +353,7 @@ def marlin_moe(
         PDL=pdl,
         ACT=ACTIVATIONS[activation],
         num_warps=t["warps13"],
-        **launch_options(pdl),
+        **launch_options(pdl, t.get("maxnreg13", 0)),
     )
     k2 = inter // 16
     per2 = share(k2, t["split2"], t["block_kt2"])
@@ -377,6 +378,6 @@ def marlin_moe(
         PREFETCH=t.get("prefetch2", 0),
         PDL=pdl,
         num_warps=t["warps2"],
-        **launch_options(pdl),
+        **launch_options(pdl, t.get("maxnreg2", 0)),
     )
     return out

@@ -208,7 +208,8 @@ def tiles_for(mode: str, capability: tuple[int, int], k: int, n: int) -> dict[st
     tiles = TILES.get(capability, {}).get((k, n))
     if tiles is None and mode == "force":
         tiles = _FORCED_TILES
-    return tiles
+    maxnreg = envs.int4_maxnreg()
+    return {**tiles, "maxnreg": maxnreg} if tiles is not None and maxnreg else tiles
 
 
 # key -> (tiles, the layer (weakly), its kernel, Marlin's apply_weights)

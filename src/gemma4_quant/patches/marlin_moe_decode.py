@@ -268,6 +268,9 @@ def tiles_for(
     tiles = TILES.get(capability, {}).get((hidden, inter))
     if tiles is None and mode == "force":
         tiles = dict(kernel_tiles.MARLIN_MOE)
+    maxnreg = envs.int4_maxnreg()
+    if tiles is not None and maxnreg:
+        tiles = {**tiles, "maxnreg13": maxnreg, "maxnreg2": maxnreg}
     return tiles
 
 
