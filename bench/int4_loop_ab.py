@@ -15,9 +15,10 @@ outputs differ (both sides are within 0.2% of the exact product, 0.31% the exper
         [--skip-moe] [--skip-dense] [--wide] [--prefetch 1,2,4] [--shapes qkv,o,...] \
         [--maxnreg 80,96,128]
 
-``--maxnreg``: side b also tries ``MAXNREG_SWEEP*``'s tiles with each register limit for
-``ptxas`` (the kernels' ``maxnreg`` tiles; bench/int4_sass.py shows what it does to the
-loops).
+The dense MLP's side b also tries each tile with ``ahead`` (each step loading the next
+one's columns first). ``--maxnreg``: side b also tries ``MAXNREG_SWEEP*``'s tiles with each
+register limit for ``ptxas`` (the kernels' ``maxnreg`` tiles; bench/int4_sass.py shows
+what it does to the loops).
 """
 
 from __future__ import annotations
@@ -242,7 +243,9 @@ def dense_rows(old_dense, gen: torch.Generator) -> list[dict]:
             def make(tiles, module=module, call=call, copies=copies):
                 return rotated(lambda w_: lambda: call(module, w_, tiles), copies)
 
-            us, tiles = fastest(f"{name} {side}", make, tried, count)
+            # b: each tile with its steps loading the next one's columns first, too
+            ahead = [{**t, f"ahead{suffix}": 1} for t in tried] if side == "b" else []
+            us, tiles = fastest(f"{name} {side}", make, tried + ahead, count)
             row[f"{side}_us"], row[f"{side}_tiles"] = round(us, 2), tiles
         outs = [call(m, w, row[f"{s}_tiles"]) for s, m in (("a", old_dense), ("b", dense_decode))]
         row["a_over_b"] = round(row["a_us"] / row["b_us"], 3)

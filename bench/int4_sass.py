@@ -8,13 +8,15 @@ barriers and shared-memory operations (data moving between lanes), the load lead
 fewest instructions from a global load to the first use of what it loaded), and registers.
 
     python bench/int4_sass.py [--tiles 4x4,8x4,16x4] [--keep DIR] [--prefetch N] [--pdl 1]
-        [--maxnreg 96]
+        [--maxnreg 96] [--dense]
 
 Tiles are ``BLOCK_KT x warps``. An instruction count is not a time: a loop can wait on its
 loads however few instructions it issues (bench/marlin_gemv.py times them on a GPU).
 ``--maxnreg`` compiles with that register limit (the kernels' ``maxnreg`` tiles): without
 one, ``ptxas`` keeps the loops in 56 - 80 registers by issuing the next step's loads late
-in a step (load lead 28 - 43); at 96 it issues them at the top (119 - 127).
+in a step (load lead 28 - 43); at 96 it issues them at the top (119 - 127). ``--dense``
+also compiles ``dense_decode``'s two bf16 kernels (the tiles' 4 rows x 512 columns, 4
+warps) with and without ``AHEAD`` (each step loading the next one's columns first).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from gemma4_quant.kernels import marlin_gemv, marlin_moe  # noqa: E402
+from gemma4_quant.kernels import dense_decode, marlin_gemv, marlin_moe  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 _INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -134,6 +136,24 @@ def row(
         )
 
 
+DENSE = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "inter": "i32", "hidden": "i32"}
+DOWN = {"a_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "inter": "i32", "hidden": "i32"}
+
+
+def dense_rows(out: Path, maxnreg: int) -> None:
+    """``dense_decode``'s kernels, each with and without ``AHEAD``: loop instructions, load
+    lead and registers."""
+    print("\n| kernel | AHEAD | loop instructions | load lead | registers |\n|---|---|---|---|---|")
+    kernels = (("dense gate_up", dense_decode._gate_up_act_kernel, DENSE, {"ACT": 2}),
+               ("dense down", dense_decode._down_kernel, DOWN, {}))  # fmt: skip
+    for name, fn, signature, consts in kernels:
+        for ahead in (0, 1):
+            consts = {**consts, "BLOCK_N": 4, "BLOCK_K": 512, "PDL": 0, "AHEAD": ahead}
+            lines, regs = compile_sass(fn, signature, consts, 4, ("inter", "hidden"), out, maxnreg)
+            for ops, lead in loops(lines):
+                print(f"| {name} | {ahead} | {sum(ops.values())} | {lead} | {regs} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiles", default="4x4,8x4,16x4", help="BLOCK_KT x warps, comma-separated")
@@ -141,6 +161,7 @@ def main() -> int:
     parser.add_argument("--prefetch", type=int, default=0, help="the loops' PREFETCH (steps)")
     parser.add_argument("--pdl", type=int, default=0, help="the kernels' PDL (0 or 1)")
     parser.add_argument("--maxnreg", type=int, default=0, help="ptxas' register limit (0: none)")
+    parser.add_argument("--dense", action="store_true", help="dense_decode's kernels too")
     args = parser.parse_args()
     out = args.keep or Path(tempfile.mkdtemp())
     out.mkdir(parents=True, exist_ok=True)
@@ -160,6 +181,8 @@ def main() -> int:
         for name, fn, signature, consts, aligned in kernels:
             consts = {**consts, "BLOCK_KT": block_kt, "PREFETCH": args.prefetch, "PDL": args.pdl}
             row(name, fn, signature, consts, warps, aligned, out, args.maxnreg)
+    if args.dense:
+        dense_rows(out, args.maxnreg)
     return 0
 
 

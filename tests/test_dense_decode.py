@@ -34,6 +34,9 @@ def reference(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> tor
         (1, 2816, 2112, {}),  # 26B-A4B's dense MLP
         (2, 2816, 1056, {"block_n1": 16, "block_k1": 512, "pdl": 1}),  # one TP=2 rank
         (3, 200, 72, {"block_n2": 16, "block_k2": 64, "pdl": 1}),  # nothing divides any tile
+        # each step loading the next one's columns first, the last step's past K masked
+        (1, 2816, 2112, {"ahead1": 1, "ahead2": 1, "maxnreg1": 96, "maxnreg2": 96}),
+        (3, 200, 72, {"block_k1": 64, "block_k2": 32, "ahead1": 1, "ahead2": 1}),
     ],
 )
 def test_matches_exact_product(m: int, hidden: int, inter: int, tiles: dict) -> None:

@@ -18,7 +18,9 @@ Layout:
 How:
     A program owns a tile of output rows of one token and walks K in ``BLOCK_K`` columns,
     accumulating element-wise products in a float32 ``[rows, BLOCK_K]`` tile that is
-    reduced once at the end (no ``tl.dot``: at M = 1 it would pad M to 16). A token per
+    reduced once at the end (no ``tl.dot``: at M = 1 it would pad M to 16); with
+    ``ahead1`` / ``ahead2`` each step first loads the next one's columns (not yet timed on
+    a GPU; off by default). A token per
     program re-reads the weights for every token, from L2 after the first: the kernels
     are meant for batch 1 - 2; larger batches keep vLLM's GEMMs.
 
@@ -55,6 +57,18 @@ DEFAULT_TILES = {
 
 
 @triton.jit
+def _rows_step(w_ptr, x_ptr, rows, row_mask, k, cols):
+    """Columns ``cols`` of the rows and of ``x`` (zeros past ``k``: no memory read there)."""
+    col_mask = cols < k
+    w = tl.load(
+        w_ptr + rows[:, None].to(tl.int64) * k + cols[None, :],
+        mask=row_mask[:, None] & col_mask[None, :],
+        other=0.0,
+    )
+    return w, tl.load(x_ptr + cols, mask=col_mask, other=0.0)
+
+
+@triton.jit
 def _rows_dot_bf16(
     w_ptr,  # [N, K]
     x_ptr,  # [K]
@@ -63,19 +77,23 @@ def _rows_dot_bf16(
     k,
     ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    AHEAD: tl.constexpr = 0,
 ):
+    """``AHEAD``: each step loads the next step's columns before it multiplies its own
+    (with a register limit for ``ptxas``, ``maxnreg``, the loads stay a step ahead;
+    bench/int4_sass.py --dense); else each step waits for its own loads."""
     acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
     offs = tl.arange(0, BLOCK_K)
-    for k0 in range(0, k, BLOCK_K):
-        cols = k0 + offs
-        col_mask = cols < k
-        w = tl.load(
-            w_ptr + rows[:, None].to(tl.int64) * k + cols[None, :],
-            mask=row_mask[:, None] & col_mask[None, :],
-            other=0.0,
-        )
-        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    if AHEAD:
+        w, x = _rows_step(w_ptr, x_ptr, rows, row_mask, k, offs)
+        for k0 in range(0, k, BLOCK_K):
+            nw, nx = _rows_step(w_ptr, x_ptr, rows, row_mask, k, k0 + BLOCK_K + offs)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            w, x = nw, nx
+    else:
+        for k0 in range(0, k, BLOCK_K):
+            w, x = _rows_step(w_ptr, x_ptr, rows, row_mask, k, k0 + offs)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     return tl.sum(acc, axis=1)
 
 
@@ -90,6 +108,7 @@ def _gate_up_act_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
+    AHEAD: tl.constexpr = 0,
 ):
     token = tl.program_id(1).to(tl.int64)
     # gate row n and up row I + n side by side (even / odd), split after the dot
@@ -97,8 +116,9 @@ def _gate_up_act_kernel(
     n = tl.program_id(0) * BLOCK_N + r // 2
     pdl_wait(PDL)
     both = _rows_dot_bf16(
-        w_ptr, x_ptr + token * hidden, n + (r % 2) * inter, n < inter, hidden, 2 * BLOCK_N, BLOCK_K
-    )
+        w_ptr, x_ptr + token * hidden, n + (r % 2) * inter, n < inter, hidden, 2 * BLOCK_N, BLOCK_K,
+        AHEAD,
+    )  # fmt: skip
     gate, up = tl.split(tl.reshape(both, (BLOCK_N, 2)))
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     act = act_and_mul(gate, up, out_ptr.dtype.element_ty, ACT)
@@ -115,12 +135,13 @@ def _down_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
+    AHEAD: tl.constexpr = 0,
 ):
     token = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = rows < hidden
     pdl_wait(PDL)
-    acc = _rows_dot_bf16(w_ptr, a_ptr + token * inter, rows, mask, inter, BLOCK_N, BLOCK_K)
+    acc = _rows_dot_bf16(w_ptr, a_ptr + token * inter, rows, mask, inter, BLOCK_N, BLOCK_K, AHEAD)
     tl.store(out_ptr + token * hidden + rows, acc, mask=mask)
 
 
@@ -143,6 +164,8 @@ def gate_up_act(
     block_k1: int,
     warps1: int,
     pdl: int = 0,
+    ahead1: int = 0,
+    maxnreg1: int = 0,
 ) -> torch.Tensor:
     m, inter = out.shape
     pdl = pdl_for(pdl, x.device)
@@ -156,8 +179,9 @@ def gate_up_act(
         BLOCK_N=block_n1,
         BLOCK_K=block_k1,
         PDL=pdl,
+        AHEAD=ahead1,
         num_warps=warps1,
-        **launch_options(pdl),
+        **launch_options(pdl, maxnreg1),
     )
     return out
 
@@ -171,6 +195,8 @@ def down(
     block_k2: int,
     warps2: int,
     pdl: int = 0,
+    ahead2: int = 0,
+    maxnreg2: int = 0,
 ) -> torch.Tensor:
     m, hidden = out.shape
     pdl = pdl_for(pdl, act.device)
@@ -183,8 +209,9 @@ def down(
         BLOCK_N=block_n2,
         BLOCK_K=block_k2,
         PDL=pdl,
+        AHEAD=ahead2,
         num_warps=warps2,
-        **launch_options(pdl),
+        **launch_options(pdl, maxnreg2),
     )
     return out
 
@@ -201,7 +228,8 @@ def dense_decode(
 ) -> torch.Tensor:
     """down(act(x @ gate.T) * (x @ up.T)) for ``x`` [M, H] (small M); ``tiles`` override
     ``DEFAULT_TILES`` (``pdl``: both kernels launched with programmatic dependent
-    launch)."""
+    launch; ``ahead1``, ``ahead2``: each step loads the next one's columns first;
+    ``maxnreg1``, ``maxnreg2``: ``ptxas``' register limit, ``common.launch_options``)."""
     inter = check_shapes(x, gate_up, down_w)
     t = {**DEFAULT_TILES, **tiles}
     x = x.contiguous()
@@ -218,6 +246,8 @@ def dense_decode(
         block_k1=t["block_k1"],
         warps1=t["warps1"],
         pdl=t.get("pdl", 0),
+        ahead1=t.get("ahead1", 0),
+        maxnreg1=t.get("maxnreg1", 0),
     )
     return down(
         workspace,
@@ -227,4 +257,6 @@ def dense_decode(
         block_k2=t["block_k2"],
         warps2=t["warps2"],
         pdl=t.get("pdl", 0),
+        ahead2=t.get("ahead2", 0),
+        maxnreg2=t.get("maxnreg2", 0),
     )
