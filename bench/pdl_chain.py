@@ -16,9 +16,14 @@ on for some kernels; ``--prefetch`` sets the int4 loops' L2 prefetch distance to
 after the norms' stand-in, joined before the sum: two branches of the graph) with the
 patch's own ``ffn_streams.two_streams`` and stream: ``side`` puts the dense MLP on the
 second stream, ``side-moe`` the router and the experts (``side-all`` and ``side-moe-all``
-with PDL on every kernel too). The outputs must equal the first
-variant's bit for bit (same kernels, same order of sums). Prints us per layer and the
-ratio to the first.
+with PDL on every kernel too). The ``norms`` variants put the plugin's ``norm_blocks``
+kernels in place of the stand-ins for the norms: after o, its kernel with the router's
+logits (``post_attention_router``, in place of a stand-in and ``router_decode``'s kernel);
+after the feed-forward blocks, its end-of-layer kernel with the next layer's input norm
+(in place of the sum and the next layer's stand-in); ``side-norms`` on two streams. The
+outputs must equal the first variant's bit for bit (same kernels, same order of sums),
+the ``norms`` ones the first ``norms`` one's. Prints us per layer and the ratio to the
+first.
 
     python bench/pdl_chain.py [--layers 4] [--repeats 8] [--variants none,side,side-moe]
         [--maxnreg 0,96] [--out F.json]
@@ -66,7 +71,10 @@ VARIANTS = {
     "side-moe": ("side-moe",),
     "side-all": ("side", *KERNELS),
     "side-moe-all": ("side-moe", *KERNELS),
+    "norms": ("norms",),
+    "side-norms": ("side", "norms"),
 }
+EPS = 1e-6
 
 
 def bf16(gen: torch.Generator, *shape: int) -> torch.Tensor:
@@ -81,6 +89,13 @@ def make_layers(gen: torch.Generator, count: int) -> list[dict]:
             "gate_up": bf16(gen, 2 * DENSE_INTER, HIDDEN),
             "down": bf16(gen, HIDDEN, DENSE_INTER),
             "router": bf16(gen, EXPERTS, HIDDEN),
+            # norm_blocks' weights: post-attention, both pre-feed-forward norms, the router's
+            # scale; both post-feed-forward norms, the last norm, the next layer's input norm
+            "norms": [
+                (1 + 0.1 * torch.randn(HIDDEN, generator=gen, device="cuda")).bfloat16()
+                for _ in range(8)
+            ],
+            "scalar": torch.tensor([0.5], device="cuda").bfloat16(),
         }
         for _ in range(count)
     ]
@@ -131,13 +146,52 @@ def layer(
     return torch.add(d, m, alpha=0.5), logits
 
 
+def norms_layer(
+    x: torch.Tensor, normed, w: dict, experts: dict, variant: tuple[str, ...], maxnreg: int
+):  # fmt: skip
+    """A layer with ``norm_blocks``' kernels for its norms: ((its output, the next layer's
+    input norm), the router's logits); ``normed``: this layer's input norm, from the layer
+    before (the first layer: a stand-in)."""
+    from gemma4_quant.kernels.norm_blocks import end_of_layer_norms, post_attention_router
+
+    gemv = {"maxnreg": maxnreg}
+    h = stand_in(x, 0.5) if normed is None else normed
+    qkv = marlin_gemv.marlin_gemv(h, *w["qkv"], GROUP, **kernel_tiles.GEMV_K2816, **gemv)
+    a = stand_in(qkv[:, :O_IN], 0.25)
+    o = marlin_gemv.marlin_gemv(a, *w["o"], GROUP, **kernel_tiles.GEMV_K4096_UP, **gemv)
+    v = w["norms"]
+    root = torch.tensor(HIDDEN**-0.5).bfloat16().item()
+    residual, dense_in, experts_in, logits = post_attention_router(
+        o, x, v[0], v[1], v[2], v[3], w["router"], root, EPS
+    )
+
+    def dense() -> torch.Tensor:
+        tiles = kernel_tiles.DENSE_MLP
+        return dense_decode.dense_decode(
+            dense_in, w["gate_up"], w["down"], activation="gelu_tanh", **tiles
+        )
+
+    def moe() -> torch.Tensor:
+        return marlin_moe.marlin_moe(
+            experts_in, logits, experts["scale"], experts["w13"], experts["s13"],
+            experts["w2"], experts["s2"], top_k=TOP_K, **kernel_tiles.MARLIN_MOE,
+            maxnreg13=maxnreg, maxnreg2=maxnreg,
+        )  # fmt: skip
+
+    d, m = two_streams(dense, moe, side_stream()) if "side" in variant else (dense(), moe())
+    return end_of_layer_norms(d, m, residual, v[4], v[5], v[6], w["scalar"], EPS, v[7]), logits
+
+
 def chain(x: torch.Tensor, layers: list[dict], experts: dict, variant, prefetch: int,
           repeats: int, maxnreg: int = 0):  # fmt: skip
     def run() -> tuple[torch.Tensor, torch.Tensor]:
-        h, logits = x, None
+        h, logits, normed = x, None, None
         for _ in range(repeats):
             for w in layers:
-                h, logits = layer(h, w, experts, variant, prefetch, maxnreg)
+                if "norms" in variant:
+                    (h, normed), logits = norms_layer(h, normed, w, experts, variant, maxnreg)
+                else:
+                    h, logits = layer(h, w, experts, variant, prefetch, maxnreg)
         return h, logits
 
     return run
@@ -157,15 +211,15 @@ def main() -> int:
     layers, experts = make_layers(gen, args.layers), make_experts(gen)
     x = torch.randn(1, HIDDEN, generator=gen, device="cuda").bfloat16()
     per_graph = args.layers * args.repeats
-    rows, reference = [], None
+    rows, references = [], {}
     settings = [(int(d), int(r)) for r in args.maxnreg.split(",") for d in args.prefetch.split(",")]
     for prefetch, maxnreg in settings:
         for name in args.variants.split(","):
             run = chain(x, layers, experts, VARIANTS[name], prefetch, args.repeats, maxnreg)
             out, logits = run()
             us = graph_time_us(run, 1, args.replays) / per_graph
-            if reference is None:
-                reference = (out.clone(), logits.clone())
+            reference = references.setdefault("norms" in VARIANTS[name],
+                                              (out.clone(), logits.clone()))  # fmt: skip
             same = bool(torch.equal(out, reference[0]) and torch.equal(logits, reference[1]))
             row = {"variant": name, "prefetch": prefetch, "maxnreg": maxnreg,
                    "us_per_layer": round(us, 2), "same_output": same}  # fmt: skip
