@@ -8,7 +8,7 @@ barriers and shared-memory operations (data moving between lanes), the load lead
 fewest instructions from a global load to the first use of what it loaded), and registers.
 
     python bench/int4_sass.py [--tiles 4x4,8x4,16x4] [--keep DIR] [--prefetch N] [--pdl 1]
-        [--maxnreg 96] [--dense]
+        [--maxnreg 96] [--dense] [--norms]
 
 Tiles are ``BLOCK_KT x warps``. An instruction count is not a time: a loop can wait on its
 loads however few instructions it issues (bench/marlin_gemv.py times them on a GPU).
@@ -16,7 +16,9 @@ loads however few instructions it issues (bench/marlin_gemv.py times them on a G
 one, ``ptxas`` keeps the loops in 56 - 80 registers by issuing the next step's loads late
 in a step (load lead 28 - 43); at 96 it issues them at the top (119 - 127). ``--dense``
 also compiles ``dense_decode``'s two bf16 kernels (the tiles' 4 rows x 512 columns, 4
-warps) with and without ``AHEAD`` (each step loading the next one's columns first).
+warps) with and without ``AHEAD`` (each step loading the next one's columns first);
+``--norms`` ``norm_blocks``' three kernels at hidden 2816 (registers and spills only: they
+have no loop).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from gemma4_quant.kernels import dense_decode, marlin_gemv, marlin_moe  # noqa: E402
+from gemma4_quant.kernels import dense_decode, marlin_gemv, marlin_moe, norm_blocks  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 _INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -154,6 +156,30 @@ def dense_rows(out: Path, maxnreg: int) -> None:
                 print(f"| {name} | {ahead} | {sum(ops.values())} | {lead} | {regs} |")
 
 
+def norm_rows(out: Path) -> None:
+    """``norm_blocks``' kernels as the plugin launches them at hidden 2816 (8 warps, the
+    router's kernel with 2 rows of 128 experts a program): registers and spill stores."""
+    bf16 = "*bf16"
+    rows = {name: bf16 for name in ("o", "residual", "w_post", "w_ff", "w_ff2", "scale")}
+    outs = {name: bf16 for name in ("h_out", "ff_out", "ff2_out")}
+    kernels = (
+        ("post_attention_norms", norm_blocks._post_attention_kernel,
+         {**rows, **outs, "router_out": bf16, "root": "fp32", "eps": "fp32"}, {}),
+        ("post_attention_router", norm_blocks._post_attention_router_kernel,
+         {**rows, "router_w": bf16, **outs, "logits_out": "*fp32", "root": "fp32",
+          "eps": "fp32", "n_experts": "i32"}, {"BLOCK_E": 2}),
+        ("end_of_layer_norms", norm_blocks._end_of_layer_kernel,
+         {**{n: bf16 for n in ("dense", "experts", "residual", "w1", "w2", "w", "scalar",
+                                "w_next", "out", "next_out")}, "eps": "fp32"}, {"NEXT": 1}),
+    )  # fmt: skip
+    print("\n| kernel | registers | spill stores |\n|---|---|---|")
+    for name, fn, signature, consts in kernels:
+        consts = {"N": 2816, "BLOCK": 4096, **consts}
+        lines, regs = compile_sass(fn, signature, consts, 8, (), out)
+        spills = sum("STL" in line for line in lines)
+        print(f"| {name} | {regs} | {spills} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiles", default="4x4,8x4,16x4", help="BLOCK_KT x warps, comma-separated")
@@ -162,6 +188,7 @@ def main() -> int:
     parser.add_argument("--pdl", type=int, default=0, help="the kernels' PDL (0 or 1)")
     parser.add_argument("--maxnreg", type=int, default=0, help="ptxas' register limit (0: none)")
     parser.add_argument("--dense", action="store_true", help="dense_decode's kernels too")
+    parser.add_argument("--norms", action="store_true", help="norm_blocks' kernels too")
     args = parser.parse_args()
     out = args.keep or Path(tempfile.mkdtemp())
     out.mkdir(parents=True, exist_ok=True)
@@ -183,6 +210,8 @@ def main() -> int:
             row(name, fn, signature, consts, warps, aligned, out, args.maxnreg)
     if args.dense:
         dense_rows(out, args.maxnreg)
+    if args.norms:
+        norm_rows(out)
     return 0
 
 
