@@ -215,7 +215,10 @@ def cold_projection(gate, weight: torch.Tensor, rows: list) -> None:
     )
 
 
-def tile_grid(block_n=(1, 2, 4, 8), block_k=(256, 512, 1024), warps=(2, 4, 8)):
+# 2048 and 4096 columns a step: one or two steps over 2816, every load issued up front
+# (at 1024 each of the three steps waits for its own loads: load lead 12 instructions,
+# bench/int4_sass.py's measure)
+def tile_grid(block_n=(1, 2, 4, 8), block_k=(256, 512, 1024, 2048, 4096), warps=(2, 4, 8)):
     grid = itertools.product(block_n, block_k, warps)
     return (dict(zip(("block_n", "block_k", "warps"), v, strict=True)) for v in grid)
 
