@@ -112,17 +112,20 @@ def stand_in(t: torch.Tensor, factor: float) -> torch.Tensor:
     return torch.nn.functional.rms_norm(t * factor, (t.shape[-1],), eps=1e-6)
 
 
+def attention(h: torch.Tensor, w: dict, gemv: dict) -> torch.Tensor:
+    """o of a layer whose input norm is ``h``: q/k/v, a stand-in for attention, o."""
+    qkv = marlin_gemv.marlin_gemv(h, *w["qkv"], GROUP, **kernel_tiles.GEMV_K2816, **gemv)
+    a = stand_in(qkv[:, :O_IN], 0.25)
+    return marlin_gemv.marlin_gemv(a, *w["o"], GROUP, **kernel_tiles.GEMV_K4096_UP, **gemv)
+
+
 def layer(
     x: torch.Tensor, w: dict, experts: dict, variant: tuple[str, ...], prefetch: int,
     maxnreg: int = 0,
 ):  # fmt: skip
     on = {name: int(name in variant) for name in KERNELS}
     gemv = {"pdl": on["gemv"], "prefetch": prefetch, "maxnreg": maxnreg}
-    h = stand_in(x, 0.5)
-    qkv = marlin_gemv.marlin_gemv(h, *w["qkv"], GROUP, **kernel_tiles.GEMV_K2816, **gemv)
-    a = stand_in(qkv[:, :O_IN], 0.25)
-    o = marlin_gemv.marlin_gemv(a, *w["o"], GROUP, **kernel_tiles.GEMV_K4096_UP, **gemv)
-    h2 = stand_in(o, 0.1)
+    h2 = stand_in(attention(stand_in(x, 0.5), w, gemv), 0.1)
 
     def dense() -> torch.Tensor:
         return dense_decode.dense_decode(h2, w["gate_up"], w["down"], activation="gelu_tanh",
@@ -154,11 +157,7 @@ def norms_layer(
     before (the first layer: a stand-in)."""
     from gemma4_quant.kernels.norm_blocks import end_of_layer_norms, post_attention_router
 
-    gemv = {"maxnreg": maxnreg}
-    h = stand_in(x, 0.5) if normed is None else normed
-    qkv = marlin_gemv.marlin_gemv(h, *w["qkv"], GROUP, **kernel_tiles.GEMV_K2816, **gemv)
-    a = stand_in(qkv[:, :O_IN], 0.25)
-    o = marlin_gemv.marlin_gemv(a, *w["o"], GROUP, **kernel_tiles.GEMV_K4096_UP, **gemv)
+    o = attention(stand_in(x, 0.5) if normed is None else normed, w, {"maxnreg": maxnreg})
     v = w["norms"]
     root = torch.tensor(HIDDEN**-0.5).bfloat16().item()
     residual, dense_in, experts_in, logits = post_attention_router(

@@ -77,6 +77,23 @@ def _rms_bf16(x, w, n, eps):
 
 
 @triton.jit
+def _post_attention(x, res, wp, sc, root, N: tl.constexpr, eps):
+    """``h = rms(o) * w_post + residual``, ``rms(h)`` before its weights, and the router's
+    input (``rms(h)`` times ``root`` then ``scale``), each rounded as vLLM's eager forward."""
+    h = _to_bf16(_rms_bf16(x, wp, N, eps) + res)
+    hn = _normed_bf16(h, N, eps)
+    return h, hn, _to_bf16(_to_bf16(hn * root) * sc)
+
+
+@triton.jit
+def _store_rows(h_out, ff_out, ff2_out, row, cols, mask, h, hn, wf, wf2):
+    """``h`` and the dense MLP's and the experts' inputs (``rms(h)`` times each weight)."""
+    tl.store(h_out + row + cols, h.to(h_out.dtype.element_ty), mask=mask)
+    tl.store(ff_out + row + cols, _to_bf16(hn * wf).to(ff_out.dtype.element_ty), mask=mask)
+    tl.store(ff2_out + row + cols, _to_bf16(hn * wf2).to(ff2_out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _post_attention_kernel(
     o,
     residual,
@@ -103,13 +120,8 @@ def _post_attention_kernel(
     wf2 = tl.load(w_ff2 + cols, mask=mask, other=0.0).to(tl.float32)
     sc = tl.load(scale + cols, mask=mask, other=0.0).to(tl.float32)
 
-    h = _to_bf16(_rms_bf16(x, wp, N, eps) + res)
-    hn = _normed_bf16(h, N, eps)
-    router = _to_bf16(_to_bf16(hn * root) * sc)
-
-    tl.store(h_out + row + cols, h.to(h_out.dtype.element_ty), mask=mask)
-    tl.store(ff_out + row + cols, _to_bf16(hn * wf).to(ff_out.dtype.element_ty), mask=mask)
-    tl.store(ff2_out + row + cols, _to_bf16(hn * wf2).to(ff2_out.dtype.element_ty), mask=mask)
+    h, hn, router = _post_attention(x, res, wp, sc, root, N, eps)
+    _store_rows(h_out, ff_out, ff2_out, row, cols, mask, h, hn, wf, wf2)
     tl.store(router_out + row + cols, router.to(router_out.dtype.element_ty), mask=mask)
 
 
@@ -149,18 +161,13 @@ def _post_attention_router_kernel(
     wp = tl.load(w_post + cols, mask=mask, other=0.0).to(tl.float32)
     sc = tl.load(scale + cols, mask=mask, other=0.0).to(tl.float32)
 
-    h = _to_bf16(_rms_bf16(x, wp, N, eps) + res)
-    hn = _normed_bf16(h, N, eps)
-    router = _to_bf16(_to_bf16(hn * root) * sc)
+    h, hn, router = _post_attention(x, res, wp, sc, root, N, eps)
     logits = tl.sum(w.to(tl.float32) * router[None, :], axis=1)
     tl.store(logits_out + token * n_experts + experts, logits, mask=e_mask)
     if p == 0:
         wf = tl.load(w_ff + cols, mask=mask, other=0.0).to(tl.float32)
         wf2 = tl.load(w_ff2 + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(h_out + row + cols, h.to(h_out.dtype.element_ty), mask=mask)
-        tl.store(ff_out + row + cols, _to_bf16(hn * wf).to(ff_out.dtype.element_ty), mask=mask)
-        tl.store(ff2_out + row + cols, _to_bf16(hn * wf2).to(ff2_out.dtype.element_ty),
-                 mask=mask)  # fmt: skip
+        _store_rows(h_out, ff_out, ff2_out, row, cols, mask, h, hn, wf, wf2)
 
 
 @triton.jit

@@ -54,10 +54,10 @@ from .norm_blocks import _FLAG as NORM_BLOCKS_FLAG
 from .norm_blocks import _MODEL as MODEL_FILE
 from .norm_blocks import (
     MODEL_MODULE,
-    ROUTER_FLAG,
     STREAMS_FLAG,
     decide_at_init,
     experts_attribute,
+    router_logits,
 )
 
 NAME = "ffn_streams"
@@ -160,16 +160,13 @@ def pair(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dense MLP output, experts' output) of the layer's own modules; for one token on a
     GPU the dense MLP on ``stream``. ``routing``: the router's input, or its logits where
-    ``norm_blocks``' kernel computes them (its ``ROUTER_FLAG``)."""
+    ``norm_blocks``' kernel computes them (``norm_blocks.router_logits``)."""
 
     def dense() -> torch.Tensor:
         return layer.mlp(dense_in)
 
     def routed() -> torch.Tensor:
-        logits = routing
-        if getattr(layer, ROUTER_FLAG, None) is None:
-            logits, _ = layer.router.proj(routing)
-        return getattr(layer, experts)(experts_in, logits)
+        return getattr(layer, experts)(experts_in, router_logits(layer, routing))
 
     if stream is None or dense_in.shape[0] != 1 or not dense_in.is_cuda:
         return dense(), routed()

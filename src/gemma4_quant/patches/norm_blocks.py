@@ -364,8 +364,7 @@ def _forward(
     key = getattr(layer, STREAMS_FLAG, None)
     if key is None:
         dense_out = layer.mlp(dense_in)
-        router_logits = routing if fused is not None else router.proj(routing)[0]
-        experts_out = getattr(layer, experts)(experts_in, router_logits)
+        experts_out = getattr(layer, experts)(experts_in, router_logits(layer, routing))
     else:  # ffn_streams: the same modules in one op, the dense MLP on a second stream
         dense_out, experts_out = torch.ops.gemma4_quant.ffn_pair(dense_in, experts_in, routing, key)
     end = (
@@ -383,6 +382,15 @@ def _forward(
     w_next = None if following is None else following.norm.weight
     hidden_states, normed = getattr(torch.ops.gemma4_quant, END_OP)(*end, w_next, eps)
     return hidden_states, None if following is None else normed
+
+
+def router_logits(layer: Any, routing: Any) -> Any:
+    """The router's logits from what the post-attention op gave for it: the logits
+    themselves where its kernel computes them (``ROUTER_FLAG``), else the router's input,
+    through the router's projection."""
+    if getattr(layer, ROUTER_FLAG, None) is not None:
+        return routing
+    return layer.router.proj(routing)[0]
 
 
 # the layer's weighted norms the ops compute: after attention, at the end, and (from the
@@ -521,29 +529,44 @@ def end_reference(dense, experts, residual, w1, w2, w, scalar, eps: float):  # n
     return (_rms(both, eps) * w + residual) * scalar
 
 
+class _Random:
+    """The checks' random bf16 inputs, CPU tensors: vLLM builds the model (and so runs the
+    checks) under a default device of its own."""
+
+    def __init__(self, hidden: int, seed: int) -> None:
+        import torch
+
+        self.hidden = hidden
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        # the router's root_size as vLLM holds it
+        self.root = torch.tensor(hidden**-0.5, device="cpu").bfloat16().item()
+
+    def rows(self, scale: float, count: int, height: int = 1) -> list[torch.Tensor]:
+        import torch
+
+        return [(torch.randn(height, self.hidden, generator=self.gen, device="cpu") * scale)
+                .bfloat16() for _ in range(count)]  # fmt: skip
+
+    def vectors(self, count: int) -> list[torch.Tensor]:
+        import torch
+
+        return [(1 + 0.3 * torch.randn(self.hidden, generator=self.gen, device="cpu")).bfloat16()
+                for _ in range(count)]  # fmt: skip
+
+
 def _check(hidden: int, eps: float, device: str) -> bool:
     import torch
 
     def compute() -> tuple[torch.Tensor, torch.Tensor]:
-        # explicit CPU tensors: vLLM builds the model under a default device of its own
         from ..kernels import norm_blocks as kernels
 
-        gen = torch.Generator(device="cpu").manual_seed(0)
-
-        def rows(scale: float, count: int) -> list[torch.Tensor]:
-            return [(torch.randn(1, hidden, generator=gen, device="cpu") * scale).bfloat16()
-                    for _ in range(count)]  # fmt: skip
-
-        def vectors(count: int) -> list[torch.Tensor]:
-            return [(1 + 0.3 * torch.randn(hidden, generator=gen, device="cpu")).bfloat16()
-                    for _ in range(count)]  # fmt: skip
-
-        o, residual = rows(4, 1) + rows(20, 1)
-        post = vectors(4)
-        root = torch.tensor(hidden**-0.5, device="cpu").bfloat16().item()
-        dense, experts = rows(3, 2)
-        end = vectors(3) + [torch.tensor([1.5], device="cpu").bfloat16()]
-        (w_next,) = vectors(1)
+        rand = _Random(hidden, 0)
+        o, residual = rand.rows(4, 1) + rand.rows(20, 1)
+        post = rand.vectors(4)
+        root = rand.root
+        dense, experts = rand.rows(3, 2)
+        end = rand.vectors(3) + [torch.tensor([1.5], device="cpu").bfloat16()]
+        (w_next,) = rand.vectors(1)
         y = end_reference(dense, experts, residual, *end, eps)
         want = [*reference(o, residual, *post, root, eps), y, y, _rms(y, eps) * w_next]
 
@@ -568,15 +591,11 @@ def _check_router(hidden: int, experts: int, eps: float, device: str) -> bool:
     def compute() -> tuple[torch.Tensor, torch.Tensor]:
         from ..kernels.norm_blocks import post_attention_router
 
-        gen = torch.Generator(device="cpu").manual_seed(1)
-
-        def randn(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, generator=gen, device="cpu")
-
-        o, residual = (randn(1, hidden) * 4).bfloat16(), (randn(1, hidden) * 20).bfloat16()
-        vectors = [(1 + 0.3 * randn(hidden)).bfloat16() for _ in range(4)]
-        weight = (randn(experts, hidden) / hidden**0.5).bfloat16()
-        root = torch.tensor(hidden**-0.5, device="cpu").bfloat16().item()
+        rand = _Random(hidden, 1)
+        o, residual = rand.rows(4, 1) + rand.rows(20, 1)
+        vectors = rand.vectors(4)
+        (weight,) = rand.rows(hidden**-0.5, 1, height=experts)
+        root = rand.root
         *rows, router_in = reference(o, residual, *vectors, root, eps)
         want = [*rows, router_in.float() @ weight.float().T]
         got = post_attention_router(*(t.to(device) for t in (o, residual, *vectors, weight)),
